@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "memlab",
+    products: [
+        .executable(name: "memlab", targets: ["memlab"]),
+        .library(name: "LinuxMM", targets: ["LinuxMM"]),
+        .library(name: "LabKit", targets: ["LabKit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // Thin C wrappers for variadic calls (syscall, ioctl, prctl) and UAPI constants newer
+        // than the installed headers. No logic lives here.
+        .target(name: "CLinuxMM"),
+        // libnuma, from Debian's libnuma-dev.
+        .systemLibrary(
+            name: "CNUMA",
+            pkgConfig: "numa",
+            providers: [.apt(["libnuma-dev"])]
+        ),
+        .target(name: "LinuxMM", dependencies: ["CLinuxMM", "CNUMA"]),
+        .target(
+            name: "LabKit",
+            dependencies: [
+                "LinuxMM",
+                .product(name: "TOMLKit", package: "TOMLKit"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .target(
+            name: "Scenarios",
+            dependencies: [
+                "LinuxMM", "LabKit", "CLinuxMM",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .executableTarget(
+            name: "memlab",
+            dependencies: [
+                "LinuxMM", "LabKit", "Scenarios",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
+        .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM"]),
+        .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),
+    ]
+)

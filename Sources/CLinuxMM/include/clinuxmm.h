@@ -1,0 +1,145 @@
+// Thin, non-variadic wrappers around calls Swift cannot make directly (syscall, ioctl and
+// prctl are variadic in C) and UAPI constants that the installed headers may predate.
+// Each wrapper is named after the call it wraps and holds no logic (style of swift-nio's
+// CNIOLinux). Constants missing from /usr/include/linux are defined from the kernel's UAPI
+// values, guarded by #ifndef so newer headers win.
+#ifndef MEMLAB_CLINUXMM_H
+#define MEMLAB_CLINUXMM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/mman.h>
+#include <sys/ioctl.h>   // before linux/userfaultfd.h, which uses _IOWR
+#include <linux/userfaultfd.h>
+#include <linux/fs.h>
+#include <sys/prctl.h>
+#include <signal.h>
+#include <spawn.h>
+
+// ---- mmap / madvise (include/uapi/asm-generic/mman-common.h, mman.h) ----
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+#ifndef MAP_HUGE_SHIFT
+#define MAP_HUGE_SHIFT 26
+#endif
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004U
+#endif
+
+static const int memlab_MADV_MERGEABLE = MADV_MERGEABLE;
+static const int memlab_MADV_UNMERGEABLE = MADV_UNMERGEABLE;
+static const int memlab_MADV_HUGEPAGE = MADV_HUGEPAGE;
+static const int memlab_MADV_NOHUGEPAGE = MADV_NOHUGEPAGE;
+static const int memlab_MADV_DONTNEED = MADV_DONTNEED;
+static const int memlab_MADV_PAGEOUT = 21;
+static const int memlab_MADV_POPULATE_READ = MADV_POPULATE_READ;
+static const int memlab_MADV_POPULATE_WRITE = MADV_POPULATE_WRITE;
+static const int memlab_MADV_COLLAPSE = MADV_COLLAPSE;
+static const int memlab_MAP_HUGETLB = MAP_HUGETLB;
+static const int memlab_MAP_NORESERVE = MAP_NORESERVE;
+static const int memlab_MAP_POPULATE = MAP_POPULATE;
+static const int memlab_MAP_HUGE_2MB = (21 << MAP_HUGE_SHIFT);
+static const int memlab_MAP_HUGE_1GB = (30 << MAP_HUGE_SHIFT);
+static const int memlab_MAP_HUGE_SHIFT = MAP_HUGE_SHIFT;
+
+// ---- prctl (include/uapi/linux/prctl.h) ----
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+static const int memlab_PR_SET_MEMORY_MERGE = PR_SET_MEMORY_MERGE;
+static const int memlab_PR_GET_MEMORY_MERGE = PR_GET_MEMORY_MERGE;
+static const int memlab_PR_SET_PDEATHSIG = PR_SET_PDEATHSIG;
+
+// ---- userfaultfd (include/uapi/linux/userfaultfd.h) ----
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+    uint64_t dst;
+    uint64_t src;
+    uint64_t len;
+    uint64_t mode;
+    int64_t move;
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#endif
+
+static const uint64_t memlab_UFFD_API = UFFD_API;
+static const unsigned long memlab_UFFDIO_API = UFFDIO_API;
+static const unsigned long memlab_UFFDIO_REGISTER = UFFDIO_REGISTER;
+static const unsigned long memlab_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
+static const unsigned long memlab_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long memlab_UFFDIO_COPY = UFFDIO_COPY;
+static const unsigned long memlab_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
+static const unsigned long memlab_UFFDIO_MOVE = UFFDIO_MOVE;
+static const int memlab_UFFD_USER_MODE_ONLY = UFFD_USER_MODE_ONLY;
+
+// ---- PAGEMAP_SCAN (include/uapi/linux/fs.h, 6.7+) ----
+#ifndef PAGEMAP_SCAN
+struct page_region {
+    uint64_t start;
+    uint64_t end;
+    uint64_t categories;
+};
+struct pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+static const unsigned long memlab_PAGEMAP_SCAN = PAGEMAP_SCAN;
+
+// ---- wrappers ----
+long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6);
+int memlab_userfaultfd(int flags);
+int memlab_ioctl_ptr(int fd, unsigned long request, void *arg);
+int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+int memlab_memfd_create(const char *name, unsigned int flags);
+int memlab_pipe2(int fds[2], int flags);
+/// sched_setaffinity over an explicit CPU list (CPU_SET is a macro).
+int memlab_set_affinity(const int *cpus, int count);
+/// Fills `cpus` with the CPUs of the current affinity mask; returns how many (or -1).
+int memlab_get_affinity(int *cpus, int capacity);
+/// posix_spawnattr setup for a clean child: every signal default, nothing blocked.
+int memlab_spawnattr_clean(posix_spawnattr_t *attr);
+// Wait-status macros are macros, not functions.
+int memlab_wifexited(int status);
+int memlab_wexitstatus(int status);
+int memlab_wifsignaled(int status);
+int memlab_wtermsig(int status);
+int memlab_pidfd_open(pid_t pid);
+
+#endif

@@ -1,0 +1,60 @@
+#define _GNU_SOURCE
+#include "clinuxmm.h"
+#include <sched.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+
+long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
+    return syscall(number, a1, a2, a3, a4, a5, a6);
+}
+
+int memlab_userfaultfd(int flags) { return (int)syscall(SYS_userfaultfd, flags); }
+
+int memlab_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
+    return prctl(option, a2, a3, a4, a5);
+}
+
+int memlab_memfd_create(const char *name, unsigned int flags) {
+    return (int)syscall(SYS_memfd_create, name, flags);
+}
+
+int memlab_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
+int memlab_set_affinity(const int *cpus, int count) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < count; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return -1;
+        CPU_SET(cpus[i], &set);
+    }
+    return sched_setaffinity(0, sizeof(set), &set);
+}
+
+int memlab_get_affinity(int *cpus, int capacity) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    int n = 0;
+    for (int c = 0; c < CPU_SETSIZE && n < capacity; c++)
+        if (CPU_ISSET(c, &set)) cpus[n++] = c;
+    return n;
+}
+
+int memlab_spawnattr_clean(posix_spawnattr_t *attr) {
+    sigset_t all, none;
+    sigfillset(&all);
+    sigemptyset(&none);
+    int rc = posix_spawnattr_setsigdefault(attr, &all);
+    if (rc == 0) rc = posix_spawnattr_setsigmask(attr, &none);
+    if (rc == 0) rc = posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK);
+    return rc;
+}
+
+int memlab_wifexited(int status) { return WIFEXITED(status); }
+int memlab_wexitstatus(int status) { return WEXITSTATUS(status); }
+int memlab_wifsignaled(int status) { return WIFSIGNALED(status); }
+int memlab_wtermsig(int status) { return WTERMSIG(status); }
+int memlab_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }

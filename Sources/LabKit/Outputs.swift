@@ -1,0 +1,103 @@
+/// A value's unit, as RESULTS.md names them.
+public enum MetricUnit: String, Sendable, Codable {
+    case s, ns, bytes, pages, count, ratio, percent
+    case bytesPerSecond = "bytes/s"
+    case pagesPerSecond = "pages/s"
+}
+
+public enum Better: String, Sendable, Codable {
+    case lower, higher, none
+}
+
+/// One metric value from one repetition.
+public struct MetricValue: Sendable, Codable, Equatable {
+    public let name: String
+    public let unit: MetricUnit
+    public let better: Better
+    public let value: Double
+}
+
+/// A counter recorded over time by the sampler.
+public struct TimeSeries: Sendable, Codable, Equatable {
+    public let name: String
+    public let unit: MetricUnit
+    public let intervalS: Double
+    public var t: [Double]
+    public var values: [Double]
+
+    public init(name: String, unit: MetricUnit, intervalS: Double, t: [Double], values: [Double]) {
+        self.name = name
+        self.unit = unit
+        self.intervalS = intervalS
+        self.t = t
+        self.values = values
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, unit, t, values
+        case intervalS = "interval_s"
+    }
+}
+
+/// A physical check: what the scenario set up (expected) against what the kernel reports
+/// (observed). A disagreement is reported, never hidden or corrected.
+public struct CheckValue: Sendable, Codable, Equatable {
+    public let name: String
+    /// The measured repetition it came from (1-based), filled in by the runner.
+    public var repetition: Int?
+    public let expected: Double
+    public let observed: Double
+    public let tolerance: String
+    public let agrees: Bool
+}
+
+/// What one repetition (one child process) produced.
+public struct RepetitionOutput: Sendable, Codable {
+    public var status: RunStatus = .ok
+    public var reason: String?
+    public var metrics: [MetricValue] = []
+    public var timeseries: [TimeSeries] = []
+    public var checks: [CheckValue] = []
+    public var notes: [String] = []
+    public init() {}
+}
+
+/// Collects a repetition's measurements inside the child process.
+public final class RunContext {
+    public let variant: String
+    public let params: Params
+    public let repetition: Int
+    public let isWarmup: Bool
+    public private(set) var output = RepetitionOutput()
+
+    public init(variant: String, params: Params, repetition: Int, isWarmup: Bool) {
+        self.variant = variant
+        self.params = params
+        self.repetition = repetition
+        self.isWarmup = isWarmup
+    }
+
+    public func record(_ name: String, _ value: Double, _ unit: MetricUnit, better: Better) {
+        output.metrics.append(MetricValue(name: name, unit: unit, better: better, value: value))
+    }
+
+    public func record(_ series: TimeSeries) { output.timeseries.append(series) }
+
+    /// Records a check; `tolerance` is absolute (in the check's own unit).
+    @discardableResult
+    public func check(_ name: String, expected: Double, observed: Double, tolerance: Double, describe: String) -> Bool {
+        let agrees = abs(expected - observed) <= tolerance
+        output.checks.append(CheckValue(name: name, repetition: nil, expected: expected, observed: observed, tolerance: describe, agrees: agrees))
+        return agrees
+    }
+
+    /// Records a check that passes when `observed` lies in `accepted`.
+    @discardableResult
+    public func check(_ name: String, expected: Double, observed: Double, accepted: ClosedRange<Double>, describe: String) -> Bool {
+        let agrees = accepted.contains(observed)
+        output.checks.append(CheckValue(name: name, repetition: nil, expected: expected, observed: observed, tolerance: describe, agrees: agrees))
+        return agrees
+    }
+
+    public func note(_ text: String) { output.notes.append(text) }
+}

@@ -1,0 +1,220 @@
+import Foundation
+import LinuxMM
+
+public enum RunStatus: String, Sendable, Codable {
+    case ok, skipped, failed
+}
+
+/// The result document (design/RESULTS.md), schema memlab.result/1. Field names are the
+/// contract with compare, report and users' scripts: keep them.
+public struct ResultDocument: Sendable, Codable {
+    public static let schemaName = "memlab.result/1"
+    public var schema: String = ResultDocument.schemaName
+    public var tool: Tool
+    public var startedAt: String
+    public var host: Host
+    public var runs: [RunResult]
+
+    public struct Tool: Sendable, Codable, Equatable {
+        public var name: String
+        public var version: String
+        public init(name: String, version: String) {
+            self.name = name
+            self.version = version
+        }
+    }
+
+    public struct Features: Sendable, Codable, Equatable {
+        public var ksm: Bool
+        public var thp: String
+        public var hugetlbSizes: [Int]
+        public var userfaultfd: Bool
+        public var zswap: Bool
+        public var swapBytes: UInt64
+
+        enum CodingKeys: String, CodingKey {
+            case ksm, thp, userfaultfd, zswap
+            case hugetlbSizes = "hugetlb_sizes"
+            case swapBytes = "swap_bytes"
+        }
+    }
+
+    public struct Host: Sendable, Codable, Equatable {
+        public var kernel: String
+        public var arch: String
+        public var cpus: Int
+        public var memoryBytes: UInt64
+        public var numaNodes: Int
+        public var pageSize: Int
+        public var virtualized: Bool
+        public var cpuModel: String
+        public var features: Features
+
+        enum CodingKeys: String, CodingKey {
+            case kernel, arch, cpus, virtualized, features
+            case memoryBytes = "memory_bytes"
+            case numaNodes = "numa_nodes"
+            case pageSize = "page_size"
+            case cpuModel = "cpu_model"
+        }
+
+        public static func current() -> Host {
+            let f = HostFacts.current()
+            return Host(kernel: f.kernel, arch: f.arch, cpus: f.cpus, memoryBytes: f.memoryBytes,
+                        numaNodes: f.numaNodes, pageSize: f.pageSize, virtualized: f.virtualized,
+                        cpuModel: f.cpuModel,
+                        features: Features(
+                            ksm: KSM.isAvailable,
+                            thp: (try? THP.enabled.read()) ?? "unavailable",
+                            hugetlbSizes: HugeTLB.pools().map(\.pageBytes),
+                            userfaultfd: Userfaultfd.probe().usable,
+                            zswap: Zswap.isAvailable,
+                            swapBytes: Swap.areas().reduce(0) { $0 + $1.sizeBytes }))
+        }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case schema, tool, host, runs
+        case startedAt = "started_at"
+    }
+
+    public init(tool: Tool, startedAt: String, host: Host, runs: [RunResult]) {
+        self.tool = tool
+        self.startedAt = startedAt
+        self.host = host
+        self.runs = runs
+    }
+
+    public func jsonData() throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return try encoder.encode(self)
+    }
+
+    public static func decode(_ data: Data) throws -> ResultDocument {
+        let doc = try JSONDecoder().decode(ResultDocument.self, from: data)
+        guard doc.schema == schemaName else {
+            throw UsageError("not a memlab result: schema is '\(doc.schema)', expected '\(schemaName)'")
+        }
+        return doc
+    }
+}
+
+public struct Placement: Sendable, Codable, Equatable {
+    public var cpus: [Int]?
+    public var node: Int?
+    public init(cpus: [Int]? = nil, node: Int? = nil) {
+        self.cpus = cpus
+        self.node = node
+    }
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(cpus, forKey: .cpus)
+        try c.encode(node, forKey: .node)
+    }
+    enum CodingKeys: String, CodingKey { case cpus, node }
+}
+
+public struct SettingChange: Sendable, Codable, Equatable {
+    public var from: String
+    public var to: String
+}
+
+public struct SettingsRecord: Sendable, Codable, Equatable {
+    public var changed: [String: SettingChange]
+    public var restored: Bool
+    public init(changed: [String: SettingChange] = [:], restored: Bool = true) {
+        self.changed = changed
+        self.restored = restored
+    }
+}
+
+public struct Metric: Sendable, Codable, Equatable {
+    public var name: String
+    public var unit: MetricUnit
+    public var better: Better
+    public var samples: [Double]
+    public var summary: Summary
+}
+
+/// One run: a scenario variant with its parameters, repeated.
+public struct RunResult: Sendable, Codable {
+    public var scenario: String
+    public var variant: String
+    public var params: Params
+    public var placement: Placement
+    public var status: RunStatus
+    public var reason: String?
+    public var settings: SettingsRecord
+    public var repetitions: Int
+    public var warmup: Int
+    public var metrics: [Metric]
+    public var timeseries: [TimeSeries]
+    public var checks: [CheckValue]
+    public var notes: [String]
+    public var durationS: Double
+
+    public init(scenario: String, variant: String, params: Params, placement: Placement,
+                status: RunStatus, reason: String?, settings: SettingsRecord, repetitions: Int,
+                warmup: Int, metrics: [Metric] = [], timeseries: [TimeSeries] = [],
+                checks: [CheckValue] = [], notes: [String] = [], durationS: Double = 0) {
+        self.scenario = scenario
+        self.variant = variant
+        self.params = params
+        self.placement = placement
+        self.status = status
+        self.reason = reason
+        self.settings = settings
+        self.repetitions = repetitions
+        self.warmup = warmup
+        self.metrics = metrics
+        self.timeseries = timeseries
+        self.checks = checks
+        self.notes = notes
+        self.durationS = durationS
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case scenario, variant, params, placement, status, reason, settings, repetitions, warmup
+        case metrics, timeseries, checks, notes
+        case durationS = "duration_s"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        scenario = try c.decode(String.self, forKey: .scenario)
+        variant = try c.decode(String.self, forKey: .variant)
+        params = try c.decode(Params.self, forKey: .params)
+        placement = try c.decodeIfPresent(Placement.self, forKey: .placement) ?? Placement()
+        status = try c.decode(RunStatus.self, forKey: .status)
+        reason = try c.decodeIfPresent(String.self, forKey: .reason)
+        settings = try c.decodeIfPresent(SettingsRecord.self, forKey: .settings) ?? SettingsRecord()
+        repetitions = try c.decode(Int.self, forKey: .repetitions)
+        warmup = try c.decodeIfPresent(Int.self, forKey: .warmup) ?? 0
+        metrics = try c.decodeIfPresent([Metric].self, forKey: .metrics) ?? []
+        timeseries = try c.decodeIfPresent([TimeSeries].self, forKey: .timeseries) ?? []
+        checks = try c.decodeIfPresent([CheckValue].self, forKey: .checks) ?? []
+        notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
+        durationS = try c.decodeIfPresent(Double.self, forKey: .durationS) ?? 0
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(scenario, forKey: .scenario)
+        try c.encode(variant, forKey: .variant)
+        try c.encode(params, forKey: .params)
+        try c.encode(placement, forKey: .placement)
+        try c.encode(status, forKey: .status)
+        try c.encode(reason, forKey: .reason)   // explicit null when ok
+        try c.encode(settings, forKey: .settings)
+        try c.encode(repetitions, forKey: .repetitions)
+        try c.encode(warmup, forKey: .warmup)
+        try c.encode(metrics, forKey: .metrics)
+        try c.encode(timeseries, forKey: .timeseries)
+        try c.encode(checks, forKey: .checks)
+        try c.encode(notes, forKey: .notes)
+        try c.encode(durationS, forKey: .durationS)
+    }
+
+    public func metric(_ name: String) -> Metric? { metrics.first { $0.name == name } }
+}

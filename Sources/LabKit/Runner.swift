@@ -1,0 +1,293 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import LinuxMM
+
+/// One run to execute: a scenario variant, its resolved parameters, repetitions, placement.
+public struct RunRequest: Sendable {
+    public let scenario: any Scenario
+    public let variant: String
+    public let params: Params
+    public let repetitions: Int
+    public let warmup: Int
+    public let placement: Placement
+
+    public init(scenario: any Scenario, variant: String, params: Params, repetitions: Int, warmup: Int, placement: Placement = Placement()) {
+        self.scenario = scenario
+        self.variant = variant
+        self.params = params
+        self.repetitions = repetitions
+        self.warmup = warmup
+        self.placement = placement
+    }
+}
+
+/// What the parent tells a child: which repetition of what, where to run, which cgroup.
+public struct ChildSpec: Codable, Sendable {
+    public var scenario: String
+    public var variant: String
+    public var params: Params
+    public var repetition: Int
+    public var warmup: Bool
+    public var placement: Placement
+    public var cgroupPath: String?
+    public var cgroupVersion: Int?
+}
+
+/// Runs scenarios: borrows their settings through the guard, runs each repetition in a child
+/// process with a deadline, turns crashes, OOM kills and hangs into `failed` with a reason,
+/// and summarises the samples. The runner itself never touches the scenario's memory.
+public final class Runner {
+    public let settingsGuard: SettingsGuard
+    public let registry: Registry
+    public let progress: (String) -> Void
+    private let workDirectory: String
+
+    public init(settingsGuard: SettingsGuard, registry: Registry, progress: @escaping (String) -> Void = { _ in }) throws {
+        self.settingsGuard = settingsGuard
+        self.registry = registry
+        self.progress = progress
+        var template = Array("\(NSTemporaryDirectory())/memlab.XXXXXX".utf8CString)
+        guard let dir = mkdtemp(&template) else { throw SystemError.current("mkdtemp") }
+        self.workDirectory = String(cString: dir)
+    }
+
+    deinit {
+        for f in ProcFile.list(workDirectory) { unlink("\(workDirectory)/\(f)") }
+        rmdir(workDirectory)
+    }
+
+    public func execute(_ request: RunRequest) -> RunResult {
+        let started = Clock.nanoseconds()
+        let s = request.scenario
+        var result = RunResult(scenario: s.id, variant: request.variant, params: request.params,
+                               placement: request.placement, status: .ok, reason: nil,
+                               settings: SettingsRecord(), repetitions: 0, warmup: request.warmup)
+        defer { result.durationS = Clock.seconds(since: started) }
+
+        if s.requiresRoot && !System.isRoot {
+            result.status = .skipped
+            result.reason = "needs root: this scenario borrows machine-wide settings under /sys and /proc/sys; run memlab as root (e.g. sudo memlab run \(s.id):\(request.variant))"
+            return result
+        }
+        if case .unusable(let why) = s.probe(variant: request.variant) {
+            result.status = .skipped
+            result.reason = why
+            return result
+        }
+
+        // Borrow the settings for the whole run; give them back whatever happens below.
+        var setupFailure: String?
+        for setting in s.settings(variant: request.variant, params: request.params) {
+            do { try settingsGuard.set(setting.knob, to: setting.value) } catch {
+                setupFailure = "could not set \(setting.knob.path) to \(setting.value): \(error)"
+                break
+            }
+        }
+        defer {
+            let report = settingsGuard.restoreAll()
+            result.settings = SettingsRecord(changed: report.changed, restored: report.restored)
+            if !report.restored {
+                result.notes.append("settings NOT restored: " + report.failures.joined(separator: "; "))
+            }
+        }
+        if let setupFailure {
+            result.status = .failed
+            result.reason = setupFailure
+            return result
+        }
+
+        var outputs: [RepetitionOutput] = []
+        let total = request.warmup + request.repetitions
+        for i in 0..<total {
+            let warm = i < request.warmup
+            let label = warm ? "warm-up \(i + 1)/\(request.warmup)" : "repetition \(i - request.warmup + 1)/\(request.repetitions)"
+            progress("\(s.id):\(request.variant) \(label)")
+            var out = runChild(request, index: i, warmup: warm)
+            if out.status == .skipped {
+                result.status = .skipped
+                result.reason = out.reason
+                return result
+            }
+            if out.status == .failed {
+                result.status = .failed
+                result.reason = "\(label): \(out.reason ?? "failed")"
+                result.notes.append(contentsOf: out.notes)
+                break
+            }
+            if !warm {
+                for k in out.checks.indices { out.checks[k].repetition = outputs.count + 1 }
+                outputs.append(out)
+            }
+        }
+        result.repetitions = outputs.count
+        result.metrics = Runner.aggregate(outputs)
+        result.timeseries = outputs.first?.timeseries ?? []
+        result.checks = outputs.flatMap(\.checks)
+        for note in outputs.flatMap(\.notes) where !result.notes.contains(note) { result.notes.append(note) }
+        let disagreements = Set(result.checks.filter { !$0.agrees }.map(\.name))
+        if !disagreements.isEmpty {
+            result.notes.append("the kernel's figures disagree with the expected ones for: \(disagreements.sorted().joined(separator: ", ")) (see checks)")
+        }
+        return result
+    }
+
+    /// One metric per name, samples in repetition order.
+    static func aggregate(_ outputs: [RepetitionOutput]) -> [Metric] {
+        var order: [String] = []
+        var byName: [String: (MetricUnit, Better, [Double])] = [:]
+        for o in outputs {
+            for m in o.metrics {
+                if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m.unit, m.better, []) }
+                byName[m.name]!.2.append(m.value)
+            }
+        }
+        return order.compactMap { name in
+            let (unit, better, samples) = byName[name]!
+            guard let summary = Statistics.summarize(samples) else { return nil }
+            return Metric(name: name, unit: unit, better: better, samples: samples, summary: summary)
+        }
+    }
+
+    private func runChild(_ request: RunRequest, index: Int, warmup: Bool) -> RepetitionOutput {
+        var failed = RepetitionOutput()
+        failed.status = .failed
+        let s = request.scenario
+
+        var cgroup: MemoryCgroup?
+        var limit: Int?
+        if let l = s.memoryLimit(variant: request.variant, params: request.params) {
+            guard let cg = MemoryCgroup.location(name: "memlab-\(getpid())-\(index)") else {
+                var skipped = RepetitionOutput()
+                skipped.status = .skipped
+                skipped.reason = "needs a memory cgroup controller (cgroup v1 memory or v2 with +memory); none is mounted"
+                return skipped
+            }
+            do {
+                try settingsGuard.createDirectory(cg.path)
+                try cg.setLimit(bytes: l)
+            } catch {
+                try? settingsGuard.removeDirectory(cg.path)
+                failed.reason = "could not create memory cgroup \(cg.path): \(error)"
+                return failed
+            }
+            cgroup = cg
+            limit = l
+        }
+        defer { if let cg = cgroup { try? settingsGuard.removeDirectory(cg.path) } }
+
+        let spec = ChildSpec(scenario: s.id, variant: request.variant, params: request.params,
+                             repetition: index, warmup: warmup, placement: request.placement,
+                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version)
+        let specPath = "\(workDirectory)/spec-\(index).json"
+        let outPath = "\(workDirectory)/out-\(index).json"
+        let logPath = "\(workDirectory)/log-\(index).txt"
+        unlink(outPath)
+        do {
+            try JSONEncoder().encode(spec).write(to: URL(fileURLWithPath: specPath))
+        } catch {
+            failed.reason = "cannot write child spec \(specPath): \(error)"
+            return failed
+        }
+
+        let oomBefore = (try? VMStat.current())?["oom_kill"] ?? 0
+        let deadline = s.deadline(variant: request.variant, params: request.params)
+        let pid: pid_t
+        do {
+            pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ["_child", specPath, outPath], outputPath: logPath)
+        } catch {
+            failed.reason = "cannot start the child process: \(error)"
+            return failed
+        }
+        SignalCleanup.shared.setChild(pid)
+        let exit = ChildProcess.wait(pid, deadline: deadline)
+        SignalCleanup.shared.setChild(0)
+
+        let log = ProcFile.readIfPresent(logPath) ?? ""
+        let lastLine = log.split(separator: "\n").last.map { String($0).trimmingCharacters(in: .whitespaces) }
+        let tail = lastLine.map { ": \($0)" } ?? ""
+        switch exit {
+        case .exited(0):
+            guard let data = FileManager.default.contents(atPath: outPath),
+                  let out = try? JSONDecoder().decode(RepetitionOutput.self, from: data) else {
+                failed.reason = "the child exited without writing its result\(tail)"
+                return failed
+            }
+            return out
+        case .exited(let code):
+            failed.reason = "the child exited with status \(code)\(tail)"
+        case .signaled(let sig):
+            let oomAfter = (try? VMStat.current())?["oom_kill"] ?? 0
+            let cgroupKills = cgroup?.oomKills() ?? 0
+            if sig == SIGKILL && (cgroupKills > 0 || oomAfter > oomBefore) {
+                var what = "killed by the OOM killer"
+                if let cg = cgroup, let l = limit {
+                    what += " in memory cgroup \(cg.path) (limit \(l) bytes"
+                    if let peak = cg.peakUsage() { what += ", peak usage \(peak) bytes" }
+                    what += ")"
+                }
+                failed.reason = what
+            } else {
+                failed.reason = "killed by \(ChildProcess.signalName(sig))\(tail)"
+            }
+        case .timedOut(let t):
+            failed.reason = "timed out: still running after \(formatNumber(t)) s (deadline \(formatNumber(deadline)) s); killed"
+        }
+        return failed
+    }
+}
+
+/// The child side of a repetition: `memlab _child SPEC OUT`.
+public enum ChildMain {
+    public static func run(registry: Registry, specPath: String, outPath: String) -> Int32 {
+        // Die with the runner: a SIGKILLed runner must not leave a child holding memory.
+        let parent = getppid()
+        _ = LinuxMMBridge.setParentDeathSignal(SIGKILL)
+        if getppid() != parent { return 125 }
+
+        var out = RepetitionOutput()
+        func finish(_ status: RunStatus, _ reason: String?) -> Int32 {
+            out.status = status
+            out.reason = reason
+            do {
+                try JSONEncoder().encode(out).write(to: URL(fileURLWithPath: outPath))
+                return 0
+            } catch {
+                writeStderr("memlab child: cannot write \(outPath): \(error)\n")
+                return 124
+            }
+        }
+        guard let data = FileManager.default.contents(atPath: specPath),
+              let spec = try? JSONDecoder().decode(ChildSpec.self, from: data) else {
+            return finish(.failed, "cannot read child spec \(specPath)")
+        }
+        guard let scenario = registry.scenario(spec.scenario) else {
+            return finish(.failed, "unknown scenario \(spec.scenario)")
+        }
+        do {
+            if let path = spec.cgroupPath, let v = spec.cgroupVersion {
+                try MemoryCgroup(path: path, version: v).joinSelf()
+            }
+            if let node = spec.placement.node { try NUMA.bind(toNode: node) }
+            if let cpus = spec.placement.cpus { try NUMA.setAffinity(cpus: cpus) }
+        } catch {
+            return finish(.failed, "placement: \(error)")
+        }
+        let context = RunContext(variant: spec.variant, params: spec.params, repetition: spec.repetition, isWarmup: spec.warmup)
+        do {
+            try scenario.run(context)
+            out = context.output
+            return finish(.ok, nil)
+        } catch let e as ScenarioError {
+            out = context.output
+            switch e {
+            case .skipped(let why): return finish(.skipped, why)
+            case .failed(let why): return finish(.failed, why)
+            }
+        } catch {
+            out = context.output
+            return finish(.failed, "\(error)")
+        }
+    }
+}

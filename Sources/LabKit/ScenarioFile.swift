@@ -1,0 +1,101 @@
+import Foundation
+import TOMLKit
+
+/// A scenario file (scenarios/*.toml): one run at the top level, or several as [[runs]].
+/// The format is documented in scenarios/README.md. Any key memlab does not know is an
+/// error, so a typo never silently runs with a default.
+public struct ScenarioFile: Sendable {
+    public struct Entry: Sendable, Equatable {
+        public var scenario: String
+        public var variant: String?
+        public var params: [String: ParamValue] = [:]
+        public var repeats: Int?
+        public var warmup: Int?
+        public var cpus: [Int]?
+        public var node: Int?
+    }
+
+    public var entries: [Entry]
+
+    public static func load(path: String) throws(UsageError) -> ScenarioFile {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw UsageError("cannot read scenario file '\(path)'")
+        }
+        return try parse(String(decoding: data, as: UTF8.self), name: path)
+    }
+
+    public static func parse(_ text: String, name: String = "scenario file") throws(UsageError) -> ScenarioFile {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw UsageError("\(name): line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        } catch {
+            throw UsageError("\(name): \(error)")
+        }
+        if let runs = table["runs"] {
+            guard let array = runs.array else { throw UsageError("\(name): 'runs' must be an array of tables ([[runs]])") }
+            let extra = table.keys.filter { $0 != "runs" }
+            if !extra.isEmpty { throw UsageError("\(name): with [[runs]], top-level keys are not allowed: \(extra.joined(separator: ", "))") }
+            var entries: [Entry] = []
+            for (i, item) in array.enumerated() {
+                guard let t = item.table else { throw UsageError("\(name): runs[\(i)] is not a table") }
+                entries.append(try entry(t, where: "\(name) runs[\(i)]"))
+            }
+            if entries.isEmpty { throw UsageError("\(name): [[runs]] is empty") }
+            return ScenarioFile(entries: entries)
+        }
+        return ScenarioFile(entries: [try entry(table, where: name)])
+    }
+
+    static let knownKeys: Set<String> = ["scenario", "variant", "params", "repeat", "warmup", "cpus", "node", "description"]
+
+    static func entry(_ t: TOMLTable, where name: String) throws(UsageError) -> Entry {
+        for key in t.keys where !knownKeys.contains(key) {
+            throw UsageError("\(name): unknown key '\(key)'; allowed: \(knownKeys.sorted().joined(separator: ", "))")
+        }
+        guard let scenario = t["scenario"]?.string else {
+            throw UsageError("\(name): 'scenario' (a string, e.g. scenario = \"ksm\") is required")
+        }
+        var e = Entry(scenario: scenario)
+        if let v = t["variant"] {
+            guard let s = v.string else { throw UsageError("\(name): 'variant' must be a string") }
+            e.variant = s
+        }
+        if let v = t["repeat"] {
+            guard let n = v.int, n >= 1, n <= 1000 else { throw UsageError("\(name): 'repeat' must be an integer 1...1000") }
+            e.repeats = n
+        }
+        if let v = t["warmup"] {
+            guard let n = v.int, n >= 0, n <= 100 else { throw UsageError("\(name): 'warmup' must be an integer 0...100") }
+            e.warmup = n
+        }
+        if let v = t["node"] {
+            guard let n = v.int, n >= 0 else { throw UsageError("\(name): 'node' must be a non-negative integer") }
+            e.node = n
+        }
+        if let v = t["cpus"] {
+            guard let a = v.array else { throw UsageError("\(name): 'cpus' must be an array of integers") }
+            var cpus: [Int] = []
+            for x in a {
+                guard let n = x.int, n >= 0 else { throw UsageError("\(name): 'cpus' must be an array of non-negative integers") }
+                cpus.append(n)
+            }
+            e.cpus = cpus
+        }
+        if let v = t["params"] {
+            guard let p = v.table else { throw UsageError("\(name): 'params' must be a table ([params])") }
+            for key in p.keys {
+                let x = p[key]!
+                switch x.type {
+                case .int: e.params[key] = .int(x.int!)
+                case .double: e.params[key] = .double(x.double!)
+                case .bool: e.params[key] = .bool(x.bool!)
+                case .string: e.params[key] = .string(x.string!)
+                default: throw UsageError("\(name): parameter '\(key)' must be a number, boolean or string")
+                }
+            }
+        }
+        return e
+    }
+}

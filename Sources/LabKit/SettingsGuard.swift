@@ -1,0 +1,274 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import LinuxMM
+import Synchronization
+
+/// The journal of borrowed machine-wide settings: written (and fsync'd) *before* the first
+/// change, so that whoever finds it after a crash knows what to give back.
+public struct Journal: Codable, Sendable, Equatable {
+    public struct Entry: Codable, Sendable, Equatable {
+        public var path: String
+        public var original: String
+        public var value: String
+    }
+    public var ownerPID: Int32
+    /// /proc/PID/stat start time of the owner, so a reused pid is not mistaken for it.
+    public var ownerStart: UInt64
+    public var command: String
+    public var entries: [Entry] = []
+    /// Directories memlab created (memory cgroups), removed on restore.
+    public var createdDirectories: [String] = []
+
+    enum CodingKeys: String, CodingKey {
+        case entries, command
+        case ownerPID = "owner_pid"
+        case ownerStart = "owner_start"
+        case createdDirectories = "created_directories"
+    }
+
+    public var ownerIsAlive: Bool {
+        guard kill(ownerPID, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = try? ProcStat.read(pid: ownerPID) else { return false }
+        return stat.startTimeTicks == ownerStart
+    }
+}
+
+/// What a restore did.
+public struct RestoreReport: Sendable {
+    public var changed: [String: SettingChange] = [:]
+    public var restoredLines: [String] = []
+    public var failures: [String] = []
+    public var restored: Bool { failures.isEmpty }
+}
+
+/// Borrows machine-wide knobs and gives them back: journal first, restore always — on normal
+/// exit, on error, on SIGINT/SIGTERM (see SignalCleanup), and, after a SIGKILL, on the next
+/// memlab start (`recoverStale`). A flock keeps two memlab processes from changing knobs at
+/// once.
+public final class SettingsGuard: @unchecked Sendable {
+    public let stateDirectory: String
+    public var journalPath: String { "\(stateDirectory)/journal.json" }
+    public var lockPath: String { "\(stateDirectory)/lock" }
+
+    private let state: Mutex<Journal?> = Mutex(nil)
+    private let lockFD: Mutex<Int32> = Mutex(-1)
+    private let command: String
+
+    public static var defaultStateDirectory: String {
+        ProcessInfo.processInfo.environment["MEMLAB_STATE_DIR"] ?? "/var/lib/memlab"
+    }
+
+    public init(stateDirectory: String = SettingsGuard.defaultStateDirectory, command: String = CommandLine.arguments.joined(separator: " ")) {
+        self.stateDirectory = stateDirectory
+        self.command = command
+    }
+
+    // MARK: lock
+
+    public enum LockError: Error, CustomStringConvertible {
+        case busy(owner: String)
+        case system(SystemError)
+        public var description: String {
+            switch self {
+            case .busy(let owner): return "another memlab is changing machine-wide settings: \(owner); wait for it or run without --no-wait"
+            case .system(let e): return "cannot take the settings lock: \(e)"
+            }
+        }
+    }
+
+    /// Takes the settings lock. If another memlab holds it, says for whom and waits, or with
+    /// `wait: false` fails at once.
+    public func acquireLock(wait: Bool, say: (String) -> Void) throws(LockError) {
+        if lockFD.withLock({ $0 }) >= 0 { return }
+        do { try ensureStateDirectory() } catch { throw .system(error) }
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if fd < 0 { throw .system(SystemError.current("open", path: lockPath)) }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let owner = (ProcFile.readIfPresent(lockPath) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            let who = owner.isEmpty ? "unknown process" : owner
+            if !wait { close(fd); throw .busy(owner: who) }
+            say("memlab: waiting for the settings lock held by \(who)")
+            while flock(fd, LOCK_EX) != 0 {
+                if errno != EINTR { close(fd); throw .system(SystemError.current("flock", path: lockPath)) }
+            }
+        }
+        let info = "pid \(getpid()) (\(command))\n"
+        _ = ftruncate(fd, 0)
+        _ = info.withCString { pwrite(fd, $0, strlen($0), 0) }
+        lockFD.withLock { $0 = fd }
+    }
+
+    public func releaseLock() {
+        lockFD.withLock { fd in
+            if fd >= 0 {
+                _ = ftruncate(fd, 0)
+                flock(fd, LOCK_UN)
+                close(fd)
+                fd = -1
+            }
+        }
+    }
+
+    private func ensureStateDirectory() throws(SystemError) {
+        if mkdir(stateDirectory, 0o755) != 0 && errno != EEXIST {
+            throw SystemError.current("mkdir", path: stateDirectory)
+        }
+    }
+
+    // MARK: borrowing
+
+    /// Sets a knob, journaling its original value first. The value is read back: a kernel
+    /// that silently ignores the write is an error, not a surprise in the numbers.
+    public func set(_ knob: Knob, to value: String) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            let current = try knob.read()
+            var j = journal ?? newJournal()
+            if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
+                j.entries[i].value = value
+            } else {
+                if current == value { return }    // nothing to borrow
+                j.entries.append(.init(path: knob.path, original: current, value: value))
+            }
+            try writeJournal(j)
+            journal = j
+            try knob.write(value)
+            let readBack = try knob.read()
+            if readBack != value {
+                throw SystemError(errno: EINVAL, call: "write '\(value)' (reads back '\(readBack)')", path: knob.path)
+            }
+        }
+    }
+
+    /// Creates a directory (a memory cgroup) that restore will remove.
+    public func createDirectory(_ path: String) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            var j = journal ?? newJournal()
+            j.createdDirectories.append(path)
+            try writeJournal(j)
+            journal = j
+            if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError.current("mkdir", path: path) }
+        }
+    }
+
+    /// Removes a directory created by `createDirectory` now (and forgets it).
+    public func removeDirectory(_ path: String) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            if rmdir(path) != 0 && errno != ENOENT { throw SystemError.current("rmdir", path: path) }
+            guard var j = journal else { return }
+            j.createdDirectories.removeAll { $0 == path }
+            try writeJournal(j)
+            journal = j
+        }
+    }
+
+    /// Gives back everything borrowed, verifies each knob reads its original value, and
+    /// deletes the journal when all is back.
+    @discardableResult
+    public func restoreAll() -> RestoreReport {
+        state.withLock { journal in
+            guard let j = journal else { return RestoreReport() }
+            let report = SettingsGuard.restore(j)
+            if report.restored {
+                unlink(journalPath)
+                journal = nil
+            }
+            return report
+        }
+    }
+
+    /// What has been changed so far (path -> from/to).
+    public var changes: [String: SettingChange] {
+        state.withLock { j in
+            var out: [String: SettingChange] = [:]
+            for e in j?.entries ?? [] { out[e.path] = SettingChange(from: e.original, to: e.value) }
+            return out
+        }
+    }
+
+    private func newJournal() -> Journal {
+        let start = (try? ProcStat.read(pid: getpid()))?.startTimeTicks ?? 0
+        return Journal(ownerPID: getpid(), ownerStart: start, command: command)
+    }
+
+    private func writeJournal(_ j: Journal) throws(SystemError) {
+        try ensureStateDirectory()
+        let data: Data
+        do { data = try JSONEncoder().encode(j) } catch { throw SystemError(errno: EINVAL, call: "encode journal") }
+        try SettingsGuard.writeDurably(data, to: journalPath)
+    }
+
+    /// tmp + fsync + rename + fsync(dir): the journal is either the old or the new one, never
+    /// half of one, even across a crash.
+    static func writeDurably(_ data: Data, to path: String) throws(SystemError) {
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        if fd < 0 { throw SystemError.current("open", path: tmp) }
+        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if written != data.count { close(fd); throw SystemError.current("write", path: tmp) }
+        if fsync(fd) != 0 { close(fd); throw SystemError.current("fsync", path: tmp) }
+        close(fd)
+        if rename(tmp, path) != 0 { throw SystemError.current("rename", path: path) }
+        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+        let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dfd >= 0 { fsync(dfd); close(dfd) }
+    }
+
+    /// Restores a journal's entries in reverse order and reads each back.
+    static func restore(_ j: Journal) -> RestoreReport {
+        var report = RestoreReport()
+        for e in j.entries.reversed() {
+            let knob = Knob(e.path)
+            report.changed[e.path] = SettingChange(from: e.original, to: e.value)
+            do {
+                let current = try knob.read()
+                if current != e.original {
+                    for v in knob.restoreSequence(to: e.original, current: current) { try knob.write(v) }
+                }
+                let back = try knob.read()
+                if back == e.original {
+                    report.restoredLines.append("\(e.path): \(current) -> \(e.original)")
+                } else {
+                    report.failures.append("\(e.path) reads '\(back)' after restoring '\(e.original)'")
+                }
+            } catch {
+                report.failures.append("\(e.path): \(error)")
+            }
+        }
+        for dir in j.createdDirectories.reversed() {
+            if rmdir(dir) != 0 && errno != ENOENT {
+                report.failures.append(SystemError.current("rmdir", path: dir).description)
+            } else {
+                report.restoredLines.append("removed \(dir)")
+            }
+        }
+        return report
+    }
+
+    // MARK: recovery
+
+    public enum Recovery {
+        case nothing
+        case ownerAlive(Journal)
+        case restored(Journal, RestoreReport)
+        case unreadable(String)
+    }
+
+    /// Finds a journal left by a memlab that died and restores it. Call with the lock held
+    /// (or after taking it without waiting): a live owner keeps its journal.
+    public func recoverStale() -> Recovery {
+        guard ProcFile.exists(journalPath) else { return .nothing }
+        guard let text = ProcFile.readIfPresent(journalPath) else {
+            return .unreadable("a settings journal exists at \(journalPath) but cannot be read; run `memlab restore` as root")
+        }
+        guard let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else {
+            return .unreadable("the settings journal at \(journalPath) is malformed; inspect it and restore by hand, then remove it")
+        }
+        if j.ownerPID == getpid() { return .nothing }
+        if j.ownerIsAlive { return .ownerAlive(j) }
+        let report = SettingsGuard.restore(j)
+        if report.restored { unlink(journalPath) }
+        return .restored(j, report)
+    }
+}

@@ -1,0 +1,82 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinuxMM
+
+/// The page size a mapping asks for. Asking is not getting: THP is a hint the kernel may
+/// ignore, so scenarios read back what actually backed the memory (smaps, counters).
+public enum PageKind: String, Sendable, Codable, CaseIterable {
+    /// Base pages; THP explicitly refused with MADV_NOHUGEPAGE.
+    case base = "4k"
+    /// Transparent huge pages requested with MADV_HUGEPAGE.
+    case thp = "thp"
+    /// hugetlbfs pages from the 2 MiB pool (MAP_HUGETLB | MAP_HUGE_2MB).
+    case hugetlb2M = "hugetlb-2m"
+    /// hugetlbfs pages from the 1 GiB pool (MAP_HUGETLB | MAP_HUGE_1GB).
+    case hugetlb1G = "hugetlb-1g"
+
+    public var alignment: Int {
+        switch self {
+        case .base: return Int(sysconf(Int32(_SC_PAGESIZE)))
+        case .thp, .hugetlb2M: return 2 << 20
+        case .hugetlb1G: return 1 << 30
+        }
+    }
+}
+
+/// A private anonymous mapping, unmapped when released. Allocation happens at set-up; the
+/// memory itself is touched by workloads through `base`.
+public final class AnonymousMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let length: Int
+    public let kind: PageKind
+
+    public init(length: Int, kind: PageKind = .base, noReserve: Bool = false) throws(SystemError) {
+        precondition(length > 0, "mapping length must be positive")
+        var flags = MAP_PRIVATE | MAP_ANONYMOUS
+        if noReserve { flags |= memlab_MAP_NORESERVE }
+        switch kind {
+        case .hugetlb2M: flags |= memlab_MAP_HUGETLB | memlab_MAP_HUGE_2MB
+        case .hugetlb1G: flags |= memlab_MAP_HUGETLB | memlab_MAP_HUGE_1GB
+        default: break
+        }
+        let rounded = (length + kind.alignment - 1) / kind.alignment * kind.alignment
+        let p = mmap(nil, rounded, PROT_READ | PROT_WRITE, flags, -1, 0)
+        if p == MAP_FAILED || p == nil { throw SystemError.current("mmap(\(rounded) bytes, \(kind.rawValue))") }
+        self.base = p!
+        self.length = rounded
+        self.kind = kind
+        switch kind {
+        case .base: try advise(memlab_MADV_NOHUGEPAGE, name: "MADV_NOHUGEPAGE")
+        case .thp: try advise(memlab_MADV_HUGEPAGE, name: "MADV_HUGEPAGE")
+        default: break
+        }
+    }
+
+    deinit { munmap(base, length) }
+
+    public var pageCount: Int { length / PageKind.base.alignment }
+
+    /// madvise over the whole mapping or a part of it.
+    public func advise(_ advice: Int32, name: String, offset: Int = 0, length: Int? = nil) throws(SystemError) {
+        if madvise(base + offset, length ?? (self.length - offset), advice) != 0 {
+            throw SystemError.current("madvise(\(name))")
+        }
+    }
+
+    /// Writes one byte in every base page: the first-touch fault for each.
+    public func touch(stride: Int = PageKind.base.alignment) {
+        var offset = 0
+        let p = base.assumingMemoryBound(to: UInt8.self)
+        while offset < length {
+            p[offset] = 1
+            offset += stride
+        }
+    }
+}
+
+public enum System {
+    public static let pageSize: Int = Int(sysconf(Int32(_SC_PAGESIZE)))
+    public static let onlineCPUs: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    public static var isRoot: Bool { geteuid() == 0 }
+}

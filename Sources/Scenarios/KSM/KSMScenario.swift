@@ -1,0 +1,285 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Histogram
+import LabKit
+import LinuxMM
+
+/// KSM: how fast ksmd merges a region with a known amount of duplication, what it saves,
+/// what it costs (ksmd CPU), what a write to a merged page costs (copy-on-write), and how
+/// long unmerging takes. Every figure is checked against the layout that was written.
+public struct KSMScenario: Scenario {
+    public init() {}
+    public let id = "ksm"
+    public let summary = "Kernel same-page merging: merge time and savings, ksmd CPU, COW fault and unmerge cost"
+    public let variants = [
+        Variant("merge", "mark a region with known duplicates mergeable; time ksmd until it is merged; savings and ksmd CPU"),
+        Variant("cow", "write to merged pages: copy-on-write fault latency against unmerged and freshly faulted pages"),
+        Variant("unmerge", "MADV_UNMERGEABLE (or PR_SET_MEMORY_MERGE 0) on a merged region: time to break every merge"),
+    ]
+    public let parameters: [ParameterSpec] = [
+        ParameterSpec("pages", .int(16...4_194_304), default: .int(8192), help: "size of the region in base pages"),
+        ParameterSpec("duplicate_ratio", .double(0...1), default: .double(0.5), help: "fraction of pages that are copies of a template page"),
+        ParameterSpec("zero_ratio", .double(0...1), default: .double(0.1), help: "fraction of pages that are zero-filled"),
+        ParameterSpec("duplicate_groups", .int(1...65536), default: .int(16), help: "number of distinct template pages the duplicates copy"),
+        ParameterSpec("mode", .choice(["madvise", "prctl"]), default: .string("madvise"), help: "madvise: MADV_MERGEABLE on the region; prctl: PR_SET_MEMORY_MERGE for the whole process"),
+        ParameterSpec("pages_to_scan", .int(1...100_000), default: .int(4000), help: "ksmd pages per wake-up (borrowed: /sys/kernel/mm/ksm/pages_to_scan)"),
+        ParameterSpec("sleep_millisecs", .int(0...10_000), default: .int(10), help: "ksmd sleep between wake-ups (borrowed: sleep_millisecs)"),
+        ParameterSpec("use_zero_pages", .bool, default: .bool(false), help: "merge zero pages with the kernel's zero page (borrowed: use_zero_pages)"),
+        ParameterSpec("timeout_s", .double(1...3600), default: .double(60), help: "give up when ksmd has not finished merging after this long"),
+        ParameterSpec("sample_interval_ms", .int(1...10_000), default: .int(20), help: "interval of the pages_sharing time series"),
+    ]
+
+    public func probe(variant: String) -> Availability {
+        guard KSM.isAvailable else {
+            return .unusable("KSM is not available: /sys/kernel/mm/ksm is missing (kernel built without CONFIG_KSM)")
+        }
+        guard ProcFile.exists("/proc/self/ksm_stat") else {
+            return .unusable("/proc/PID/ksm_stat is missing (kernel older than 6.1): memlab needs per-process KSM figures")
+        }
+        return .usable
+    }
+
+    public func validate(variant: String, params: Params) throws(UsageError) {
+        if params.double("duplicate_ratio") + params.double("zero_ratio") > 1 {
+            throw UsageError("duplicate_ratio + zero_ratio must not exceed 1 (got \(params.double("duplicate_ratio")) + \(params.double("zero_ratio")))")
+        }
+        if variant == "cow" || variant == "unmerge" {
+            let layout = layout(params)
+            if layout.expectation(useZeroPages: params.bool("use_zero_pages"), maxPageSharing: 256).mergingPages == 0 {
+                throw UsageError("the \(variant) variant needs pages that merge: raise duplicate_ratio or zero_ratio")
+            }
+        }
+    }
+
+    public func settings(variant: String, params: Params) -> [KnobSetting] {
+        [
+            KnobSetting(KSM.Knobs.pagesToScan, String(params.int("pages_to_scan"))),
+            KnobSetting(KSM.Knobs.sleepMillisecs, String(params.int("sleep_millisecs"))),
+            KnobSetting(KSM.Knobs.useZeroPages, params.bool("use_zero_pages") ? "1" : "0"),
+            KnobSetting(KSM.Knobs.run, "1"),
+        ]
+    }
+
+    public func deadline(variant: String, params: Params) -> Double { params.double("timeout_s") + 60 }
+
+    func layout(_ params: Params) -> KSMLayout {
+        KSMLayout(pages: params.int("pages"), duplicateRatio: params.double("duplicate_ratio"),
+                  zeroRatio: params.double("zero_ratio"), groups: params.int("duplicate_groups"))
+    }
+
+    public func run(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let pageSize = System.pageSize
+        let layout = layout(p)
+        let useZero = p.bool("use_zero_pages")
+        let prctlMode = p.string("mode") == "prctl"
+        let maxSharing = Int((try? KSM.Knobs.maxPageSharing.read()) ?? "256") ?? 256
+        let expect = layout.expectation(useZeroPages: useZero, maxPageSharing: maxSharing)
+
+        let region = try AnonymousMapping(length: layout.pages * pageSize, kind: .base)
+        layout.fill(region.base, pageSize: pageSize, seed: 0x6D65_6D6C_6162 &+ UInt64(ctx.repetition))
+
+        let merge = try mergeAndWait(region: region, layout: layout, prctlMode: prctlMode, ctx: ctx)
+        let stat = try KSMStat.read()
+        let global = try KSM.counters()
+        let sharingDelta = global.pagesSharing - merge.baseline.pagesSharing
+        let sharedDelta = global.pagesShared - merge.baseline.pagesShared
+
+        if ctx.variant == "merge" {
+            ctx.record("merge_time", merge.mergeTime, .s, better: .lower)
+            ctx.record("merging_pages", Double(stat.mergingPages), .pages, better: .none)
+            ctx.record("pages_shared", Double(sharedDelta), .pages, better: .none)
+            ctx.record("pages_sharing", Double(sharingDelta), .pages, better: .none)
+            ctx.record("ksm_zero_pages", Double(stat.zeroPages), .pages, better: .none)
+            ctx.record("saved_bytes", Double((sharingDelta + stat.zeroPages) * Int64(pageSize)), .bytes, better: .higher)
+            ctx.record("process_profit", Double(stat.processProfit), .bytes, better: .higher)
+            let merged = Double(stat.mergingPages + stat.zeroPages)
+            if merge.mergeTime > 0 { ctx.record("merge_rate", merged / merge.mergeTime, .pagesPerSecond, better: .higher) }
+            if let cpu = merge.ksmdCPU { ctx.record("ksmd_cpu_time", cpu, .s, better: .lower) }
+            ctx.record("full_scans", Double(merge.fullScans), .count, better: .none)
+        }
+
+        // The physics check: what the kernel says against what was written.
+        let tol = max(2.0, Double(expect.mergingPages) * 0.01)
+        if prctlMode {
+            // PR_SET_MEMORY_MERGE makes every anonymous page of the process mergeable (heap,
+            // stacks), so the kernel may find more than the region holds, never fewer.
+            ctx.check("merging_pages", expected: Double(expect.mergingPages), observed: Double(stat.mergingPages),
+                      accepted: (Double(expect.mergingPages) - tol)...Double(Int.max),
+                      describe: "at least expected - max(2, 1%): prctl merges the whole process")
+        } else {
+            ctx.check("merging_pages", expected: Double(expect.mergingPages), observed: Double(stat.mergingPages),
+                      tolerance: tol, describe: "max(2 pages, 1%)")
+            let tolSharing = max(2.0, Double(expect.pagesSharing) * 0.01)
+            ctx.check("pages_sharing", expected: Double(expect.pagesSharing), observed: Double(sharingDelta),
+                      tolerance: tolSharing, describe: "max(2 pages, 1%); global counter, shared with any other KSM user")
+            ctx.check("pages_shared", expected: Double(expect.pagesShared), observed: Double(sharedDelta),
+                      tolerance: max(1.0, Double(expect.pagesShared) * 0.05),
+                      describe: "max(1 page, 5%): one KSM page per duplicate group, per max_page_sharing sharers")
+        }
+        if useZero {
+            ctx.check("ksm_zero_pages", expected: Double(expect.zeroPages), observed: Double(stat.zeroPages),
+                      tolerance: max(2.0, Double(expect.zeroPages) * 0.01), describe: "max(2 pages, 1%)")
+        }
+
+        switch ctx.variant {
+        case "cow": try measureCOW(region: region, layout: layout, useZero: useZero, ctx: ctx)
+        case "unmerge": try measureUnmerge(region: region, prctlMode: prctlMode, mergedBefore: stat.mergingPages + stat.zeroPages, ctx: ctx)
+        default: break
+        }
+        if prctlMode { try? KSM.setProcessMerge(false) }
+    }
+
+    struct MergeOutcome {
+        let mergeTime: Double
+        let ksmdCPU: Double?
+        let fullScans: Int64
+        let baseline: KSM.Counters
+    }
+
+    /// Marks the region mergeable and waits for ksmd the way the kernel's KSM selftests do —
+    /// on `full_scans` — until this process's merged count has not changed for two full scans
+    /// (and at least three scans have passed: a page is merged on its second visit and a newly
+    /// registered mm joins the scan list behind the cursor).
+    func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, ctx: RunContext) throws -> MergeOutcome {
+        let merging = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")
+        let zero = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_zero_pages")
+        let scans = try CounterFile(path: "\(KSM.directory)/full_scans")
+        let sampler = Sampler(interval: Double(ctx.params.int("sample_interval_ms")) / 1000, probes: [
+            .init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing")),
+            .init("ksm_merging_pages", .pages, try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")),
+        ])
+        let baseline = try KSM.counters()
+        let ksmd = KSM.ksmdPID()
+        let cpuBefore = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
+        let timeout = ctx.params.double("timeout_s")
+
+        sampler.start()
+        let t0 = Clock.nanoseconds()
+        if prctlMode {
+            do { try KSM.setProcessMerge(true) } catch {
+                _ = sampler.stop()
+                if error.errno == EINVAL { throw ScenarioError.skipped("PR_SET_MEMORY_MERGE is not supported by this kernel (needs 6.4+); use mode=madvise") }
+                throw error
+            }
+        } else {
+            try KSM.setMergeable(region.base, length: region.length, true)
+        }
+        let startScans = try scans.read()
+        var last: Int64 = -1
+        var lastChange = t0
+        var scansAtChange = startScans
+        var now = t0
+        while true {
+            let v = try merging.read() + zero.read()
+            let s = try scans.read()
+            now = Clock.nanoseconds()
+            if v != last {
+                last = v
+                lastChange = now
+                scansAtChange = s
+            }
+            if s >= scansAtChange + 2 && s >= startScans + 3 { break }
+            if Double(now - t0) / 1e9 > timeout {
+                ctx.record(sampler.stop().first!)
+                throw ScenarioError.failed("ksmd did not finish merging within timeout_s=\(timeout) s: \(last) pages merged so far, \(s - startScans) full scans; raise pages_to_scan or timeout_s")
+            }
+            Clock.sleep(nanoseconds: 1_000_000)
+        }
+        let cpuAfter = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
+        for series in sampler.stop() where series.name == "pages_sharing" || ctx.variant == "merge" {
+            ctx.record(series)
+        }
+        let cpu: Double? = cpuBefore.flatMap { b in cpuAfter.map { $0 - b } }
+        if ksmd == nil { ctx.note("ksmd thread not found in /proc: ksmd_cpu_time not measured") }
+        return MergeOutcome(mergeTime: Double(lastChange - t0) / 1e9, ksmdCPU: cpu,
+                            fullScans: (try scans.read()) - startScans, baseline: baseline)
+    }
+
+    /// Times one write per page: to merged pages (each a copy-on-write fault), to unmerged
+    /// private pages (no fault: the floor), and to fresh anonymous pages (a first-touch fault,
+    /// on memory pre-warmed so the VM's lazy host backing is not mixed in).
+    func measureCOW(region: AnonymousMapping, layout: KSMLayout, useZero: Bool, ctx: RunContext) throws {
+        let pageSize = System.pageSize
+        var mergedPages: [Int] = []
+        var uniquePages: [Int] = []
+        for i in 0..<layout.pages {
+            switch layout.role(ofPage: i) {
+            case .duplicate: mergedPages.append(i)
+            case .zero: mergedPages.append(i)
+            case .unique: uniquePages.append(i)
+            }
+        }
+        let cow = timeWrites(base: region.base, pages: mergedPages, pageSize: pageSize)
+        record(cow, prefix: "cow_fault_latency", ctx)
+        if !uniquePages.isEmpty {
+            let plain = timeWrites(base: region.base, pages: uniquePages, pageSize: pageSize)
+            ctx.record("unmerged_write_latency", plain.mean, .ns, better: .lower)
+            if plain.mean > 0 { ctx.record("cow_fault_ratio", cow.mean / plain.mean, .ratio, better: .lower) }
+        }
+        // Pre-warm: fault the same amount once and unmap, so the timed faults reuse memory
+        // the host has already backed.
+        let n = mergedPages.count
+        do {
+            let warm = try AnonymousMapping(length: n * pageSize, kind: .base)
+            warm.touch()
+        }
+        let fresh = try AnonymousMapping(length: n * pageSize, kind: .base)
+        let freshTimes = timeWrites(base: fresh.base, pages: Array(0..<n), pageSize: pageSize)
+        ctx.record("fresh_fault_latency", freshTimes.mean, .ns, better: .lower)
+        ctx.record("cow_pages", Double(n), .pages, better: .none)
+        ctx.note("cow: one timed byte write per page; fresh_fault_latency is on memory pre-warmed (touched and unmapped first)")
+    }
+
+    struct Timings {
+        var mean: Double
+        var histogram: Histogram<UInt64>
+    }
+
+    /// One clock read per page: the ~20 ns clock overhead is included in every figure alike.
+    func timeWrites(base: UnsafeMutableRawPointer, pages: [Int], pageSize: Int) -> Timings {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        let p = base.assumingMemoryBound(to: UInt8.self)
+        var total: UInt64 = 0
+        var before = Clock.nanoseconds()
+        for i in pages {
+            p[i * pageSize + 8] &+= 1
+            let after = Clock.nanoseconds()
+            let dt = after &- before
+            total &+= dt
+            _ = h.record(dt)
+            before = after
+        }
+        return Timings(mean: pages.isEmpty ? 0 : Double(total) / Double(pages.count), histogram: h)
+    }
+
+    func record(_ t: Timings, prefix: String, _ ctx: RunContext) {
+        ctx.record(prefix, t.mean, .ns, better: .lower)
+        ctx.record("\(prefix)_p50", Double(t.histogram.valueAtPercentile(50)), .ns, better: .lower)
+        ctx.record("\(prefix)_p99", Double(t.histogram.valueAtPercentile(99)), .ns, better: .lower)
+        ctx.record("\(prefix)_max", Double(t.histogram.max), .ns, better: .lower)
+    }
+
+    func measureUnmerge(region: AnonymousMapping, prctlMode: Bool, mergedBefore: Int64, ctx: RunContext) throws {
+        let t0 = Clock.nanoseconds()
+        if prctlMode {
+            try KSM.setProcessMerge(false)
+        } else {
+            try KSM.setMergeable(region.base, length: region.length, false)
+        }
+        let seconds = Clock.seconds(since: t0)
+        ctx.record("unmerge_time", seconds, .s, better: .lower)
+        if seconds > 0 { ctx.record("unmerge_rate", Double(mergedBefore) / seconds, .pagesPerSecond, better: .higher) }
+        ctx.record("unmerged_pages", Double(mergedBefore), .pages, better: .none)
+        // ksmd drops the stale rmap items of an unmergeable range on its next pass: after two
+        // full scans this process should hold no merged page.
+        let scans = try CounterFile(path: "\(KSM.directory)/full_scans")
+        let start = try scans.read()
+        let deadline = Clock.nanoseconds() + UInt64(ctx.params.double("timeout_s") * 1e9)
+        while try scans.read() < start + 2 && Clock.nanoseconds() < deadline { Clock.sleep(nanoseconds: 1_000_000) }
+        let after = try KSMStat.read()
+        ctx.check("merging_pages_after_unmerge", expected: 0, observed: Double(after.mergingPages + after.zeroPages),
+                  tolerance: 0, describe: "exactly 0 after two full scans")
+    }
+}

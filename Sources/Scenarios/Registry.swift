@@ -1,0 +1,7 @@
+import LabKit
+
+/// Every scenario memlab knows. The order is the order of `memlab list`.
+public let allScenarios = Registry([
+    KSMScenario(),
+    SelfTestScenario(),
+])

@@ -1,0 +1,239 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Foundation
+import LabKit
+import LinuxMM
+import Scenarios
+
+struct List: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List scenarios and their variants, one line each.")
+
+    @Flag(help: "Print JSON: scenarios with variants and parameters (name, type, default, help).")
+    var json = false
+
+    func run() throws {
+        Session.recoverStaleJournal(SettingsGuard(), holdingLock: false)
+        if json {
+            let list = allScenarios.scenarios.map { s -> [String: Any] in
+                [
+                    "id": s.id, "summary": s.summary, "requires_root": s.requiresRoot,
+                    "variants": s.variants.map { ["name": $0.name, "summary": $0.summary] },
+                    "parameters": s.parameters.map {
+                        ["name": $0.name, "type": $0.typeDescription, "default": $0.defaultValue.description, "help": $0.help]
+                    },
+                ]
+            }
+            let data = try JSONSerialization.data(withJSONObject: list, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+            return
+        }
+        for s in allScenarios.scenarios {
+            for v in s.variants {
+                print("\("\(s.id):\(v.name)".padding(toLength: 18, withPad: " ", startingAt: 0)) \(v.summary)")
+            }
+        }
+        print("\nParameters: `memlab run NAME --help-params`, or `memlab list --json`.")
+    }
+}
+
+struct Probe: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Tell what this machine and kernel offer: host facts and every memory feature, usable or not and why.")
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        Session.recoverStaleJournal(SettingsGuard(), holdingLock: false)
+        let report = ProbeReport.gather()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(report.render(), terminator: "")
+        }
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run scenarios: NAME[:VARIANT] or a scenario file (FILE.toml).",
+        discussion: """
+        Each repetition runs in a child process with a deadline; settings the scenario borrows are restored \
+        afterwards. Prints a table and writes a result document (JSON) to --json or into --results-dir.
+
+        Examples:
+          memlab run ksm
+          memlab run ksm:cow --set pages=16384 --set duplicate_ratio=0.9 --repeat 5
+          memlab run scenarios/ksm-merge.toml --json ksm.json
+        """
+    )
+
+    @Argument(help: "NAME[:VARIANT] (see `memlab list`) or a scenario file ending in .toml.")
+    var targets: [String]
+
+    @Option(name: .customLong("set"), help: ArgumentHelp("Set a parameter: NAME=VALUE (repeatable).", valueName: "name=value"))
+    var sets: [String] = []
+
+    @Option(name: .customLong("repeat"), help: "Measured repetitions (default 3, or the file's `repeat`).")
+    var repeats: Int?
+
+    @Option(help: "Warm-up repetitions, run and discarded (default 0, or the file's `warmup`).")
+    var warmup: Int?
+
+    @Option(help: ArgumentHelp("Run the children on these CPUs, e.g. 0 or 0,1 or 0-1.", valueName: "list"))
+    var cpus: String?
+
+    @Option(help: "Run the children on this NUMA node and allocate from it.")
+    var node: Int?
+
+    @Option(help: ArgumentHelp("Write the result document here (default: RESULTS-DIR/TIME-NAME.json).", valueName: "file"))
+    var json: String?
+
+    @Option(help: ArgumentHelp("Also write the metrics as CSV.", valueName: "file"))
+    var csv: String?
+
+    @Option(help: ArgumentHelp("Directory for result documents.", valueName: "dir"))
+    var resultsDir = "results"
+
+    @Flag(help: "Fail at once (exit 4) if another memlab holds the settings lock, instead of waiting.")
+    var noWait = false
+
+    @Flag(help: "No progress, no file names; the table only.")
+    var quiet = false
+
+    @Flag(help: "Print the parameters of the named scenarios and exit.")
+    var helpParams = false
+
+    func run() throws {
+        if helpParams {
+            for t in targets {
+                let (s, _) = try allScenarios.lookup(t)
+                print("\(s.id) parameters:")
+                for p in s.parameters {
+                    print("  \(p.name.padding(toLength: 20, withPad: " ", startingAt: 0)) \(p.typeDescription), default \(p.defaultValue)\n      \(p.help)")
+                }
+            }
+            return
+        }
+        let requests = try plan()
+        let label = targets.count == 1 ? ((targets[0] as NSString).lastPathComponent as String).replacingOccurrences(of: ".toml", with: "") : "run"
+        let status = try Session.execute(requests, options: .init(
+            jsonPath: json, csvPath: csv, resultsDirectory: resultsDir, label: label, noWait: noWait, quiet: quiet))
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// Resolves every target before anything runs: bad input changes nothing.
+    func plan() throws -> [RunRequest] {
+        if let r = repeats, !(1...1000).contains(r) { throw UsageError("--repeat must be 1...1000 (got \(r))") }
+        if let w = warmup, !(0...100).contains(w) { throw UsageError("--warmup must be 0...100 (got \(w))") }
+        let cpuList = try cpus.map { (t) throws(UsageError) in try Session.parseCPUList(t) }
+        if let n = node, n < 0 || n >= NUMA.nodeCount {
+            throw UsageError("--node \(n) does not exist; this machine has NUMA node(s) 0-\(NUMA.nodeCount - 1)")
+        }
+        var overrides: [String: String] = [:]
+        for s in sets {
+            guard let eq = s.firstIndex(of: "="), eq != s.startIndex else {
+                throw UsageError("--set '\(s)': expected NAME=VALUE")
+            }
+            overrides[String(s[..<eq])] = String(s[s.index(after: eq)...])
+        }
+        var requests: [RunRequest] = []
+        for target in targets {
+            if target.hasSuffix(".toml") {
+                let file = try ScenarioFile.load(path: target)
+                for e in file.entries {
+                    let (scenario, variant) = try allScenarios.lookup(e.variant.map { "\(e.scenario):\($0)" } ?? e.scenario)
+                    var typed = try scenario.resolve(variant: variant, overrides: e.params).values
+                    for (k, v) in try scenario.resolve(variant: variant, text: overrides).values where overrides[k] != nil { typed[k] = v }
+                    let params = try scenario.resolve(variant: variant, overrides: typed)
+                    if let n = e.node, n >= NUMA.nodeCount { throw UsageError("\(target): node \(n) does not exist") }
+                    if let c = e.cpus, let bad = c.first(where: { $0 >= System.onlineCPUs }) { throw UsageError("\(target): CPU \(bad) does not exist") }
+                    requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
+                                               repetitions: repeats ?? e.repeats ?? 3, warmup: warmup ?? e.warmup ?? 0,
+                                               placement: Placement(cpus: cpuList ?? e.cpus, node: node ?? e.node)))
+                }
+            } else {
+                let (scenario, variant) = try allScenarios.lookup(target)
+                let params = try scenario.resolve(variant: variant, text: overrides)
+                requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
+                                           repetitions: repeats ?? 3, warmup: warmup ?? 0,
+                                           placement: Placement(cpus: cpuList, node: node)))
+            }
+        }
+        return requests
+    }
+}
+
+struct Suite: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a built-in suite: every module this kernel supports, small sizes, a few repetitions.")
+
+    @Argument(help: "Suite name: quick.")
+    var name = "quick"
+
+    @Option(help: ArgumentHelp("Directory for the result document.", valueName: "dir"))
+    var resultsDir = "results"
+
+    @Flag(help: "Fail at once (exit 4) if another memlab holds the settings lock.")
+    var noWait = false
+
+    @Flag(help: "No progress output.")
+    var quiet = false
+
+    func run() throws {
+        guard name == "quick" else { throw UsageError("unknown suite '\(name)'; suites: quick") }
+        var requests: [RunRequest] = []
+        for (target, sets, reps) in QuickSuite.entries {
+            let (scenario, variant) = try allScenarios.lookup(target)
+            let params = try scenario.resolve(variant: variant, text: sets)
+            requests.append(RunRequest(scenario: scenario, variant: variant, params: params, repetitions: reps, warmup: 0))
+        }
+        let status = try Session.execute(requests, options: .init(
+            jsonPath: nil, csvPath: nil, resultsDirectory: resultsDir, label: "quick", noWait: noWait, quiet: quiet))
+        // A module this kernel lacks is skipped, not a failure of the suite.
+        if status == ExitStatus.failed || status == ExitStatus.busy { throw ExitCode(status) }
+    }
+}
+
+/// The default quick suite: small sizes so it runs in well under a minute on 2 CPUs.
+enum QuickSuite {
+    static let entries: [(String, [String: String], Int)] = [
+        ("ksm:merge", ["pages": "8192"], 3),
+        ("ksm:cow", ["pages": "8192"], 3),
+        ("ksm:unmerge", ["pages": "8192"], 3),
+    ]
+}
+
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Give back machine-wide settings left changed by a memlab that died (from its journal).")
+
+    func run() throws {
+        let g = SettingsGuard()
+        guard System.isRoot else {
+            writeStderr("memlab: restore needs root (it writes /sys and /proc/sys settings)\n")
+            throw ExitCode(ExitStatus.skipped)
+        }
+        try? g.acquireLock(wait: true, say: { writeStderr($0 + "\n") })
+        defer { g.releaseLock() }
+        switch g.recoverStale() {
+        case .nothing:
+            print("nothing to restore: no settings journal at \(g.journalPath)")
+        case .ownerAlive(let j):
+            print("the journal belongs to pid \(j.ownerPID) (\(j.command)), which is still running; it will restore its own settings")
+        case .unreadable(let why):
+            writeStderr("memlab: \(why)\n")
+            throw ExitCode(ExitStatus.failed)
+        case .restored(let j, let report):
+            print("restored the settings of pid \(j.ownerPID) (\(j.command)):")
+            for line in report.restoredLines { print("  \(line)") }
+            if !report.restored {
+                for f in report.failures { writeStderr("memlab: could NOT restore \(f)\n") }
+                throw ExitCode(ExitStatus.failed)
+            }
+        }
+    }
+}

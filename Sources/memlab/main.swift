@@ -1,0 +1,27 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import LabKit
+import Scenarios
+
+// A repetition's child process: memlab re-executing itself (see LabKit.Runner). It skips
+// argument parsing and the settings guard entirely: children never touch knobs.
+if CommandLine.arguments.count == 4 && CommandLine.arguments[1] == "_child" {
+    exit(ChildMain.run(registry: allScenarios, specPath: CommandLine.arguments[2], outPath: CommandLine.arguments[3]))
+}
+
+do {
+    var command = try Memlab.parseAsRoot()
+    try command.run()
+    exit(0)
+} catch let code as ExitCode {
+    exit(code.rawValue)
+} catch let e as UsageError {
+    writeStderr("memlab: error: \(e.message)\n")
+    exit(ExitStatus.usage)
+} catch {
+    if Memlab.exitCode(for: error) == .success { Memlab.exit(withError: error) }
+    writeStderr(Memlab.fullMessage(for: error) + "\n")
+    exit(ExitStatus.usage)
+}
