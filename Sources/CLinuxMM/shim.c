@@ -5,6 +5,8 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <fcntl.h>
+#include <errno.h>
+#include <string.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -58,3 +60,24 @@ int memlab_wexitstatus(int status) { return WEXITSTATUS(status); }
 int memlab_wifsignaled(int status) { return WIFSIGNALED(status); }
 int memlab_wtermsig(int status) { return WTERMSIG(status); }
 int memlab_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+static int memlab_signal_pipe_fd = -1;
+
+static void memlab_signal_to_pipe(int sig) {
+    unsigned char b = (unsigned char)sig;
+    int saved = errno;
+    if (memlab_signal_pipe_fd >= 0) (void)!write(memlab_signal_pipe_fd, &b, 1);
+    errno = saved;
+}
+
+int memlab_install_signal_pipe(int fd, const int *signals, int count) {
+    memlab_signal_pipe_fd = fd;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = memlab_signal_to_pipe;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    for (int i = 0; i < count; i++)
+        if (sigaction(signals[i], &sa, NULL) != 0) return -1;
+    return 0;
+}

@@ -35,8 +35,19 @@ public enum ChildProcess {
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
+        // The Swift backtracer would take its time over a crash we expect and bury the
+        // runtime's one-line reason under a backtrace: off in children.
+        var env: [UnsafeMutablePointer<CChar>?] = []
+        var p = environ
+        while let e = p.pointee {
+            if !String(cString: e).hasPrefix("SWIFT_BACKTRACE=") { env.append(strdup(e)) }
+            p += 1
+        }
+        env.append(strdup("SWIFT_BACKTRACE=enable=no"))
+        env.append(nil)
+        defer { env.forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, executable, &actions, &attr, argv, environ)
+        let rc = posix_spawn(&pid, executable, &actions, &attr, argv, env)
         if rc != 0 { throw SystemError(errno: rc, call: "posix_spawn", path: executable) }
         return pid
     }

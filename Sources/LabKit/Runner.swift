@@ -205,7 +205,10 @@ public final class Runner {
         SignalCleanup.shared.setChild(0)
 
         let log = ProcFile.readIfPresent(logPath) ?? ""
-        let lastLine = log.split(separator: "\n").last.map { String($0).trimmingCharacters(in: .whitespaces) }
+        // The runtime's one-line reason ("Fatal error: Index out of range") if there is one,
+        // else the last line the child printed.
+        let lines = log.split(separator: "\n").map { String($0).trimmingCharacters(in: .whitespaces) }
+        let lastLine = lines.first { $0.contains("Fatal error") } ?? lines.last
         let tail = lastLine.map { ": \($0)" } ?? ""
         switch exit {
         case .exited(0):

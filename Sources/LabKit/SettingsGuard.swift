@@ -31,7 +31,8 @@ public struct Journal: Codable, Sendable, Equatable {
     public var ownerIsAlive: Bool {
         guard kill(ownerPID, 0) == 0 || errno == EPERM else { return false }
         guard let stat = try? ProcStat.read(pid: ownerPID) else { return false }
-        return stat.startTimeTicks == ownerStart
+        // A zombie has exited: it will never restore anything.
+        return stat.startTimeTicks == ownerStart && stat.state != "Z" && stat.state != "X"
     }
 }
 

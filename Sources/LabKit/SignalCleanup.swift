@@ -1,45 +1,60 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Dispatch
+import CLinuxMM
+import Foundation
 import LinuxMM
 import Synchronization
 
 /// On SIGINT, SIGTERM or SIGHUP: kill the running child, give back every borrowed setting,
-/// say so, and exit 128+signal. The handlers run on a dispatch queue, not in signal context,
-/// so they may take locks and do I/O.
+/// say so, and exit 128+signal. A C handler only writes the signal number to a pipe; a
+/// dedicated thread reads it and does the work, so it may take locks and do I/O. (The
+/// handler is installed with sigaction, so it works even when the shell started memlab with
+/// SIGINT ignored, as non-interactive shells do for background jobs.)
 public final class SignalCleanup: Sendable {
     public static let shared = SignalCleanup()
 
     private let child = Atomic<Int32>(0)
     private let guardRef = Mutex<SettingsGuard?>(nil)
-    private let sources = Mutex<[DispatchSourceSignal]>([])
-    private let queue = DispatchQueue(label: "memlab.signals")
+    private let installed = Atomic<Bool>(false)
 
     public func install(settingsGuard: SettingsGuard) {
         guardRef.withLock { $0 = settingsGuard }
-        sources.withLock { list in
-            guard list.isEmpty else { return }
-            for sig in [SIGINT, SIGTERM, SIGHUP] {
-                signal(sig, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-                source.setEventHandler { [self] in self.handle(sig) }
-                source.resume()
-                list.append(source)
+        guard !installed.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        var fds: [Int32] = [-1, -1]
+        guard memlab_pipe2(&fds, O_CLOEXEC) == 0 else {
+            writeStderr("memlab: warning: no signal pipe (\(SystemError.current("pipe2"))); Ctrl-C will not restore settings until the next memlab start\n")
+            return
+        }
+        let readFD = fds[0]
+        let thread = Thread { [self] in
+            var b: UInt8 = 0
+            while true {
+                let n = read(readFD, &b, 1)
+                if n == 1 { self.handle(Int32(b)) }
+                if n < 0 && errno != EINTR { return }
             }
         }
+        thread.name = "memlab-signals"
+        thread.start()
+        let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+        _ = signals.withUnsafeBufferPointer { memlab_install_signal_pipe(fds[1], $0.baseAddress, Int32($0.count)) }
     }
 
     public func setChild(_ pid: pid_t) { child.store(pid, ordering: .sequentiallyConsistent) }
 
     private func handle(_ sig: Int32) {
         let pid = child.load(ordering: .sequentiallyConsistent)
-        if pid > 0 { kill(pid, SIGKILL) }
+        if pid > 0 {
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
         let name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP"
+        var message = "\nmemlab: interrupted by \(name)"
         if let g = guardRef.withLock({ $0 }) {
             let report = g.restoreAll()
             g.releaseLock()
-            var message = "\nmemlab: interrupted by \(name)"
             if !report.restoredLines.isEmpty {
                 message += "; settings restored:\n" + report.restoredLines.map { "  \($0)" }.joined(separator: "\n")
             }
@@ -47,8 +62,8 @@ public final class SignalCleanup: Sendable {
                 message += "\nmemlab: could NOT restore:\n" + report.failures.map { "  \($0)" }.joined(separator: "\n")
                     + "\nrun `memlab restore` as root"
             }
-            writeStderr(message + "\n")
         }
+        writeStderr(message + "\n")
         _exit(128 + sig)
     }
 }

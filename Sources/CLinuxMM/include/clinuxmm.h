@@ -141,5 +141,9 @@ int memlab_wexitstatus(int status);
 int memlab_wifsignaled(int status);
 int memlab_wtermsig(int status);
 int memlab_pidfd_open(pid_t pid);
+/// Installs a handler for each of `signals` that writes the signal number (one byte) to
+/// `fd` — the self-pipe pattern: write(2) is async-signal-safe, the real work happens on a
+/// thread that reads the pipe.
+int memlab_install_signal_pipe(int fd, const int *signals, int count);
 
 #endif

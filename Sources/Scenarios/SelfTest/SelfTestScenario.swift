@@ -20,7 +20,8 @@ public struct SelfTestScenario: Scenario {
         Variant("hang", "the child never finishes: killed at the deadline"),
     ]
     public let parameters: [ParameterSpec] = [
-        ParameterSpec("size", .size(4096...(64 << 30)), default: .int(16 << 20), help: "bytes the child touches (ok, oom)"),
+        ParameterSpec("size", .size(4096...(64 << 30)), default: .int(16 << 20), help: "bytes the ok variant fills"),
+        ParameterSpec("oom_touch", .size((4 << 20)...(64 << 30)), default: .int(256 << 20), help: "bytes the oom variant touches (must exceed memory_limit)"),
         ParameterSpec("memory_limit", .size((4 << 20)...(64 << 30)), default: .int(64 << 20), help: "memory cgroup limit for the oom variant"),
         ParameterSpec("deadline_s", .double(0.2...3600), default: .double(30), help: "seconds before the runner kills a repetition"),
     ]
@@ -35,8 +36,8 @@ public struct SelfTestScenario: Scenario {
     }
 
     public func validate(variant: String, params: Params) throws(UsageError) {
-        if variant == "oom" && params.int("size") <= params.int("memory_limit") {
-            throw UsageError("the oom variant needs size > memory_limit (size=\(params.int("size")), memory_limit=\(params.int("memory_limit")))")
+        if variant == "oom" && params.int("oom_touch") <= params.int("memory_limit") {
+            throw UsageError("the oom variant needs oom_touch > memory_limit (oom_touch=\(params.int("oom_touch")), memory_limit=\(params.int("memory_limit")))")
         }
     }
 
@@ -69,7 +70,7 @@ public struct SelfTestScenario: Scenario {
             }
             p.storeBytes(of: 1, as: UInt8.self)
         case "oom":
-            let m = try AnonymousMapping(length: ctx.params.int("size"))
+            let m = try AnonymousMapping(length: ctx.params.int("oom_touch"))
             m.touch()
             ctx.note("touched \(m.length) bytes without being killed")
         case "hang":
