@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <errno.h>
 #include <string.h>
+#include <pthread.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -77,7 +78,13 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count) {
     sa.sa_handler = memlab_signal_to_pipe;
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = SA_RESTART;
-    for (int i = 0; i < count; i++)
+    sigset_t unblock;
+    sigemptyset(&unblock);
+    for (int i = 0; i < count; i++) {
         if (sigaction(signals[i], &sa, NULL) != 0) return -1;
-    return 0;
+        sigaddset(&unblock, signals[i]);
+    }
+    // A parent may have started us with these blocked (test harnesses do): unblock them in
+    // this thread, from which later threads inherit the mask.
+    return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
 }

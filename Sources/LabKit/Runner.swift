@@ -60,21 +60,32 @@ public final class Runner {
 
     public func execute(_ request: RunRequest) -> RunResult {
         let started = Clock.nanoseconds()
-        let s = request.scenario
-        var result = RunResult(scenario: s.id, variant: request.variant, params: request.params,
+        var result = RunResult(scenario: request.scenario.id, variant: request.variant, params: request.params,
                                placement: request.placement, status: .ok, reason: nil,
                                settings: SettingsRecord(), repetitions: 0, warmup: request.warmup)
-        defer { result.durationS = Clock.seconds(since: started) }
+        run(request, into: &result)
+        // Give back whatever was borrowed, whatever happened above, and record that it was.
+        let report = settingsGuard.restoreAll()
+        result.settings = SettingsRecord(changed: report.changed, restored: report.restored)
+        if !report.restored {
+            result.notes.append("settings NOT restored: " + report.failures.joined(separator: "; "))
+        }
+        result.durationS = Clock.seconds(since: started)
+        return result
+    }
+
+    private func run(_ request: RunRequest, into result: inout RunResult) {
+        let s = request.scenario
 
         if s.requiresRoot && !System.isRoot {
             result.status = .skipped
             result.reason = "needs root: this scenario borrows machine-wide settings under /sys and /proc/sys; run memlab as root (e.g. sudo memlab run \(s.id):\(request.variant))"
-            return result
+            return
         }
         if case .unusable(let why) = s.probe(variant: request.variant) {
             result.status = .skipped
             result.reason = why
-            return result
+            return
         }
 
         // Borrow the settings for the whole run; give them back whatever happens below.
@@ -85,17 +96,10 @@ public final class Runner {
                 break
             }
         }
-        defer {
-            let report = settingsGuard.restoreAll()
-            result.settings = SettingsRecord(changed: report.changed, restored: report.restored)
-            if !report.restored {
-                result.notes.append("settings NOT restored: " + report.failures.joined(separator: "; "))
-            }
-        }
         if let setupFailure {
             result.status = .failed
             result.reason = setupFailure
-            return result
+            return
         }
 
         var outputs: [RepetitionOutput] = []
@@ -108,7 +112,7 @@ public final class Runner {
             if out.status == .skipped {
                 result.status = .skipped
                 result.reason = out.reason
-                return result
+                return
             }
             if out.status == .failed {
                 result.status = .failed
@@ -130,7 +134,7 @@ public final class Runner {
         if !disagreements.isEmpty {
             result.notes.append("the kernel's figures disagree with the expected ones for: \(disagreements.sorted().joined(separator: ", ")) (see checks)")
         }
-        return result
+        return
     }
 
     /// One metric per name, samples in repetition order.

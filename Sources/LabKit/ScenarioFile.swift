@@ -35,8 +35,8 @@ public struct ScenarioFile: Sendable {
         }
         if let runs = table["runs"] {
             guard let array = runs.array else { throw UsageError("\(name): 'runs' must be an array of tables ([[runs]])") }
-            let extra = table.keys.filter { $0 != "runs" }
-            if !extra.isEmpty { throw UsageError("\(name): with [[runs]], top-level keys are not allowed: \(extra.joined(separator: ", "))") }
+            let extra = table.keys.filter { $0 != "runs" && $0 != "description" }
+            if !extra.isEmpty { throw UsageError("\(name): with [[runs]], the only other top-level key allowed is 'description'; found: \(extra.joined(separator: ", "))") }
             var entries: [Entry] = []
             for (i, item) in array.enumerated() {
                 guard let t = item.table else { throw UsageError("\(name): runs[\(i)] is not a table") }

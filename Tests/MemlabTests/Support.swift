@@ -1,0 +1,136 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Testing
+
+/// Runs the real memlab binary, as a user would. The binary sits beside the test bundle in
+/// the build directory (or MEMLAB_BIN names it).
+enum Memlab {
+    static var binary: String {
+        if let b = ProcessInfo.processInfo.environment["MEMLAB_BIN"] { return b }
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let exe = String(decoding: buf[0..<max(n, 0)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return (exe as NSString).deletingLastPathComponent + "/memlab"
+    }
+
+    struct Output {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+    }
+
+    /// A private state directory per test, so a test's journal never meets a real one.
+    static func environment(stateDir: String) -> [String: String] {
+        var env = ProcessInfo.processInfo.environment
+        env["MEMLAB_STATE_DIR"] = stateDir
+        return env
+    }
+
+    static func start(_ args: [String], stateDir: String, prefix: [String] = []) throws -> (Process, Pipe, Pipe) {
+        let p = Process()
+        if prefix.isEmpty {
+            p.executableURL = URL(fileURLWithPath: binary)
+            p.arguments = args
+        } else {
+            p.executableURL = URL(fileURLWithPath: prefix[0])
+            p.arguments = Array(prefix.dropFirst()) + [binary] + args
+        }
+        p.environment = environment(stateDir: stateDir)
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        return (p, out, err)
+    }
+
+    @discardableResult
+    static func run(_ args: [String], stateDir: String, prefix: [String] = []) throws -> Output {
+        let (p, out, err) = try start(args, stateDir: stateDir, prefix: prefix)
+        // Read before waiting: a full pipe would block the child.
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+}
+
+/// The machine-wide settings memlab may borrow, read directly from the kernel: a test takes
+/// one before and compares after, so "the machine reads exactly as before" is asserted, not
+/// assumed.
+struct KnobSnapshot: Equatable, CustomStringConvertible {
+    var values: [String: String]
+
+    static let paths: [String] = {
+        var p = ["run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "merge_across_nodes",
+                 "max_page_sharing", "smart_scan"].map { "/sys/kernel/mm/ksm/\($0)" }
+        p += ["enabled", "defrag", "use_zero_page", "shmem_enabled"].map { "/sys/kernel/mm/transparent_hugepage/\($0)" }
+        p += ["nr_hugepages", "nr_overcommit_hugepages", "overcommit_memory", "overcommit_ratio",
+              "overcommit_kbytes", "swappiness"].map { "/proc/sys/vm/\($0)" }
+        p += ["enabled", "compressor", "max_pool_percent"].map { "/sys/module/zswap/parameters/\($0)" }
+        return p
+    }()
+
+    static func take() -> KnobSnapshot {
+        var v: [String: String] = [:]
+        for path in paths {
+            if let s = try? String(contentsOfFile: path, encoding: .utf8) { v[path] = s.trimmingCharacters(in: .whitespacesAndNewlines) }
+        }
+        v["ksm_pages_shared"] = (try? String(contentsOfFile: "/sys/kernel/mm/ksm/pages_shared", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        v["swaps"] = (try? String(contentsOfFile: "/proc/swaps", encoding: .utf8)).map { String($0.split(separator: "\n").count) }
+        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/memory")) ?? []
+        v["memlab_cgroups"] = cgroups.filter { $0.hasPrefix("memlab") }.sorted().joined(separator: ",")
+        return KnobSnapshot(values: v)
+    }
+
+    var description: String { values.keys.sorted().map { "\($0)=\(values[$0]!)" }.joined(separator: "\n") }
+}
+
+let isRoot = geteuid() == 0
+let hasKSM = FileManager.default.fileExists(atPath: "/sys/kernel/mm/ksm/run")
+let hasMemoryCgroup: Bool = {
+    let mounts = (try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? ""
+    return mounts.split(separator: "\n").contains { line in
+        let f = line.split(separator: " ")
+        return f.count > 3 && ((f[2] == "cgroup" && f[3].split(separator: ",").contains("memory")) || f[2] == "cgroup2")
+    }
+}()
+let hasSetpriv = FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+
+/// A scratch directory removed at the end of the test.
+final class TempDir {
+    let path: String
+    init() {
+        var template = Array("/tmp/memlab-test.XXXXXX".utf8CString)
+        path = String(cString: mkdtemp(&template)!)
+        chmod(path, 0o777)
+    }
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+    func file(_ name: String) -> String { "\(path)/\(name)" }
+}
+
+func loadJSON(_ path: String) throws -> [String: Any] {
+    let data = try #require(FileManager.default.contents(atPath: path), "no result at \(path)")
+    return try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+}
+
+func runs(_ doc: [String: Any]) -> [[String: Any]] { doc["runs"] as? [[String: Any]] ?? [] }
+
+func metric(_ run: [String: Any], _ name: String) -> [String: Any]? {
+    (run["metrics"] as? [[String: Any]])?.first { $0["name"] as? String == name }
+}
+
+func median(_ run: [String: Any], _ name: String) -> Double? {
+    (metric(run, name)?["summary"] as? [String: Any])?["median"] as? Double
+}
+
+/// Polls until `condition` holds or `seconds` pass.
+func waitFor(_ seconds: Double, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(20_000)
+    }
+    return condition()
+}
