@@ -56,6 +56,10 @@ int memlab_spawnattr_clean(posix_spawnattr_t *attr) {
     return rc;
 }
 
+int memlab_spawn_closefrom(posix_spawn_file_actions_t *actions, int low) {
+    return posix_spawn_file_actions_addclosefrom_np(actions, low);
+}
+
 int memlab_wifexited(int status) { return WIFEXITED(status); }
 int memlab_wexitstatus(int status) { return WEXITSTATUS(status); }
 int memlab_wifsignaled(int status) { return WIFSIGNALED(status); }

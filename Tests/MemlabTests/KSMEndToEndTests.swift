@@ -69,7 +69,7 @@ extension KernelTests {
             let run = try #require(runs(try loadJSON(dir.file("r.json"))).first)
             #expect((median(run, "unmerge_time") ?? 0) > 0)
             let checks = try #require(run["checks"] as? [[String: Any]])
-            let after = try #require(checks.first { $0["name"] as? String == "merging_pages_after_unmerge" })
+            let after = try #require(checks.first { $0["name"] as? String == "region_ksm_pages_after_unmerge" })
             #expect(after["observed"] as? Double == 0)
         }
 

@@ -135,6 +135,9 @@ int memlab_set_affinity(const int *cpus, int count);
 int memlab_get_affinity(int *cpus, int capacity);
 /// posix_spawnattr setup for a clean child: every signal default, nothing blocked.
 int memlab_spawnattr_clean(posix_spawnattr_t *attr);
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): the child closes every fd >= low,
+/// so it inherits nothing it was not given (a harness's pipes, the settings lock).
+int memlab_spawn_closefrom(posix_spawn_file_actions_t *actions, int low);
 // Wait-status macros are macros, not functions.
 int memlab_wifexited(int status);
 int memlab_wexitstatus(int status);
