@@ -277,7 +277,12 @@ public enum ChildMain {
                 try MemoryCgroup(path: path, version: v).joinSelf()
             }
             if let node = spec.placement.node { try NUMA.bind(toNode: node) }
-            if let cpus = spec.placement.cpus { try NUMA.setAffinity(cpus: cpus) }
+            if let cpus = spec.placement.cpus {
+                try NUMA.setAffinity(cpus: cpus)
+                // Placement is part of the result: make sure it is what the kernel applied.
+                let actual = NUMA.currentAffinity()
+                if Set(actual) != Set(cpus) { return finish(.failed, "asked to run on CPUs \(cpus), the kernel allows \(actual)") }
+            }
         } catch {
             return finish(.failed, "placement: \(error)")
         }

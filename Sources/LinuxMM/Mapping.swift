@@ -80,3 +80,44 @@ public enum System {
     public static let onlineCPUs: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
     public static var isRoot: Bool { geteuid() == 0 }
 }
+
+/// A mapping of a file or memfd (MAP_SHARED or MAP_PRIVATE), unmapped when released. The
+/// descriptor is owned by the mapping when `ownsDescriptor` is true.
+public final class FileMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let length: Int
+    public let fd: Int32
+    private let ownsDescriptor: Bool
+
+    public init(fd: Int32, length: Int, offset: Int = 0, shared: Bool = true, ownsDescriptor: Bool = false) throws(SystemError) {
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE, fd, off_t(offset))
+        if p == MAP_FAILED || p == nil { throw SystemError.current("mmap(fd \(fd), \(length) bytes)") }
+        self.base = p!
+        self.length = length
+        self.fd = fd
+        self.ownsDescriptor = ownsDescriptor
+    }
+
+    /// An anonymous memory file (memfd_create) of `length` bytes, mapped shared: shmem-backed
+    /// memory, as userfaultfd's MINOR mode and shmem THP need.
+    public static func memfd(name: String, length: Int, hugetlb: Bool = false) throws(SystemError) -> FileMapping {
+        let fd = memlab_memfd_create(name, 0x0001 /* MFD_CLOEXEC */ | (hugetlb ? MFD_HUGETLB : 0))
+        if fd < 0 { throw SystemError.current("memfd_create(\(name))") }
+        if ftruncate(fd, off_t(length)) != 0 {
+            let e = SystemError.current("ftruncate(memfd, \(length))")
+            close(fd)
+            throw e
+        }
+        do throws(SystemError) {
+            return try FileMapping(fd: fd, length: length, ownsDescriptor: true)
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit {
+        munmap(base, length)
+        if ownsDescriptor { close(fd) }
+    }
+}

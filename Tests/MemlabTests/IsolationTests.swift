@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 import Testing
 
@@ -136,6 +139,24 @@ extension KernelTests {
                 #expect(ksm["usable"] as? Bool == false)
                 #expect((ksm["reason"] as? String ?? "").contains("root"))
             }
+        }
+    }
+}
+
+extension KernelTests {
+    /// --cpus pins the children; the result records the placement that was applied.
+    @Suite struct Placement {
+        @Test func childrenRunOnTheChosenCPU() throws {
+            let dir = TempDir()
+            let cpu = sysconf(Int32(_SC_NPROCESSORS_ONLN)) - 1
+            let out = try Memlab.run(["run", "selftest:ok", "--repeat", "1", "--cpus", "\(cpu)", "--node", "0",
+                                      "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            let placement = try #require(run["placement"] as? [String: Any])
+            #expect(placement["cpus"] as? [Int] == [cpu])
+            #expect(placement["node"] as? Int == 0)
         }
     }
 }
