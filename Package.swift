@@ -37,7 +37,11 @@ let package = Package(
             dependencies: [
                 "LinuxMM", "LabKit", "CLinuxMM",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
-            ]
+            ],
+            // The scenarios' hot loops (touch, pointer chase, timed writes) are measured code:
+            // always optimised, also in debug builds, so a debug test run measures the kernel
+            // and not Swift's -Onone. `memlab bench` compares them with C.
+            swiftSettings: [.unsafeFlags(["-O"])]
         ),
         .executableTarget(
             name: "memlab",

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <string.h>
 #include <pthread.h>
+#include <setjmp.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -91,4 +92,41 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count) {
     // A parent may have started us with these blocked (test harnesses do): unblock them in
     // this thread, from which later threads inherit the mask.
     return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
+}
+
+void memlab_ref_touch(void *base, size_t len, size_t stride) {
+    volatile unsigned char *p = base;
+    for (size_t off = 0; off < len; off += stride) p[off] = 1;
+}
+
+uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps) {
+    uint64_t i = start;
+    while (steps--) i = base[i];
+    return i;
+}
+
+static sigjmp_buf memlab_sigbus_jump;
+
+static void memlab_sigbus_handler(int sig) {
+    (void)sig;
+    siglongjmp(memlab_sigbus_jump, 1);
+}
+
+int memlab_touch_catching_sigbus(void *base, size_t len, size_t stride, size_t *faulted_offset) {
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = memlab_sigbus_handler;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &old) != 0) return -1;
+    volatile size_t off = 0;
+    int hit = 0;
+    if (sigsetjmp(memlab_sigbus_jump, 1) == 0) {
+        volatile unsigned char *p = base;
+        for (; off < len; off += stride) p[off] = 1;
+    } else {
+        hit = 1;
+        *faulted_offset = off;
+    }
+    sigaction(SIGBUS, &old, NULL);
+    return hit;
 }

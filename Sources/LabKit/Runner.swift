@@ -82,7 +82,7 @@ public final class Runner {
             result.reason = "needs root: this scenario borrows machine-wide settings under /sys and /proc/sys; run memlab as root (e.g. sudo memlab run \(s.id):\(request.variant))"
             return
         }
-        if case .unusable(let why) = s.probe(variant: request.variant) {
+        if case .unusable(let why) = s.probe(variant: request.variant, params: request.params) {
             result.status = .skipped
             result.reason = why
             return

@@ -52,6 +52,9 @@ public protocol Scenario: Sendable {
 
     /// Usable on this host, or why not (feature missing from the kernel, …).
     func probe(variant: String) -> Availability
+    /// The same with the run's parameters (e.g. a page size the kernel may lack); by default
+    /// the variant's answer.
+    func probe(variant: String, params: Params) -> Availability
     /// Cross-parameter checks beyond each parameter's own range (exit 2 when violated).
     func validate(variant: String, params: Params) throws(UsageError)
     /// Machine-wide settings to borrow for this run.
@@ -67,6 +70,7 @@ public protocol Scenario: Sendable {
 extension Scenario {
     public var requiresRoot: Bool { true }
     public func probe(variant: String) -> Availability { .usable }
+    public func probe(variant: String, params: Params) -> Availability { probe(variant: variant) }
     public func validate(variant: String, params: Params) throws(UsageError) {}
     public func settings(variant: String, params: Params) -> [KnobSetting] { [] }
     public func deadline(variant: String, params: Params) -> Double { 120 }

@@ -41,9 +41,20 @@ public final class AnonymousMapping: @unchecked Sendable {
         default: break
         }
         let rounded = (length + kind.alignment - 1) / kind.alignment * kind.alignment
-        let p = mmap(nil, rounded, PROT_READ | PROT_WRITE, flags, -1, 0)
+        // THP needs 2 MiB-aligned ranges to map a PMD: over-map and trim the ends. (hugetlb
+        // mappings are aligned by the kernel.)
+        let extra = kind == .thp ? kind.alignment : 0
+        let p = mmap(nil, rounded + extra, PROT_READ | PROT_WRITE, flags, -1, 0)
         if p == MAP_FAILED || p == nil { throw SystemError.current("mmap(\(rounded) bytes, \(kind.rawValue))") }
-        self.base = p!
+        var start = UInt(bitPattern: p!)
+        if extra > 0 {
+            let aligned = (start + UInt(extra) - 1) / UInt(extra) * UInt(extra)
+            if aligned > start { munmap(p, Int(aligned - start)) }
+            let tail = start + UInt(rounded + extra) - (aligned + UInt(rounded))
+            if tail > 0 { munmap(UnsafeMutableRawPointer(bitPattern: aligned + UInt(rounded)), Int(tail)) }
+            start = aligned
+        }
+        self.base = UnsafeMutableRawPointer(bitPattern: start)!
         self.length = rounded
         self.kind = kind
         switch kind {

@@ -9,6 +9,7 @@ import Glibc
 public enum PageFlags {
     /// Bit numbers in /proc/kpageflags (include/uapi/linux/kernel-page-flags.h).
     public static let ksm: UInt64 = 1 << 21
+    /// Set for every page of a large anonymous folio: PMD THP and mTHP sizes alike.
     public static let thp: UInt64 = 1 << 22
     public static let huge: UInt64 = 1 << 17
     public static let zeroPage: UInt64 = 1 << 24
@@ -18,6 +19,8 @@ public enum PageFlags {
         public var ksm = 0
         public var zeroPage = 0
         public var thp = 0
+        /// Frames of a hugetlbfs page (KPF_HUGE).
+        public var huge = 0
     }
 
     /// Walks [base, base+length) page by page.
@@ -46,6 +49,7 @@ public enum PageFlags {
             if flags & ksm != 0 { c.ksm += 1 }
             if flags & zeroPage != 0 { c.zeroPage += 1 }
             if flags & thp != 0 { c.thp += 1 }
+            if flags & huge != 0 { c.huge += 1 }
         }
         return c
     }

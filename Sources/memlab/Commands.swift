@@ -31,7 +31,7 @@ struct List: ParsableCommand {
         }
         for s in allScenarios.scenarios {
             for v in s.variants {
-                print("\("\(s.id):\(v.name)".padding(toLength: 18, withPad: " ", startingAt: 0)) \(v.summary)")
+                print("\("\(s.id):\(v.name)".padding(toLength: 27, withPad: " ", startingAt: 0)) \(v.summary)")
             }
         }
         print("\nParameters: `memlab run NAME --help-params`, or `memlab list --json`.")

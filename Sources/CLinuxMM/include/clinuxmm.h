@@ -149,4 +149,16 @@ int memlab_pidfd_open(pid_t pid);
 /// thread that reads the pipe.
 int memlab_install_signal_pipe(int fd, const int *signals, int count);
 
+// ---- reference kernels (C) for `memlab bench`: the same loops the Swift scenarios run, so a
+// benchmark can show the Swift code does not distort what it measures ----
+/// Writes one byte every `stride` bytes over [base, base+len).
+void memlab_ref_touch(void *base, size_t len, size_t stride);
+/// Follows `steps` links of a pointer chase; each element holds the index of the next.
+uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);
+
+/// Touches [base, base+len) every `stride` bytes with SIGBUS caught (sigsetjmp): returns 1 and
+/// the offset that faulted when a SIGBUS arrived (hugetlb MAP_NORESERVE past the pool), 0 when
+/// every byte was written. The handler is removed before returning.
+int memlab_touch_catching_sigbus(void *base, size_t len, size_t stride, size_t *faulted_offset);
+
 #endif

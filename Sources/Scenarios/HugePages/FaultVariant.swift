@@ -1,0 +1,83 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Histogram
+import LabKit
+import LinuxMM
+
+extension HugePagesScenario {
+    /// First touch of a fresh region. Two regions of the same size: one touched by the plain
+    /// loop (throughput, nothing else in the loop), one with a clock read around the first
+    /// touch of each fault unit (the latency distribution).
+    func runFault(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let kind = Kind(p.string("kind"))
+        let size = regionSize(p, kind)
+        if p.bool("prewarm") { prewarm(length: size, kind: kind.pageKind) }
+        ctx.note(p.bool("prewarm") ? "prewarm ran: the same size was touched and freed before timing" : "prewarm off: timings include the host's first backing of guest memory")
+
+        let statFile: String? = {
+            switch kind {
+            case .thp: return THP.sizeStat(bytes: 2 << 20, "anon_fault_alloc")
+            case .mthp(let b): return THP.sizeStat(bytes: b, "anon_fault_alloc")
+            default: return nil
+            }
+        }()
+        let allocBefore = statFile.flatMap { try? CounterFile(path: $0).read() } ?? 0
+        let hugeFreeBefore: Int? = { if case .hugetlb(let b) = kind { return HugeTLB.pool(pageBytes: b)?.free }; return nil }()
+
+        // Throughput: the plain loop.
+        let a = try AnonymousMapping(length: size, kind: kind.pageKind)
+        let faults0 = Faults.minor()
+        let t0 = Clock.nanoseconds()
+        touchPages(a.base, length: a.length, stride: 4096)
+        let seconds = Clock.seconds(since: t0)
+        let faults = Faults.minor() - faults0
+        ctx.record("fault_time", seconds, .s, better: .lower)
+        ctx.record("fault_throughput", Double(size) / seconds, .bytesPerSecond, better: .higher)
+        ctx.record("faults", Double(faults), .count, better: .none)
+
+        // What backed it: per page, from the kernel.
+        let (cov, present) = try coverage(a, kind)
+        ctx.record("huge_coverage", cov, .ratio, better: .none)
+        ctx.check("huge_coverage", expected: kind == .base ? 0 : 1, observed: cov, tolerance: 0.05,
+                  describe: "±0.05 of what was asked (4k: none huge; others: all huge)")
+        ctx.check("pages_present", expected: Double(size / 4096), observed: Double(present), tolerance: 0, describe: "every touched page present (pagemap)")
+        switch kind {
+        case .thp:
+            let smaps = try Smaps.entry(startingAt: a.base)
+            ctx.record("anon_huge_bytes", Double(smaps["AnonHugePages"] ?? 0), .bytes, better: .none)
+            ctx.check("anon_huge_pages_vs_kpageflags", expected: cov * Double(size), observed: Double(smaps["AnonHugePages"] ?? 0),
+                      tolerance: Double(2 << 20), describe: "smaps AnonHugePages within one 2M page of the kpageflags census")
+        case .mthp(let b):
+            let allocs = (try CounterFile(path: statFile!).read()) - allocBefore
+            ctx.record("mthp_fault_alloc", Double(allocs), .count, better: .none)
+            ctx.check("mthp_fault_alloc", expected: Double(size / b), observed: Double(allocs), tolerance: Double(size / b) * 0.05,
+                      describe: "hugepages-\(b / 1024)kB/stats/anon_fault_alloc rose by one per \(b / 1024)K of the region (±5%)")
+        case .hugetlb(let b):
+            let free = HugeTLB.pool(pageBytes: b)?.free ?? 0
+            ctx.record("hugetlb_pages_used", Double((hugeFreeBefore ?? 0) - free), .pages, better: .none)
+        case .base: break
+        }
+
+        // Latency distribution over fault units, on a second region warmed the same way.
+        if p.bool("prewarm") { prewarm(length: size, kind: kind.pageKind) }
+        let m = try AnonymousMapping(length: size, kind: kind.pageKind)
+        var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        let unit = kind.unit
+        let bytes = m.base.assumingMemoryBound(to: UInt8.self)
+        var off = 0
+        while off < m.length {
+            let s = Clock.nanoseconds()
+            bytes[off] = 1
+            _ = h.record(Clock.nanoseconds() &- s)
+            var inner = off + 4096
+            while inner < off + unit { bytes[inner] = 1; inner += 4096 }
+            off += unit
+        }
+        ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
+        ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
+        ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+        ctx.record("fault_latency_mean", h.mean, .ns, better: .lower)
+    }
+}
