@@ -31,6 +31,16 @@ public enum ParamValue: Sendable, Hashable, Codable, CustomStringConvertible {
         }
     }
 
+    /// The value as a JSONSerialization-ready object.
+    public var jsonValue: Any {
+        switch self {
+        case .int(let v): return v
+        case .double(let v): return v
+        case .bool(let v): return v
+        case .string(let v): return v
+        }
+    }
+
     public var description: String {
         switch self {
         case .int(let v): return String(v)

@@ -70,8 +70,8 @@ public struct ProbeReport: Sendable, Codable {
         let areas = Swap.areas()
         let swapBytes = areas.reduce(0) { $0 + $1.sizeBytes }
         f.append(Feature(name: "swap", usable: !areas.isEmpty,
-                         detail: areas.isEmpty ? "no swap area active" : areas.map { "\($0.path) (\($0.type), \($0.sizeBytes) bytes)" }.joined(separator: ", "),
-                         reason: areas.isEmpty ? "no active swap area; the tmem module creates its own swap file for a run" : nil))
+                         detail: areas.isEmpty ? "" : areas.map { "\($0.path) (\($0.type), \($0.sizeBytes) bytes)" }.joined(separator: ", "),
+                         reason: areas.isEmpty ? "no swap area is active (swapon --show); scenarios that need swap create their own for the run" : nil))
         _ = swapBytes
 
         if Zswap.isAvailable {

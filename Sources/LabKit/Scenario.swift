@@ -94,6 +94,15 @@ extension Scenario {
         return params
     }
 
+    /// Parses one command-line value for a named parameter.
+    public func parse(parameter name: String, _ text: String) throws(UsageError) -> ParamValue {
+        guard let spec = parameters.first(where: { $0.name == name }) else {
+            let known = parameters.map(\.name).joined(separator: ", ")
+            throw UsageError("scenario '\(id)' has no parameter '\(name)'; its parameters are: \(known)")
+        }
+        return try spec.parse(text)
+    }
+
     public func resolve(variant: String, text: [String: String]) throws(UsageError) -> Params {
         var typed: [String: ParamValue] = [:]
         for (name, value) in text {

@@ -21,10 +21,12 @@ public enum PageFlags {
         public var thp = 0
         /// Frames of a hugetlbfs page (KPF_HUGE).
         public var huge = 0
+        /// Indices (in base pages from the start) of the pages mapped to a KSM page, when asked.
+        public var ksmPageIndices: [Int] = []
     }
 
     /// Walks [base, base+length) page by page.
-    public static func census(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> Census {
+    public static func census(_ base: UnsafeRawPointer, length: Int, listKSM: Bool = false) throws(SystemError) -> Census {
         let page = System.pageSize
         let pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         if pagemap < 0 { throw SystemError.current("open", path: "/proc/self/pagemap") }
@@ -40,13 +42,16 @@ public enum PageFlags {
         let got = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, want, off_t(first * 8)) }
         if got != want { throw SystemError.current("pread", path: "/proc/self/pagemap") }
         var c = Census()
-        for e in entries where e & (1 << 63) != 0 {
+        for (index, e) in entries.enumerated() where e & (1 << 63) != 0 {
             c.present += 1
             let pfn = e & ((1 << 55) - 1)
             if pfn == 0 { throw SystemError(errno: EPERM, call: "pagemap PFN (needs CAP_SYS_ADMIN)", path: "/proc/self/pagemap") }
             var flags: UInt64 = 0
             if pread(flagsFD, &flags, 8, off_t(pfn * 8)) != 8 { throw SystemError.current("pread", path: "/proc/kpageflags") }
-            if flags & ksm != 0 { c.ksm += 1 }
+            if flags & ksm != 0 {
+                c.ksm += 1
+                if listKSM { c.ksmPageIndices.append(index) }
+            }
             if flags & zeroPage != 0 { c.zeroPage += 1 }
             if flags & thp != 0 { c.thp += 1 }
             if flags & huge != 0 { c.huge += 1 }

@@ -21,7 +21,7 @@ struct List: ParsableCommand {
                     "id": s.id, "summary": s.summary, "requires_root": s.requiresRoot,
                     "variants": s.variants.map { ["name": $0.name, "summary": $0.summary] },
                     "parameters": s.parameters.map {
-                        ["name": $0.name, "type": $0.typeDescription, "default": $0.defaultValue.description, "help": $0.help]
+                        ["name": $0.name, "type": $0.typeDescription, "default": $0.defaultValue.jsonValue, "help": $0.help]
                     },
                 ]
             }
@@ -119,6 +119,8 @@ struct Run: ParsableCommand {
             return
         }
         let requests = try plan()
+        for path in [json, csv].compactMap({ $0 }) { try Session.checkWritable(path) }
+        if json == nil { try Session.checkWritable(resultsDir + "/.memlab-write-check") }
         let label = targets.count == 1 ? ((targets[0] as NSString).lastPathComponent as String).replacingOccurrences(of: ".toml", with: "") : "run"
         let status = try Session.execute(requests, options: .init(
             jsonPath: json, csvPath: csv, resultsDirectory: resultsDir, label: label, noWait: noWait, quiet: quiet))
@@ -146,9 +148,11 @@ struct Run: ParsableCommand {
                 let file = try ScenarioFile.load(path: target)
                 for e in file.entries {
                     let (scenario, variant) = try allScenarios.lookup(e.variant.map { "\(e.scenario):\($0)" } ?? e.scenario)
-                    var typed = try scenario.resolve(variant: variant, overrides: e.params).values
-                    for (k, v) in try scenario.resolve(variant: variant, text: overrides).values where overrides[k] != nil { typed[k] = v }
-                    let params = try scenario.resolve(variant: variant, overrides: typed)
+                    // File values, then --set values, each checked by its parameter's spec;
+                    // cross-parameter rules are checked once, on the merged set.
+                    var merged = e.params
+                    for (k, text) in overrides { merged[k] = try scenario.parse(parameter: k, text) }
+                    let params = try scenario.resolve(variant: variant, overrides: merged)
                     if let n = e.node, n >= NUMA.nodeCount { throw UsageError("\(target): node \(n) does not exist") }
                     if let c = e.cpus, let bad = c.first(where: { $0 >= System.onlineCPUs }) { throw UsageError("\(target): CPU \(bad) does not exist") }
                     requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
@@ -235,5 +239,34 @@ struct Restore: ParsableCommand {
                 throw ExitCode(ExitStatus.failed)
             }
         }
+    }
+}
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Compare memlab's own hot loops (Swift) with the same loops in C, in one run.",
+        discussion: "Prints ns per unit for each and the Swift/C ratio (median of alternating rounds). The target is a ratio within 1.10: the lab must not distort what it measures.")
+
+    @Option(help: "Region size in MiB.")
+    var sizeMB = 64
+
+    @Option(help: "Alternating rounds per loop (median reported).")
+    var rounds = 7
+
+    func run() throws {
+        guard (8...4096).contains(sizeMB), (1...101).contains(rounds) else { throw UsageError("--size-mb must be 8...4096 and --rounds 1...101") }
+        print("memlab bench: Swift loops vs C reference kernels (median of \(rounds) alternating rounds; memory pre-warmed)")
+        let rows = try Bench.run(sizeMB: sizeMB, rounds: rounds)
+        print("loop".padding(toLength: 34, withPad: " ", startingAt: 0) + "       Swift           C   Swift/C")
+        var worst = 0.0
+        for r in rows {
+            worst = max(worst, r.ratio)
+            print(r.name.padding(toLength: 34, withPad: " ", startingAt: 0)
+                  + String(format: "%9.2f %@ %9.2f %@ %8.3f", r.swiftNS, r.unit, r.cNS, r.unit, r.ratio).replacingOccurrences(of: "%@", with: ""))
+        }
+        let counter = try Bench.counterRead()
+        print(String(format: "sampler read (pread, fixed buffer)  %.0f ns vs open+read+parse %.0f ns (%.1fx)", counter.pread, counter.reopen, counter.reopen / counter.pread))
+        print(worst <= 1.10 ? "Swift within 10% of C on every loop" : String(format: "Swift/C ratio %.2f exceeds 1.10 on at least one loop", worst))
     }
 }

@@ -97,6 +97,22 @@ enum Session {
         return "\(dir)/\(stamp)-\(String(safe)).json"
     }
 
+    /// Fails before anything runs when an output file could not be written later.
+    static func checkWritable(_ path: String) throws {
+        let dir = (path as NSString).deletingLastPathComponent
+        let fm = FileManager.default
+        var isDir: ObjCBool = false
+        if !dir.isEmpty && !fm.fileExists(atPath: dir, isDirectory: &isDir) {
+            do { try fm.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+                throw UsageError("cannot create directory \(dir) for \(path): \(error.localizedDescription)")
+            }
+            return
+        }
+        if !dir.isEmpty && !isDir.boolValue { throw UsageError("\(dir) is not a directory (for \(path))") }
+        if access(dir.isEmpty ? "." : dir, W_OK) != 0 { throw UsageError("cannot write into \(dir.isEmpty ? "." : dir) (for \(path))") }
+        if fm.fileExists(atPath: path) && access(path, W_OK) != 0 { throw UsageError("cannot overwrite \(path)") }
+    }
+
     static func write(_ data: Data, to path: String) throws {
         let dir = (path as NSString).deletingLastPathComponent
         if !dir.isEmpty { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }

@@ -41,8 +41,17 @@ public struct KSMLayout: Sendable, Equatable {
         if !useZeroPages { sizes.append(zeroPages) }
         var merging = 0, shared = 0
         for k in sizes where k >= 2 {
-            merging += k
-            shared += (k + maxPageSharing - 1) / maxPageSharing
+            // Full KSM pages of maxPageSharing sharers each; a remainder of one page has
+            // nothing to pair with (a full stable node takes no more sharers), so it stays
+            // unmerged in the unstable tree (mm/ksm.c, stable node chains).
+            let full = k / maxPageSharing, rest = k % maxPageSharing
+            if rest == 1 {
+                merging += k - 1
+                shared += full
+            } else {
+                merging += k
+                shared += full + (rest > 0 ? 1 : 0)
+            }
         }
         return Expectation(mergingPages: merging, zeroPages: useZeroPages ? zeroPages : 0,
                            pagesShared: shared, pagesSharing: merging - shared)

@@ -208,15 +208,14 @@ public struct KSMScenario: Scenario {
     /// on memory pre-warmed so the VM's lazy host backing is not mixed in).
     func measureCOW(region: AnonymousMapping, layout: KSMLayout, useZero: Bool, ctx: RunContext) throws {
         let pageSize = System.pageSize
-        var mergedPages: [Int] = []
+        // Time exactly the pages the kernel says are mapped to a KSM page now (pagemap +
+        // kpageflags), not the ones the layout hoped would merge; the unique pages are the
+        // unmerged comparison.
+        let census = try PageFlags.census(region.base, length: region.length, listKSM: true)
+        let mergedPages = census.ksmPageIndices
+        guard !mergedPages.isEmpty else { throw ScenarioError.failed("no page of the region is mapped to a KSM page: nothing to copy on write") }
         var uniquePages: [Int] = []
-        for i in 0..<layout.pages {
-            switch layout.role(ofPage: i) {
-            case .duplicate: mergedPages.append(i)
-            case .zero: mergedPages.append(i)
-            case .unique: uniquePages.append(i)
-            }
-        }
+        for i in 0..<layout.pages where layout.role(ofPage: i) == .unique { uniquePages.append(i) }
         let cow = timeWrites(base: region.base, pages: mergedPages, pageSize: pageSize)
         record(cow, prefix: "cow_fault_latency", ctx)
         if !uniquePages.isEmpty {
