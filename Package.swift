@@ -16,7 +16,11 @@ let package = Package(
     targets: [
         // Thin C wrappers for variadic calls (syscall, ioctl, prctl) and UAPI constants newer
         // than the installed headers. No logic lives here.
-        .target(name: "CLinuxMM"),
+        .target(
+            name: "CLinuxMM",
+            // The C reference kernels are the yardstick of `memlab bench`: optimised always.
+            cSettings: [.unsafeFlags(["-O2"])]
+        ),
         // libnuma, from Debian's libnuma-dev.
         .systemLibrary(
             name: "CNUMA",
