@@ -146,7 +146,8 @@ public func parseSize(_ text: String) -> Int? {
         guard let v = Int(t.dropLast()), v >= 0, v <= Int.max / m else { return nil }
         return v * m
     }
-    return Int(t)
+    guard let v = Int(t), v >= 0 else { return nil }
+    return v
 }
 
 /// The resolved parameters of one run: every declared parameter has a value.

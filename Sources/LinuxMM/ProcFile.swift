@@ -129,7 +129,10 @@ public final class CounterFile: @unchecked Sendable {
         var value: Int64 = 0
         var digits = 0
         while i < n, bytes[i] >= 0x30, bytes[i] <= 0x39 {
-            value = value &* 10 &+ Int64(bytes[i] - 0x30)
+            let (m, o1) = value.multipliedReportingOverflow(by: 10)
+            let (a, o2) = m.addingReportingOverflow(Int64(bytes[i] - 0x30))
+            if o1 || o2 { return nil }   // not an Int64: say so rather than wrap
+            value = a
             i += 1
             digits += 1
         }

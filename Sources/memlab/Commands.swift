@@ -208,6 +208,15 @@ enum QuickSuite {
         ("ksm:merge", ["pages": "8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
+        ("hugepages:fault", ["kind": "4k", "size": "32M"], 3),
+        ("hugepages:fault", ["kind": "thp", "size": "32M"], 3),
+        ("hugepages:fault", ["kind": "hugetlb-2m", "size": "32M"], 3),
+        ("hugepages:tlb", ["kind": "4k", "max_working_set": "64M", "accesses": "500000"], 3),
+        ("hugepages:tlb", ["kind": "thp", "max_working_set": "64M", "accesses": "500000"], 3),
+        ("hugepages:collapse", ["size": "16M"], 3),
+        ("hugepages:bloat", ["size": "16M"], 1),
+        ("hugepages:split", ["size": "16M"], 3),
+        ("hugepages:hugetlb-reserve", [:], 1),
     ]
 }
 
