@@ -69,6 +69,16 @@ struct KnobSnapshot: Equatable, CustomStringConvertible {
         p += ["nr_hugepages", "nr_overcommit_hugepages", "overcommit_memory", "overcommit_ratio",
               "overcommit_kbytes", "swappiness"].map { "/proc/sys/vm/\($0)" }
         p += ["enabled", "compressor", "max_pool_percent"].map { "/sys/module/zswap/parameters/\($0)" }
+        p += ["defrag", "pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs", "max_ptes_none"]
+            .map { "/sys/kernel/mm/transparent_hugepage/khugepaged/\($0)" }
+        let fm = FileManager.default
+        for d in ((try? fm.contentsOfDirectory(atPath: "/sys/kernel/mm/transparent_hugepage")) ?? []) where d.hasPrefix("hugepages-") {
+            p.append("/sys/kernel/mm/transparent_hugepage/\(d)/enabled")
+        }
+        for d in ((try? fm.contentsOfDirectory(atPath: "/sys/kernel/mm/hugepages")) ?? []) {
+            p.append("/sys/kernel/mm/hugepages/\(d)/nr_hugepages")
+            p.append("/sys/kernel/mm/hugepages/\(d)/nr_overcommit_hugepages")
+        }
         return p
     }()
 
