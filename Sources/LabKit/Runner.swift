@@ -92,6 +92,11 @@ public final class Runner {
         var setupFailure: String?
         for setting in s.settings(variant: request.variant, params: request.params) {
             do { try settingsGuard.set(setting.knob, to: setting.value) } catch {
+                if setting.isCapacity && error.errno == 0 {
+                    result.status = .skipped
+                    result.reason = "\(setting.knob.path): \(error.call); free memory or ask for less"
+                    return
+                }
                 setupFailure = "could not set \(setting.knob.path) to \(setting.value): \(error)"
                 break
             }

@@ -21,9 +21,13 @@ public enum Availability: Sendable, Equatable {
 public struct KnobSetting: Sendable, Equatable {
     public let knob: Knob
     public let value: String
-    public init(_ knob: Knob, _ value: String) {
+    /// A capacity the kernel may not be able to provide (a hugetlb pool on fragmented memory):
+    /// when it reads back short, the run is `skipped` with the reason, not `failed`.
+    public let isCapacity: Bool
+    public init(_ knob: Knob, _ value: String, isCapacity: Bool = false) {
         self.knob = knob
         self.value = value
+        self.isCapacity = isCapacity
     }
 }
 

@@ -137,7 +137,7 @@ public final class SettingsGuard: @unchecked Sendable {
             try knob.write(value)
             let readBack = try knob.read()
             if readBack != value {
-                throw SystemError(errno: EINVAL, call: "write '\(value)' (reads back '\(readBack)')", path: knob.path)
+                throw SystemError(errno: 0, call: "the kernel accepted '\(value)' but reads back '\(readBack)'" + (knob.path.contains("hugepages") ? ": the pool could not grow that far (not enough free, contiguous memory)" : ""), path: knob.path)
             }
         }
     }

@@ -25,6 +25,8 @@ public struct SystemError: Error, CustomStringConvertible, Sendable, Equatable {
     public var errnoName: String { SystemError.name(of: errno) }
 
     public var description: String {
+        // errno 0: no call failed, the kernel answered otherwise than asked; `call` says how.
+        if errno == 0 { return path.map { "\(call) (\($0))" } ?? call }
         let message = String(cString: strerror(errno))
         if let path { return "\(call) \(path): \(message) (\(errnoName))" }
         return "\(call): \(message) (\(errnoName))"

@@ -62,6 +62,9 @@ extension KernelTests {
             (["run", "ksm", "--node", "64"], "does not exist"),
             (["run", "selftest:oom", "--set", "oom_touch=8M"], "oom_touch > memory_limit"),
             (["suite", "nosuch"], "unknown suite"),
+            (["run", "hugepages:hugetlb-reserve", "--set", "huge_size=1g", "--set", "pool_pages=4000"], "more than half of this machine"),
+            (["run", "hugepages:fault", "--set", "kind=huge"], "is not one of the choices"),
+            (["run", "hugepages:fault", "--set", "size=1X"], "is not a size"),
             (["frobnicate"], "Unexpected argument"),
         ])
         func rejected(args: [String], message: String) throws {

@@ -107,6 +107,21 @@ public struct HugePagesScenario: Scenario {
     }
 
     public func validate(variant: String, params: Params) throws(UsageError) {
+        // A pool request the kernel tries to meet by taking every free page it can find:
+        // refuse what would leave the machine short, before anything is changed.
+        let memTotal = Int((try? MemInfo.current().memTotal) ?? 0)
+        var poolBytes = 0
+        if variant == "hugetlb-reserve" {
+            let b = params.string("huge_size") == "1g" ? 1 << 30 : 2 << 20
+            poolBytes = (params.int("pool_pages") + params.int("overcommit_pages")) * b
+        } else if variant == "fault" || variant == "tlb", case .hugetlb = Kind(params.string("kind")) {
+            poolBytes = variant == "tlb" ? params.int("max_working_set") : 2 * regionSize(params, Kind(params.string("kind")))
+        } else if variant != "tlb" {
+            poolBytes = 2 * params.int("size")   // the variants map up to two regions
+        }
+        if memTotal > 0 && poolBytes > memTotal / 2 {
+            throw UsageError("this run needs \(formatBytes(poolBytes)) of memory (\(poolBytes) bytes), more than half of this machine's \(memTotal) bytes: ask for less")
+        }
         if variant == "tlb", case .hugetlb(let b) = Kind(params.string("kind")), b == 1 << 30, params.int("max_working_set") > (8 << 30) {
             throw UsageError("tlb with hugetlb-1g: max_working_set above 8G would take most of this machine's memory")
         }
@@ -134,7 +149,7 @@ public struct HugePagesScenario: Scenario {
                 let bytes = variant == "tlb" ? params.int("max_working_set") : regionSize(params, kind)
                 // fault maps two regions of this size (throughput, then latency).
                 let needed = (bytes + b - 1) / b * (variant == "fault" ? 2 : 1)
-                s.append(KnobSetting(HugeTLB.poolKnob(pageBytes: b), String(needed)))
+                s.append(KnobSetting(HugeTLB.poolKnob(pageBytes: b), String(needed), isCapacity: true))
             }
         case "collapse", "bloat":
             onlySize(2 << 20)
@@ -145,7 +160,7 @@ public struct HugePagesScenario: Scenario {
             onlySize(2 << 20)
         case "hugetlb-reserve":
             let b = params.string("huge_size") == "1g" ? 1 << 30 : 2 << 20
-            s.append(KnobSetting(HugeTLB.poolKnob(pageBytes: b), String(params.int("pool_pages"))))
+            s.append(KnobSetting(HugeTLB.poolKnob(pageBytes: b), String(params.int("pool_pages")), isCapacity: true))
             s.append(KnobSetting(HugeTLB.overcommitKnob(pageBytes: b), String(params.int("overcommit_pages"))))
         default: break
         }
