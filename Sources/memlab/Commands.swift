@@ -133,36 +133,44 @@ struct Run: ParsableCommand {
         if let n = node, n < 0 || n >= NUMA.nodeCount {
             throw UsageError("--node \(n) does not exist; this machine has NUMA node(s) 0-\(NUMA.nodeCount - 1)")
         }
-        var overrides: [String: String] = [:]
+        var settings: [(String, String)] = []
         for s in sets {
             guard let eq = s.firstIndex(of: "="), eq != s.startIndex else {
-                throw UsageError("--set '\(s)': expected NAME=VALUE")
+                throw UsageError("--set '\(s)': expected NAME=VALUE (a sweep: NAME=A,B,C or NAME=LO..HI xFACTOR)")
             }
-            overrides[String(s[..<eq])] = String(s[s.index(after: eq)...])
+            settings.append((String(s[..<eq]), String(s[s.index(after: eq)...])))
         }
+        // Every point of every sweep is resolved here, before anything runs.
         var requests: [RunRequest] = []
+        var group = 0
+        func add(_ scenario: any Scenario, _ variant: String, _ split: (fixed: [String: ParamValue], axes: [SweepAxis]),
+                 repetitions: Int, warmup: Int, placement: Placement) throws(UsageError) {
+            if !split.axes.isEmpty { group += 1 }
+            for (params, sweep) in try Sweep.expand(scenario, variant: variant, fixed: split.fixed, axes: split.axes, group: group) {
+                var r = RunRequest(scenario: scenario, variant: variant, params: params, repetitions: repetitions,
+                                   warmup: warmup, placement: placement)
+                r.sweep = sweep
+                requests.append(r)
+            }
+        }
         for target in targets {
             if target.hasSuffix(".toml") {
                 let file = try ScenarioFile.load(path: target)
                 for e in file.entries {
                     let (scenario, variant) = try allScenarios.lookup(e.variant.map { "\(e.scenario):\($0)" } ?? e.scenario)
-                    var typed = try scenario.resolve(variant: variant, overrides: e.params).values
-                    for (k, v) in try scenario.resolve(variant: variant, text: overrides).values where overrides[k] != nil { typed[k] = v }
-                    let params = try scenario.resolve(variant: variant, overrides: typed)
+                    let split = Sweep.merge(try Sweep.split(e, for: scenario), over: try Sweep.split(settings, for: scenario))
                     if let n = e.node, n >= NUMA.nodeCount { throw UsageError("\(target): node \(n) does not exist") }
                     if let c = e.cpus, let bad = c.first(where: { $0 >= System.onlineCPUs }) { throw UsageError("\(target): CPU \(bad) does not exist") }
-                    requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
-                                               repetitions: repeats ?? e.repeats ?? 3, warmup: warmup ?? e.warmup ?? 0,
-                                               placement: Placement(cpus: cpuList ?? e.cpus, node: node ?? e.node)))
+                    try add(scenario, variant, split, repetitions: repeats ?? e.repeats ?? 3, warmup: warmup ?? e.warmup ?? 0,
+                            placement: Placement(cpus: cpuList ?? e.cpus, node: node ?? e.node))
                 }
             } else {
                 let (scenario, variant) = try allScenarios.lookup(target)
-                let params = try scenario.resolve(variant: variant, text: overrides)
-                requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
-                                           repetitions: repeats ?? 3, warmup: warmup ?? 0,
-                                           placement: Placement(cpus: cpuList, node: node)))
+                try add(scenario, variant, try Sweep.split(settings, for: scenario), repetitions: repeats ?? 3,
+                        warmup: warmup ?? 0, placement: Placement(cpus: cpuList, node: node))
             }
         }
+        if requests.count > Sweep.maxPoints { throw UsageError("\(requests.count) runs planned; at most \(Sweep.maxPoints)") }
         return requests
     }
 }
