@@ -41,7 +41,7 @@ public enum SVGChart {
             self.log = log
             self.ticks = ticks
         }
-        var title: String { unit.isEmpty ? label : "\(label) (\(unit))" }
+        var title: String { unit.isEmpty || unit == label ? label : "\(label) (\(unit))" }
     }
 
     public struct Bar: Sendable {

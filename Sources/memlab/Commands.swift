@@ -177,7 +177,7 @@ struct Run: ParsableCommand {
 
 struct Suite: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a built-in suite: every module this kernel supports, small sizes, a few repetitions.")
+        abstract: "Run a built-in suite: every module this kernel supports, small sizes, a few repetitions; then RESULTS-DIR/report.html.")
 
     @Argument(help: "Suite name: quick.")
     var name = "quick"
@@ -194,22 +194,37 @@ struct Suite: ParsableCommand {
     func run() throws {
         guard name == "quick" else { throw UsageError("unknown suite '\(name)'; suites: quick") }
         var requests: [RunRequest] = []
+        var group = 0
         for (target, sets, reps) in QuickSuite.entries {
             let (scenario, variant) = try allScenarios.lookup(target)
-            let params = try scenario.resolve(variant: variant, text: sets)
-            requests.append(RunRequest(scenario: scenario, variant: variant, params: params, repetitions: reps, warmup: 0))
+            // A value may be a sweep ("2048,8192"): one run per point.
+            let split = try Sweep.split(sets.keys.sorted().map { ($0, sets[$0]!) }, for: scenario)
+            if !split.axes.isEmpty { group += 1 }
+            for (params, sweep) in try Sweep.expand(scenario, variant: variant, fixed: split.fixed, axes: split.axes, group: group) {
+                var r = RunRequest(scenario: scenario, variant: variant, params: params, repetitions: reps, warmup: 0)
+                r.sweep = sweep
+                requests.append(r)
+            }
         }
+        let jsonPath = Session.defaultResultPath(resultsDir, label: "quick")
         let status = try Session.execute(requests, options: .init(
-            jsonPath: nil, csvPath: nil, resultsDirectory: resultsDir, label: "quick", noWait: noWait, quiet: quiet))
+            jsonPath: jsonPath, csvPath: nil, resultsDirectory: resultsDir, label: "quick", noWait: noWait, quiet: quiet))
+        // The report beside the results: charts of what this suite just measured.
+        if status != ExitStatus.busy, let input = try? ResultFiles.loadOne(jsonPath) {
+            let reportPath = (resultsDir as NSString).appendingPathComponent("report.html")
+            try Session.write(Data(HTMLReport.render([input]).utf8), to: reportPath)
+            if !quiet { print("report: \(reportPath)") }
+        }
         // A module this kernel lacks is skipped, not a failure of the suite.
         if status == ExitStatus.failed || status == ExitStatus.busy { throw ExitCode(status) }
     }
 }
 
-/// The default quick suite: small sizes so it runs in well under a minute on 2 CPUs.
+/// The default quick suite: small sizes so it runs in well under a minute on 2 CPUs. A value
+/// may be a sweep (see `Sweep`): the KSM merge runs at two sizes, so the report has a curve.
 enum QuickSuite {
     static let entries: [(String, [String: String], Int)] = [
-        ("ksm:merge", ["pages": "8192"], 3),
+        ("ksm:merge", ["pages": "2048,8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
     ]
