@@ -68,9 +68,10 @@ public enum SVGChart {
         let xs = all.map(\.x), ys = all.flatMap { [$0.y, $0.low ?? $0.y, $0.high ?? $0.y] }
         let xScale = Scale(values: xs, log: x.log, includeZero: false, plotLow: left, plotHigh: width - right)
         let yScale = Scale(values: ys, log: y.log, includeZero: !y.log, plotLow: height - bottom, plotHigh: top)
-        var svg = open(id: id, kind: kind, title: title)
-        svg += axes(x: x, xScale: xScale, y: y, yScale: yScale)
         let many = series.count > 1
+        let legendNames = many ? Array(series.map(\.name).prefix(12)) : []
+        var svg = open(id: id, kind: kind, title: title, extraHeight: legendHeight(legendNames))
+        svg += axes(x: x, xScale: xScale, y: y, yScale: yScale)
         for (i, s) in series.enumerated() {
             let color = palette[i % palette.count]
             let pts = s.points.sorted { $0.x < $1.x }
@@ -92,7 +93,7 @@ public enum SVGChart {
             }
             svg += "</g>"
         }
-        if many { svg += legend(series.map(\.name)) }
+        if many { svg += legend(legendNames) }
         return svg + close(caption)
     }
 
@@ -130,8 +131,9 @@ public enum SVGChart {
 
     // MARK: pieces
 
-    static func open(id: String, kind: String, title: String) -> String {
-        "<figure class=\"chart chart-\(kind)\" id=\"\(htmlEscape(id))\"><svg class=\"chart-svg\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 \(Int(width)) \(Int(height))\" width=\"\(Int(width))\" height=\"\(Int(height))\" role=\"img\" aria-labelledby=\"\(htmlEscape(id))-title\"><title id=\"\(htmlEscape(id))-title\">\(htmlEscape(title))</title>"
+    static func open(id: String, kind: String, title: String, extraHeight: Double = 0) -> String {
+        let h = Int(height + extraHeight)
+        return "<figure class=\"chart chart-\(kind)\" id=\"\(htmlEscape(id))\"><svg class=\"chart-svg\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 \(Int(width)) \(h)\" width=\"\(Int(width))\" height=\"\(h)\" role=\"img\" aria-labelledby=\"\(htmlEscape(id))-title\"><title id=\"\(htmlEscape(id))-title\">\(htmlEscape(title))</title>"
             + "<text class=\"chart-title\" x=\"\(f(width / 2))\" y=\"18\" text-anchor=\"middle\">\(htmlEscape(shorten(title, 80)))</text>"
     }
 
@@ -165,13 +167,19 @@ public enum SVGChart {
         return s
     }
 
+    /// The legend sits under the chart, three entries a row, so it never hides a line.
+    static func legendHeight(_ names: [String]) -> Double {
+        names.isEmpty ? 0 : Double((names.count + 2) / 3) * 16 + 10
+    }
+
     static func legend(_ names: [String]) -> String {
         var s = "<g class=\"legend\">"
-        let x = left + 10
-        for (i, n) in names.prefix(10).enumerated() {
-            let y = top + 8 + Double(i) * 15
-            s += "<rect x=\"\(f(x))\" y=\"\(f(y - 8))\" width=\"10\" height=\"10\" fill=\"\(palette[i % palette.count])\"/>"
-            s += "<text x=\"\(f(x + 14))\" y=\"\(f(y + 1))\">\(htmlEscape(shorten(n, 48)))</text>"
+        let colW = (width - left - right) / 3
+        for (i, n) in names.enumerated() {
+            let x = left + Double(i % 3) * colW
+            let y = height + 6 + Double(i / 3) * 16
+            s += "<rect x=\"\(f(x))\" y=\"\(f(y - 9))\" width=\"10\" height=\"10\" fill=\"\(palette[i % palette.count])\"/>"
+            s += "<text x=\"\(f(x + 14))\" y=\"\(f(y))\">\(htmlEscape(shorten(n, Int(colW / 6.2) - 3)))</text>"
         }
         return s + "</g>"
     }

@@ -68,13 +68,15 @@ struct Run: ParsableCommand {
           memlab run ksm
           memlab run ksm:cow --set pages=16384 --set duplicate_ratio=0.9 --repeat 5
           memlab run scenarios/ksm-merge.toml --json ksm.json
+          memlab run ksm:merge --set pages_to_scan=250,1000,4000        (a sweep: one run per value)
+          memlab run selftest:ok --set "size=1M..64M x4"                 (ranges: LO..HI xFACTOR, LO..HI +STEP)
         """
     )
 
     @Argument(help: "NAME[:VARIANT] (see `memlab list`) or a scenario file ending in .toml.")
     var targets: [String]
 
-    @Option(name: .customLong("set"), help: ArgumentHelp("Set a parameter: NAME=VALUE (repeatable).", valueName: "name=value"))
+    @Option(name: .customLong("set"), help: ArgumentHelp("Set a parameter: NAME=VALUE (repeatable). A sweep: NAME=A,B,C or NAME=LO..HI xFACTOR or NAME=LO..HI +STEP.", valueName: "name=value"))
     var sets: [String] = []
 
     @Option(name: .customLong("repeat"), help: "Measured repetitions (default 3, or the file's `repeat`).")
