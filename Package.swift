@@ -31,7 +31,7 @@ let package = Package(
         .target(
             name: "LabKit",
             dependencies: [
-                "LinuxMM",
+                "LinuxMM", "CLinuxMM",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -50,7 +50,7 @@ let package = Package(
         .executableTarget(
             name: "memlab",
             dependencies: [
-                "LinuxMM", "LabKit", "Scenarios",
+                "LinuxMM", "LabKit", "Scenarios", "CLinuxMM",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

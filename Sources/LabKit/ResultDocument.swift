@@ -153,6 +153,8 @@ public struct RunResult: Sendable, Codable {
     public var checks: [CheckValue]
     public var notes: [String]
     public var durationS: Double
+    /// Where this run sits in a sweep; nil (and absent from the JSON) when it is not swept.
+    public var sweep: SweepInfo? = nil
 
     public init(scenario: String, variant: String, params: Params, placement: Placement,
                 status: RunStatus, reason: String?, settings: SettingsRecord, repetitions: Int,
@@ -178,6 +180,7 @@ public struct RunResult: Sendable, Codable {
         case scenario, variant, params, placement, status, reason, settings, repetitions, warmup
         case metrics, timeseries, checks, notes
         case durationS = "duration_s"
+        case sweep
     }
 
     public init(from decoder: Decoder) throws {
@@ -196,6 +199,7 @@ public struct RunResult: Sendable, Codable {
         checks = try c.decodeIfPresent([CheckValue].self, forKey: .checks) ?? []
         notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
         durationS = try c.decodeIfPresent(Double.self, forKey: .durationS) ?? 0
+        sweep = try c.decodeIfPresent(SweepInfo.self, forKey: .sweep)
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -214,6 +218,7 @@ public struct RunResult: Sendable, Codable {
         try c.encode(checks, forKey: .checks)
         try c.encode(notes, forKey: .notes)
         try c.encode(durationS, forKey: .durationS)
+        try c.encodeIfPresent(sweep, forKey: .sweep)
     }
 
     public func metric(_ name: String) -> Metric? { metrics.first { $0.name == name } }

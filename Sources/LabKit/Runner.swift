@@ -12,6 +12,8 @@ public struct RunRequest: Sendable {
     public let repetitions: Int
     public let warmup: Int
     public let placement: Placement
+    /// Where this run sits in a sweep (recorded in the result), if it is part of one.
+    public var sweep: SweepInfo?
 
     public init(scenario: any Scenario, variant: String, params: Params, repetitions: Int, warmup: Int, placement: Placement = Placement()) {
         self.scenario = scenario
@@ -63,6 +65,7 @@ public final class Runner {
         var result = RunResult(scenario: request.scenario.id, variant: request.variant, params: request.params,
                                placement: request.placement, status: .ok, reason: nil,
                                settings: SettingsRecord(), repetitions: 0, warmup: request.warmup)
+        result.sweep = request.sweep
         run(request, into: &result)
         // Give back whatever was borrowed, whatever happened above, and record that it was.
         let report = settingsGuard.restoreAll()

@@ -9,6 +9,8 @@ public struct ScenarioFile: Sendable {
         public var scenario: String
         public var variant: String?
         public var params: [String: ParamValue] = [:]
+        /// Parameters given as a TOML array (`pages = [1024, 4096]`): a sweep, values unchecked.
+        public var sweeps: [SweepAxis] = []
         public var repeats: Int?
         public var warmup: Int?
         public var cpus: [Int]?
@@ -92,7 +94,19 @@ public struct ScenarioFile: Sendable {
                 case .double: e.params[key] = .double(x.double!)
                 case .bool: e.params[key] = .bool(x.bool!)
                 case .string: e.params[key] = .string(x.string!)
-                default: throw UsageError("\(name): parameter '\(key)' must be a number, boolean or string")
+                case .array:
+                    var values: [ParamValue] = []
+                    for item in x.array! {
+                        switch item.type {
+                        case .int: values.append(.int(item.int!))
+                        case .double: values.append(.double(item.double!))
+                        case .bool: values.append(.bool(item.bool!))
+                        case .string: values.append(.string(item.string!))
+                        default: throw UsageError("\(name): parameter '\(key)': a sweep is a list of numbers, booleans or strings")
+                        }
+                    }
+                    e.sweeps.append(SweepAxis(parameter: key, values: values))
+                default: throw UsageError("\(name): parameter '\(key)' must be a number, boolean, string or a list of them (a sweep)")
                 }
             }
         }

@@ -68,13 +68,15 @@ struct Run: ParsableCommand {
           memlab run ksm
           memlab run ksm:cow --set pages=16384 --set duplicate_ratio=0.9 --repeat 5
           memlab run scenarios/ksm-merge.toml --json ksm.json
+          memlab run ksm:merge --set pages_to_scan=250,1000,4000        (a sweep: one run per value)
+          memlab run selftest:ok --set "size=1M..64M x4"                 (ranges: LO..HI xFACTOR, LO..HI +STEP)
         """
     )
 
     @Argument(help: "NAME[:VARIANT] (see `memlab list`) or a scenario file ending in .toml.")
     var targets: [String]
 
-    @Option(name: .customLong("set"), help: ArgumentHelp("Set a parameter: NAME=VALUE (repeatable).", valueName: "name=value"))
+    @Option(name: .customLong("set"), help: ArgumentHelp("Set a parameter: NAME=VALUE (repeatable). A sweep: NAME=A,B,C or NAME=LO..HI xFACTOR or NAME=LO..HI +STEP.", valueName: "name=value"))
     var sets: [String] = []
 
     @Option(name: .customLong("repeat"), help: "Measured repetitions (default 3, or the file's `repeat`).")
@@ -135,45 +137,51 @@ struct Run: ParsableCommand {
         if let n = node, n < 0 || n >= NUMA.nodeCount {
             throw UsageError("--node \(n) does not exist; this machine has NUMA node(s) 0-\(NUMA.nodeCount - 1)")
         }
-        var overrides: [String: String] = [:]
+        var settings: [(String, String)] = []
         for s in sets {
             guard let eq = s.firstIndex(of: "="), eq != s.startIndex else {
-                throw UsageError("--set '\(s)': expected NAME=VALUE")
+                throw UsageError("--set '\(s)': expected NAME=VALUE (a sweep: NAME=A,B,C or NAME=LO..HI xFACTOR)")
             }
-            overrides[String(s[..<eq])] = String(s[s.index(after: eq)...])
+            settings.append((String(s[..<eq]), String(s[s.index(after: eq)...])))
         }
+        // Every point of every sweep is resolved here, before anything runs.
         var requests: [RunRequest] = []
+        var group = 0
+        func add(_ scenario: any Scenario, _ variant: String, _ split: (fixed: [String: ParamValue], axes: [SweepAxis]),
+                 repetitions: Int, warmup: Int, placement: Placement) throws(UsageError) {
+            if !split.axes.isEmpty { group += 1 }
+            for (params, sweep) in try Sweep.expand(scenario, variant: variant, fixed: split.fixed, axes: split.axes, group: group) {
+                var r = RunRequest(scenario: scenario, variant: variant, params: params, repetitions: repetitions,
+                                   warmup: warmup, placement: placement)
+                r.sweep = sweep
+                requests.append(r)
+            }
+        }
         for target in targets {
             if target.hasSuffix(".toml") {
                 let file = try ScenarioFile.load(path: target)
                 for e in file.entries {
                     let (scenario, variant) = try allScenarios.lookup(e.variant.map { "\(e.scenario):\($0)" } ?? e.scenario)
-                    // File values, then --set values, each checked by its parameter's spec;
-                    // cross-parameter rules are checked once, on the merged set.
-                    var merged = e.params
-                    for (k, text) in overrides { merged[k] = try scenario.parse(parameter: k, text) }
-                    let params = try scenario.resolve(variant: variant, overrides: merged)
+                    let split = Sweep.merge(try Sweep.split(e, for: scenario), over: try Sweep.split(settings, for: scenario))
                     if let n = e.node, n >= NUMA.nodeCount { throw UsageError("\(target): node \(n) does not exist") }
                     if let c = e.cpus, let bad = c.first(where: { $0 >= System.onlineCPUs }) { throw UsageError("\(target): CPU \(bad) does not exist") }
-                    requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
-                                               repetitions: repeats ?? e.repeats ?? 3, warmup: warmup ?? e.warmup ?? 0,
-                                               placement: Placement(cpus: cpuList ?? e.cpus, node: node ?? e.node)))
+                    try add(scenario, variant, split, repetitions: repeats ?? e.repeats ?? 3, warmup: warmup ?? e.warmup ?? 0,
+                            placement: Placement(cpus: cpuList ?? e.cpus, node: node ?? e.node))
                 }
             } else {
                 let (scenario, variant) = try allScenarios.lookup(target)
-                let params = try scenario.resolve(variant: variant, text: overrides)
-                requests.append(RunRequest(scenario: scenario, variant: variant, params: params,
-                                           repetitions: repeats ?? 3, warmup: warmup ?? 0,
-                                           placement: Placement(cpus: cpuList, node: node)))
+                try add(scenario, variant, try Sweep.split(settings, for: scenario), repetitions: repeats ?? 3,
+                        warmup: warmup ?? 0, placement: Placement(cpus: cpuList, node: node))
             }
         }
+        if requests.count > Sweep.maxPoints { throw UsageError("\(requests.count) runs planned; at most \(Sweep.maxPoints)") }
         return requests
     }
 }
 
 struct Suite: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a built-in suite: every module this kernel supports, small sizes, a few repetitions.")
+        abstract: "Run a built-in suite: every module this kernel supports, small sizes, a few repetitions; then RESULTS-DIR/report.html.")
 
     @Argument(help: "Suite name: quick.")
     var name = "quick"
@@ -190,22 +198,37 @@ struct Suite: ParsableCommand {
     func run() throws {
         guard name == "quick" else { throw UsageError("unknown suite '\(name)'; suites: quick") }
         var requests: [RunRequest] = []
+        var group = 0
         for (target, sets, reps) in QuickSuite.entries {
             let (scenario, variant) = try allScenarios.lookup(target)
-            let params = try scenario.resolve(variant: variant, text: sets)
-            requests.append(RunRequest(scenario: scenario, variant: variant, params: params, repetitions: reps, warmup: 0))
+            // A value may be a sweep ("2048,8192"): one run per point.
+            let split = try Sweep.split(sets.keys.sorted().map { ($0, sets[$0]!) }, for: scenario)
+            if !split.axes.isEmpty { group += 1 }
+            for (params, sweep) in try Sweep.expand(scenario, variant: variant, fixed: split.fixed, axes: split.axes, group: group) {
+                var r = RunRequest(scenario: scenario, variant: variant, params: params, repetitions: reps, warmup: 0)
+                r.sweep = sweep
+                requests.append(r)
+            }
         }
+        let jsonPath = Session.defaultResultPath(resultsDir, label: "quick")
         let status = try Session.execute(requests, options: .init(
-            jsonPath: nil, csvPath: nil, resultsDirectory: resultsDir, label: "quick", noWait: noWait, quiet: quiet))
+            jsonPath: jsonPath, csvPath: nil, resultsDirectory: resultsDir, label: "quick", noWait: noWait, quiet: quiet))
+        // The report beside the results: charts of what this suite just measured.
+        if status != ExitStatus.busy, let input = try? ResultFiles.loadOne(jsonPath) {
+            let reportPath = (resultsDir as NSString).appendingPathComponent("report.html")
+            try Session.write(Data(HTMLReport.render([input]).utf8), to: reportPath)
+            if !quiet { print("report: \(reportPath)") }
+        }
         // A module this kernel lacks is skipped, not a failure of the suite.
         if status == ExitStatus.failed || status == ExitStatus.busy { throw ExitCode(status) }
     }
 }
 
-/// The default quick suite: small sizes so it runs in well under a minute on 2 CPUs.
+/// The default quick suite: small sizes so it runs in well under a minute on 2 CPUs. A value
+/// may be a sweep (see `Sweep`): the KSM merge runs at two sizes, so the report has a curve.
 enum QuickSuite {
     static let entries: [(String, [String: String], Int)] = [
-        ("ksm:merge", ["pages": "8192"], 3),
+        ("ksm:merge", ["pages": "2048,8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
         ("hugepages:fault", ["kind": "4k", "size": "32M"], 3),

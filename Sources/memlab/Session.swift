@@ -65,16 +65,15 @@ enum Session {
         }
         defer { if root { g.releaseLock() } }
 
-        let showProgress = !options.quiet && isatty(2) == 1
-        let runner = try Runner(settingsGuard: g, registry: allScenarios, progress: { line in
-            if showProgress { writeStderr("\u{1B}[2K\r\(line)") }
-        })
+        let progress = ProgressLine(enabled: !options.quiet && isatty(2) == 1, requests: requests)
+        let runner = try Runner(settingsGuard: g, registry: allScenarios, progress: { progress.runner($0) })
         let started = isoTimestamp()
         var runs: [RunResult] = []
-        for r in requests {
+        for (i, r) in requests.enumerated() {
+            progress.run(i, r)
             runs.append(runner.execute(r))
         }
-        if showProgress { writeStderr("\u{1B}[2K\r") }
+        progress.finish()
 
         let doc = ResultDocument(tool: .init(name: "memlab", version: memlabVersion), startedAt: started,
                                  host: .current(), runs: runs)

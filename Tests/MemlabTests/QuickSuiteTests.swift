@@ -1,0 +1,44 @@
+import Foundation
+import Testing
+
+extension KernelTests {
+    @Suite(.enabled(if: isRoot, "needs root: the quick suite borrows machine-wide knobs"),
+           .enabled(if: hasKSM, "kernel without KSM (no /sys/kernel/mm/ksm)"))
+    struct QuickSuite {
+        /// The README's first command: every module memlab has is in the suite (run, or skipped
+        /// with a reason where this kernel lacks it), and report.html lands beside the results.
+        @Test func runsEveryModuleAndWritesAReport() throws {
+            let dir = TempDir()
+            let out = try Memlab.run(["suite", "quick", "--results-dir", dir.file("results")], stateDir: dir.path)
+            #expect(out.status == 0 || out.status == 3, "stderr: \(out.stderr)")
+            let files = try FileManager.default.contentsOfDirectory(atPath: dir.file("results"))
+            let json = try #require(files.first { $0.hasSuffix("-quick.json") }, "\(files)")
+            #expect(files.contains("report.html"))
+            #expect(out.stdout.contains("report: \(dir.file("results"))/report.html"))
+
+            let doc = try loadJSON(dir.file("results/\(json)"))
+            let ran = Set(runs(doc).compactMap { $0["scenario"] as? String })
+            let list = try Memlab.run(["list", "--json"], stateDir: dir.path)
+            let scenarios = try #require(try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]])
+            for id in scenarios.compactMap({ $0["id"] as? String }) where id != "selftest" {
+                #expect(ran.contains(id), "module \(id) is not in the quick suite")
+            }
+            // Every run gave back what it borrowed (read back by the guard; a machine-wide
+            // before/after snapshot would race with other memlab users of this machine).
+            for r in runs(doc) {
+                #expect((r["settings"] as? [String: Any])?["restored"] as? Bool == true, "\(r["scenario"] ?? ""):\(r["variant"] ?? "")")
+            }
+            for r in runs(doc) where r["status"] as? String == "skipped" {
+                #expect((r["reason"] as? String ?? "").count > 10, "a skipped run says why")
+            }
+            // KSM merge is swept over two sizes: a curve and the pages_sharing time series.
+            let merges = runs(doc).filter { $0["scenario"] as? String == "ksm" && $0["variant"] as? String == "merge" }
+            #expect(merges.count == 2)
+            #expect(merges.allSatisfy { $0["sweep"] != nil })
+            let html = try String(contentsOfFile: dir.file("results/report.html"), encoding: .utf8)
+            #expect(html.contains("class=\"chart chart-timeseries\""))
+            #expect(html.contains("class=\"chart chart-sweep\""))
+            #expect(html.contains("pages_sharing over time"))
+        }
+    }
+}
