@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/swap.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -92,3 +93,7 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count) {
     // this thread, from which later threads inherit the mask.
     return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
 }
+
+int memlab_swapon(const char *path, int flags) { return swapon(path, flags); }
+
+int memlab_swapoff(const char *path) { return swapoff(path); }

@@ -101,6 +101,26 @@ public final class Runner {
             result.reason = setupFailure
             return
         }
+        do {
+            try s.prepare(variant: request.variant, params: request.params, settingsGuard: settingsGuard)
+        } catch let e as ScenarioError {
+            switch e {
+            case .skipped(let why): result.status = .skipped; result.reason = why
+            case .failed(let why): result.status = .failed; result.reason = "preparing the run: \(why)"
+            }
+            return
+        } catch {
+            result.status = .failed
+            result.reason = "preparing the run: \(error)"
+            return
+        }
+        let made = settingsGuard.createdResources
+        if !(made.swapAreas.isEmpty && made.files.isEmpty && made.zram.isEmpty) {
+            var what: [String] = made.swapAreas.map { "swap area \($0)" }
+            what += made.files.filter { !made.swapAreas.contains($0) }.map { "file \($0)" }
+            what += made.zram.map { "zram\($0)" }
+            result.notes.append("created for this run and removed afterwards: " + what.joined(separator: ", "))
+        }
 
         var outputs: [RepetitionOutput] = []
         let total = request.warmup + request.repetitions

@@ -149,4 +149,10 @@ int memlab_pidfd_open(pid_t pid);
 /// thread that reads the pipe.
 int memlab_install_signal_pipe(int fd, const int *signals, int count);
 
+// ---- swap areas (include/linux/swap.h; glibc's sys/swap.h) ----
+static const int memlab_SWAP_FLAG_PREFER = 0x8000;
+static const int memlab_SWAP_FLAG_PRIO_MASK = 0x7fff;
+int memlab_swapon(const char *path, int flags);
+int memlab_swapoff(const char *path);
+
 #endif
