@@ -3,5 +3,6 @@ import LabKit
 /// Every scenario memlab knows. The order is the order of `memlab list`.
 public let allScenarios = Registry([
     KSMScenario(),
+    OvercommitScenario(),
     SelfTestScenario(),
 ])
