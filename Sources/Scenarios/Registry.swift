@@ -4,5 +4,6 @@ import LabKit
 public let allScenarios = Registry([
     KSMScenario(),
     OvercommitScenario(),
+    TmemScenario(),
     SelfTestScenario(),
 ])
