@@ -33,6 +33,9 @@ public struct ChildSpec: Codable, Sendable {
     public var placement: Placement
     public var cgroupPath: String?
     public var cgroupVersion: Int?
+    /// The runner's pid: a child whose parent is already gone when it starts (the runner
+    /// was killed between spawn and PR_SET_PDEATHSIG) sees another parent and exits.
+    public var runnerPID: Int32?
 }
 
 /// Runs scenarios: borrows their settings through the guard, runs each repetition in a child
@@ -203,7 +206,7 @@ public final class Runner {
 
         let spec = ChildSpec(scenario: s.id, variant: request.variant, params: request.params,
                              repetition: index, warmup: warmup, placement: request.placement,
-                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version)
+                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version, runnerPID: getpid())
         let specPath = "\(workDirectory)/spec-\(index).json"
         let outPath = "\(workDirectory)/out-\(index).json"
         let logPath = "\(workDirectory)/log-\(index).txt"
@@ -289,6 +292,7 @@ public enum ChildMain {
               let spec = try? JSONDecoder().decode(ChildSpec.self, from: data) else {
             return finish(.failed, "cannot read child spec \(specPath)")
         }
+        if let runner = spec.runnerPID, getppid() != runner { return 125 }
         guard let scenario = registry.scenario(spec.scenario) else {
             return finish(.failed, "unknown scenario \(spec.scenario)")
         }

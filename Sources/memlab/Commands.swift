@@ -204,6 +204,10 @@ enum QuickSuite {
         ("ksm:merge", ["pages": "8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
+        ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),
+        ("overcommit:oom", ["limit": "32M"], 2),
+        ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),
+        ("tmem:density", ["mechanism": "ksm", "guests": "4", "guest_size": "16M", "limit": "48M", "duration_s": "1"], 1),
     ]
 }
 

@@ -116,7 +116,15 @@ extension TmemScenario {
         }
         if let b = ksmBefore {
             let a = try KSM.counters()
-            ctx.record("ksm_pages_sharing", Double(a.pagesSharing - b.pagesSharing), .pages, better: .higher)
+            let sharing = Double(a.pagesSharing - b.pagesSharing)
+            ctx.record("ksm_pages_sharing", sharing, .pages, better: .higher)
+            // The base image is one KSM page per base page, shared by every other live guest.
+            let basePages = Double(Int((Double(guestBytes / page) * p.double("shared_ratio")).rounded()))
+            if alive == count {
+                ctx.check("ksm_pages_sharing", expected: basePages * Double(count - 1), observed: sharing,
+                          tolerance: max(4, basePages * Double(count - 1) * 0.02),
+                          describe: "base pages x (guests - 1), 2% (global counter)")
+            }
             if let c0 = cpuBefore, let c1 = ksmd.flatMap({ TaskCPU.seconds(pid: $0) }) {
                 ctx.record("ksmd_cpu_time", c1 - c0, .s, better: .lower)
             }

@@ -64,7 +64,7 @@ public enum Guest {
 
     /// Starts a worker; `options` become `key=value` arguments.
     public static func spawn(board: Board, slot: Int, options: [String: String], log: String) throws(SystemError) -> pid_t {
-        var args = ["_guest", "board=\(board.path)", "slots=\(board.slots)", "slot=\(slot)"]
+        var args = ["_guest", "board=\(board.path)", "slots=\(board.slots)", "slot=\(slot)", "parent=\(getpid())"]
         for (k, v) in options.sorted(by: { $0.key < $1.key }) { args.append("\(k)=\(v)") }
         return try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: log)
     }
@@ -81,6 +81,8 @@ public enum Guest {
         for a in arguments {
             if let eq = a.firstIndex(of: "=") { o[String(a[..<eq])] = String(a[a.index(after: eq)...]) }
         }
+        // Its parent may have died before PDEATHSIG was set: then it has another parent.
+        if let parent = o["parent"].flatMap(Int32.init), getppid() != parent { return 125 }
         guard let path = o["board"], let slots = o["slots"].flatMap(Int.init), let slot = o["slot"].flatMap(Int.init),
               let bytes = o["bytes"].flatMap(Int.init) else {
             writeStderr("memlab _guest: missing board, slots, slot or bytes\n")
