@@ -80,7 +80,9 @@ extension KernelTests {
             #expect(run["status"] as? String == "ok")
             #expect(median(run, "oom_killed") == 1)
             #expect(median(run, "oom_kills") == 1)
-            #expect((median(run, "max_usage") ?? .infinity) <= Double(32 << 20))
+            // The limit, give or take a few force-charged pages.
+            #expect((median(run, "max_usage") ?? .infinity) <= Double((32 << 20) + 64 * 4096))
+            #expect((median(run, "max_usage") ?? 0) >= Double(30 << 20))
             #expect((median(run, "limit_hits") ?? 0) > 0)
             #expect((median(run, "time_to_kill") ?? 0) > 0)
             #expect(checksAgree(run), "\(run["checks"] ?? "")")

@@ -255,8 +255,11 @@ public struct OvercommitScenario: Scenario {
         if !killed { ctx.note("oom: the worker was not killed: it touched \(formatBytes(Int(touched))) — swap in the cgroup lets it page out instead") }
         ctx.check("oom_kills", expected: 1, observed: Double(kills), tolerance: 0, describe: "exactly one kill (memory.oom_control / memory.events oom_kill)")
         if let peak = cg.peakUsage() {
-            ctx.check("max_usage", expected: Double(limit), observed: Double(peak), accepted: 0...Double(limit),
-                      describe: "at most the limit")
+            // Some charges may not fail (page tables, a task already chosen by the OOM
+            // killer), so the peak can pass the limit by a few pages.
+            let slack = Double(64 * System.pageSize)
+            ctx.check("max_usage", expected: Double(limit), observed: Double(peak), accepted: 0...(Double(limit) + slack),
+                      describe: "at most the limit + 64 pages of forced charges")
         }
         ctx.check("touched_before_kill", expected: Double(limit), observed: touched, accepted: (Double(limit) / 2)...Double(limit),
                   describe: "between half the limit and the limit (the rest: page tables, the monitor)")
