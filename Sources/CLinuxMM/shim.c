@@ -9,6 +9,7 @@
 #include <string.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <sys/swap.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -94,6 +95,8 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count) {
     return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
 }
 
+uint8_t memlab_read_byte(const volatile uint8_t *p) { return *p; }
+
 void memlab_ref_touch(void *base, size_t len, size_t stride) {
     volatile unsigned char *p = base;
     for (size_t off = 0; off < len; off += stride) p[off] = 1;
@@ -130,3 +133,7 @@ int memlab_touch_catching_sigbus(void *base, size_t len, size_t stride, size_t *
     sigaction(SIGBUS, &old, NULL);
     return hit;
 }
+
+int memlab_swapon(const char *path, int flags) { return swapon(path, flags); }
+
+int memlab_swapoff(const char *path) { return swapoff(path); }

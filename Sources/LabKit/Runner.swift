@@ -35,6 +35,9 @@ public struct ChildSpec: Codable, Sendable {
     public var placement: Placement
     public var cgroupPath: String?
     public var cgroupVersion: Int?
+    /// The runner's pid: a child whose parent is already gone when it starts (the runner
+    /// was killed between spawn and PR_SET_PDEATHSIG) sees another parent and exits.
+    public var runnerPID: Int32?
 }
 
 /// Runs scenarios: borrows their settings through the guard, runs each repetition in a child
@@ -108,6 +111,26 @@ public final class Runner {
             result.status = .failed
             result.reason = setupFailure
             return
+        }
+        do {
+            try s.prepare(variant: request.variant, params: request.params, settingsGuard: settingsGuard)
+        } catch let e as ScenarioError {
+            switch e {
+            case .skipped(let why): result.status = .skipped; result.reason = why
+            case .failed(let why): result.status = .failed; result.reason = "preparing the run: \(why)"
+            }
+            return
+        } catch {
+            result.status = .failed
+            result.reason = "preparing the run: \(error)"
+            return
+        }
+        let made = settingsGuard.createdResources
+        if !(made.swapAreas.isEmpty && made.files.isEmpty && made.zram.isEmpty) {
+            var what: [String] = made.swapAreas.map { "swap area \($0)" }
+            what += made.files.filter { !made.swapAreas.contains($0) }.map { "file \($0)" }
+            what += made.zram.map { "zram\($0)" }
+            result.notes.append("created for this run and removed afterwards: " + what.joined(separator: ", "))
         }
 
         var outputs: [RepetitionOutput] = []
@@ -191,7 +214,7 @@ public final class Runner {
 
         let spec = ChildSpec(scenario: s.id, variant: request.variant, params: request.params,
                              repetition: index, warmup: warmup, placement: request.placement,
-                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version)
+                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version, runnerPID: getpid())
         let specPath = "\(workDirectory)/spec-\(index).json"
         let outPath = "\(workDirectory)/out-\(index).json"
         let logPath = "\(workDirectory)/log-\(index).txt"
@@ -277,6 +300,7 @@ public enum ChildMain {
               let spec = try? JSONDecoder().decode(ChildSpec.self, from: data) else {
             return finish(.failed, "cannot read child spec \(specPath)")
         }
+        if let runner = spec.runnerPID, getppid() != runner { return 125 }
         guard let scenario = registry.scenario(spec.scenario) else {
             return finish(.failed, "unknown scenario \(spec.scenario)")
         }

@@ -67,6 +67,12 @@ public protocol Scenario: Sendable {
     func deadline(variant: String, params: Params) -> Double
     /// When non-nil, each repetition runs in a fresh memory cgroup with this limit (bytes).
     func memoryLimit(variant: String, params: Params) -> Int?
+    /// Machine-wide resources beyond knobs that the run needs (a swap file, a zram device),
+    /// made by the runner (parent) after `settings` are borrowed and before the first
+    /// repetition — only through the guard's journaled calls, so they are removed after the
+    /// run, on signals, and by the next memlab start. Throw `ScenarioError.skipped` when the
+    /// machine cannot provide them.
+    func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws
     /// One repetition, in the child process.
     func run(_ context: RunContext) throws
 }
@@ -79,6 +85,7 @@ extension Scenario {
     public func settings(variant: String, params: Params) -> [KnobSetting] { [] }
     public func deadline(variant: String, params: Params) -> Double { 120 }
     public func memoryLimit(variant: String, params: Params) -> Int? { nil }
+    public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {}
 
     public func variant(named name: String) -> Variant? { variants.first { $0.name == name } }
 

@@ -20,12 +20,22 @@ public struct Journal: Codable, Sendable, Equatable {
     public var entries: [Entry] = []
     /// Directories memlab created (memory cgroups), removed on restore.
     public var createdDirectories: [String] = []
+    /// Files memlab created (swap files), unlinked on restore. Optional: absent in journals
+    /// written before these existed.
+    public var createdFiles: [String]?
+    /// zram devices memlab added (hot_add), reset and removed on restore.
+    public var zramDevices: [Int]?
+    /// Swap areas memlab activated, swapped off on restore (before their file or device goes).
+    public var swapAreas: [String]?
 
     enum CodingKeys: String, CodingKey {
         case entries, command
         case ownerPID = "owner_pid"
         case ownerStart = "owner_start"
         case createdDirectories = "created_directories"
+        case createdFiles = "created_files"
+        case zramDevices = "zram_devices"
+        case swapAreas = "swap_areas"
     }
 
     public var ownerIsAlive: Bool {
@@ -164,6 +174,57 @@ public final class SettingsGuard: @unchecked Sendable {
         }
     }
 
+    // MARK: swap areas, files, zram devices
+
+    /// Creates a file through `make` (a swap file), journaled first so restore unlinks it.
+    public func createFile(_ path: String, _ make: (String) throws(SystemError) -> Void) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            var j = journal ?? newJournal()
+            j.createdFiles = (j.createdFiles ?? []) + [path]
+            try writeJournal(j)
+            journal = j
+            do throws(SystemError) { try make(path) } catch {
+                // Someone else's file by that name: not ours to remove.
+                if error.errno == EEXIST {
+                    j.createdFiles?.removeAll { $0 == path }
+                    try? writeJournal(j)
+                    journal = j
+                }
+                throw error
+            }
+        }
+    }
+
+    /// Adds a zram device (hot_add) and journals it at once; restore resets and removes it.
+    /// (Its number is known only after hot_add: a crash in between leaves an empty device.)
+    public func addZramDevice() throws(SystemError) -> Int {
+        try state.withLock { (journal) throws(SystemError) in
+            var j = journal ?? newJournal()
+            try writeJournal(j)
+            let id = try Zram.hotAdd()
+            j.zramDevices = (j.zramDevices ?? []) + [id]
+            try writeJournal(j)
+            journal = j
+            return id
+        }
+    }
+
+    /// swapon(2) of a file or device, journaled first so restore swaps it off.
+    public func activateSwap(_ path: String, priority: Int = 32000) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            var j = journal ?? newJournal()
+            j.swapAreas = (j.swapAreas ?? []) + [path]
+            try writeJournal(j)
+            journal = j
+            try Swap.activate(path: path, priority: priority)
+        }
+    }
+
+    /// What the journal holds besides knobs, for a run's notes.
+    public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
+        state.withLock { j in (j?.swapAreas ?? [], j?.createdFiles ?? [], j?.zramDevices ?? []) }
+    }
+
     /// Gives back everything borrowed, verifies each knob reads its original value, and
     /// deletes the journal when all is back.
     @discardableResult
@@ -235,6 +296,31 @@ public final class SettingsGuard: @unchecked Sendable {
                 }
             } catch {
                 report.failures.append("\(e.path): \(error)")
+            }
+        }
+        // Swap areas first (swapoff brings their pages back), then the devices and files
+        // behind them.
+        for area in (j.swapAreas ?? []).reversed() {
+            do {
+                try Swap.deactivate(path: area)
+                report.restoredLines.append("swapoff \(area)")
+            } catch {
+                report.failures.append(error.description)
+            }
+        }
+        for id in (j.zramDevices ?? []).reversed() {
+            do {
+                try Zram.hotRemove(id)
+                report.restoredLines.append("removed zram\(id)")
+            } catch {
+                report.failures.append(error.description)
+            }
+        }
+        for file in (j.createdFiles ?? []).reversed() {
+            if unlink(file) != 0 && errno != ENOENT {
+                report.failures.append(SystemError.current("unlink", path: file).description)
+            } else {
+                report.restoredLines.append("removed \(file)")
             }
         }
         for dir in j.createdDirectories.reversed() {

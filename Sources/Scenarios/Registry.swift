@@ -4,5 +4,7 @@ import LabKit
 public let allScenarios = Registry([
     KSMScenario(),
     HugePagesScenario(),
+    OvercommitScenario(),
+    TmemScenario(),
     SelfTestScenario(),
 ])

@@ -240,6 +240,10 @@ enum QuickSuite {
         ("hugepages:bloat", ["size": "16M"], 1),
         ("hugepages:split", ["size": "16M"], 3),
         ("hugepages:hugetlb-reserve", [:], 1),
+        ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),
+        ("overcommit:oom", ["limit": "32M"], 2),
+        ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),
+        ("tmem:density", ["mechanism": "ksm", "guests": "4", "guest_size": "16M", "limit": "48M", "duration_s": "1"], 1),
     ]
 }
 

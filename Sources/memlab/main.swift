@@ -11,6 +11,11 @@ if CommandLine.arguments.count == 4 && CommandLine.arguments[1] == "_child" {
     exit(ChildMain.run(registry: allScenarios, specPath: CommandLine.arguments[2], outPath: CommandLine.arguments[3]))
 }
 
+// A worker a scenario's child starts inside its memory cgroup (see Scenarios.Guest).
+if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_guest" {
+    exit(Guest.main(Array(CommandLine.arguments.dropFirst(2))))
+}
+
 do {
     var command = try Memlab.parseAsRoot()
     try command.run()

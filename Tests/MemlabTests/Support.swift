@@ -67,7 +67,7 @@ struct KnobSnapshot: Equatable, CustomStringConvertible {
                  "max_page_sharing", "smart_scan"].map { "/sys/kernel/mm/ksm/\($0)" }
         p += ["enabled", "defrag", "use_zero_page", "shmem_enabled"].map { "/sys/kernel/mm/transparent_hugepage/\($0)" }
         p += ["nr_hugepages", "nr_overcommit_hugepages", "overcommit_memory", "overcommit_ratio",
-              "overcommit_kbytes", "swappiness"].map { "/proc/sys/vm/\($0)" }
+              "overcommit_kbytes", "swappiness", "page-cluster"].map { "/proc/sys/vm/\($0)" }
         p += ["enabled", "compressor", "max_pool_percent"].map { "/sys/module/zswap/parameters/\($0)" }
         p += ["defrag", "pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs", "max_ptes_none"]
             .map { "/sys/kernel/mm/transparent_hugepage/khugepaged/\($0)" }
@@ -89,6 +89,7 @@ struct KnobSnapshot: Equatable, CustomStringConvertible {
         }
         v["ksm_pages_shared"] = (try? String(contentsOfFile: "/sys/kernel/mm/ksm/pages_shared", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
         v["swaps"] = (try? String(contentsOfFile: "/proc/swaps", encoding: .utf8)).map { String($0.split(separator: "\n").count) }
+        v["zram_devices"] = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []).filter { $0.hasPrefix("zram") }.sorted().joined(separator: ",")
         let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/memory")) ?? []
         v["memlab_cgroups"] = cgroups.filter { $0.hasPrefix("memlab") }.sorted().joined(separator: ",")
         return KnobSnapshot(values: v)

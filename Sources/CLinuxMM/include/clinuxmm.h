@@ -156,9 +156,19 @@ void memlab_ref_touch(void *base, size_t len, size_t stride);
 /// Follows `steps` links of a pointer chase; each element holds the index of the next.
 uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);
 
+/// One volatile byte load: a read the optimiser can neither drop nor move, for workloads whose
+/// point is the fault a read takes (swap-in, shared pages of a guest).
+uint8_t memlab_read_byte(const volatile uint8_t *p);
+
 /// Touches [base, base+len) every `stride` bytes with SIGBUS caught (sigsetjmp): returns 1 and
 /// the offset that faulted when a SIGBUS arrived (hugetlb MAP_NORESERVE past the pool), 0 when
 /// every byte was written. The handler is removed before returning.
 int memlab_touch_catching_sigbus(void *base, size_t len, size_t stride, size_t *faulted_offset);
+
+// ---- swap areas (include/linux/swap.h; glibc's sys/swap.h) ----
+static const int memlab_SWAP_FLAG_PREFER = 0x8000;
+static const int memlab_SWAP_FLAG_PRIO_MASK = 0x7fff;
+int memlab_swapon(const char *path, int flags);
+int memlab_swapoff(const char *path);
 
 #endif

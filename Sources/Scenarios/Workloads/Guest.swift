@@ -1,0 +1,155 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinuxMM
+import LabKit
+import LinuxMM
+
+/// Worker processes a scenario's child starts beside itself (inside its memory cgroup): a
+/// memory hog for the OOM experiment, a "guest" with a memory image for the density
+/// experiment. Each is memlab re-executed as `memlab _guest key=value …`, so it starts clean
+/// (no fork of a threaded Swift process), dies with its parent (PDEATHSIG), and reports
+/// through a shared status file: one slot of 8 UInt64 per worker.
+public enum Guest {
+    /// Slot fields.
+    public enum Field: Int {
+        case state = 0        // 0 starting, 1 filling, 2 running, 3 done
+        case pages = 1        // pages written so far
+        case passes = 2       // passes over the image completed
+        case startNS = 3      // CLOCK_MONOTONIC when the first page was written
+        case readyNS = 4      // when the image was complete
+        case passNS = 5       // total ns spent in passes
+        case lastPassNS = 6   // when the last pass ended
+    }
+    public static let slotWords = 8
+
+    /// The status file: created and mapped by the monitor, mapped by each worker.
+    public final class Board: @unchecked Sendable {
+        public let path: String
+        let mapping: FileMapping
+        public let slots: Int
+
+        public init(path: String, slots: Int) throws(SystemError) {
+            self.path = path
+            self.slots = slots
+            let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            if fd < 0 { throw SystemError.current("open", path: path) }
+            let length = max(System.pageSize, slots * Guest.slotWords * 8)
+            if ftruncate(fd, off_t(length)) != 0 { close(fd); throw SystemError.current("ftruncate", path: path) }
+            mapping = try FileMapping(fd: fd, length: length, ownsDescriptor: true)
+        }
+
+        init(attach path: String, slots: Int) throws(SystemError) {
+            self.path = path
+            self.slots = slots
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            if fd < 0 { throw SystemError.current("open", path: path) }
+            mapping = try FileMapping(fd: fd, length: max(System.pageSize, slots * Guest.slotWords * 8), ownsDescriptor: true)
+        }
+
+        deinit { unlink(path) }
+
+        func pointer(_ slot: Int, _ f: Field) -> UnsafeMutablePointer<UInt64> {
+            mapping.base.assumingMemoryBound(to: UInt64.self) + slot * Guest.slotWords + f.rawValue
+        }
+
+        public func read(_ slot: Int, _ f: Field) -> UInt64 {
+            // A volatile-style load: the worker writes it from another process.
+            UnsafeMutableRawPointer(pointer(slot, f)).loadUnaligned(as: UInt64.self)
+        }
+
+        func write(_ slot: Int, _ f: Field, _ v: UInt64) {
+            UnsafeMutableRawPointer(pointer(slot, f)).storeBytes(of: v, as: UInt64.self)
+        }
+    }
+
+    /// Starts a worker; `options` become `key=value` arguments.
+    public static func spawn(board: Board, slot: Int, options: [String: String], log: String) throws(SystemError) -> pid_t {
+        var args = ["_guest", "board=\(board.path)", "slots=\(board.slots)", "slot=\(slot)", "parent=\(getpid())"]
+        for (k, v) in options.sorted(by: { $0.key < $1.key }) { args.append("\(k)=\(v)") }
+        return try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: log)
+    }
+
+    /// `memlab _guest …`: the worker's main. Roles:
+    ///   hog   write `bytes` page by page (oom_score_adj 1000: the cgroup's first victim)
+    ///   vm    an image of `bytes`: the first `shared_ratio` identical in every guest
+    ///         (text, seed `base_seed`), the rest private (pattern `private_pattern`, seed
+    ///         `seed`); optionally MADV_MERGEABLE; then passes: read every page, write every
+    ///         private page, sleep `pass_sleep_ms`, until killed or `passes` done.
+    public static func main(_ arguments: [String]) -> Int32 {
+        _ = LinuxMMBridge.setParentDeathSignal(SIGKILL)
+        var o: [String: String] = [:]
+        for a in arguments {
+            if let eq = a.firstIndex(of: "=") { o[String(a[..<eq])] = String(a[a.index(after: eq)...]) }
+        }
+        // Its parent may have died before PDEATHSIG was set: then it has another parent.
+        if let parent = o["parent"].flatMap(Int32.init), getppid() != parent { return 125 }
+        guard let path = o["board"], let slots = o["slots"].flatMap(Int.init), let slot = o["slot"].flatMap(Int.init),
+              let bytes = o["bytes"].flatMap(Int.init) else {
+            writeStderr("memlab _guest: missing board, slots, slot or bytes\n")
+            return 2
+        }
+        let board: Board
+        do { board = try Board(attach: path, slots: slots) } catch {
+            writeStderr("memlab _guest: \(error)\n")
+            return 1
+        }
+        if let adj = o["oom_score_adj"] { try? ProcFile.write("/proc/self/oom_score_adj", adj) }
+        let page = System.pageSize
+        let region: AnonymousMapping
+        do { region = try AnonymousMapping(length: bytes, kind: .base) } catch {
+            writeStderr("memlab _guest: \(error)\n")
+            return 1
+        }
+        let pages = region.pageCount
+        let p = region.base.assumingMemoryBound(to: UInt8.self)
+        board.write(slot, .state, 1)
+        board.write(slot, .startNS, Clock.nanoseconds())
+
+        if o["role"] == "hog" {
+            for i in 0..<pages {
+                p[i * page] = 1
+                board.write(slot, .pages, UInt64(i + 1))
+            }
+            board.write(slot, .readyNS, Clock.nanoseconds())
+            board.write(slot, .state, 3)
+            return 0
+        }
+
+        let sharedPages = Int((Double(pages) * (o["shared_ratio"].flatMap(Double.init) ?? 0)).rounded())
+        let baseSeed = o["base_seed"].flatMap(UInt64.init) ?? 1
+        let seed = o["seed"].flatMap(UInt64.init) ?? 2
+        let privatePattern = o["private_pattern"].flatMap(FillPattern.init(rawValue:)) ?? .text
+        for i in 0..<pages {
+            if i < sharedPages {
+                FillPattern.text.fill(p + i * page, pageSize: page, index: i, seed: baseSeed)
+            } else {
+                privatePattern.fill(p + i * page, pageSize: page, index: i, seed: seed)
+            }
+            board.write(slot, .pages, UInt64(i + 1))
+        }
+        if o["mergeable"] == "1" { try? KSM.setMergeable(region.base, length: region.length, true) }
+        board.write(slot, .readyNS, Clock.nanoseconds())
+        board.write(slot, .state, 2)
+
+        let sleepNS = UInt64(o["pass_sleep_ms"].flatMap(Int.init) ?? 50) * 1_000_000
+        let maxPasses = o["passes"].flatMap(Int.init) ?? Int.max
+        var passes = 0
+        var sink: UInt8 = 0
+        while passes < maxPasses {
+            let t0 = Clock.nanoseconds()
+            for i in 0..<pages {
+                if i < sharedPages { sink &+= memlab_read_byte(p + i * page + 64) } else { p[i * page + 64] &+= 1 }
+            }
+            let t1 = Clock.nanoseconds()
+            passes += 1
+            board.write(slot, .passNS, board.read(slot, .passNS) + (t1 - t0))
+            board.write(slot, .passes, UInt64(passes))
+            board.write(slot, .lastPassNS, t1)
+            Clock.sleep(nanoseconds: sleepNS)
+        }
+        board.write(slot, .state, 3)
+        blackHole(sink)
+        return 0
+    }
+}
