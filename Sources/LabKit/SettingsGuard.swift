@@ -61,7 +61,13 @@ public struct RestoreReport: Sendable {
 public final class SettingsGuard: @unchecked Sendable {
     public let stateDirectory: String
     public var journalPath: String { "\(stateDirectory)/journal.json" }
-    public var lockPath: String { "\(stateDirectory)/lock" }
+    /// The lock is machine-wide even when the journal's directory is not: the knobs it
+    /// protects are machine-wide, so two memlabs with different MEMLAB_STATE_DIRs must still
+    /// take turns (else one could journal the other's borrowed value as "original").
+    public var lockPath: String {
+        if let p = ProcessInfo.processInfo.environment["MEMLAB_LOCK_FILE"] { return p }
+        return ProcFile.exists("/run") ? "/run/memlab.lock" : "\(stateDirectory)/lock"
+    }
 
     private let state: Mutex<Journal?> = Mutex(nil)
     private let lockFD: Mutex<Int32> = Mutex(-1)
