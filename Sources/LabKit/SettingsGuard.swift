@@ -242,9 +242,15 @@ public final class SettingsGuard: @unchecked Sendable {
                 unlink(journalPath)
                 journal = nil
             }
+            lastRestore.withLock { $0 = report }
             return report
         }
     }
+
+    /// The most recent restore's report: a signal handler that finds nothing left to restore
+    /// (the run's own restore got there first) can still say what was given back.
+    public var lastRestoreReport: RestoreReport? { lastRestore.withLock { $0 } }
+    private let lastRestore = Mutex<RestoreReport?>(nil)
 
     /// What has been changed so far (path -> from/to).
     public var changes: [String: SettingChange] {

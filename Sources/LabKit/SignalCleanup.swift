@@ -53,10 +53,15 @@ public final class SignalCleanup: Sendable {
         let name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP"
         var message = "\nmemlab: interrupted by \(name)"
         if let g = guardRef.withLock({ $0 }) {
-            let report = g.restoreAll()
+            // The run's own thread may have seen its child die (killed just now) and restored
+            // first; then its report is the one to show.
+            var report = g.restoreAll()
+            if report.restoredLines.isEmpty && report.failures.isEmpty, let earlier = g.lastRestoreReport { report = earlier }
             g.releaseLock()
             if !report.restoredLines.isEmpty {
                 message += "; settings restored:\n" + report.restoredLines.map { "  \($0)" }.joined(separator: "\n")
+            } else {
+                message += "; no setting was borrowed at that moment (journal \(g.journalPath))"
             }
             if !report.failures.isEmpty {
                 message += "\nmemlab: could NOT restore:\n" + report.failures.map { "  \($0)" }.joined(separator: "\n")

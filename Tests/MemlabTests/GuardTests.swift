@@ -40,13 +40,14 @@ extension KernelTests {
         func signalMidRunRestoresAtOnce(_ sig: Int32) throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
-            let (p, _, err) = try Memlab.start(Self.slowRun + ["--json", dir.file("r.json")], stateDir: dir.path)
+            let (p, outPipe, err) = try Memlab.start(Self.slowRun + ["--json", dir.file("r.json")], stateDir: dir.path)
             #expect(Self.waitForJournal(dir))
+            let journalText = (try? String(contentsOfFile: dir.file("journal.json"), encoding: .utf8)) ?? "none"
             kill(p.processIdentifier, sig)
             let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             p.waitUntilExit()
             #expect(p.terminationStatus == 128 + sig)
-            #expect(stderr.contains("settings restored"), "stderr: \(stderr)")
+            #expect(stderr.contains("settings restored"), "stderr: \(stderr) journal-before-kill: \(journalText) stdout: \(String(decoding: outPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))")
             #expect(!FileManager.default.fileExists(atPath: dir.file("journal.json")))
             #expect(KnobSnapshot.take() == before)
         }
