@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <time.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
@@ -83,6 +84,8 @@ uint64_t memlab_thread_cpu_ns(void) {
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
+
+int memlab_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
 
 int memlab_gettid(void) { return (int)syscall(SYS_gettid); }
 

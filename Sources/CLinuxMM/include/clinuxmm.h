@@ -193,6 +193,8 @@ int memlab_sleep_until_ns(uint64_t deadline_ns);
 int memlab_set_timerslack(unsigned long ns);
 /// The calling thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID).
 uint64_t memlab_thread_cpu_ns(void);
+/// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK).
+int memlab_eventfd(void);
 /// gettid(2).
 int memlab_gettid(void);
 int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
