@@ -217,6 +217,8 @@ enum QuickSuite {
         ("hugepages:bloat", ["size": "16M"], 1),
         ("hugepages:split", ["size": "16M"], 3),
         ("hugepages:hugetlb-reserve", [:], 1),
+        ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "on-demand"], 1),
+        ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "background-push"], 1),
     ]
 }
 
