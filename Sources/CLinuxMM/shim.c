@@ -10,6 +10,9 @@
 #include <pthread.h>
 #include <setjmp.h>
 #include <sys/swap.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <time.h>
 
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6) {
     return syscall(number, a1, a2, a3, a4, a5, a6);
@@ -18,6 +21,74 @@ long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, l
 int memlab_userfaultfd(int flags) { return (int)syscall(SYS_userfaultfd, flags); }
 
 int memlab_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+
+int memlab_uffd_read_faults(int fd, struct memlab_uffd_fault *out, int max) {
+    struct uffd_msg msgs[64];
+    if (max > 64) max = 64;
+    if (max < 1) { errno = EINVAL; return -1; }
+    ssize_t n = read(fd, msgs, sizeof(struct uffd_msg) * (size_t)max);
+    if (n < 0) return -1;
+    int count = (int)(n / (ssize_t)sizeof(struct uffd_msg));
+    for (int i = 0; i < count; i++) {
+        const struct uffd_msg *m = &msgs[i];
+        struct memlab_uffd_fault *o = &out[i];
+        memset(o, 0, sizeof(*o));
+        o->event = m->event;
+        switch (m->event) {
+        case UFFD_EVENT_PAGEFAULT:
+            o->flags = m->arg.pagefault.flags;
+            o->address = m->arg.pagefault.address;
+            o->ptid = m->arg.pagefault.feat.ptid;
+            break;
+        case UFFD_EVENT_REMOVE:
+        case UFFD_EVENT_UNMAP:
+            o->address = m->arg.remove.start;
+            o->end = m->arg.remove.end;
+            break;
+        case UFFD_EVENT_REMAP:
+            o->address = m->arg.remap.from;
+            o->end = m->arg.remap.to;
+            o->len = m->arg.remap.len;
+            break;
+        case UFFD_EVENT_FORK:
+            o->ufd = (int32_t)m->arg.fork.ufd;
+            break;
+        }
+    }
+    return count;
+}
+
+int memlab_ppoll_in(int fd, int64_t timeout_ns) {
+    struct pollfd p = { .fd = fd, .events = POLLIN, .revents = 0 };
+    struct timespec ts, *tp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tp = &ts;
+    }
+    int rc = ppoll(&p, 1, tp, NULL);
+    if (rc > 0) return 1;
+    return rc;
+}
+
+int memlab_sleep_until_ns(uint64_t deadline_ns) {
+    struct timespec ts = { .tv_sec = (time_t)(deadline_ns / 1000000000ull), .tv_nsec = (long)(deadline_ns % 1000000000ull) };
+    int rc;
+    while ((rc = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL)) == EINTR) {}
+    return rc;
+}
+
+int memlab_set_timerslack(unsigned long ns) { return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0); }
+
+uint64_t memlab_thread_cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int memlab_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
+
+int memlab_gettid(void) { return (int)syscall(SYS_gettid); }
 
 int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5) {
     return prctl(option, a2, a3, a4, a5);

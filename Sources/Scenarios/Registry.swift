@@ -6,5 +6,6 @@ public let allScenarios = Registry([
     HugePagesScenario(),
     OvercommitScenario(),
     TmemScenario(),
+    LazyRestoreScenario(),
     SelfTestScenario(),
 ])

@@ -244,6 +244,8 @@ enum QuickSuite {
         ("overcommit:oom", ["limit": "32M"], 2),
         ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),
         ("tmem:density", ["mechanism": "ksm", "guests": "4", "guest_size": "16M", "limit": "48M", "duration_s": "1"], 1),
+        ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "on-demand"], 1),
+        ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "background-push"], 1),
     ]
 }
 

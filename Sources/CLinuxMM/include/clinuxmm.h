@@ -96,6 +96,60 @@ static const unsigned long memlab_UFFDIO_COPY = UFFDIO_COPY;
 static const unsigned long memlab_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
 static const unsigned long memlab_UFFDIO_MOVE = UFFDIO_MOVE;
 static const int memlab_UFFD_USER_MODE_ONLY = UFFD_USER_MODE_ONLY;
+#ifndef _UFFDIO_CONTINUE
+#define _UFFDIO_CONTINUE (0x07)
+struct uffdio_continue {
+    struct uffdio_range range;
+    uint64_t mode;
+    int64_t mapped;
+};
+#define UFFDIO_CONTINUE _IOWR(UFFDIO, _UFFDIO_CONTINUE, struct uffdio_continue)
+#endif
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+    uint64_t mode;
+    int64_t updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+#ifndef UFFDIO_REGISTER_MODE_MINOR
+#define UFFDIO_REGISTER_MODE_MINOR ((uint64_t)1 << 2)
+#endif
+static const unsigned long memlab_UFFDIO_CONTINUE = UFFDIO_CONTINUE;
+static const unsigned long memlab_UFFDIO_POISON = UFFDIO_POISON;
+static const uint64_t memlab_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;
+static const uint64_t memlab_UFFDIO_REGISTER_MODE_WP = UFFDIO_REGISTER_MODE_WP;
+static const uint64_t memlab_UFFDIO_REGISTER_MODE_MINOR = UFFDIO_REGISTER_MODE_MINOR;
+static const uint64_t memlab_UFFDIO_COPY_MODE_DONTWAKE = UFFDIO_COPY_MODE_DONTWAKE;
+static const uint64_t memlab_UFFDIO_ZEROPAGE_MODE_DONTWAKE = UFFDIO_ZEROPAGE_MODE_DONTWAKE;
+static const uint64_t memlab_UFFDIO_CONTINUE_MODE_DONTWAKE = ((uint64_t)1 << 0);
+static const uint64_t memlab_UFFDIO_MOVE_MODE_DONTWAKE = ((uint64_t)1 << 0);
+static const uint64_t memlab_UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = ((uint64_t)1 << 1);
+static const uint8_t memlab_UFFD_EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT;
+static const uint8_t memlab_UFFD_EVENT_FORK = UFFD_EVENT_FORK;
+static const uint8_t memlab_UFFD_EVENT_REMAP = UFFD_EVENT_REMAP;
+static const uint8_t memlab_UFFD_EVENT_REMOVE = UFFD_EVENT_REMOVE;
+static const uint8_t memlab_UFFD_EVENT_UNMAP = UFFD_EVENT_UNMAP;
+static const uint64_t memlab_UFFD_PAGEFAULT_FLAG_WRITE = UFFD_PAGEFAULT_FLAG_WRITE;
+static const uint64_t memlab_UFFD_PAGEFAULT_FLAG_WP = UFFD_PAGEFAULT_FLAG_WP;
+static const uint64_t memlab_UFFD_PAGEFAULT_FLAG_MINOR = ((uint64_t)1 << 2);
+
+/// One userfaultfd message, unpacked (struct uffd_msg is a __packed union): `event` is
+/// UFFD_EVENT_*; for PAGEFAULT `flags`, `address` and `ptid` (with UFFD_FEATURE_THREAD_ID);
+/// for REMOVE/UNMAP `address`..`end`; for REMAP `address` (from), `end` (to), `len`;
+/// for FORK `ufd` (the child's new userfaultfd).
+struct memlab_uffd_fault {
+    uint32_t event;
+    uint32_t ptid;
+    uint64_t flags;
+    uint64_t address;
+    uint64_t end;
+    uint64_t len;
+    int32_t ufd;
+    int32_t reserved;
+};
 
 // ---- PAGEMAP_SCAN (include/uapi/linux/fs.h, 6.7+) ----
 #ifndef PAGEMAP_SCAN
@@ -126,6 +180,23 @@ static const unsigned long memlab_PAGEMAP_SCAN = PAGEMAP_SCAN;
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6);
 int memlab_userfaultfd(int flags);
 int memlab_ioctl_ptr(int fd, unsigned long request, void *arg);
+/// read(2)s up to `max` (at most 64) uffd_msg from `fd` in one call and unpacks them into
+/// `out`. Returns the number of messages, or -1 with errno (EAGAIN when non-blocking and
+/// empty).
+int memlab_uffd_read_faults(int fd, struct memlab_uffd_fault *out, int max);
+/// ppoll on one fd for POLLIN with a nanosecond timeout (< 0: none). 1 readable, 0 timeout,
+/// -1 errno. revents of POLLERR/POLLHUP count as readable (the read reports it).
+int memlab_ppoll_in(int fd, int64_t timeout_ns);
+/// clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) to an absolute time in ns.
+int memlab_sleep_until_ns(uint64_t deadline_ns);
+/// Sets this thread's timer slack (prctl PR_SET_TIMERSLACK), in ns.
+int memlab_set_timerslack(unsigned long ns);
+/// The calling thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID).
+uint64_t memlab_thread_cpu_ns(void);
+/// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK).
+int memlab_eventfd(void);
+/// gettid(2).
+int memlab_gettid(void);
 int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 int memlab_memfd_create(const char *name, unsigned int flags);
 int memlab_pipe2(int fds[2], int flags);

@@ -1,0 +1,211 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinuxMM
+import Histogram
+import LabKit
+import LinuxMM
+
+/// Lazy restore / post-copy over userfaultfd: the destination is this (child) process, whose
+/// region is registered with userfaultfd and filled on demand by memlab's fault engine; only
+/// the source and the link are modelled (an in-memory image, an emulated link with real
+/// waits). Each policy moves the same pages for the same workload, so a sweep over `policy`
+/// is a side-by-side table.
+public struct LazyRestoreScenario: Scenario {
+    public init() {}
+    public let id = "lazy-restore"
+    public let summary = "Post-copy / lazy restore on userfaultfd: fault engine, emulated link, prefetch policies"
+    public let variants = [
+        Variant("restore", "restore a region lazily under a workload with one policy; faults, latency, bytes, slowdown; contents verified"),
+        Variant("floors", "this machine's floors: first-touch fault, UFFDIO_COPY per page and bulk, local fault round trip per wait mode, loopback TCP RTT"),
+    ]
+
+    static let policies = RestoreConfig.Policy.allCases.map(\.rawValue)
+
+    public let parameters: [ParameterSpec] = [
+        ParameterSpec("size", .size((1 << 20)...(16 << 30)), default: .int(64 << 20), help: "bytes of the restored region"),
+        ParameterSpec("policy", .choice(LazyRestoreScenario.policies), default: .string("on-demand"), help: "which pages move when: " + LazyRestoreScenario.policies.joined(separator: ", ")),
+        ParameterSpec("workload", .choice(["sequential", "random", "zipf"]), default: .string("sequential"), help: "access pattern of the workload threads"),
+        ParameterSpec("zipf_skew", .double(0.01...5), default: .double(0.99), help: "zipf: exponent of the hot-set distribution"),
+        ParameterSpec("accesses", .int(1...100_000_000), default: .int(1024), help: "accesses per workload thread (one word of one page each)"),
+        ParameterSpec("write_ratio", .double(0...1), default: .double(0.2), help: "fraction of accesses that write"),
+        ParameterSpec("threads", .int(1...64), default: .int(1), help: "workload threads"),
+        ParameterSpec("link", .choice(["emulated", "none"]), default: .string("emulated"), help: "emulated: bandwidth and RTT below; none: install at once (the local floor)"),
+        ParameterSpec("bandwidth_mbit", .double(1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
+        ParameterSpec("rtt_ms", .double(0...1000), default: .double(1), help: "emulated round-trip time, ms (urgent requests pay it in full)"),
+        ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("fifo"), help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk"),
+        ParameterSpec("wait", .choice(["blocking", "poll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, busy polling"),
+        ParameterSpec("handler_threads", .int(1...16), default: .int(1), help: "fault handler threads"),
+        ParameterSpec("batch", .int(1...64), default: .int(64), help: "messages read per read(2)"),
+        ParameterSpec("resolve", .choice(["copy", "move", "continue"]), default: .string("copy"), help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE"),
+        ParameterSpec("zero_ratio", .double(0...1), default: .double(0.1), help: "fraction of image pages that are zero"),
+        ParameterSpec("zero_pages", .choice(["zeropage", "transfer"]), default: .string("zeropage"), help: "known-zero pages: UFFDIO_ZEROPAGE locally, or transferred like any page"),
+        ParameterSpec("window_pages", .int(1...4096), default: .int(16), help: "fault-around: pages sent per fault"),
+        ParameterSpec("max_window_pages", .int(1...4096), default: .int(512), help: "fault-around-adaptive: largest window"),
+        ParameterSpec("push_chunk", .size(4096...(16 << 20)), default: .int(64 << 10), help: "background push: bytes per transfer"),
+        ParameterSpec("push_window", .size(4096...(1 << 30)), default: .int(1 << 20), help: "background push: bytes booked on the link ahead of now (a socket buffer)"),
+        ParameterSpec("replay_mode", .choice(["before", "concurrent"]), default: .string("before"), help: "working-set-replay: install the recorded set before resuming (REAP) or push it concurrently (FaaSnap)"),
+        ParameterSpec("source_deadline_s", .double(0.1...3600), default: .double(30), help: "a restore not done by then is failed and the workload released"),
+        ParameterSpec("inject_source_failure_s", .double(0...3600), default: .double(0), help: "testing: declare the source dead this long after resume (0: never)"),
+        ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
+    ]
+
+    public func probe(variant: String) -> Availability {
+        let p = Userfaultfd.probe()
+        return p.usable ? .usable : .unusable(p.reason ?? "userfaultfd unusable")
+    }
+
+    public func probe(variant: String, params: Params) -> Availability {
+        if case .unusable(let r) = probe(variant: variant) { return .unusable(r) }
+        let f = Userfaultfd.Features(rawValue: Userfaultfd.probe().features)
+        if params.string("resolve") == "move" && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
+        if params.string("resolve") == "continue" && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
+        return .usable
+    }
+
+    public func validate(variant: String, params: Params) throws(UsageError) {
+        let size = params.int("size")
+        if size % 4096 != 0 { throw UsageError("size must be a multiple of 4096") }
+        // Image + region + resident baseline (+ a staging copy for move/continue).
+        let copies = params.string("resolve") == "copy" ? 3 : 4
+        if let info = try? MemInfo.current(), UInt64(size * copies) > info.memAvailable {
+            let avail = Int(info.memAvailable)
+            throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? ", staging" : "")); MemAvailable is \(formatBytes(avail))")
+        }
+        if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
+        if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
+        if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
+    }
+
+    public func deadline(variant: String, params: Params) -> Double { params.double("source_deadline_s") * 3 + 60 }
+
+    func config(_ p: Params) -> RestoreConfig {
+        var c = RestoreConfig()
+        c.policy = RestoreConfig.Policy(rawValue: p.string("policy"))!
+        c.resolve = RestoreConfig.Resolve(rawValue: p.string("resolve"))!
+        c.wait = RestoreConfig.WaitMode(rawValue: p.string("wait"))!
+        c.handlerThreads = p.int("handler_threads")
+        c.batch = p.int("batch")
+        c.windowPages = p.int("window_pages")
+        c.maxWindowPages = p.int("max_window_pages")
+        c.pushChunkPages = max(p.int("push_chunk") / 4096, 1)
+        c.pushWindowBytes = p.int("push_window")
+        c.zeropage = p.string("zero_pages") == "zeropage"
+        return c
+    }
+
+    func link(_ p: Params) -> EmulatedLink {
+        if p.string("link") == "none" { return EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false) }
+        return EmulatedLink(bytesPerSecond: p.double("bandwidth_mbit") * 1e6 / 8, rttNS: UInt64(p.double("rtt_ms") * 1e6),
+                            preempt: p.string("queue") == "preempt")
+    }
+
+    public func run(_ ctx: RunContext) throws {
+        switch ctx.variant {
+        case "floors": try runFloors(ctx)
+        default: try runRestore(ctx)
+        }
+    }
+
+    func runRestore(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let pages = p.int("size") / 4096
+        let seed = UInt64(p.int("seed")) &+ UInt64(ctx.repetition) &* 7919
+        let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
+        defer { image.release() }
+        let traces = AccessTraces(pattern: AccessTraces.Pattern(rawValue: p.string("workload"))!, pages: pages,
+                                  threads: p.int("threads"), opsPerThread: p.int("accesses"),
+                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image)
+        defer { traces.release() }
+        var cfg = config(p)
+        let deadlineS = p.double("source_deadline_s")
+        let inject = p.double("inject_source_failure_s")
+
+        // working-set-replay: a first restore (on demand) records the faulted pages; the
+        // measured restore installs them first.
+        var reap: [Int32]? = nil
+        if cfg.policy == .workingSetReplay {
+            var first = cfg
+            first.policy = .onDemand
+            let rec = try performRestore(config: first, image: image, traces: traces, link: link(p), reapOrder: nil, deadlineS: deadlineS)
+            if let f = rec.failed { throw ScenarioError.failed("first (recording) restore: \(f)") }
+            ctx.record("first_restore_remote_faults", Double(rec.remote), .count, better: .none)
+            ctx.record("first_restore_total_time", Double(rec.workload.endNS - rec.workload.startNS) / 1e9, .s, better: .none)
+            ctx.record("recorded_working_set", Double(rec.faultOrder.count), .pages, better: .none)
+            if p.string("replay_mode") == "before" { reap = rec.faultOrder } else { cfg.pushOrder = rec.faultOrder }
+        }
+
+        let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
+                                   deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil)
+        if let f = r.failed { throw ScenarioError.failed(f) }
+
+        // The same traces on resident memory: the slowdown's denominator.
+        let resident = try AnonymousMapping(length: pages * 4096, kind: .base)
+        memcpy(resident.base, image.base, pages * 4096)
+        let baseline = WorkloadRun(traces: traces, region: resident.base, seed: seed)
+        baseline.start()
+        baseline.release(at: Clock.nanoseconds())
+        let b = baseline.join()
+
+        let w = r.workload
+        let total = Double(w.endNS - w.startNS) / 1e9
+        ctx.record("total_time", total, .s, better: .lower)
+        ctx.record("time_to_first_response", Double(w.firstResponseNS &- w.startNS) / 1e9, .s, better: .lower)
+        if let full = r.fullyInstalledS { ctx.record("time_to_full_restore", full, .s, better: .lower) }
+        ctx.record("bytes_transferred", Double(r.bytes), .bytes, better: .lower)
+        ctx.record("postcopy_requests", Double(r.remote), .count, better: .lower)
+        ctx.record("faults_remote", Double(r.remote), .count, better: .lower)
+        ctx.record("faults_local", Double(r.local), .count, better: .none)
+        ctx.record("faults_served_by_prefetch", Double(r.prefetchServed), .count, better: .none)
+        ctx.record("faults_joined", Double(r.joined), .count, better: .none)
+        ctx.record("fault_messages", Double(r.messages), .count, better: .none)
+        var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        for v in r.faultLatency { _ = h.record(max(v, 1)) }
+        if !r.faultLatency.isEmpty {
+            ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
+            ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
+            ctx.record("fault_latency_p999", Double(h.valueAtPercentile(99.9)), .ns, better: .lower)
+            ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+        }
+        var ft = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        for v in w.firstTouchNS { _ = ft.record(max(v, 1)) }
+        if !w.firstTouchNS.isEmpty {
+            ctx.record("first_touch_latency_p50", Double(ft.valueAtPercentile(50)), .ns, better: .lower)
+            ctx.record("first_touch_latency_p99", Double(ft.valueAtPercentile(99)), .ns, better: .lower)
+            ctx.record("first_touch_latency_max", Double(ft.max), .ns, better: .lower)
+        }
+        ctx.record("blocked_time", Double(w.blockedNS) / 1e9, .s, better: .lower)
+        let touched = traces.distinctPages
+        ctx.record("pages_touched", Double(touched), .pages, better: .none)
+        if r.installedByPrefetch > 0 {
+            ctx.record("pages_prefetched", Double(r.installedByPrefetch), .pages, better: .none)
+            ctx.record("prefetch_precision", Double(r.usefulPrefetch) / Double(r.installedByPrefetch), .ratio, better: .higher)
+        }
+        ctx.record("prefetch_coverage", touched > 0 ? Double(r.usefulPrefetch) / Double(touched) : 0, .ratio, better: .higher)
+        ctx.record("duplicate_transfers", Double(r.duplicates), .count, better: .lower)
+        ctx.record("transferred_to_touched", touched > 0 ? Double(r.bytes) / Double(touched * 4096) : 0, .ratio, better: .lower)
+        ctx.record("ops_per_second", w.opsPerSecond, .count, better: .higher)
+        ctx.record("resident_ops_per_second", b.opsPerSecond, .count, better: .higher)
+        ctx.record("slowdown", w.opsPerSecond > 0 ? b.opsPerSecond / w.opsPerSecond : 0, .ratio, better: .lower)
+        ctx.record("handler_cpu_time", r.handlerCPU, .s, better: .lower)
+        ctx.record("uffd_ioctls", Double(r.ioctls), .count, better: .none)
+        ctx.record("uffd_wakes", Double(r.wakes), .count, better: .none)
+        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (retried)") }
+
+        ctx.check("contents_match_source", expected: 0, observed: Double(r.mismatched), tolerance: 0,
+                  describe: "installed pages differing from the source image (memcmp, after unregister)")
+        ctx.check("duplicate_transfers", expected: 0, observed: Double(r.duplicates), tolerance: 0,
+                  describe: "pages sent more than once, plus EEXIST conflicts")
+        ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
+                  describe: "pages the workload touched that the engine never installed")
+        if cfg.policy == .onDemand && p.int("threads") == 1 {
+            ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.remote + r.local), tolerance: 0,
+                      describe: "on-demand, one thread: remote + local (zero) faults = distinct pages touched")
+        }
+        let floorNote = p.string("link") == "none"
+            ? "link none: fault latency here is the local floor (wake-ups and ioctls only)"
+            : "read remote figures against `memlab run lazy-restore:floors` (local round trip per wait mode) plus RTT \(p.double("rtt_ms")) ms and \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s"
+        ctx.note(floorNote)
+        withExtendedLifetime(resident) {}
+    }
+}

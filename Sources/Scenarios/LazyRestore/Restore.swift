@@ -1,0 +1,160 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinuxMM
+import LabKit
+import LinuxMM
+
+/// Everything one lazy restore measured.
+struct RestoreOutcome {
+    var workload = WorkloadOutcome()
+    var failed: String?
+    var bytes: UInt64 = 0
+    var remote = 0, joined = 0, prefetchServed = 0, local = 0, messages = 0
+    var eexist = 0, eagain = 0, ioctls = 0, wakes = 0
+    var duplicates = 0
+    var mismatched = 0
+    var touchedNotInstalled = 0
+    var installedByPrefetch = 0
+    var usefulPrefetch = 0
+    var faultLatency: [UInt64] = []
+    var faultOrder: [Int32] = []
+    var handlerCPU: Double = 0
+    var fullyInstalledS: Double?
+}
+
+/// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
+/// if the policy has one, the workload released at `resume`; torn down and verified.
+func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTraces, link: EmulatedLink,
+                    reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil) throws -> RestoreOutcome {
+    let pages = image.pages
+    let length = pages * 4096
+    // The destination region and, where the resolve mode needs one, its staging memory.
+    var anon: AnonymousMapping?
+    var file: FileMapping?
+    var cache: FileMapping?
+    var stagingAnon: AnonymousMapping?
+    let region: UnsafeMutableRawPointer
+    var staging: UnsafeMutableRawPointer?
+    switch config.resolve {
+    case .continue:
+        let f = try FileMapping.memfd(name: "memlab-lazy-restore", length: length)
+        let c = try FileMapping(fd: f.fd, length: length)
+        memset(c.base, 0, length) // every page in the page cache: MINOR faults, not MISSING
+        file = f; cache = c
+        region = f.base
+        staging = c.base
+    case .move:
+        let s = try AnonymousMapping(length: length, kind: .base)
+        memcpy(s.base, image.base, length)
+        stagingAnon = s
+        staging = s.base
+        anon = try AnonymousMapping(length: length, kind: .base)
+        region = anon!.base
+    case .copy:
+        anon = try AnonymousMapping(length: length, kind: config.policy == .huge ? .thp : .base)
+        region = anon!.base
+    }
+    let doorbell = try AnonymousMapping(length: config.handlerThreads * 4096, kind: .base)
+    var features: Userfaultfd.Features = [.threadID, .eventRemove, .eventUnmap]
+    if config.resolve == .continue { features.insert(.minorShmem) }
+    if config.resolve == .move { features.insert(.move) }
+    let uffd = try Userfaultfd.Descriptor(features: features, nonBlocking: config.wait != .blocking)
+    try uffd.register(region, length: length, mode: config.resolve == .continue ? .minor : .missing)
+    try uffd.register(doorbell.base, length: doorbell.length, mode: .missing)
+    var unregistered = false
+    defer { if !unregistered { try? uffd.unregister(region, length: length) }; try? uffd.unregister(doorbell.base, length: doorbell.length) }
+
+    var cfg = config
+    if reapOrder != nil { cfg.pushOrder = [] }
+    let engine = try FaultEngine(config: cfg, region: region, doorbell: doorbell.base, staging: staging,
+                                 image: image, link: link, uffd: uffd)
+    let workload = WorkloadRun(traces: traces, region: region, seed: image.seed)
+    workload.start()
+    let handlers = (0..<cfg.handlerThreads).map { _ in OSThread { engine.handlerLoop() } }
+    let delivery = OSThread { engine.deliveryLoop() }
+
+    // Resume.
+    let resume = Clock.nanoseconds()
+    if let reapOrder { engine.prefetchBlocking(reapOrder) }
+    let pusher = cfg.pusher ? OSThread { engine.pusherLoop() } : nil
+    workload.release(at: resume)
+
+    var out = RestoreOutcome()
+    let deadline = resume + UInt64(deadlineS * 1e9)
+    var injected = false
+    while !workload.done {
+        let now = Clock.nanoseconds()
+        if let inject = injectFailureAfterS, !injected, now > resume + UInt64(inject * 1e9) {
+            engine.fail(SystemError(errno: EPIPE, call: "source (injected failure)"))
+            injected = true
+        }
+        let errno = engine.failureErrno.load(ordering: .relaxed)
+        if errno != 0 || now > deadline {
+            out.failed = errno != 0
+                ? "the page source failed (\(SystemError(errno: errno, call: "fault engine").description)); the workload was released by unregistering the region"
+                : "the restore did not finish within \(deadlineS) s; the workload was released by unregistering the region"
+            // Waiting threads are woken and fault normally from now on: never a hang.
+            try? uffd.unregister(region, length: length)
+            unregistered = true
+            break
+        }
+        _ = memlab_sleep_until_ns(now + 1_000_000)
+    }
+    let w = workload.join()
+    engine.pusherStop.store(true, ordering: .releasing)
+    pusher?.join()
+    engine.deliveryStop.store(true, ordering: .releasing)
+    engine.ringDelivery()
+    delivery.join()
+    if out.failed == nil {
+        // One doorbell per handler thread: each leaves after answering one.
+        for i in 0..<cfg.handlerThreads {
+            blackHole(doorbell.base.load(fromByteOffset: i * 4096, as: UInt8.self))
+        }
+        for h in handlers { h.join() }
+    }
+    if !unregistered { try uffd.unregister(region, length: length); unregistered = true }
+
+    out.workload = w
+    out.bytes = link.bytesTransferred
+    out.remote = engine.remoteFaults.load(ordering: .relaxed)
+    out.joined = engine.joinedFaults.load(ordering: .relaxed)
+    out.prefetchServed = engine.prefetchFaults.load(ordering: .relaxed)
+    out.local = engine.localFaults.load(ordering: .relaxed)
+    out.messages = engine.messages.load(ordering: .relaxed)
+    out.eexist = engine.eexist.load(ordering: .relaxed)
+    out.eagain = engine.eagain.load(ordering: .relaxed)
+    out.ioctls = engine.ioctls.load(ordering: .relaxed)
+    out.wakes = engine.wakes.load(ordering: .relaxed)
+    out.handlerCPU = Double(engine.handlerCPU.load(ordering: .relaxed)) / 1e9
+    let full = engine.fullyInstalledAt.load(ordering: .relaxed)
+    if full > 0 { out.fullyInstalledS = Double(full - resume) / 1e9 }
+    out.faultLatency = engine.faultLatency.values
+    out.faultOrder = engine.faultOrder.values.map { Int32($0) }
+    var installed = [Bool](repeating: false, count: pages)
+    for p in 0..<pages {
+        let s = engine.state.load(p)
+        installed[p] = s == PageState.installedFault || s == PageState.installedPrefetch || s == PageState.installedLocal
+        if engine.transfers.load(p) > 1 { out.duplicates += Int(engine.transfers.load(p)) - 1 }
+        if s == PageState.installedPrefetch {
+            out.installedByPrefetch += 1
+            if traces.touched[p] != 0 { out.usefulPrefetch += 1 }
+        }
+        if traces.touched[p] != 0 && !installed[p] { out.touchedNotInstalled += 1 }
+    }
+    out.duplicates += out.eexist
+    if out.failed == nil {
+        out.mismatched = image.mismatches(region) { installed[$0] }
+    }
+    withExtendedLifetime((anon, file, cache, stagingAnon, doorbell)) {}
+    return out
+}
+
+extension FaultEngine {
+    /// Wakes the delivery thread (it re-reads its stop flag).
+    func ringDelivery() {
+        var one: UInt64 = 1
+        _ = Glibc.write(eventFD, &one, 8)
+    }
+}

@@ -1,0 +1,111 @@
+import Foundation
+import Testing
+
+extension KernelTests {
+    /// Lazy restore on the real kernel's userfaultfd: pages served exactly once, contents
+    /// verified against the source, policies compared on the same workload and link.
+    @Suite(.enabled(if: isRoot, "needs root: userfaultfd for kernel faults (vm.unprivileged_userfaultfd is 0)"))
+    struct LazyRestore {
+        func run(_ target: String, _ sets: [String], expectOK: Bool = true) throws -> [String: Any] {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", target, "--repeat", "1", "--quiet", "--json", dir.file("r.json")] + sets.flatMap { ["--set", $0] }, stateDir: dir.path)
+            if expectOK { #expect(out.status == 0, "stderr: \(out.stderr)\nstdout: \(out.stdout)") }
+            #expect(KnobSnapshot.take() == before, "knobs must be unchanged")
+            return try #require(runs(try loadJSON(dir.file("r.json"))).first)
+        }
+
+        func checksAgree(_ r: [String: Any]) -> [String] {
+            ((r["checks"] as? [[String: Any]]) ?? []).filter { $0["agrees"] as? Bool != true }.map { "\($0["name"] ?? "?")" }
+        }
+
+        static let small = ["size=16M", "accesses=512", "rtt_ms=0.5"]
+
+        @Test func onDemandServesEveryTouchedPageExactlyOnce() throws {
+            let r = try run("lazy-restore", Self.small + ["policy=on-demand", "workload=random", "write_ratio=0.5"])
+            #expect(r["status"] as? String == "ok")
+            #expect(checksAgree(r).isEmpty, "failing checks: \(checksAgree(r))")
+            #expect(median(r, "duplicate_transfers") == 0)
+            let touched = try #require(median(r, "pages_touched"))
+            #expect(median(r, "faults_remote")! + median(r, "faults_local")! == touched, "faults = distinct pages touched")
+            #expect(median(r, "postcopy_requests") == median(r, "faults_remote"))
+            // Only what was asked for moved: remote pages × 4K.
+            #expect(median(r, "bytes_transferred") == median(r, "faults_remote")! * 4096)
+        }
+
+        @Test func prefetchPoliciesCutRemoteFaultsOnSequentialAccess() throws {
+            let base = try run("lazy-restore", Self.small + ["policy=on-demand", "workload=sequential"])
+            let onDemand = try #require(median(base, "faults_remote"))
+            #expect(onDemand > 400)
+            for policy in ["fault-around", "fault-around-adaptive", "background-push", "bubble", "huge"] {
+                let r = try run("lazy-restore", Self.small + ["policy=\(policy)", "workload=sequential"])
+                #expect(checksAgree(r).isEmpty, "\(policy): failing checks \(checksAgree(r))")
+                #expect(median(r, "duplicate_transfers") == 0, "\(policy)")
+                let remote = try #require(median(r, "faults_remote"))
+                #expect(remote * 4 < onDemand, "\(policy): \(remote) remote faults against \(onDemand) on demand")
+                #expect((median(r, "total_time") ?? .infinity) < (median(base, "total_time") ?? 0), "\(policy) faster than on-demand")
+            }
+        }
+
+        @Test func workingSetReplayCutsFaultsOnARepeatedTrace() throws {
+            for mode in ["before", "concurrent"] {
+                let r = try run("lazy-restore", Self.small + ["policy=working-set-replay", "workload=random", "replay_mode=\(mode)"])
+                #expect(checksAgree(r).isEmpty, "\(mode): \(checksAgree(r))")
+                let first = try #require(median(r, "first_restore_remote_faults"))
+                let second = try #require(median(r, "faults_remote"))
+                #expect(first > 300)
+                #expect(second * 10 < first, "\(mode): replay \(second) remote faults against \(first) on the recording restore")
+            }
+        }
+
+        @Test func knownZeroPagesAreResolvedWithZeropage() throws {
+            let z = try run("lazy-restore", Self.small + ["zero_ratio=1", "zero_pages=zeropage"])
+            #expect(checksAgree(z).isEmpty, "\(checksAgree(z))")
+            #expect(median(z, "bytes_transferred") == 0)
+            #expect(median(z, "faults_remote") == 0)
+            #expect(median(z, "faults_local") == median(z, "pages_touched"))
+            let t = try run("lazy-restore", Self.small + ["zero_ratio=1", "zero_pages=transfer"])
+            #expect(checksAgree(t).isEmpty, "\(checksAgree(t))")
+            #expect(median(t, "bytes_transferred") == median(t, "pages_touched")! * 4096)
+        }
+
+        @Test func moveAndContinueResolveModesVerify() throws {
+            for resolve in ["move", "continue"] {
+                let r = try run("lazy-restore", Self.small + ["resolve=\(resolve)", "workload=random", "policy=fault-around"])
+                #expect(r["status"] as? String == "ok", "\(resolve): \(r["reason"] ?? "")")
+                #expect(checksAgree(r).isEmpty, "\(resolve): \(checksAgree(r))")
+            }
+        }
+
+        @Test func waitModesAndHandlerThreads() throws {
+            for wait in ["poll", "busy"] {
+                let r = try run("lazy-restore", Self.small + ["wait=\(wait)", "threads=2", "handler_threads=2", "workload=random"])
+                #expect(checksAgree(r).isEmpty, "\(wait): \(checksAgree(r))")
+                #expect(median(r, "duplicate_transfers") == 0)
+            }
+        }
+
+        @Test func aDeadSourceEndsInAReportedFailureNotAHang() throws {
+            let t0 = Date()
+            let r = try run("lazy-restore", ["size=16M", "accesses=4000", "rtt_ms=1", "inject_source_failure_s=0.2", "source_deadline_s=5"], expectOK: false)
+            #expect(r["status"] as? String == "failed")
+            #expect((r["reason"] as? String ?? "").contains("released"), "reason: \(r["reason"] ?? "")")
+            #expect(Date().timeIntervalSince(t0) < 30)
+        }
+
+        @Test func floorsAreMeasured() throws {
+            let r = try run("lazy-restore:floors", ["size=16M"])
+            for name in ["first_touch_fault", "uffdio_copy_page", "uffdio_copy_bulk", "fault_round_trip_blocking", "fault_round_trip_poll", "fault_round_trip_busy"] {
+                #expect((median(r, name) ?? 0) > 0, "\(name)")
+            }
+        }
+
+        @Test func badParametersAreRefusedBeforeAnythingStarts() throws {
+            let dir = TempDir()
+            let out = try Memlab.run(["run", "lazy-restore", "--set", "bandwidth_mbit=0"], stateDir: dir.path)
+            #expect(out.status == 2, "stderr: \(out.stderr)")
+            let big = try Memlab.run(["run", "lazy-restore", "--set", "size=16G"], stateDir: dir.path)
+            #expect(big.status == 2, "stderr: \(big.stderr)")
+        }
+    }
+}
