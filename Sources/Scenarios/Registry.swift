@@ -4,5 +4,6 @@ import LabKit
 public let allScenarios = Registry([
     KSMScenario(),
     HugePagesScenario(),
+    MigrationScenario(),
     SelfTestScenario(),
 ])

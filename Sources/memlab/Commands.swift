@@ -240,6 +240,8 @@ enum QuickSuite {
         ("hugepages:bloat", ["size": "16M"], 1),
         ("hugepages:split", ["size": "16M"], 3),
         ("hugepages:hugetlb-reserve", [:], 1),
+        ("migration:precopy", ["size": "16M", "dirty_rate": "2000"], 3),
+        ("migration:dirty-scan", ["size": "16M"], 1),
     ]
 }
 
