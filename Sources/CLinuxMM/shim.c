@@ -71,13 +71,6 @@ int memlab_ppoll_in(int fd, int64_t timeout_ns) {
     return rc;
 }
 
-int memlab_sleep_until_ns(uint64_t deadline_ns) {
-    struct timespec ts = { .tv_sec = (time_t)(deadline_ns / 1000000000ull), .tv_nsec = (long)(deadline_ns % 1000000000ull) };
-    int rc;
-    while ((rc = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL)) == EINTR) {}
-    return rc;
-}
-
 int memlab_set_timerslack(unsigned long ns) { return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0); }
 
 uint64_t memlab_thread_cpu_ns(void) {

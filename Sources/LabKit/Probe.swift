@@ -64,6 +64,17 @@ public struct ProbeReport: Sendable, Codable {
                          detail: uffd.usable ? "features: " + uffd.featureList.joined(separator: " ") : "",
                          reason: uffd.reason))
 
+        let wp = WriteProtectTracking.probe()
+        f.append(Feature(name: "uffd-wp-async", usable: wp.usable,
+                         detail: wp.usable ? "UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN report and re-protect written pages (tried on a page)" : "",
+                         reason: wp.reason))
+
+        for q in Qdisc.probeAll() {
+            f.append(Feature(name: "qdisc-\(q.name)", usable: q.usable,
+                             detail: q.usable ? "tc qdisc add \(q.name) works (tried on lo in a throwaway network namespace)" : "",
+                             reason: q.reason))
+        }
+
         let sd = SoftDirty.probe()
         f.append(Feature(name: "soft-dirty", usable: sd.usable, detail: sd.usable ? "clear_refs 4 + pagemap bit 55 work" : "", reason: sd.reason))
 

@@ -24,4 +24,18 @@ public enum Clock {
         var rem = timespec()
         while nanosleep(&req, &rem) != 0 && errno == EINTR { req = rem }
     }
+
+    /// Sleeps until CLOCK_MONOTONIC reads `deadline` (ns); the last `spinNS` are spun, so a
+    /// wait ends within about a microsecond of the deadline rather than a timer slack later.
+    /// The emulated links' delays are real waits through this one function.
+    public static func sleep(until deadline: UInt64, spinNS spin: UInt64 = 50_000) {
+        var now = nanoseconds()
+        if deadline > now + spin {
+            let target = deadline - spin
+            var ts = timespec(tv_sec: Int(target / 1_000_000_000), tv_nsec: Int(target % 1_000_000_000))
+            while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
+            now = nanoseconds()
+        }
+        while now < deadline { now = nanoseconds() }
+    }
 }

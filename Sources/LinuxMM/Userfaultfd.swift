@@ -168,6 +168,18 @@ extension Userfaultfd {
             throw SystemError.current("ppoll(userfaultfd)")
         }
 
+        /// UFFDIO_WRITEPROTECT: protect (or un-protect, which also wakes a thread waiting on a
+        /// write fault there unless `dontWake`) a range registered in write-protect mode.
+        @inline(__always)
+        public func writeProtect(_ start: UInt64, length: UInt64, protect: Bool, dontWake: Bool = false) throws(SystemError) {
+            var mode: UInt64 = protect ? memlab_UFFDIO_WRITEPROTECT_MODE_WP : 0
+            if dontWake { mode |= 1 << 1 }   // UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+            var wp = uffdio_writeprotect(range: uffdio_range(start: start, len: length), mode: mode)
+            if memlab_ioctl_ptr(fd, memlab_UFFDIO_WRITEPROTECT, &wp) != 0 {
+                throw SystemError.current(protect ? "ioctl(UFFDIO_WRITEPROTECT)" : "ioctl(UFFDIO_WRITEPROTECT, un-protect)")
+            }
+        }
+
         /// Whether an ioctl (by _UFFDIO_* number) is among those UFFDIO_API reported.
         public func supports(ioctl number: Int) -> Bool { ioctls & (1 << UInt64(number)) != 0 }
     }

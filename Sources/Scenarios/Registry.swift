@@ -7,5 +7,6 @@ public let allScenarios = Registry([
     OvercommitScenario(),
     TmemScenario(),
     LazyRestoreScenario(),
+    MigrationScenario(),
     SelfTestScenario(),
 ])

@@ -246,6 +246,8 @@ enum QuickSuite {
         ("tmem:density", ["mechanism": "ksm", "guests": "4", "guest_size": "16M", "limit": "48M", "duration_s": "1"], 1),
         ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "on-demand"], 1),
         ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "background-push"], 1),
+        ("migration:precopy", ["size": "16M", "dirty_rate": "2000"], 3),
+        ("migration:dirty-scan", ["size": "16M"], 1),
     ]
 }
 

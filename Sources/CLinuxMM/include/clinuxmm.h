@@ -175,6 +175,32 @@ struct pm_scan_arg {
 #define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
 #endif
 static const unsigned long memlab_PAGEMAP_SCAN = PAGEMAP_SCAN;
+#ifndef PM_SCAN_WP_MATCHING
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#define PAGE_IS_WPALLOWED (1 << 0)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_FILE (1 << 2)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+#define PAGE_IS_PFNZERO (1 << 5)
+#define PAGE_IS_HUGE (1 << 6)
+#define PAGE_IS_SOFT_DIRTY (1 << 7)
+#endif
+static const uint64_t memlab_PM_SCAN_WP_MATCHING = PM_SCAN_WP_MATCHING;
+static const uint64_t memlab_PM_SCAN_CHECK_WPASYNC = PM_SCAN_CHECK_WPASYNC;
+static const uint64_t memlab_PAGE_IS_WPALLOWED = PAGE_IS_WPALLOWED;
+static const uint64_t memlab_PAGE_IS_WRITTEN = PAGE_IS_WRITTEN;
+static const uint64_t memlab_PAGE_IS_PRESENT = PAGE_IS_PRESENT;
+static const uint64_t memlab_PAGE_IS_SOFT_DIRTY = PAGE_IS_SOFT_DIRTY;
+
+// ---- userfaultfd write-protect (include/uapi/linux/userfaultfd.h; the register modes and
+// event constants are above, with the rest of userfaultfd) ----
+static const unsigned long memlab_UFFDIO_WRITEPROTECT = UFFDIO_WRITEPROTECT;
+static const uint64_t memlab_UFFDIO_WRITEPROTECT_MODE_WP = UFFDIO_WRITEPROTECT_MODE_WP;
+static const uint64_t memlab_UFFD_FEATURE_WP_ASYNC = UFFD_FEATURE_WP_ASYNC;
+static const uint64_t memlab_UFFD_FEATURE_WP_UNPOPULATED = UFFD_FEATURE_WP_UNPOPULATED;
+static const uint64_t memlab_UFFD_FEATURE_THREAD_ID = UFFD_FEATURE_THREAD_ID;
 
 // ---- wrappers ----
 long memlab_syscall6(long number, long a1, long a2, long a3, long a4, long a5, long a6);
@@ -187,8 +213,6 @@ int memlab_uffd_read_faults(int fd, struct memlab_uffd_fault *out, int max);
 /// ppoll on one fd for POLLIN with a nanosecond timeout (< 0: none). 1 readable, 0 timeout,
 /// -1 errno. revents of POLLERR/POLLHUP count as readable (the read reports it).
 int memlab_ppoll_in(int fd, int64_t timeout_ns);
-/// clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) to an absolute time in ns.
-int memlab_sleep_until_ns(uint64_t deadline_ns);
 /// Sets this thread's timer slack (prctl PR_SET_TIMERSLACK), in ns.
 int memlab_set_timerslack(unsigned long ns);
 /// The calling thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID).

@@ -532,7 +532,7 @@ final class FaultEngine: Sendable {
             if link.bytesPerSecond > 0 {
                 let backlog = link.bulkBacklog(now: now)
                 if backlog > windowNS {
-                    _ = memlab_sleep_until_ns(now + (backlog - windowNS))
+                    Clock.sleep(until: now + (backlog - windowNS), spinNS: 0)
                     continue
                 }
             }

@@ -87,9 +87,7 @@ struct OSThread {
 /// before it, then spins — delays in the emulated link are real waits.
 @inline(__always)
 func waitUntil(_ deadline: UInt64, spinNS: UInt64) {
-    let now = Clock.nanoseconds()
-    if deadline > now &+ spinNS { _ = memlab_sleep_until_ns(deadline &- spinNS) }
-    while Clock.nanoseconds() < deadline {}
+    Clock.sleep(until: deadline, spinNS: spinNS)
 }
 
 /// splitmix64: the hash behind page contents and workload choices.

@@ -99,7 +99,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
             unregistered = true
             break
         }
-        _ = memlab_sleep_until_ns(now + 1_000_000)
+        Clock.sleep(until: now + 1_000_000, spinNS: 0)
     }
     let w = workload.join()
     engine.pusherStop.store(true, ordering: .releasing)

@@ -1,0 +1,185 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import LabKit
+import LinuxMM
+
+/// Live migration, pre-copy: a workload dirties pages at a chosen rate while its memory goes
+/// over an emulated link in rounds; the dirty pages come from the kernel (userfaultfd
+/// write-protect read with PAGEMAP_SCAN). The destination is a second region in the same
+/// process, compared page by page with the source at stop time.
+public struct MigrationScenario: Scenario {
+    public init() {}
+    public let id = "migration"
+    public let summary = "Live migration: pre-copy rounds over an emulated link with kernel dirty tracking (uffd WP_ASYNC + PAGEMAP_SCAN)"
+    public let variants = [
+        Variant("precopy", "rounds (send all, then what was dirtied) until the rest fits the downtime target or the round limit; stop-and-copy; destination verified"),
+        Variant("dirty-scan", "write a known random set of pages; the tracker must report exactly that set, then nothing, then the next set"),
+    ]
+    public static let trackings = ["wp-async", "wp-sync", "soft-dirty"]
+    public let parameters: [ParameterSpec] = [
+        ParameterSpec("size", .size((64 << 10)...(16 << 30)), default: .int(64 << 20), help: "bytes of the migrated region"),
+        ParameterSpec("dirty_rate", .int(0...100_000_000), default: .int(2000), help: "precopy: page writes per second over all workload threads (0: idle)"),
+        ParameterSpec("threads", .int(1...64), default: .int(1), help: "precopy: workload threads"),
+        ParameterSpec("hot_fraction", .double(0.0001...1), default: .double(1), help: "precopy: fraction of the region the workload writes (uniformly at random)"),
+        ParameterSpec("bandwidth_mbit", .double(0.1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
+        ParameterSpec("rtt_ms", .double(0...10_000), default: .double(1), help: "emulated link round-trip time, ms (each round ends with an acknowledgement)"),
+        ParameterSpec("downtime_target_ms", .double(0.001...100_000), default: .double(30), help: "stop when the dirty rest would cross the link within this long"),
+        ParameterSpec("max_rounds", .int(1...10_000), default: .int(30), help: "stop-and-copy after this many rounds even if not converged"),
+        ParameterSpec("tracking", .choice(MigrationScenario.trackings), default: .string("wp-async"), help: "dirty tracking: wp-async (uffd WP_ASYNC + PAGEMAP_SCAN), wp-sync (uffd WP with a handler thread; counts write faults), soft-dirty (clear_refs; where the kernel has it)"),
+        ParameterSpec("written_fraction", .double(0.0001...1), default: .double(0.1), help: "dirty-scan: fraction of pages written per step"),
+        ParameterSpec("timeout_s", .double(1...3600), default: .double(120), help: "the repetition is killed after this long"),
+    ]
+
+    public func probe(variant: String, params: Params) -> Availability {
+        let uffd = Userfaultfd.probe()
+        guard uffd.usable else { return .unusable("userfaultfd unusable: \(uffd.reason ?? "?")") }
+        switch params.string("tracking") {
+        case "wp-async":
+            let wp = WriteProtectTracking.probe()
+            if !wp.usable { return .unusable("asynchronous write-protect tracking unusable (needs 6.7+ with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN): \(wp.reason ?? "?"); try tracking=wp-sync") }
+        case "soft-dirty":
+            let sd = SoftDirty.probe()
+            if !sd.usable { return .unusable("soft-dirty unusable: \(sd.reason ?? "?"); use tracking=wp-async") }
+        default:
+            if uffd.features & (1 << 13) == 0 { return .unusable("userfaultfd lacks WP_UNPOPULATED (needs 6.4+)") }
+        }
+        return .usable
+    }
+
+    public func validate(variant: String, params: Params) throws(UsageError) {
+        if params.int("size") / System.pageSize < 2 { throw UsageError("size must hold at least two pages") }
+    }
+
+    public func deadline(variant: String, params: Params) -> Double { params.double("timeout_s") }
+
+    func makeTracker(_ kind: String, base: UnsafeMutableRawPointer, length: Int) throws -> DirtyTracker {
+        switch kind {
+        case "wp-sync": return try SyncWriteProtectTracker(base: base, length: length)
+        case "soft-dirty": return try SoftDirtyTracker(base: base, length: length)
+        default: return try AsyncWriteProtectTracker(base: base, length: length)
+        }
+    }
+
+    public func run(_ ctx: RunContext) throws {
+        switch ctx.variant {
+        case "dirty-scan": try runDirtyScan(ctx)
+        default: try runPrecopy(ctx)
+        }
+    }
+
+    func runPrecopy(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let page = System.pageSize
+        let region = try AnonymousMapping(length: p.int("size"))
+        let pages = region.length / page
+        fillRandom(region.base, length: region.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
+        let model = LinkModel(bandwidth: p.double("bandwidth_mbit") * 1e6 / 8, rtt: p.double("rtt_ms") / 1000)
+        let link = try EmulatedPageLink(model: model, length: region.length)
+        let tracker = try makeTracker(p.string("tracking"), base: region.base, length: region.length)
+        defer { tracker.close() }
+        let workload = DirtyWorkload(base: region.base, pages: pages,
+                                     hotPages: Int((Double(pages) * p.double("hot_fraction")).rounded(.up)),
+                                     rate: Double(p.int("dirty_rate")), threads: p.int("threads"))
+        let engine = PrecopyEngine(model: model, downtimeTarget: p.double("downtime_target_ms") / 1000,
+                                   maxRounds: p.int("max_rounds"))
+        try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
+        let out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
+        Self.record(out, model: model, pageSize: page, pages: pages, tracker: tracker, ctx: ctx)
+        if p.int("dirty_rate") == 0 {
+            ctx.check("idle_rounds", expected: 1, observed: Double(out.rounds.count), tolerance: 0,
+                      describe: "an idle workload converges after the first round")
+            ctx.check("idle_stop_pages", expected: 0, observed: Double(out.stopPages), tolerance: 0,
+                      describe: "nothing is dirty at stop-and-copy when nothing writes")
+        }
+    }
+
+    /// Records an outcome with the names RESULTS.md and QEMU use; shared with `memlab migrate`.
+    public static func record(_ out: PrecopyOutcome, model: LinkModel, pageSize: Int, pages: Int,
+                              tracker: DirtyTracker?, ctx: RunContext) {
+        ctx.record("total_time", out.totalTime, .s, better: .lower)
+        ctx.record("downtime", out.downtime, .s, better: .lower)
+        ctx.record("predicted_downtime", out.predictedDowntime, .s, better: .none)
+        if out.predictedDowntime > 0 { ctx.record("downtime_model_ratio", out.downtime / out.predictedDowntime, .ratio, better: .none) }
+        ctx.record("bytes_transferred", Double(out.pagesTransferred * pageSize), .bytes, better: .lower)
+        ctx.record("pages_transferred", Double(out.pagesTransferred), .pages, better: .lower)
+        ctx.record("transferred_ratio", Double(out.pagesTransferred) / Double(pages), .ratio, better: .lower)
+        ctx.record("dirty_sync_count", Double(out.dirtySyncCount), .count, better: .none)
+        ctx.record("rounds", Double(out.rounds.count), .count, better: .lower)
+        ctx.record("converged", out.converged ? 1 : 0, .count, better: .higher)
+        ctx.record("stop_copy_pages", Double(out.stopPages), .pages, better: .lower)
+        ctx.record("dirty_sync_time", out.syncTime, .s, better: .lower)
+        ctx.record("workload_write_rate", out.workloadRate, .pagesPerSecond, better: .none)
+        let predictedTotal = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.pagesSent * pageSize) } + out.predictedDowntime
+        ctx.record("predicted_total_time", predictedTotal, .s, better: .none)
+        if predictedTotal > 0 { ctx.record("total_time_model_ratio", out.totalTime / predictedTotal, .ratio, better: .none) }
+        if let f = tracker?.writeFaults { ctx.record("write_faults", Double(f), .count, better: .none) }
+        let t = out.rounds.map(\.endTime)
+        let iv = t.count > 1 ? (t.last! / Double(t.count)) : (t.first ?? 0)
+        ctx.record(TimeSeries(name: "round_pages_sent", unit: .pages, intervalS: iv, t: t, values: out.rounds.map { Double($0.pagesSent) }))
+        ctx.record(TimeSeries(name: "round_dirty_pages", unit: .pages, intervalS: iv, t: t, values: out.rounds.map { Double($0.dirtyPages) }))
+        ctx.record(TimeSeries(name: "round_dirty_rate", unit: .pagesPerSecond, intervalS: iv, t: t, values: out.rounds.map(\.dirtyRate)))
+        ctx.record(TimeSeries(name: "round_expected_downtime", unit: .s, intervalS: iv, t: t, values: out.rounds.map(\.expectedDowntime)))
+        if let v = out.verdict {
+            ctx.check("destination_checksum", expected: Double(out.sourceChecksum >> 11), observed: Double(v.destinationChecksum >> 11),
+                      tolerance: 0, describe: "checksum of the destination equals the source's at stop time (top 53 bits)")
+            if let m = v.mismatchedPages {
+                ctx.check("destination_mismatched_pages", expected: 0, observed: Double(m), tolerance: 0,
+                          describe: "every destination page equals the source page at stop time")
+            }
+        }
+        if !out.converged {
+            ctx.note("did not converge: the round limit (\(out.rounds.count) rounds) ended pre-copy with \(out.stopPages) pages dirty at stop-and-copy")
+        }
+        if let tr = tracker { ctx.note("dirty tracking: \(tr.mechanism)") }
+    }
+
+    func runDirtyScan(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let page = System.pageSize
+        let region = try AnonymousMapping(length: p.int("size"))
+        let pages = region.length / page
+        // Half the pages populated, half never touched: WP_UNPOPULATED must see both.
+        touchPages(region.base, length: region.length / 2, stride: page)
+        let tracker = try makeTracker(p.string("tracking"), base: region.base, length: region.length)
+        defer { tracker.close() }
+        try tracker.protectAll()
+        var found: [Int] = []
+        try tracker.collect(into: &found)
+        ctx.check("clean_after_protect", expected: 0, observed: Double(found.count), tolerance: 0,
+                  describe: "nothing is reported written right after protecting the region")
+        var x: UInt64 = 0xD1B5_4A32_D192_ED03 &+ UInt64(ctx.repetition)
+        let want = max(1, Int(Double(pages) * p.double("written_fraction")))
+        var scanNS: [Double] = []
+        for step in 1...2 {
+            var written = Set<Int>()
+            while written.count < want {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17
+                written.insert(Int(x % UInt64(pages)))
+            }
+            for w in written { (region.base + w * page + 8 * step).storeBytes(of: x, as: UInt64.self) }
+            found.removeAll()
+            let s = Clock.nanoseconds()
+            try tracker.collect(into: &found)
+            scanNS.append(Double(Clock.nanoseconds() - s))
+            let foundSet = Set(found)
+            ctx.check("step\(step)_missed_pages", expected: 0, observed: Double(written.subtracting(foundSet).count), tolerance: 0,
+                      describe: "every written page is reported")
+            ctx.check("step\(step)_extra_pages", expected: 0, observed: Double(foundSet.subtracting(written).count), tolerance: 0,
+                      describe: "no page is reported that was not written")
+            found.removeAll()
+            try tracker.collect(into: &found)
+            ctx.check("step\(step)_rearmed", expected: 0, observed: Double(found.count), tolerance: 0,
+                      describe: "a second collect with no write in between reports nothing (re-protected)")
+        }
+        ctx.record("written_pages", Double(want), .pages, better: .none)
+        ctx.record("scan_time", scanNS.reduce(0, +) / Double(scanNS.count), .ns, better: .lower)
+        ctx.record("scan_time_per_page", scanNS.reduce(0, +) / Double(scanNS.count) / Double(pages), .ns, better: .lower)
+        if let f = tracker.writeFaults {
+            ctx.record("write_faults", Double(f), .count, better: .none)
+            ctx.check("write_faults", expected: Double(2 * want), observed: Double(f), tolerance: 0,
+                      describe: "one synchronous write-protect fault per page written per step")
+        }
+        ctx.note("dirty tracking: \(tracker.mechanism)")
+    }
+}

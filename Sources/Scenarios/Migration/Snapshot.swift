@@ -1,0 +1,221 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import LinuxMM
+
+/// The CPU a memory image was taken on: model name and feature flags from /proc/cpuinfo
+/// (the first processor's; on x86 every processor lists the same flags).
+public struct CPUIdentity: Sendable, Equatable {
+    public var model: String
+    public var flags: [String]
+
+    public init(model: String, flags: [String]) {
+        self.model = model
+        self.flags = flags
+    }
+
+    public static func parse(cpuinfo: String) -> CPUIdentity {
+        var model = "unknown"
+        var flags: [String] = []
+        for line in cpuinfo.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2 else { continue }
+            let key = trim(parts[0])
+            let value = trim(parts[1])
+            // x86: "model name" and "flags"; arm64: "CPU implementer"… and "Features".
+            if model == "unknown" && (key == "model name" || key == "cpu model") { model = value }
+            if flags.isEmpty && (key == "flags" || key == "Features") {
+                flags = value.split(separator: " ").map(String.init)
+            }
+            if model != "unknown" && !flags.isEmpty { break }
+        }
+        return CPUIdentity(model: model, flags: flags)
+    }
+
+    public static func current() -> CPUIdentity {
+        parse(cpuinfo: ProcFile.readIfPresent("/proc/cpuinfo") ?? "")
+    }
+
+    /// Flags this CPU (the source's) has that `destination` lacks, sorted.
+    public func missing(on destination: CPUIdentity) -> [String] {
+        Set(flags).subtracting(destination.flags).sorted()
+    }
+}
+
+private func trim<S: StringProtocol>(_ s: S) -> String {
+    var t = Substring(s)
+    while let f = t.first, f == " " || f == "\t" { t = t.dropFirst() }
+    while let l = t.last, l == " " || l == "\t" { t = t.dropLast() }
+    return String(t)
+}
+
+/// What describes a memory image: where it was taken and how big it is. Text, one `key=value`
+/// a line, so a person can read it (`head -c 4096 snapshot`) and a test can doctor it. The same
+/// text is the body of the migration protocol's HELLO.
+public struct ImageHeader: Sendable, Equatable {
+    public var arch: String
+    public var pageSize: Int
+    public var cpu: CPUIdentity
+    public var regionBytes: Int
+    /// FNV-1a (64-bit words) of the page data; 0 when not known (a live migration's HELLO).
+    public var checksum: UInt64
+
+    public init(arch: String, pageSize: Int, cpu: CPUIdentity, regionBytes: Int, checksum: UInt64) {
+        self.arch = arch
+        self.pageSize = pageSize
+        self.cpu = cpu
+        self.regionBytes = regionBytes
+        self.checksum = checksum
+    }
+
+    public static func local(regionBytes: Int, checksum: UInt64) -> ImageHeader {
+        ImageHeader(arch: HostArch.current, pageSize: System.pageSize, cpu: .current(), regionBytes: regionBytes, checksum: checksum)
+    }
+
+    public func encode() -> String {
+        """
+        arch=\(arch)
+        page_size=\(pageSize)
+        cpu_model=\(cpu.model)
+        cpu_flags=\(cpu.flags.joined(separator: " "))
+        region_bytes=\(regionBytes)
+        checksum=\(String(checksum, radix: 16))
+
+        """
+    }
+
+    public static func parse(_ text: String) throws(ImageError) -> ImageHeader {
+        var kv: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            guard let eq = line.firstIndex(of: "=") else { throw .malformed("header line without '=': \(line.prefix(80))") }
+            kv[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        }
+        func need(_ k: String) throws(ImageError) -> String {
+            guard let v = kv[k] else { throw .malformed("header lacks \(k)") }
+            return v
+        }
+        guard let ps = Int(try need("page_size")), ps > 0 else { throw .malformed("page_size is not a positive integer") }
+        guard let rb = Int(try need("region_bytes")), rb > 0, rb % ps == 0 else { throw .malformed("region_bytes is not a positive multiple of page_size") }
+        guard let sum = UInt64(try need("checksum"), radix: 16) else { throw .malformed("checksum is not hexadecimal") }
+        let flags = try need("cpu_flags").split(separator: " ").map(String.init)
+        return ImageHeader(arch: try need("arch"), pageSize: ps, cpu: CPUIdentity(model: try need("cpu_model"), flags: flags),
+                           regionBytes: rb, checksum: sum)
+    }
+
+    /// Whether this machine can take the image: same architecture and page size (else refused
+    /// outright) and every CPU flag the source had (else refused unless ignored).
+    public func compatibility(with local: ImageHeader) -> Compatibility {
+        if arch != local.arch { return .incompatible("the image is from \(arch); this machine is \(local.arch)") }
+        if pageSize != local.pageSize { return .incompatible("the image has \(pageSize)-byte pages; this machine uses \(local.pageSize)") }
+        let missing = cpu.missing(on: local.cpu)
+        if !missing.isEmpty { return .missingFlags(missing) }
+        return .compatible
+    }
+}
+
+public enum Compatibility: Sendable, Equatable {
+    case compatible
+    /// The destination lacks CPU flags the source had: code on the source may have used them.
+    case missingFlags([String])
+    case incompatible(String)
+}
+
+public enum HostArch {
+    public static var current: String {
+        var u = utsname()
+        uname(&u)
+        return withUnsafeBytes(of: &u.machine) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    }
+}
+
+public enum ImageError: Error, CustomStringConvertible, Equatable {
+    case malformed(String)
+    case truncated(String)
+    case io(String)
+    public var description: String {
+        switch self {
+        case .malformed(let s): return "malformed snapshot: \(s)"
+        case .truncated(let s): return "truncated snapshot: \(s)"
+        case .io(let s): return s
+        }
+    }
+}
+
+/// A memory image on disk (docs/migration-protocol.md, "Snapshot file"):
+///
+///     0   8  magic "MEMLABSN"
+///     8   4  format version, little-endian (1)
+///     12  4  header length N, little-endian (at most 1 MiB)
+///     16  N  header text (ImageHeader: arch, page_size, cpu_model, cpu_flags, region_bytes, checksum)
+///     16+N   region_bytes bytes of page data, page after page
+///
+/// Nothing may follow the page data; a shorter file is truncated and refused.
+public enum Snapshot {
+    public static let magic: [UInt8] = Array("MEMLABSN".utf8)
+    public static let version: UInt32 = 1
+    public static let maxHeader = 1 << 20
+
+    public static func write(path: String, header: ImageHeader, data: UnsafeRawPointer) throws(ImageError) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        if fd < 0 { throw .io(SystemError.current("open", path: path).description) }
+        defer { close(fd) }
+        let text = Array(header.encode().utf8)
+        var prefix = magic
+        withUnsafeBytes(of: version.littleEndian) { prefix += $0 }
+        withUnsafeBytes(of: UInt32(text.count).littleEndian) { prefix += $0 }
+        prefix += text
+        func all(_ p: UnsafeRawPointer, _ n: Int) throws(ImageError) {
+            var done = 0
+            while done < n {
+                let w = Glibc.write(fd, p + done, n - done)
+                if w < 0 { if errno == EINTR { continue }; throw .io(SystemError.current("write", path: path).description) }
+                done += w
+            }
+        }
+        let head = UnsafeMutableRawPointer.allocate(byteCount: prefix.count, alignment: 8)
+        defer { head.deallocate() }
+        prefix.withUnsafeBytes { head.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        try all(head, prefix.count)
+        try all(data, header.regionBytes)
+    }
+
+    /// Reads and checks the header (and, with `verifyData`, that the data is all there and
+    /// matches its checksum). Never reads page data into memory unless asked to.
+    public static func readHeader(path: String, verifyData: Bool = true) throws(ImageError) -> ImageHeader {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw .io(SystemError.current("open", path: path).description) }
+        defer { close(fd) }
+        var st = stat()
+        if fstat(fd, &st) != 0 { throw .io(SystemError.current("fstat", path: path).description) }
+        let size = Int(st.st_size)
+        if size < 16 { throw .truncated("\(size) bytes, shorter than the 16-byte prefix") }
+        var prefix = [UInt8](repeating: 0, count: 16)
+        if pread(fd, &prefix, 16, 0) != 16 { throw .io(SystemError.current("pread", path: path).description) }
+        if Array(prefix[0..<8]) != magic { throw .malformed("no MEMLABSN magic: not a memlab snapshot") }
+        let ver = prefix[8..<12].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        if ver != version { throw .malformed("format version \(ver); this memlab reads version \(version)") }
+        let n = Int(prefix[12..<16].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        if n > maxHeader { throw .malformed("header length \(n) exceeds \(maxHeader)") }
+        if size < 16 + n { throw .truncated("header says \(n) bytes but the file ends after \(size - 16)") }
+        var text = [UInt8](repeating: 0, count: n)
+        if n > 0 && pread(fd, &text, n, 16) != n { throw .io(SystemError.current("pread", path: path).description) }
+        let header = try ImageHeader.parse(String(decoding: text, as: UTF8.self))
+        let expected = 16 + n + header.regionBytes
+        if size < expected { throw .truncated("\(size - 16 - n) of \(header.regionBytes) bytes of page data present") }
+        if size > expected { throw .malformed("\(size - expected) bytes after the page data") }
+        if verifyData {
+            // Data starts at 16+n, not page aligned: read it through a buffer.
+            let buf = UnsafeMutableRawPointer.allocate(byteCount: header.regionBytes, alignment: 8)
+            defer { buf.deallocate() }
+            var done = 0
+            while done < header.regionBytes {
+                let r = pread(fd, buf + done, header.regionBytes - done, off_t(16 + n + done))
+                if r <= 0 { throw .io(SystemError.current("pread", path: path).description) }
+                done += r
+            }
+            let sum = regionChecksum(buf, length: header.regionBytes)
+            if sum != header.checksum { throw .malformed("page data checksum \(String(sum, radix: 16)) differs from the header's \(String(header.checksum, radix: 16))") }
+        }
+        return header
+    }
+}

@@ -1,0 +1,560 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import LinuxMM
+import Synchronization
+import CLinuxMM
+
+/// The migration protocol (docs/migration-protocol.md): frames over one TCP connection.
+///
+///     0  2  magic "ML"
+///     2  1  type (MessageType)
+///     3  1  flags (0)
+///     4  4  payload length, little-endian (at most maxPayload)
+///     8  …  payload
+public enum Wire {
+    public static let protocolVersion: UInt32 = 1
+    public static let magic: (UInt8, UInt8) = (0x4D, 0x4C)
+    public static let maxPayload = 16 << 20
+    public static let pagesPerFrame = 64
+}
+
+public enum MessageType: UInt8, Sendable, CustomStringConvertible {
+    case hello = 1, welcome = 2, refuse = 3, pages = 4, roundEnd = 5, roundAck = 6
+    case finish = 7, resumed = 8, verify = 9, verified = 10, error = 11, ping = 12, pong = 13
+    public var description: String {
+        switch self {
+        case .hello: "HELLO"; case .welcome: "WELCOME"; case .refuse: "REFUSE"; case .pages: "PAGES"
+        case .roundEnd: "ROUND_END"; case .roundAck: "ROUND_ACK"; case .finish: "FINISH"; case .resumed: "RESUMED"
+        case .verify: "VERIFY"; case .verified: "VERIFIED"; case .error: "ERROR"; case .ping: "PING"; case .pong: "PONG"
+        }
+    }
+}
+
+public struct Frame: Sendable {
+    public let type: MessageType
+    public let payload: [UInt8]
+}
+
+public enum WireError: Error, CustomStringConvertible, Equatable {
+    case system(String)
+    case timeout(String)
+    case peerClosed(String)
+    case malformed(String)
+    case refused(String)
+    case peerError(String)
+    case mismatch(String)
+    public var description: String {
+        switch self {
+        case .system(let s): return s
+        case .timeout(let s): return "timeout: \(s)"
+        case .peerClosed(let s): return "peer closed the connection: \(s)"
+        case .malformed(let s): return "malformed message: \(s)"
+        case .refused(let s): return "refused: \(s)"
+        case .peerError(let s): return "the other side failed: \(s)"
+        case .mismatch(let s): return "verification failed: \(s)"
+        }
+    }
+}
+
+/// Little-endian encoding of the payload fields.
+struct PayloadWriter {
+    var bytes: [UInt8] = []
+    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes += $0 } }
+    mutating func text(_ s: String) { bytes += Array(s.utf8) }
+}
+
+struct PayloadReader {
+    let bytes: [UInt8]
+    var at = 0
+    let what: String
+    init(_ f: Frame) { bytes = f.payload; what = f.type.description }
+    mutating func u32() throws(WireError) -> UInt32 {
+        guard at + 4 <= bytes.count else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
+        var v: UInt32 = 0
+        for i in 0..<4 { v |= UInt32(bytes[at + i]) << (8 * i) }
+        at += 4
+        return v
+    }
+    mutating func u64() throws(WireError) -> UInt64 {
+        guard at + 8 <= bytes.count else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
+        var v: UInt64 = 0
+        for i in 0..<8 { v |= UInt64(bytes[at + i]) << (8 * i) }
+        at += 8
+        return v
+    }
+    mutating func rest() -> String { defer { at = bytes.count }; return String(decoding: bytes[at...], as: UTF8.self) }
+    func end() throws(WireError) { if at != bytes.count { throw .malformed("\(what) payload has \(bytes.count - at) extra bytes") } }
+}
+
+/// One end of a migration connection. A reader thread takes frames off the socket as they
+/// arrive and stamps them; `receive` hands each out no earlier than its arrival plus the
+/// delay stage's one-way delay (memlab's stand-in for netem where the kernel has none), and
+/// no later than the deadline: a silent or dead peer is an error, never a hang.
+public final class WireConnection: @unchecked Sendable {
+    public let fd: Int32
+    public let delayNS: UInt64
+    public let timeoutS: Double
+    private let queue = Mutex<[(UInt64, Result<Frame, WireError>)]>([])
+    private let sem: UnsafeMutablePointer<sem_t>
+    private var reader: pthread_t?
+    private let closedFlag = Atomic<Bool>(false)
+    public private(set) var bytesSent = 0
+
+    public init(fd: Int32, delayNS: UInt64, timeoutS: Double) {
+        self.fd = fd
+        self.delayNS = delayNS
+        self.timeoutS = timeoutS
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: Int(timeoutS), tv_usec: Int((timeoutS - Double(Int(timeoutS))) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        sem = .allocate(capacity: 1)
+        sem_init(sem, 0, 0)
+        reader = startThread { [self] in self.readLoop() }
+    }
+
+    deinit {
+        close()
+        sem_destroy(sem)
+        sem.deallocate()
+    }
+
+    public func close() {
+        if closedFlag.exchange(true, ordering: .acquiringAndReleasing) { return }
+        shutdown(fd, Int32(SHUT_RDWR))
+        if let r = reader { pthread_join(r, nil) }
+        Glibc.close(fd)
+    }
+
+    private func readExactly(_ p: UnsafeMutableRawPointer, _ n: Int) -> Int {
+        var done = 0
+        while done < n {
+            let r = recv(fd, p + done, n - done, 0)
+            if r < 0 { if errno == EINTR { continue }; return done == 0 ? -1 : done }
+            if r == 0 { return done }
+            done += r
+        }
+        return done
+    }
+
+    private func push(_ r: Result<Frame, WireError>) {
+        queue.withLock { $0.append((Clock.nanoseconds(), r)) }
+        sem_post(sem)
+    }
+
+    private func readLoop() {
+        var header = [UInt8](repeating: 0, count: 8)
+        while true {
+            let got = header.withUnsafeMutableBytes { readExactly($0.baseAddress!, 8) }
+            if got == 0 { push(.failure(.peerClosed("end of stream"))); return }
+            if got < 0 {
+                let e = errno
+                push(.failure(closedFlag.load(ordering: .relaxed) ? .peerClosed("connection closed locally")
+                    : .peerClosed("recv: \(SystemError(errno: e, call: "recv").description)")))
+                return
+            }
+            if got < 8 { push(.failure(.malformed("connection closed in the middle of a frame header (\(got) of 8 bytes)"))); return }
+            guard header[0] == Wire.magic.0, header[1] == Wire.magic.1 else {
+                push(.failure(.malformed(String(format8: header)))); return
+            }
+            guard let type = MessageType(rawValue: header[2]) else {
+                push(.failure(.malformed("unknown message type \(header[2])"))); return
+            }
+            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
+            guard length <= Wire.maxPayload else {
+                push(.failure(.malformed("\(type) payload of \(length) bytes exceeds \(Wire.maxPayload)"))); return
+            }
+            var payload = [UInt8](repeating: 0, count: length)
+            if length > 0 {
+                let n = payload.withUnsafeMutableBytes { readExactly($0.baseAddress!, length) }
+                if n != length {
+                    push(.failure(.malformed("truncated \(type): connection closed after \(max(n, 0)) of \(length) payload bytes"))); return
+                }
+            }
+            push(.success(Frame(type: type, payload: payload)))
+        }
+    }
+
+    /// The next frame, after the delay stage; `.timeout` when none arrives in `timeoutS`.
+    public func receive(waitingFor what: String) throws(WireError) -> Frame {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let deadline = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + timeoutS
+        ts.tv_sec = Int(deadline)
+        ts.tv_nsec = Int((deadline - Double(Int(deadline))) * 1e9)
+        while sem_timedwait(sem, &ts) != 0 {
+            if errno == EINTR { continue }
+            throw .timeout("no message from the peer within \(timeoutS) s while waiting for \(what)")
+        }
+        let (arrived, result) = queue.withLock { $0.removeFirst() }
+        if delayNS > 0 { Clock.sleep(until: arrived + delayNS) }
+        switch result {
+        case .success(let f):
+            if f.type == .error { throw .peerError(String(decoding: f.payload, as: UTF8.self)) }
+            return f
+        case .failure(let e):
+            // Keep the failure for any later receive too.
+            queue.withLock { $0.insert((arrived, .failure(e)), at: 0) }
+            sem_post(sem)
+            throw e
+        }
+    }
+
+    public func send(_ type: MessageType, _ payload: [UInt8]) throws(WireError) {
+        var failure: WireError?
+        payload.withUnsafeBytes { b in
+            do throws(WireError) { try send(type, b.baseAddress, b.count) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Writes a frame whole (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
+    public func send(_ type: MessageType, _ payload: UnsafeRawPointer?, _ count: Int) throws(WireError) {
+        var header: [UInt8] = [Wire.magic.0, Wire.magic.1, type.rawValue, 0]
+        withUnsafeBytes(of: UInt32(count).littleEndian) { header += $0 }
+        var failure: WireError?
+        header.withUnsafeBytes { h in
+            do throws(WireError) { try writeAll(h.baseAddress!, 8, type) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        if count > 0, let p = payload { try writeAll(p, count, type) }
+        bytesSent += 8 + count
+    }
+
+    private func writeAll(_ p: UnsafeRawPointer, _ n: Int, _ type: MessageType) throws(WireError) {
+        var done = 0
+        while done < n {
+            let w = Glibc.send(fd, p + done, n - done, Int32(MSG_NOSIGNAL))
+            if w < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw .timeout("sending \(type): the link took no data for \(timeoutS) s") }
+                throw .peerClosed("sending \(type): \(SystemError.current("send").description)")
+            }
+            done += w
+        }
+    }
+
+    public func sendError(_ text: String) { try? send(.error, Array(text.utf8)) }
+}
+
+extension String {
+    fileprivate init(format8 h: [UInt8]) {
+        self = "bad frame magic \(h.prefix(2).map { String($0, radix: 16) }.joined(separator: " ")) (expected 4d 4c): not a memlab migration peer"
+    }
+}
+
+/// Socket set-up: an IPv4 address "A.B.C.D:PORT".
+public enum WireSocket {
+    static func parse(_ address: String) throws(WireError) -> sockaddr_in {
+        guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else {
+            throw .system("address '\(address)' is not IPv4:PORT")
+        }
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = port.bigEndian
+        let host = String(address[..<colon])
+        if inet_pton(AF_INET, host, &sa.sin_addr) != 1 { throw .system("'\(host)' is not an IPv4 address") }
+        return sa
+    }
+
+    /// Listens on `address`; returns the listening socket.
+    public static func listen(_ address: String) throws(WireError) -> Int32 {
+        var sa = try parse(address)
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { throw .system(SystemError.current("socket").description) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if rc != 0 { let e = SystemError.current("bind", path: address); Glibc.close(fd); throw .system(e.description) }
+        if Glibc.listen(fd, 1) != 0 { let e = SystemError.current("listen", path: address); Glibc.close(fd); throw .system(e.description) }
+        return fd
+    }
+
+    /// Accepts one connection within `timeoutS`.
+    public static func accept(_ listener: Int32, timeoutS: Double) throws(WireError) -> Int32 {
+        var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+        let start = Clock.nanoseconds()
+        while true {
+            let left = timeoutS - Clock.seconds(since: start)
+            if left <= 0 { throw .timeout("no source connected within \(timeoutS) s") }
+            let r = poll(&p, 1, Int32(min(left * 1000, 1000).rounded(.up)))
+            if r < 0 && errno != EINTR { throw .system(SystemError.current("poll").description) }
+            if r > 0 { break }
+        }
+        let fd = Glibc.accept(listener, nil, nil)
+        if fd < 0 { throw .system(SystemError.current("accept").description) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        return fd
+    }
+
+    /// Connects within `timeoutS`, retrying while the destination is not yet listening.
+    public static func connect(_ address: String, timeoutS: Double) throws(WireError) -> Int32 {
+        var sa = try parse(address)
+        let start = Clock.nanoseconds()
+        var last = ""
+        while Clock.seconds(since: start) < timeoutS {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            if fd < 0 { throw .system(SystemError.current("socket").description) }
+            // Non-blocking connect bounded by poll: an unreachable host is an error in time.
+            let flags = fcntl(fd, F_GETFL)
+            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            var rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if rc != 0 && errno == EINPROGRESS {
+                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                let left = max(1, Int32((timeoutS - Clock.seconds(since: start)) * 1000))
+                if poll(&p, 1, left) == 1 {
+                    var err: Int32 = 0
+                    var len = socklen_t(MemoryLayout<Int32>.size)
+                    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
+                    rc = err == 0 ? 0 : -1
+                    errno = err
+                } else { errno = ETIMEDOUT }
+            }
+            if rc == 0 {
+                _ = fcntl(fd, F_SETFL, flags)
+                return fd
+            }
+            last = SystemError.current("connect", path: address).description
+            Glibc.close(fd)
+            Clock.sleep(nanoseconds: 50_000_000)
+        }
+        throw .timeout("could not connect to \(address) within \(timeoutS) s (\(last))")
+    }
+}
+
+/// The source's side: pre-copy's `PageLink` over a `WireConnection`.
+public final class TCPLink: PageLink {
+    public let connection: WireConnection
+    public let pageSize: Int
+    private var buffer: UnsafeMutableRawPointer
+    private var totalSent = 0
+
+    /// Connects the protocol: HELLO with the image header, WELCOME or REFUSE back.
+    public init(connection: WireConnection, header: ImageHeader) throws(WireError) {
+        self.connection = connection
+        self.pageSize = header.pageSize
+        buffer = .allocate(byteCount: 4 + Wire.pagesPerFrame * (8 + header.pageSize), alignment: 8)
+        var w = PayloadWriter()
+        w.u32(Wire.protocolVersion)
+        w.text(header.encode())
+        try connection.send(.hello, w.bytes)
+        let f = try connection.receive(waitingFor: "WELCOME")
+        switch f.type {
+        case .welcome:
+            var r = PayloadReader(f)
+            let v = try r.u32()
+            if v != Wire.protocolVersion { throw .malformed("destination speaks protocol version \(v), we speak \(Wire.protocolVersion)") }
+        case .refuse: throw .refused(String(decoding: f.payload, as: UTF8.self))
+        default: throw .malformed("expected WELCOME or REFUSE, got \(f.type)")
+        }
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Round trips measured with PING/PONG (delay stage included), seconds, sorted.
+    public func measureRTT(count: Int) throws(WireError) -> [Double] {
+        var out: [Double] = []
+        for i in 0..<count {
+            var w = PayloadWriter()
+            w.u64(UInt64(i))
+            let s = Clock.nanoseconds()
+            try connection.send(.ping, w.bytes)
+            let f = try connection.receive(waitingFor: "PONG")
+            guard f.type == .pong else { throw .malformed("expected PONG, got \(f.type)") }
+            out.append(Double(Clock.nanoseconds() - s) / 1e9)
+        }
+        return out.sorted()
+    }
+
+    public func send(_ pages: ArraySlice<Int>, from source: UnsafeRawPointer) throws {
+        var i = pages.startIndex
+        while i < pages.endIndex {
+            let n = min(Wire.pagesPerFrame, pages.endIndex - i)
+            buffer.storeBytes(of: UInt32(n).littleEndian, as: UInt32.self)
+            for k in 0..<n { (buffer + 4 + 8 * k).storeBytes(of: UInt64(pages[i + k]).littleEndian, toByteOffset: 0, as: UInt64.self) }
+            let data = buffer + 4 + 8 * n
+            for k in 0..<n { memcpy(data + k * pageSize, source + pages[i + k] * pageSize, pageSize) }
+            try connection.send(.pages, buffer, 4 + n * (8 + pageSize))
+            i += n
+        }
+        totalSent += pages.count
+    }
+
+    public func endRound(_ round: Int, pages: Int) throws {
+        var w = PayloadWriter()
+        w.u32(UInt32(round)); w.u32(UInt32(pages))
+        try connection.send(.roundEnd, w.bytes)
+        let f = try connection.receive(waitingFor: "ROUND_ACK of round \(round)")
+        guard f.type == .roundAck else { throw WireError.malformed("expected ROUND_ACK, got \(f.type)") }
+        var r = PayloadReader(f)
+        let gotRound = try r.u32(), gotPages = try r.u32()
+        try r.end()
+        if gotRound != UInt32(round) || gotPages != UInt32(pages) {
+            throw WireError.mismatch("destination acknowledged round \(gotRound) with \(gotPages) pages; sent round \(round) with \(pages)")
+        }
+    }
+
+    public func finish(pages: Int) throws -> UInt64 {
+        var w = PayloadWriter()
+        w.u64(UInt64(totalSent))
+        try connection.send(.finish, w.bytes)
+        let f = try connection.receive(waitingFor: "RESUMED")
+        let at = Clock.nanoseconds()
+        guard f.type == .resumed else { throw WireError.malformed("expected RESUMED, got \(f.type)") }
+        var r = PayloadReader(f)
+        let got = try r.u64()
+        if got != UInt64(totalSent) { throw WireError.mismatch("destination received \(got) pages, source sent \(totalSent)") }
+        return at
+    }
+
+    public func verify(checksum: UInt64) throws -> CompletionVerdict {
+        var w = PayloadWriter()
+        w.u64(checksum)
+        try connection.send(.verify, w.bytes)
+        let f = try connection.receive(waitingFor: "VERIFIED")
+        guard f.type == .verified else { throw WireError.malformed("expected VERIFIED, got \(f.type)") }
+        var r = PayloadReader(f)
+        let sum = try r.u64()
+        return CompletionVerdict(destinationChecksum: sum, mismatchedPages: nil)
+    }
+}
+
+/// The destination's side: takes one migration, page data into its own memory, and answers.
+public struct MigrationDestination {
+    public struct Report: Sendable {
+        public var header: ImageHeader?
+        public var pagesReceived = 0
+        public var rounds = 0
+        public var bytesReceived = 0
+        public var checksum: UInt64 = 0
+        public var sourceChecksum: UInt64 = 0
+        public var ignoredFlags: [String] = []
+        public var verified: Bool { checksum == sourceChecksum }
+    }
+
+    public let ignoreCPUFlags: Bool
+    public init(ignoreCPUFlags: Bool) { self.ignoreCPUFlags = ignoreCPUFlags }
+
+    public func serve(_ c: WireConnection, log: (String) -> Void) throws(WireError) -> Report {
+        var report = Report()
+        do {
+            return try serveInner(c, &report, log: log)
+        } catch {
+            // Tell the source why, if it is still there (a REFUSE already told it).
+            if case .refused = error {} else { c.sendError(error.description) }
+            throw error
+        }
+    }
+
+    private func serveInner(_ c: WireConnection, _ report: inout Report, log: (String) -> Void) throws(WireError) -> Report {
+        let hello = try c.receive(waitingFor: "HELLO")
+        guard hello.type == .hello else { throw .malformed("expected HELLO, got \(hello.type)") }
+        var r = PayloadReader(hello)
+        let version = try r.u32()
+        if version != Wire.protocolVersion {
+            let why = "source speaks protocol version \(version); this destination speaks \(Wire.protocolVersion)"
+            try? c.send(.refuse, Array(why.utf8))
+            throw .refused(why)
+        }
+        let header: ImageHeader
+        do { header = try ImageHeader.parse(r.rest()) } catch { throw .malformed("HELLO header: \(error)") }
+        report.header = header
+        let local = ImageHeader.local(regionBytes: header.regionBytes, checksum: 0)
+        switch header.compatibility(with: local) {
+        case .compatible: break
+        case .incompatible(let why):
+            try? c.send(.refuse, Array(why.utf8))
+            throw .refused(why)
+        case .missingFlags(let flags):
+            let why = "this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))"
+            if !ignoreCPUFlags {
+                try? c.send(.refuse, Array((why + " (destination started without --ignore-cpu-flags)").utf8))
+                throw .refused(why)
+            }
+            report.ignoredFlags = flags
+            log("warning: \(why); going on because of --ignore-cpu-flags")
+        }
+        let region: AnonymousMapping
+        do {
+            region = try AnonymousMapping(length: header.regionBytes)
+            try region.advise(MADV_POPULATE_WRITE_VALUE, name: "MADV_POPULATE_WRITE")
+        } catch {
+            let why = "cannot allocate \(header.regionBytes) bytes: \(error)"
+            try? c.send(.refuse, Array(why.utf8))
+            throw .refused(why)
+        }
+        var w = PayloadWriter()
+        w.u32(Wire.protocolVersion)
+        try c.send(.welcome, w.bytes)
+        log("accepted a \(header.regionBytes)-byte image from a \(header.arch) source (\(header.cpu.model))")
+
+        let pageSize = header.pageSize
+        let pageCount = header.regionBytes / pageSize
+        var inRound = 0
+        var finished = false
+        while true {
+            let f = try c.receive(waitingFor: finished ? "VERIFY" : "pages or the end of round \(report.rounds + 1)")
+            switch f.type {
+            case .ping:
+                try c.send(.pong, f.payload)
+            case .pages:
+                if finished { throw .malformed("PAGES after FINISH") }
+                let n = f.payload.count >= 4 ? Int(f.payload[0]) | Int(f.payload[1]) << 8 | Int(f.payload[2]) << 16 | Int(f.payload[3]) << 24 : -1
+                guard n > 0, n <= Wire.pagesPerFrame, f.payload.count == 4 + n * (8 + pageSize) else {
+                    throw .malformed("PAGES frame of \(f.payload.count) bytes does not hold \(n) pages of \(pageSize) bytes")
+                }
+                var bad: Int?
+                f.payload.withUnsafeBytes { b in
+                    for k in 0..<n {
+                        let idx = Int(UInt64(littleEndian: b.loadUnaligned(fromByteOffset: 4 + 8 * k, as: UInt64.self)))
+                        guard idx >= 0 && idx < pageCount else { bad = idx; return }
+                        memcpy(region.base + idx * pageSize, b.baseAddress! + 4 + 8 * n + k * pageSize, pageSize)
+                    }
+                }
+                if let idx = bad { throw .malformed("page index \(idx) outside the \(pageCount)-page region") }
+                inRound += n
+                report.pagesReceived += n
+                report.bytesReceived += f.payload.count + 8
+            case .roundEnd:
+                var rr = PayloadReader(f)
+                let round = try rr.u32(), pages = try rr.u32()
+                try rr.end()
+                if Int(pages) != inRound { throw .mismatch("round \(round): source says \(pages) pages, \(inRound) arrived") }
+                report.rounds = Int(round)
+                var a = PayloadWriter()
+                a.u32(round); a.u32(UInt32(inRound))
+                try c.send(.roundAck, a.bytes)
+                inRound = 0
+            case .finish:
+                var rr = PayloadReader(f)
+                let total = try rr.u64()
+                try rr.end()
+                if Int(total) != report.pagesReceived { throw .mismatch("source sent \(total) pages, \(report.pagesReceived) arrived") }
+                // Every page is in: the guest would resume here.
+                var a = PayloadWriter()
+                a.u64(UInt64(report.pagesReceived))
+                try c.send(.resumed, a.bytes)
+                finished = true
+            case .verify:
+                guard finished else { throw .malformed("VERIFY before FINISH") }
+                var rr = PayloadReader(f)
+                report.sourceChecksum = try rr.u64()
+                try rr.end()
+                report.checksum = regionChecksum(region.base, length: region.length)
+                var a = PayloadWriter()
+                a.u64(report.checksum)
+                try c.send(.verified, a.bytes)
+                if !report.verified {
+                    throw .mismatch("destination checksum \(String(report.checksum, radix: 16)) differs from the source's \(String(report.sourceChecksum, radix: 16))")
+                }
+                return report
+            default:
+                throw .malformed("unexpected \(f.type) from the source")
+            }
+        }
+    }
+}
+
+let MADV_POPULATE_WRITE_VALUE: Int32 = memlab_MADV_POPULATE_WRITE

@@ -1,0 +1,187 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Foundation
+import LabKit
+import LinuxMM
+import Scenarios
+
+/// Two-process (two-host) pre-copy migration and the snapshot CPU-flag check. The protocol and
+/// the snapshot format are in docs/migration-protocol.md.
+struct Migrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Live-migrate a workload's memory between two memlab processes over TCP; check a snapshot's CPU flags.",
+        discussion: """
+        Start `memlab migrate destination --listen ADDR:PORT` on the receiving host, then \
+        `memlab migrate source --connect ADDR:PORT` on the sending one. The source runs a workload that \
+        dirties pages at --dirty-rate, sends its memory in pre-copy rounds (dirty pages found with userfaultfd \
+        WP_ASYNC + PAGEMAP_SCAN), stops it and sends the rest; the destination checks the CPU flags, \
+        takes the pages and verifies the result. Exit status: 0 migrated and verified; 1 failed or refused; \
+        2 bad usage or a malformed snapshot.
+        """,
+        subcommands: [MigrateSource.self, MigrateDestination.self, MigrateCheck.self, MigrateSnapshot.self]
+    )
+}
+
+/// A failure the user must see as one line, with exit status 1.
+private func fail(_ text: String) -> ExitCode {
+    writeStderr("memlab migrate: \(text)\n")
+    return ExitCode(ExitStatus.failed)
+}
+
+struct MigrateSource: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "source",
+        abstract: "Run a workload and pre-copy its memory to a destination.")
+
+    @Option(help: ArgumentHelp("Destination address.", valueName: "ipv4:port")) var connect: String
+    @Option(help: "Region size (K, M, G suffix).") var size = "64M"
+    @Option(help: "Page writes per second over all workload threads (0: idle).") var dirtyRate = 2000
+    @Option(help: "Workload threads.") var threads = 1
+    @Option(help: "The link's bandwidth in Mbit/s: what the model decides convergence with (shape the link to it with tc).") var bandwidthMbit = 100.0
+    @Option(help: "The link's round-trip time in ms for the model (usually 2 × --delay-ms plus the wire's own).") var rttMs: Double?
+    @Option(help: "One-way delay added by memlab's delay stage to every message this side receives, ms.") var delayMs = 0.0
+    @Option(help: "Stop when the rest would cross the link within this long, ms.") var downtimeTargetMs = 30.0
+    @Option(help: "Stop-and-copy after this many rounds even if not converged.") var maxRounds = 30
+    @Option(help: "Seconds without progress from the destination before giving up.") var timeout = 10.0
+    @Option(help: "Write the measurements (metrics, rounds, checks) as JSON to this file.") var json: String?
+
+    func run() throws {
+        guard let bytes = parseSize(size), bytes >= 2 * System.pageSize else { throw UsageError("--size '\(size)' is not a size of at least two pages") }
+        guard bandwidthMbit > 0, maxRounds >= 1, threads >= 1, dirtyRate >= 0, timeout > 0, delayMs >= 0 else {
+            throw UsageError("--bandwidth-mbit, --max-rounds, --threads and --timeout must be positive; --dirty-rate and --delay-ms not negative")
+        }
+        let wp = WriteProtectTracking.probe()
+        guard wp.usable else { throw fail("dirty tracking unusable: \(wp.reason ?? "?")") }
+        let page = System.pageSize
+        let region = try AnonymousMapping(length: bytes)
+        fillRandom(region.base, length: region.length, seed: 0x6D69_6772)
+
+        let delayNS = UInt64(delayMs * 1e6)
+        let fd: Int32
+        do { fd = try WireSocket.connect(connect, timeoutS: timeout) } catch { throw fail(error.description) }
+        let conn = WireConnection(fd: fd, delayNS: delayNS, timeoutS: timeout)
+        defer { conn.close() }
+        let link: TCPLink
+        do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw fail(error.description) }
+        let rtts: [Double]
+        do { rtts = try link.measureRTT(count: 5) } catch { throw fail(error.description) }
+        let measuredRTT = rtts[rtts.count / 2]
+        let model = LinkModel(bandwidth: bandwidthMbit * 1e6 / 8, rtt: rttMs.map { $0 / 1000 } ?? measuredRTT)
+
+        let tracker = try AsyncWriteProtectTracker(base: region.base, length: region.length)
+        defer { tracker.close() }
+        let workload = DirtyWorkload(base: region.base, pages: region.length / page, hotPages: region.length / page,
+                                     rate: Double(dirtyRate), threads: threads)
+        try workload.start(seed: 0x5EED)
+        let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTargetMs / 1000, maxRounds: maxRounds)
+        let out: PrecopyOutcome
+        do {
+            out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
+        } catch {
+            workload.stop()
+            throw fail("migration failed: \(error)")
+        }
+        let ctx = RunContext(variant: "precopy-tcp", params: Params([:]), repetition: 1, isWarmup: false)
+        MigrationScenario.record(out, model: model, pageSize: page, pages: region.length / page, tracker: tracker, ctx: ctx)
+        ctx.record("measured_rtt", measuredRTT, .s, better: .lower)
+        ctx.record("wire_bytes_sent", Double(conn.bytesSent), .bytes, better: .lower)
+        ctx.note("model: \(bandwidthMbit) Mbit/s, RTT \(model.rtt * 1000) ms (\(rttMs == nil ? "measured with PING/PONG" : "given")); delay stage \(delayMs) ms one way on each side's receive")
+        for m in ctx.output.metrics {
+            print("\(m.name.padding(toLength: 24, withPad: " ", startingAt: 0)) \(formatNumber(m.value)) \(m.unit.rawValue)")
+        }
+        for r in out.rounds {
+            print("round \(r.round): sent \(r.pagesSent) pages in \(formatNumber(r.duration)) s; \(r.dirtyPages) dirty (\(formatNumber(r.dirtyRate)) pages/s); expected downtime \(formatNumber(r.expectedDowntime)) s")
+        }
+        for n in ctx.output.notes { print("note: \(n)") }
+        if let path = json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try Session.write(try enc.encode(ctx.output), to: path)
+        }
+        let bad = ctx.output.checks.filter { !$0.agrees }
+        if !bad.isEmpty { throw fail("destination contents differ from the source: \(bad.map(\.name).joined(separator: ", "))") }
+        print("migrated and verified: destination checksum \(String(out.verdict?.destinationChecksum ?? 0, radix: 16)) equals the source's")
+    }
+}
+
+struct MigrateDestination: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "destination",
+        abstract: "Receive one migration: check CPU flags, take the pages, resume, verify.")
+
+    @Option(help: ArgumentHelp("Address to listen on.", valueName: "ipv4:port")) var listen: String
+    @Option(help: "One-way delay added by memlab's delay stage to every message this side receives, ms.") var delayMs = 0.0
+    @Option(help: "Seconds without a message from the source before giving up.") var timeout = 10.0
+    @Option(help: "Seconds to wait for the source to connect.") var acceptTimeout = 60.0
+    @Flag(help: "Go on when this CPU lacks flags the source had (the guest may crash on an instruction it lacks).") var ignoreCPUFlags = false
+
+    func run() throws {
+        guard timeout > 0, acceptTimeout > 0, delayMs >= 0 else { throw UsageError("--timeout and --accept-timeout must be positive, --delay-ms not negative") }
+        let listener: Int32
+        do { listener = try WireSocket.listen(listen) } catch { throw fail(error.description) }
+        print("listening on \(listen)")
+        fflush(nil)
+        let fd: Int32
+        do { fd = try WireSocket.accept(listener, timeoutS: acceptTimeout) } catch { close(listener); throw fail(error.description) }
+        close(listener)
+        let conn = WireConnection(fd: fd, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout)
+        defer { conn.close() }
+        do {
+            let r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags).serve(conn) { print($0); fflush(nil) }
+            print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
+            if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(r.ignoredFlags.joined(separator: " "))") }
+            print("verified: checksum \(String(r.checksum, radix: 16)) equals the source's")
+        } catch {
+            throw fail(error.description)
+        }
+    }
+}
+
+struct MigrateCheck: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "check",
+        abstract: "Can this machine take a snapshot? Architecture, page size and CPU flags (the verdict alone).",
+        discussion: "Exit status: 0 compatible (or overridden), 1 refused, 2 not a valid snapshot (truncated, malformed).")
+
+    @Argument(help: "Snapshot file (memlab migrate snapshot).") var snapshot: String
+    @Flag(help: "Report missing CPU flags but accept anyway.") var ignoreCPUFlags = false
+
+    func run() throws {
+        let header: ImageHeader
+        do { header = try Snapshot.readHeader(path: snapshot) } catch {
+            writeStderr("memlab migrate check: \(snapshot): \(error)\n")
+            throw ExitCode(ExitStatus.usage)
+        }
+        let local = ImageHeader.local(regionBytes: header.regionBytes, checksum: 0)
+        switch header.compatibility(with: local) {
+        case .compatible:
+            print("compatible: \(header.arch), \(header.pageSize)-byte pages, every one of the source's \(header.cpu.flags.count) CPU flags is present (source: \(header.cpu.model); here: \(local.cpu.model))")
+        case .incompatible(let why):
+            print("refused: \(why)")
+            throw ExitCode(ExitStatus.failed)
+        case .missingFlags(let flags):
+            if ignoreCPUFlags {
+                print("accepted with --ignore-cpu-flags: this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))")
+            } else {
+                print("refused: this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))")
+                throw ExitCode(ExitStatus.failed)
+            }
+        }
+    }
+}
+
+struct MigrateSnapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "snapshot",
+        abstract: "Write a snapshot file: this machine's arch, page size, CPU model and flags, then a region of page data.")
+
+    @Argument(help: "Output file.") var output: String
+    @Option(help: "Region size (K, M, G suffix).") var size = "1M"
+
+    func run() throws {
+        guard let bytes = parseSize(size), bytes >= System.pageSize else { throw UsageError("--size '\(size)' is not a size of at least one page") }
+        let region = try AnonymousMapping(length: bytes)
+        fillRandom(region.base, length: region.length, seed: 0x736E_6170)
+        let header = ImageHeader.local(regionBytes: region.length, checksum: regionChecksum(region.base, length: region.length))
+        do { try Snapshot.write(path: output, header: header, data: region.base) } catch { throw fail(error.description) }
+        print("wrote \(output): \(header.arch), \(header.regionBytes) bytes of pages, \(header.cpu.flags.count) CPU flags (\(header.cpu.model))")
+    }
+}
