@@ -201,13 +201,16 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
             local.removeAll(keepingCapacity: true)
             for i in 0..<count where msgs[i].event == UInt32(memlab_UFFD_EVENT_PAGEFAULT) {
                 guard msgs[i].flags & memlab_UFFD_PAGEFAULT_FLAG_WP != 0 else { continue }
-                let addr = msgs[i].address & pageMask
-                // Un-protecting wakes the writer.
-                try? uffd.writeProtect(addr, length: UInt64(System.pageSize), protect: false)
-                faults.add(1, ordering: .relaxed)
-                local.append(Int((addr - start) / UInt64(System.pageSize)))
+                local.append(Int(((msgs[i].address & pageMask) - start) / UInt64(System.pageSize)))
             }
+            // Record the pages before waking their writers: a collect() that runs as soon as a
+            // write returns must already see that write.
             if !local.isEmpty { lock.withLock { $0.append(contentsOf: local) } }
+            faults.add(local.count, ordering: .relaxed)
+            for index in local {
+                // Un-protecting wakes the writer.
+                try? uffd.writeProtect(start + UInt64(index * System.pageSize), length: UInt64(System.pageSize), protect: false)
+            }
         }
         handlerDone.store(true, ordering: .releasing)
     }
