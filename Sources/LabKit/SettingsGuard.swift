@@ -354,6 +354,15 @@ public final class SettingsGuard: @unchecked Sendable {
         case unreadable(String)
     }
 
+    /// Whether a journal exists whose owner is gone (or which cannot be read): a cheap look,
+    /// without the lock, to decide whether recovery must wait for it.
+    public var hasStaleJournal: Bool {
+        guard ProcFile.exists(journalPath) else { return false }
+        guard let text = ProcFile.readIfPresent(journalPath),
+              let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else { return true }
+        return j.ownerPID != getpid() && !j.ownerIsAlive
+    }
+
     /// Finds a journal left by a memlab that died and restores it. Call with the lock held
     /// (or after taking it without waiting): a live owner keeps its journal.
     public func recoverStale() -> Recovery {

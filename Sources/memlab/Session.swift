@@ -9,8 +9,9 @@ import Scenarios
 /// What every command does first, and what run and suite share: the settings lock, recovery
 /// of a journal left by a memlab that died, executing requests, and writing the results.
 enum Session {
-    /// Restores a journal whose owner is dead, if this process can take the lock without
-    /// waiting (a live memlab holding the lock owns the journal). Says what it did on stderr.
+    /// Restores a journal whose owner is dead, taking the settings lock for it (waiting, and
+    /// saying for whom, if another memlab holds it: knobs left changed must not wait for a
+    /// later start). Says what it did on stderr.
     static func recoverStaleJournal(_ g: SettingsGuard, holdingLock: Bool) {
         guard System.isRoot else {
             if ProcFile.exists(g.journalPath) {
@@ -19,7 +20,8 @@ enum Session {
             return
         }
         if !holdingLock {
-            do { try g.acquireLock(wait: false, say: { _ in }) } catch { return }
+            guard g.hasStaleJournal else { return }
+            do { try g.acquireLock(wait: true, say: { writeStderr($0 + " (to restore a dead memlab's settings)\n") }) } catch { return }
         }
         defer { if !holdingLock { g.releaseLock() } }
         switch g.recoverStale() {
