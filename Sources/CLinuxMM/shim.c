@@ -161,6 +161,8 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count) {
 
 uint8_t memlab_read_byte(const volatile uint8_t *p) { return *p; }
 
+void memlab_rewrite_u64(volatile uint64_t *p) { uint64_t v = *p; *p = v; }
+
 void memlab_ref_touch(void *base, size_t len, size_t stride) {
     volatile unsigned char *p = base;
     for (size_t off = 0; off < len; off += stride) p[off] = 1;

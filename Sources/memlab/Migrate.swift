@@ -30,6 +30,17 @@ private func fail(_ text: String) -> ExitCode {
     return ExitCode(ExitStatus.failed)
 }
 
+/// Writes one run as a full memlab.result/1 document (what `memlab run --json` writes), so
+/// `memlab show`, `report` and `compare` read a two-host migration like any other result.
+func writeMigrateDocument(_ path: String, variant: String, params: [String: ParamValue], output: RepetitionOutput,
+                          started: String, startNS: UInt64) throws {
+    let run = RunResult.single(scenario: "migration", variant: variant, params: Params(params), output: output,
+                               durationS: Clock.seconds(since: startNS))
+    let doc = ResultDocument(tool: .init(name: "memlab", version: memlabVersion), startedAt: started,
+                             host: .current(), runs: [run])
+    try Session.write(try doc.jsonData(), to: path)
+}
+
 struct MigrateSource: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "source",
         abstract: "Run a workload and pre-copy its memory to a destination.")
@@ -44,28 +55,51 @@ struct MigrateSource: ParsableCommand {
     @Option(help: "Stop when the rest would cross the link within this long, ms.") var downtimeTargetMs = 30.0
     @Option(help: "Stop-and-copy after this many rounds even if not converged.") var maxRounds = 30
     @Option(help: "Seconds without progress from the destination before giving up.") var timeout = 10.0
-    @Option(help: "Write the measurements (metrics, rounds, checks) as JSON to this file.") var json: String?
+    @Option(help: "Write the result (metrics, rounds, checks) as a memlab.result/1 document to this file, also when the migration fails.") var json: String?
+
+    var params: [String: ParamValue] {
+        var p: [String: ParamValue] = [
+            "connect": .string(connect), "size": .int(parseSize(size) ?? 0), "dirty_rate": .int(dirtyRate),
+            "threads": .int(threads), "bandwidth_mbit": .double(bandwidthMbit), "delay_ms": .double(delayMs),
+            "downtime_target_ms": .double(downtimeTargetMs), "max_rounds": .int(maxRounds), "timeout_s": .double(timeout),
+            "tracking": .string("wp-async"),
+        ]
+        if let rttMs { p["rtt_ms"] = .double(rttMs) }
+        return p
+    }
 
     func run() throws {
+        let started = isoTimestamp()
+        let startNS = Clock.nanoseconds()
+        /// A failure after the arguments were accepted: the document says why, then one line on stderr.
+        func failed(_ text: String) -> ExitCode {
+            if let path = json {
+                var o = RepetitionOutput()
+                o.status = .failed
+                o.reason = text
+                try? writeMigrateDocument(path, variant: "precopy-tcp", params: params, output: o, started: started, startNS: startNS)
+            }
+            return fail(text)
+        }
         guard let bytes = parseSize(size), bytes >= 2 * System.pageSize else { throw UsageError("--size '\(size)' is not a size of at least two pages") }
         guard bandwidthMbit > 0, maxRounds >= 1, threads >= 1, dirtyRate >= 0, timeout > 0, delayMs >= 0 else {
             throw UsageError("--bandwidth-mbit, --max-rounds, --threads and --timeout must be positive; --dirty-rate and --delay-ms not negative")
         }
         let wp = WriteProtectTracking.probe()
-        guard wp.usable else { throw fail("dirty tracking unusable: \(wp.reason ?? "?")") }
+        guard wp.usable else { throw failed("dirty tracking unusable: \(wp.reason ?? "?")") }
         let page = System.pageSize
         let region = try AnonymousMapping(length: bytes)
         fillRandom(region.base, length: region.length, seed: 0x6D69_6772)
 
         let delayNS = UInt64(delayMs * 1e6)
         let fd: Int32
-        do { fd = try WireSocket.connect(connect, timeoutS: timeout) } catch { throw fail(error.description) }
+        do { fd = try WireSocket.connect(connect, timeoutS: timeout) } catch { throw failed(error.description) }
         let conn = WireConnection(fd: fd, delayNS: delayNS, timeoutS: timeout)
         defer { conn.close() }
         let link: TCPLink
-        do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw fail(error.description) }
+        do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw failed(error.description) }
         let rtts: [Double]
-        do { rtts = try link.measureRTT(count: 5) } catch { throw fail(error.description) }
+        do { rtts = try link.measureRTT(count: 5) } catch { throw failed(error.description) }
         let measuredRTT = rtts[rtts.count / 2]
         let model = LinkModel(bandwidth: bandwidthMbit * 1e6 / 8, rtt: rttMs.map { $0 / 1000 } ?? measuredRTT)
 
@@ -80,7 +114,7 @@ struct MigrateSource: ParsableCommand {
             out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
         } catch {
             workload.stop()
-            throw fail("migration failed: \(error)")
+            throw failed("migration failed: \(error)")
         }
         let ctx = RunContext(variant: "precopy-tcp", params: Params([:]), repetition: 1, isWarmup: false)
         MigrationScenario.record(out, model: model, pageSize: page, pages: region.length / page, tracker: tracker, ctx: ctx)
@@ -95,12 +129,10 @@ struct MigrateSource: ParsableCommand {
         }
         for n in ctx.output.notes { print("note: \(n)") }
         if let path = json {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try Session.write(try enc.encode(ctx.output), to: path)
+            try writeMigrateDocument(path, variant: "precopy-tcp", params: params, output: ctx.output, started: started, startNS: startNS)
         }
         let bad = ctx.output.checks.filter { !$0.agrees }
-        if !bad.isEmpty { throw fail("destination contents differ from the source: \(bad.map(\.name).joined(separator: ", "))") }
+        if !bad.isEmpty { throw failed("destination contents differ from the source: \(bad.map(\.name).joined(separator: ", "))") }
         print("migrated and verified: destination checksum \(String(out.verdict?.destinationChecksum ?? 0, radix: 16)) equals the source's")
     }
 }
@@ -114,25 +146,61 @@ struct MigrateDestination: ParsableCommand {
     @Option(help: "Seconds without a message from the source before giving up.") var timeout = 10.0
     @Option(help: "Seconds to wait for the source to connect.") var acceptTimeout = 60.0
     @Flag(help: "Go on when this CPU lacks flags the source had (the guest may crash on an instruction it lacks).") var ignoreCPUFlags = false
+    @Option(help: "Write what this side received and verified as a memlab.result/1 document to this file, also when the migration fails.") var json: String?
+
+    var params: [String: ParamValue] {
+        ["listen": .string(listen), "delay_ms": .double(delayMs), "timeout_s": .double(timeout),
+         "accept_timeout_s": .double(acceptTimeout), "ignore_cpu_flags": .bool(ignoreCPUFlags)]
+    }
 
     func run() throws {
         guard timeout > 0, acceptTimeout > 0, delayMs >= 0 else { throw UsageError("--timeout and --accept-timeout must be positive, --delay-ms not negative") }
+        let started = isoTimestamp()
+        let startNS = Clock.nanoseconds()
+        func failed(_ text: String) -> ExitCode {
+            if let path = json {
+                var o = RepetitionOutput()
+                o.status = .failed
+                o.reason = text
+                try? writeMigrateDocument(path, variant: "precopy-tcp-destination", params: params, output: o, started: started, startNS: startNS)
+            }
+            return fail(text)
+        }
         let listener: Int32
-        do { listener = try WireSocket.listen(listen) } catch { throw fail(error.description) }
+        do { listener = try WireSocket.listen(listen) } catch { throw failed(error.description) }
         print("listening on \(listen)")
         fflush(nil)
         let fd: Int32
-        do { fd = try WireSocket.accept(listener, timeoutS: acceptTimeout) } catch { close(listener); throw fail(error.description) }
+        do { fd = try WireSocket.accept(listener, timeoutS: acceptTimeout) } catch { close(listener); throw failed(error.description) }
         close(listener)
+        let accepted = Clock.nanoseconds()
         let conn = WireConnection(fd: fd, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout)
         defer { conn.close() }
+        let r: MigrationDestination.Report
         do {
-            let r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags).serve(conn) { print($0); fflush(nil) }
-            print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
-            if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(r.ignoredFlags.joined(separator: " "))") }
-            print("verified: checksum \(String(r.checksum, radix: 16)) equals the source's")
+            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags).serve(conn) { print($0); fflush(nil) }
         } catch {
-            throw fail(error.description)
+            throw failed(error.description)
+        }
+        let session = Clock.seconds(since: accepted)
+        print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
+        if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(r.ignoredFlags.joined(separator: " "))") }
+        print("verified: checksum \(String(r.checksum, radix: 16)) equals the source's")
+        if let path = json {
+            let ctx = RunContext(variant: "precopy-tcp-destination", params: Params(params), repetition: 1, isWarmup: false)
+            ctx.record("pages_received", Double(r.pagesReceived), .pages, better: .none)
+            ctx.record("bytes_received", Double(r.bytesReceived), .bytes, better: .none)
+            ctx.record("rounds", Double(r.rounds), .count, better: .none)
+            ctx.record("session_time", session, .s, better: .lower)
+            if let h = r.header {
+                ctx.record("region_bytes", Double(h.regionBytes), .bytes, better: .none)
+                ctx.note("source: \(h.arch), \(h.cpu.model), \(h.cpu.flags.count) CPU flags")
+            }
+            ctx.check("destination_checksum", expected: Double(r.sourceChecksum >> 11), observed: Double(r.checksum >> 11), tolerance: 0,
+                      describe: "checksum of the received region equals the source's at stop time (top 53 bits)")
+            if !r.ignoredFlags.isEmpty { ctx.note("CPU flags the source had and this machine lacks, ignored: \(r.ignoredFlags.joined(separator: " "))") }
+            ctx.note("delay stage \(delayMs) ms one way on this side's receive")
+            try writeMigrateDocument(path, variant: "precopy-tcp-destination", params: params, output: ctx.output, started: started, startNS: startNS)
         }
     }
 }

@@ -255,6 +255,11 @@ uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);
 /// point is the fault a read takes (swap-in, shared pages of a guest).
 uint8_t memlab_read_byte(const volatile uint8_t *p);
 
+/// Reads one 64-bit word and writes the same value back through a volatile pointer: a write
+/// access the optimiser cannot drop (it takes a write fault, marks the page written) that
+/// leaves the contents unchanged, so a copy stays comparable with its source.
+void memlab_rewrite_u64(volatile uint64_t *p);
+
 /// Touches [base, base+len) every `stride` bytes with SIGBUS caught (sigsetjmp): returns 1 and
 /// the offset that faulted when a SIGBUS arrived (hugetlb MAP_NORESERVE past the pool), 0 when
 /// every byte was written. The handler is removed before returning.

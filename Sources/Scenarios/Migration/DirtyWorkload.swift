@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLinuxMM
 import LinuxMM
 import Synchronization
 
@@ -30,6 +31,11 @@ public final class DirtyWorkload: @unchecked Sendable {
     public let hotPages: Int
     public let rate: Double
     public let threads: Int
+    /// Each write stores the value already there (a volatile read and write back): pages are
+    /// written — they fault, count as dirty — but their contents stay those of the source, so
+    /// a migration's destination can be compared with the source after the workload resumed
+    /// there (hybrid and post-copy).
+    public let preservesValues: Bool
     private let stopFlag = Atomic<Bool>(false)
     private let stoppedThreads = Atomic<Int>(0)
     private let writeCount = Atomic<Int>(0)
@@ -37,7 +43,9 @@ public final class DirtyWorkload: @unchecked Sendable {
     private var startedAt: UInt64 = 0
     public private(set) var stoppedAt: UInt64 = 0
 
-    public init(base: UnsafeMutableRawPointer, pages: Int, hotPages: Int, rate: Double, threads: Int) {
+    public init(base: UnsafeMutableRawPointer, pages: Int, hotPages: Int, rate: Double, threads: Int,
+                preservesValues: Bool = false) {
+        self.preservesValues = preservesValues
         self.base = base
         self.pages = pages
         self.hotPages = max(1, min(hotPages, pages))
@@ -80,7 +88,12 @@ public final class DirtyWorkload: @unchecked Sendable {
                     let p = Int(x % UInt64(hotPages))
                     let slot = Int((x >> 32) % slots)
                     value &+= 1
-                    (base + p * page + slot * 8).storeBytes(of: value, as: UInt64.self)
+                    let word = base + p * page + slot * 8
+                    if preservesValues {
+                        memlab_rewrite_u64(word.assumingMemoryBound(to: UInt64.self))
+                    } else {
+                        word.storeBytes(of: value, as: UInt64.self)
+                    }
                 }
                 done += batch
                 writeCount.add(batch, ordering: .relaxed)

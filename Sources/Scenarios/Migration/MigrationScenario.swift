@@ -14,6 +14,8 @@ public struct MigrationScenario: Scenario {
     public let summary = "Live migration: pre-copy rounds over an emulated link with kernel dirty tracking (uffd WP_ASYNC + PAGEMAP_SCAN)"
     public let variants = [
         Variant("precopy", "rounds (send all, then what was dirtied) until the rest fits the downtime target or the round limit; stop-and-copy; destination verified"),
+        Variant("hybrid", "precopy_rounds pre-copy rounds, then stop, switch the destination to post-copy (userfaultfd, lazy-restore's fault engine, postcopy_policy) for the pages still dirty, resume the workload there; destination verified"),
+        Variant("postcopy", "no pre-copy round: stop at once and resume at the destination, every page served by post-copy (postcopy_policy); the hybrid path with precopy_rounds=0"),
         Variant("dirty-scan", "write a known random set of pages; the tracker must report exactly that set, then nothing, then the next set"),
     ]
     public static let trackings = ["wp-async", "wp-sync", "soft-dirty"]
@@ -27,6 +29,10 @@ public struct MigrationScenario: Scenario {
         ParameterSpec("downtime_target_ms", .double(0.001...100_000), default: .double(30), help: "stop when the dirty rest would cross the link within this long"),
         ParameterSpec("max_rounds", .int(1...10_000), default: .int(30), help: "stop-and-copy after this many rounds even if not converged"),
         ParameterSpec("tracking", .choice(MigrationScenario.trackings), default: .string("wp-async"), help: "dirty tracking: wp-async (uffd WP_ASYNC + PAGEMAP_SCAN), wp-sync (uffd WP with a handler thread; counts write faults), soft-dirty (clear_refs; where the kernel has it)"),
+        ParameterSpec("precopy_rounds", .int(0...10_000), default: .int(2), help: "hybrid: pre-copy rounds before the switch to post-copy (0: pure post-copy)"),
+        ParameterSpec("postcopy_policy", .choice(PostcopyPhase.policies), default: .string("background-push"), help: "hybrid/postcopy: how the missing pages move: " + PostcopyPhase.policies.joined(separator: ", ")),
+        ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("preempt"), help: "hybrid/postcopy: fifo: a faulting page queues behind pushed pages; preempt: it goes first (QEMU's preempt channel)"),
+        ParameterSpec("drain_after_s", .double(0...3600), default: .double(0.5), help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)"),
         ParameterSpec("written_fraction", .double(0.0001...1), default: .double(0.1), help: "dirty-scan: fraction of pages written per step"),
         ParameterSpec("timeout_s", .double(1...3600), default: .double(120), help: "the repetition is killed after this long"),
     ]
@@ -64,6 +70,7 @@ public struct MigrationScenario: Scenario {
     public func run(_ ctx: RunContext) throws {
         switch ctx.variant {
         case "dirty-scan": try runDirtyScan(ctx)
+        case "hybrid", "postcopy": try runHybrid(ctx)
         default: try runPrecopy(ctx)
         }
     }

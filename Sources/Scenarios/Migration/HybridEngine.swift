@@ -1,0 +1,178 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLinuxMM
+import LinuxMM
+
+/// What a hybrid (or pure post-copy) migration measured.
+public struct HybridOutcome: Sendable {
+    public var rounds: [PrecopyRound] = []
+    /// Pages sent by the pre-copy rounds (re-sends included).
+    public var precopyPages = 0
+    /// Bytes of the switch message: the bitmap of pages the destination must drop and fault in.
+    public var switchBytes = 0
+    /// Pages missing at the destination at the switch (dirty since their last send, or never sent).
+    public var switchPages = 0
+    public var dirtySyncCount = 0
+    public var syncTime = 0.0
+    /// Workload stopped at the source → running on the destination region.
+    public var downtime = 0.0
+    public var predictedDowntime = 0.0
+    /// Migration start → the last page installed at the destination.
+    public var totalTime = 0.0
+    /// Resume at the destination → the last page installed.
+    public var postcopyTime = 0.0
+    public var postcopy = PostcopyPhaseOutcome()
+    /// Destination pages differing from the source at stop time (after everything arrived).
+    public var mismatchedPages = 0
+    public var sourceChecksum: UInt64 = 0
+    public var destinationChecksum: UInt64 = 0
+    public var sourceWriteRate = 0.0
+    public var destinationWriteRate = 0.0
+    public var destinationWrites = 0
+    /// on-demand: when the drain (a linear push of what was never faulted) started, s after resume.
+    public var drainStartedAfter: Double?
+}
+
+/// Hybrid migration: `precopyRounds` pre-copy rounds into the destination mapping (0: pure
+/// post-copy), then the workload is stopped at the source; the switch drops the pages dirtied
+/// since their last send from the destination (MADV_DONTNEED: they read as missing), registers
+/// the destination region with userfaultfd, and resumes the workload there. Its faults are
+/// served by the lazy-restore fault engine (PostcopyPhase) over an EmulatedLink with the same
+/// bandwidth and RTT as the pre-copy link, with the chosen policy. The source stays paused;
+/// its memory is what the engine copies from and what the destination is compared with.
+public struct HybridEngine {
+    public let model: LinkModel
+    public let precopyRounds: Int
+    public let policy: String
+    public let preempt: Bool
+    /// on-demand: start a linear drain this long after the resume (else the migration would
+    /// never end for pages the workload does not touch).
+    public let drainAfter: Double
+    public let deadline: Double
+
+    public init(model: LinkModel, precopyRounds: Int, policy: String, preempt: Bool, drainAfter: Double, deadline: Double) {
+        self.model = model
+        self.precopyRounds = precopyRounds
+        self.policy = policy
+        self.preempt = preempt
+        self.drainAfter = drainAfter
+        self.deadline = deadline
+    }
+
+    public func run(source: AnonymousMapping, tracker: DirtyTracker, workload: DirtyWorkload,
+                    link: EmulatedPageLink, destinationWorkload makeWorkload: (UnsafeMutableRawPointer) -> DirtyWorkload,
+                    seed: UInt64) throws -> HybridOutcome {
+        let page = System.pageSize
+        let length = source.length
+        let pageCount = length / page
+        let destination = link.destination
+        var out = HybridOutcome()
+        // Made before anything starts: the engine's arrays, the uffd, the doorbell.
+        let phase = try PostcopyPhase(policy: policy, source: source, destination: destination.base,
+                                      bytesPerSecond: model.bandwidth, rttS: model.rtt, preempt: preempt)
+        var dirty: [Int] = []
+        dirty.reserveCapacity(pageCount)
+        var syncNS: UInt64 = 0
+        func sync() throws(SystemError) {
+            dirty.removeAll(keepingCapacity: true)
+            let s = Clock.nanoseconds()
+            try tracker.collect(into: &dirty)
+            syncNS += Clock.nanoseconds() - s
+            out.dirtySyncCount += 1
+        }
+
+        try tracker.protectAll()
+        let t0 = Clock.nanoseconds()
+        var toSend = Array(0..<pageCount)
+        for round in stride(from: 1, through: precopyRounds, by: 1) {
+            let rs = Clock.nanoseconds()
+            try link.send(toSend[...], from: source.base)
+            try link.endRound(round, pages: toSend.count)
+            try sync()
+            let re = Clock.nanoseconds()
+            let duration = Double(re - rs) / 1e9
+            out.rounds.append(PrecopyRound(round: round, endTime: Double(re - t0) / 1e9, duration: duration,
+                                           pagesSent: toSend.count, dirtyPages: dirty.count,
+                                           dirtyRate: duration > 0 ? Double(dirty.count) / duration : 0,
+                                           expectedDowntime: model.roundTime(bytes: (pageCount + 7) / 8)))
+            out.precopyPages += toSend.count
+            toSend = dirty
+        }
+
+        // Stop: pause the workload, take the last dirty set; what is missing at the
+        // destination is what the last round's sync found (unsent) plus what was written since
+        // (with no round at all: everything).
+        let tStop = Clock.nanoseconds()
+        workload.stop()
+        let pending: [Int]
+        if precopyRounds == 0 {
+            pending = Array(0..<pageCount)
+        } else {
+            let unsent = toSend
+            try sync()
+            var set = [Bool](repeating: false, count: pageCount)
+            for p in unsent { set[p] = true }
+            for p in dirty { set[p] = true }
+            pending = (0..<pageCount).filter { set[$0] }
+        }
+        out.switchPages = pending.count
+        // The switch message: a bitmap of the region, then the destination's go-ahead.
+        out.switchBytes = (pageCount + 7) / 8
+        out.predictedDowntime = model.roundTime(bytes: out.switchBytes)
+        link.control(bytes: out.switchBytes)
+        // The destination drops its stale copies (they fault in from the source from now on).
+        var i = 0
+        while i < pending.count {
+            var j = i + 1
+            while j < pending.count && pending[j] == pending[j - 1] + 1 { j += 1 }
+            try destination.advise(memlab_MADV_DONTNEED, name: "MADV_DONTNEED", offset: pending[i] * page, length: (j - i) * page)
+            i = j
+        }
+        try phase.arm(pendingPages: pending)
+        let dst = makeWorkload(destination.base)
+        try dst.start(seed: seed)
+        let tResume = Clock.nanoseconds()
+        out.downtime = Double(tResume - tStop) / 1e9
+
+        // Post-copy: the workload runs at the destination until every page is there.
+        let end = tResume + UInt64(deadline * 1e9)
+        var failure: String?
+        while !phase.complete {
+            let now = Clock.nanoseconds()
+            if phase.failed { failure = "the fault engine failed"; break }
+            if now > end { failure = "post-copy did not complete within \(deadline) s"; break }
+            if policy == "on-demand" && out.drainStartedAfter == nil && now >= tResume + UInt64(drainAfter * 1e9) {
+                out.drainStartedAfter = Double(now - tResume) / 1e9
+                phase.startPusher()
+            }
+            Clock.sleep(until: now + 200_000, spinNS: 0)
+        }
+        dst.stop()
+        out.postcopy = phase.finish()
+        if let f = failure ?? out.postcopy.failure { throw SystemError(errno: EIO, call: "hybrid migration: \(f)") }
+        let done = out.postcopy.completedAt
+        out.totalTime = Double(done - t0) / 1e9
+        out.postcopyTime = done > tResume ? Double(done - tResume) / 1e9 : 0
+        out.syncTime = Double(syncNS) / 1e9
+        out.sourceWriteRate = workload.achievedRate
+        out.destinationWriteRate = dst.achievedRate
+        out.destinationWrites = dst.writes
+        // The source has stayed paused since tStop; the destination workload only rewrote
+        // values in place: both must be equal, page for page.
+        for p in 0..<pageCount where memcmp(destination.base + p * page, source.base + p * page, page) != 0 {
+            out.mismatchedPages += 1
+        }
+        out.sourceChecksum = regionChecksum(source.base, length: length)
+        out.destinationChecksum = regionChecksum(destination.base, length: length)
+        return out
+    }
+}
+
+extension EmulatedPageLink {
+    /// A control message of `bytes` (the switch bitmap) and the destination's answer: the
+    /// wire time plus one round trip.
+    public func control(bytes: Int) {
+        Clock.sleep(until: Clock.nanoseconds() + UInt64(model.roundTime(bytes: bytes) * 1e9))
+    }
+}

@@ -1,0 +1,102 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Histogram
+import LabKit
+import LinuxMM
+
+extension MigrationScenario {
+    /// hybrid and postcopy: the same source region, workload and link as precopy; see
+    /// HybridEngine for the switch.
+    func runHybrid(_ ctx: RunContext) throws {
+        let p = ctx.params
+        let page = System.pageSize
+        let source = try AnonymousMapping(length: p.int("size"))
+        let pages = source.length / page
+        fillRandom(source.base, length: source.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
+        let model = LinkModel(bandwidth: p.double("bandwidth_mbit") * 1e6 / 8, rtt: p.double("rtt_ms") / 1000)
+        let link = try EmulatedPageLink(model: model, length: source.length)
+        let tracker = try makeTracker(p.string("tracking"), base: source.base, length: source.length)
+        defer { tracker.close() }
+        let hot = Int((Double(pages) * p.double("hot_fraction")).rounded(.up))
+        let rate = Double(p.int("dirty_rate"))
+        let threads = p.int("threads")
+        let workload = DirtyWorkload(base: source.base, pages: pages, hotPages: hot, rate: rate, threads: threads)
+        let rounds = ctx.variant == "postcopy" ? 0 : p.int("precopy_rounds")
+        let engine = HybridEngine(model: model, precopyRounds: rounds, policy: p.string("postcopy_policy"),
+                                  preempt: p.string("queue") == "preempt", drainAfter: p.double("drain_after_s"),
+                                  deadline: max(p.double("timeout_s") - 5, 1))
+        try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
+        let out = try engine.run(source: source, tracker: tracker, workload: workload, link: link,
+                                 destinationWorkload: { DirtyWorkload(base: $0, pages: pages, hotPages: hot, rate: rate, threads: threads, preservesValues: true) },
+                                 seed: 0xD57 &+ UInt64(ctx.repetition))
+        Self.record(out, model: model, pageSize: page, pages: pages, ctx: ctx)
+        ctx.note("dirty tracking: \(tracker.mechanism); post-copy: lazy-restore's fault engine, policy \(p.string("postcopy_policy")), queue \(p.string("queue")), UFFDIO_COPY from the paused source")
+    }
+
+    /// Records a hybrid outcome with the pre-copy and post-copy names (RESULTS.md, QEMU).
+    public static func record(_ out: HybridOutcome, model: LinkModel, pageSize: Int, pages: Int, ctx: RunContext) {
+        let pc = out.postcopy
+        let postPages = pc.installedPending
+        let precopyBytes = out.precopyPages * pageSize
+        let bytes = Double(precopyBytes + out.switchBytes) + Double(pc.bytes)
+        ctx.record("total_time", out.totalTime, .s, better: .lower)
+        ctx.record("downtime", out.downtime, .s, better: .lower)
+        ctx.record("predicted_downtime", out.predictedDowntime, .s, better: .none)
+        if out.predictedDowntime > 0 { ctx.record("downtime_model_ratio", out.downtime / out.predictedDowntime, .ratio, better: .none) }
+        ctx.record("bytes_transferred", bytes, .bytes, better: .lower)
+        ctx.record("pages_transferred", Double(out.precopyPages + postPages), .pages, better: .lower)
+        ctx.record("transferred_ratio", Double(out.precopyPages + postPages) / Double(pages), .ratio, better: .lower)
+        ctx.record("dirty_sync_count", Double(out.dirtySyncCount), .count, better: .none)
+        ctx.record("dirty_sync_time", out.syncTime, .s, better: .lower)
+        ctx.record("rounds", Double(out.rounds.count), .count, better: .none)
+        // What each phase sent.
+        ctx.record("precopy_pages", Double(out.precopyPages), .pages, better: .none)
+        ctx.record("precopy_bytes", Double(precopyBytes), .bytes, better: .none)
+        ctx.record("switch_pages", Double(out.switchPages), .pages, better: .lower)
+        ctx.record("switch_bytes", Double(out.switchBytes), .bytes, better: .none)
+        ctx.record("postcopy_pages", Double(postPages), .pages, better: .none)
+        ctx.record("postcopy_bytes", Double(pc.bytes), .bytes, better: .none)
+        ctx.record("postcopy_time", out.postcopyTime, .s, better: .lower)
+        ctx.record("postcopy_requests", Double(pc.remoteFaults), .count, better: .lower)
+        ctx.record("faults_served_by_prefetch", Double(pc.prefetchServedFaults), .count, better: .none)
+        ctx.record("faults_joined", Double(pc.joinedFaults), .count, better: .none)
+        ctx.record("pages_pushed", Double(pc.pushedPages), .pages, better: .none)
+        ctx.record("duplicate_transfers", Double(pc.duplicates), .count, better: .lower)
+        if !pc.faultLatencyNS.isEmpty {
+            var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+            for v in pc.faultLatencyNS { _ = h.record(max(v, 1)) }
+            ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
+            ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
+            ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+        }
+        ctx.record("handler_cpu_time", pc.handlerCPU, .s, better: .lower)
+        ctx.record("workload_write_rate", out.sourceWriteRate, .pagesPerSecond, better: .none)
+        ctx.record("destination_write_rate", out.destinationWriteRate, .pagesPerSecond, better: .higher)
+        let predictedPre = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.pagesSent * pageSize) }
+        // Post-copy at best moves the switch set at link speed (one RTT for the first request).
+        let predictedTotal = predictedPre + out.predictedDowntime + model.wireTime(bytes: out.switchPages * pageSize) + model.rtt
+        ctx.record("predicted_total_time", predictedTotal, .s, better: .none)
+        if predictedTotal > 0 { ctx.record("total_time_model_ratio", out.totalTime / predictedTotal, .ratio, better: .none) }
+        if !out.rounds.isEmpty {
+            let t = out.rounds.map(\.endTime)
+            let iv = t.count > 1 ? (t.last! / Double(t.count)) : (t.first ?? 0)
+            ctx.record(TimeSeries(name: "round_pages_sent", unit: .pages, intervalS: iv, t: t, values: out.rounds.map { Double($0.pagesSent) }))
+            ctx.record(TimeSeries(name: "round_dirty_pages", unit: .pages, intervalS: iv, t: t, values: out.rounds.map { Double($0.dirtyPages) }))
+            ctx.record(TimeSeries(name: "round_dirty_rate", unit: .pagesPerSecond, intervalS: iv, t: t, values: out.rounds.map(\.dirtyRate)))
+        }
+        ctx.check("destination_checksum", expected: Double(out.sourceChecksum >> 11), observed: Double(out.destinationChecksum >> 11),
+                  tolerance: 0, describe: "checksum of the destination equals the source's at stop time (top 53 bits)")
+        ctx.check("destination_mismatched_pages", expected: 0, observed: Double(out.mismatchedPages), tolerance: 0,
+                  describe: "every destination page equals the source page at stop time (the destination workload rewrites values in place)")
+        ctx.check("postcopy_pages_moved_once", expected: Double(out.switchPages), observed: Double(pc.installedPending), tolerance: 0,
+                  describe: "every page missing at the switch was installed by the fault engine")
+        ctx.check("duplicate_transfers", expected: 0, observed: Double(pc.duplicates), tolerance: 0,
+                  describe: "pages sent more than once after the switch, plus EEXIST conflicts")
+        ctx.check("postcopy_pages_outside_switch_set", expected: 0, observed: Double(pc.transferredOutsidePending), tolerance: 0,
+                  describe: "pages already at the destination that post-copy sent again")
+        if let d = out.drainStartedAfter {
+            ctx.note("on-demand: \(pc.remoteFaults) pages faulted in; the rest was drained by a linear push from \(formatNumber(d)) s after the resume")
+        }
+    }
+}
