@@ -34,6 +34,10 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
                     reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil,
                     source: PageSource? = nil, killSourceAfterS: Double? = nil) throws -> RestoreOutcome {
     let remote = source.flatMap { $0.kind == .memory ? nil : $0 }
+    // A source may serve several restores (working-set-replay): count this one's share.
+    let requests0 = remote?.requests.load(ordering: .relaxed) ?? 0
+    let bytes0 = remote?.bytesReceived.load(ordering: .relaxed) ?? 0
+    let fetch0 = remote?.fetchNS.load(ordering: .relaxed) ?? 0
     let pages = image.pages
     let length = pages * 4096
     // The destination region and, where the resolve mode needs one, its staging memory.
@@ -156,9 +160,9 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     if full > 0 { out.fullyInstalledS = Double(full - resume) / 1e9 }
     out.faultLatency = engine.faultLatency.values
     if let remote {
-        out.sourceRequests = remote.requests.load(ordering: .relaxed)
-        out.sourceBytes = remote.bytesReceived.load(ordering: .relaxed)
-        out.sourceFetchNS = remote.fetchNS.load(ordering: .relaxed)
+        out.sourceRequests = remote.requests.load(ordering: .relaxed) - requests0
+        out.sourceBytes = remote.bytesReceived.load(ordering: .relaxed) - bytes0
+        out.sourceFetchNS = remote.fetchNS.load(ordering: .relaxed) &- fetch0
     }
     out.faultOrder = engine.faultOrder.values.map { Int32($0) }
     var installed = [Bool](repeating: false, count: pages)

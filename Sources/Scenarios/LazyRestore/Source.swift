@@ -66,6 +66,7 @@ final class PageSource: @unchecked Sendable {
     let bytesReceived = Atomic<Int>(0)
     let fetchNS = Atomic<UInt64>(0)
     private let stopped = Atomic<Bool>(false)
+    private let reaped = Atomic<Bool>(false)
 
     private init(kind: Kind, pages: Int, landing: AnonymousMapping, channels: [Channel], pid: pid_t, fileFD: Int32,
                  filePath: String?, dataOffset: Int, socketPath: String?, label: String) {
@@ -187,7 +188,7 @@ final class PageSource: @unchecked Sendable {
     func stop() {
         if stopped.exchange(true, ordering: .acquiringAndReleasing) { return }
         for c in channels { shutdown(c.fd, Int32(SHUT_RDWR)) }
-        if pid > 0 { kill(pid, SIGKILL); var s: Int32 = 0; _ = waitpid(pid, &s, 0) }
+        if pid > 0 && !reaped.exchange(true, ordering: .acquiringAndReleasing) { kill(pid, SIGKILL); var s: Int32 = 0; _ = waitpid(pid, &s, 0) }
         if let socketPath { unlink(socketPath) }
         if let filePath { unlink(filePath) }
         if let logPath { unlink(logPath) }
@@ -195,10 +196,10 @@ final class PageSource: @unchecked Sendable {
 
     /// Whether the source process has died (it is our child: reaped here). Returns its end.
     func died() -> String? {
-        guard pid > 0, !stopped.load(ordering: .relaxed) else { return nil }
+        guard pid > 0, !stopped.load(ordering: .relaxed), !reaped.load(ordering: .relaxed) else { return nil }
         var s: Int32 = 0
         if waitpid(pid, &s, WNOHANG) == pid {
-            stopped.store(true, ordering: .relaxed)
+            reaped.store(true, ordering: .relaxed)
             for c in channels { shutdown(c.fd, Int32(SHUT_RDWR)) }
             if memlab_wifsignaled(s) != 0 { return "the \(label) was killed by \(ChildProcess.signalName(memlab_wtermsig(s)))" }
             return "the \(label) exited with status \(memlab_wexitstatus(s))"
