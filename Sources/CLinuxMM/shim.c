@@ -203,3 +203,33 @@ int memlab_touch_catching_sigbus(void *base, size_t len, size_t stride, size_t *
 int memlab_swapon(const char *path, int flags) { return swapon(path, flags); }
 
 int memlab_swapoff(const char *path) { return swapoff(path); }
+
+/// The reference fault handler for `memlab bench`: reads one uffd_msg at a time and resolves
+/// a fault in [region, region+len) with one UFFDIO_COPY of that page from `src` (same offset).
+/// mode 0: blocking read; 1: poll then read; 2: busy polling (uffd opened O_NONBLOCK). A fault
+/// outside the region is the doorbell: UFFDIO_ZEROPAGE it and return the pages served
+/// (negative errno on failure).
+long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t len, int mode) {
+    long served = 0;
+    uintptr_t base = (uintptr_t)region;
+    struct uffd_msg msg;
+    for (;;) {
+        if (mode == 1) {
+            struct pollfd p = { .fd = uffd, .events = POLLIN, .revents = 0 };
+            if (poll(&p, 1, -1) < 0) { if (errno == EINTR) continue; return -errno; }
+        }
+        ssize_t n = read(uffd, &msg, sizeof msg);
+        if (n < 0) { if (errno == EAGAIN || errno == EINTR) continue; return -errno; }
+        if (n != sizeof msg || msg.event != UFFD_EVENT_PAGEFAULT) continue;
+        uintptr_t a = (uintptr_t)msg.arg.pagefault.address & ~(uintptr_t)4095;
+        if (a >= base && a < base + len) {
+            struct uffdio_copy c = { .dst = a, .src = (uintptr_t)src + (a - base), .len = 4096, .mode = 0, .copy = 0 };
+            if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST) return -errno;
+            served++;
+        } else {
+            struct uffdio_zeropage z = { .range = { .start = a, .len = 4096 }, .mode = 0, .zeropage = 0 };
+            ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+            return served;
+        }
+    }
+}

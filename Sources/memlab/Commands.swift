@@ -308,5 +308,35 @@ struct BenchCommand: ParsableCommand {
         let counter = try Bench.counterRead()
         print(String(format: "sampler read (pread, fixed buffer)  %.0f ns vs open+read+parse %.0f ns (%.1fx)", counter.pread, counter.reopen, counter.reopen / counter.pread))
         print(worst <= 1.10 ? "Swift within 10% of C on every loop" : String(format: "Swift/C ratio %.2f exceeds 1.10 on at least one loop", worst))
+        faultSection()
+    }
+
+    /// Fault handling: memlab's fault engine against the C reference handler, same wait mode.
+    func faultSection() {
+        print("")
+        print("fault handling: memlab's engine vs memlab_ref_fault_handler (C), same wait mode, same workload (median of \(rounds) alternating rounds)")
+        let rows: [Bench.Row]
+        do { rows = try Bench.faultRows(rounds: rounds, sizeMB: sizeMB) } catch { print("fault section skipped: \(error)"); return }
+        if rows.isEmpty { print("fault section skipped: userfaultfd not usable for kernel faults here (root, or vm.unprivileged_userfaultfd=1)"); return }
+        print("loop".padding(toLength: 34, withPad: " ", startingAt: 0) + "      memlab           C  memlab/C")
+        var worst = 0.0
+        for r in rows {
+            print(r.name.padding(toLength: 34, withPad: " ", startingAt: 0)
+                  + String(format: "%9.0f %@ %9.0f %@ %8.3f", r.swiftNS, r.unit, r.cNS, r.unit, r.ratio).replacingOccurrences(of: "%@", with: ""))
+            if r.name.hasPrefix("fault round trip") { worst = max(worst, r.ratio) }
+        }
+        print(worst <= 1.10 ? "fault round trip: memlab within 1.10x of C in every wait mode" : String(format: "fault round trip: memlab/C %.2f exceeds the 1.10 target in at least one wait mode", worst))
+        if let bulk = rows.last {
+            let gbs = 4096 / bulk.swiftNS
+            print(String(format: "bulk install: %.2f GB/s through the engine (%.2f GB/s raw 2M ioctls); target >= 4 GB/s: %@", gbs, 4096 / bulk.cNS, gbs >= 4 ? "met" : "not met"))
+        }
+        let blocking = rows.first { $0.name.hasSuffix("blocking") }
+        let sng = Bench.stressNG()
+        if let rate = sng.faultsPerSecond, let b = blocking {
+            let ours = 1e9 / b.swiftNS
+            print(String(format: "stress-ng --userfaultfd: %.0f faults/s; memlab (blocking, one thread) %.0f faults/s = %.1fx (target >= 3x)", rate, ours, ours / rate))
+        } else {
+            print("stress-ng row skipped: \(sng.note)")
+        }
     }
 }

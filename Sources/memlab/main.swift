@@ -16,6 +16,11 @@ if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_guest" {
     exit(Guest.main(Array(CommandLine.arguments.dropFirst(2))))
 }
 
+// The lazy-restore page source process (see Scenarios.PageServer).
+if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource" {
+    exit(PageServer.main(Array(CommandLine.arguments.dropFirst(2))))
+}
+
 do {
     var command = try Memlab.parseAsRoot()
     try command.run()

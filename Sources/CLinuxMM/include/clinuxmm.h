@@ -248,6 +248,9 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count);
 // benchmark can show the Swift code does not distort what it measures ----
 /// Writes one byte every `stride` bytes over [base, base+len).
 void memlab_ref_touch(void *base, size_t len, size_t stride);
+
+/// Reference fault handler (one message per read, one UFFDIO_COPY per fault) for the bench.
+long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t len, int mode);
 /// Follows `steps` links of a pointer chase; each element holds the index of the next.
 uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);
 

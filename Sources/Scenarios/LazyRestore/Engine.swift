@@ -119,6 +119,12 @@ final class FaultEngine: Sendable {
     /// resolve=move: an anonymous copy of the image the pages are moved out of;
     /// resolve=continue: a second mapping of the memfd (the page cache) the data lands in.
     let stagingAddress: UInt
+    /// Where installs copy from: the image itself (source memory), or the landing buffer a
+    /// real page source fetches into (then `source` is set and every transfer goes through it).
+    let dataAddress: UInt
+    let source: PageSource?
+    /// A readable reason for the first failure (set off the fast path, once).
+    let failureReason = Mutex<String?>(nil)
 
     let state: AtomicByteArray
     let transfers: AtomicByteArray
@@ -156,8 +162,11 @@ final class FaultEngine: Sendable {
     let faultOrder: AppendLog
 
     init(config: RestoreConfig, region: UnsafeMutableRawPointer, doorbell: UnsafeMutableRawPointer,
-         staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor) throws {
+         staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor,
+         source: PageSource? = nil) throws {
         self.config = config
+        self.source = source.flatMap { $0.kind == .memory ? nil : $0 }
+        dataAddress = UInt(bitPattern: self.source?.landing.base ?? image.base)
         self.image = image
         self.pages = image.pages
         self.link = link
@@ -189,6 +198,27 @@ final class FaultEngine: Sendable {
         _ = failureErrno.compareExchange(expected: 0, desired: e.errno == 0 ? EIO : e.errno, ordering: .relaxed)
     }
 
+    /// A page source failed: the errno, and a reason naming the source (allocates; the run
+    /// is over anyway).
+    func fail(_ e: SourceFailure) {
+        let label = source?.label ?? "page source"
+        failureReason.withLock { r in
+            if r == nil { r = "\(label): \(e.what) (\(String(cString: strerror(e.errno))))" }
+        }
+        _ = failureErrno.compareExchange(expected: 0, desired: e.errno == 0 ? EIO : e.errno, ordering: .relaxed)
+    }
+
+    /// Fetches the runs from the real source, if there is one. Returns false on failure
+    /// (recorded; the pages stay in flight and the run fails).
+    @inline(__always)
+    func fetch(channel: Int, _ runs: UnsafePointer<Delivery>, _ n: Int) -> Bool {
+        guard let source else { return true }
+        do throws(SourceFailure) { try source.fetch(channel: channel, runs: runs, count: n) } catch { fail(error); return false }
+        return true
+    }
+
+    @inline(__always) var data: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: dataAddress)! }
+
     // MARK: installing
 
     /// Installs pages [first, first+count) with DONTWAKE (the caller wakes). Retries EAGAIN;
@@ -204,14 +234,14 @@ final class FaultEngine: Sendable {
                 ioctls.add(1, ordering: .relaxed)
                 switch config.resolve {
                 case .copy:
-                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(image.base + first * 4096 + done), length: len - done, dontWake: true, copied: &n)
+                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * 4096 + done), length: len - done, dontWake: true, copied: &n)
                 case .move:
                     let src = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
                     n = try uffd.move(to: dst + done, from: src, length: len - done, dontWake: true)
                 case .continue:
                     // The data lands in the page cache (the second mapping), then is mapped.
                     let cache = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
-                    memcpy(cache, image.base + first * 4096 + done, len - done)
+                    memcpy(cache, data + first * 4096 + done, len - done)
                     try uffd.continue(dst + done, length: len - done, dontWake: true)
                     n = len - done
                 }
@@ -296,11 +326,11 @@ final class FaultEngine: Sendable {
     /// installs them now when the link is instant, else queues them for the delivery thread.
     @inline(__always)
     func send(_ list: UnsafeMutablePointer<Int32>, _ n: Int, urgent: Bool, faultPage: Int, faultTime: UInt64,
-              scratch: UnsafeMutablePointer<Delivery>) {
+              scratch: UnsafeMutablePointer<Delivery>, channel: Int = 0) {
         if n == 0 { return }
         for i in 0..<n { transfers.increment(Int(list[i])) }
         let now = Clock.nanoseconds()
-        let arrival = link.isInstant ? now : link.schedule(bytes: n * 4096, urgent: urgent, now: now)
+        var arrival = link.isInstant ? now : link.schedule(bytes: n * 4096, urgent: urgent, now: now)
         var runs = 0
         var start = 0
         for i in 1...n {
@@ -312,6 +342,11 @@ final class FaultEngine: Sendable {
                 runs += 1
                 start = i
             }
+        }
+        if source != nil {
+            // A real transport: the pages arrive at max(real arrival, the model's arrival).
+            if !fetch(channel: channel, scratch, runs) { return }
+            arrival = max(arrival, Clock.nanoseconds())
         }
         if arrival <= Clock.nanoseconds() {
             complete(scratch, runs)
@@ -346,7 +381,7 @@ final class FaultEngine: Sendable {
     // MARK: the fault path
 
     @inline(__always)
-    func handleFault(page: Int, time: UInt64, list: UnsafeMutablePointer<Int32>, scratch: UnsafeMutablePointer<Delivery>) {
+    func handleFault(page: Int, time: UInt64, list: UnsafeMutablePointer<Int32>, scratch: UnsafeMutablePointer<Delivery>, channel: Int = 0) {
         messages.add(1, ordering: .relaxed)
         switch state.load(page) {
         case PageState.installedFault, PageState.installedPrefetch, PageState.installedLocal:
@@ -411,7 +446,7 @@ final class FaultEngine: Sendable {
             if p == page { list[n] = Int32(p); n += 1 } else if claim(p, as: PageState.inflightPrefetch) { list[n] = Int32(p); n += 1 }
             p += 1
         }
-        send(list, n, urgent: true, faultPage: page, faultTime: time, scratch: scratch)
+        send(list, n, urgent: true, faultPage: page, faultTime: time, scratch: scratch, channel: channel)
     }
 
     @inline(__always)
@@ -429,7 +464,7 @@ final class FaultEngine: Sendable {
     }
 
     /// One handler thread: wait, read a batch, serve it; until its doorbell rings.
-    func handlerLoop() {
+    func handlerLoop(channel: Int = 0) {
         _ = memlab_set_timerslack(1)
         let cpu0 = memlab_thread_cpu_ns()
         let batch = min(max(config.batch, 1), 64)
@@ -463,7 +498,7 @@ final class FaultEngine: Sendable {
                 if m.event != UInt32(memlab_UFFD_EVENT_PAGEFAULT) { handleEvent(m); continue }
                 let a = UInt(m.address)
                 if a >= regionAddress && a < regionEnd {
-                    handleFault(page: Int((a - regionAddress) / 4096), time: now, list: list, scratch: scratch)
+                    handleFault(page: Int((a - regionAddress) / 4096), time: now, list: list, scratch: scratch, channel: channel)
                 } else {
                     // The doorbell: the owner asks this thread to leave.
                     let page = UnsafeMutableRawPointer(bitPattern: a & ~UInt(4095))!
@@ -592,9 +627,12 @@ final class FaultEngine: Sendable {
                 if claimed.load(ordering: .relaxed) >= pages { break }
                 continue
             }
-            send(list, n, urgent: false, faultPage: -1, faultTime: 0, scratch: scratch)
+            send(list, n, urgent: false, faultPage: -1, faultTime: 0, scratch: scratch, channel: pusherChannel)
         }
     }
+
+    /// The pusher's (and the blocking prefetch's) connection: the one after the handlers'.
+    var pusherChannel: Int { config.handlerThreads }
 
     /// REAP: installs `order` before the workload resumes — one bulk transfer, batched COPYs.
     func prefetchBlocking(_ order: [Int32]) {
@@ -609,13 +647,14 @@ final class FaultEngine: Sendable {
         for i in 0..<n { transfers.increment(Int(list[i])) }
         let now = Clock.nanoseconds()
         let arrival = link.isInstant ? now : link.schedule(bytes: n * 4096, urgent: false, now: now)
-        waitUntil(arrival, spinNS: config.spinNS)
         var runs = 0, start = 0
         for i in 1...n where i == n || list[i] != list[i - 1] + 1 {
             scratch[runs] = Delivery(arrival: arrival, first: list[start], count: Int32(i - start), faultTime: 0)
             runs += 1
             start = i
         }
+        if source != nil && !fetch(channel: pusherChannel, scratch, runs) { return }
+        waitUntil(arrival, spinNS: config.spinNS)
         complete(scratch, runs)
     }
 }

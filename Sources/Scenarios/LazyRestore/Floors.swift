@@ -6,11 +6,25 @@ import Histogram
 import LabKit
 import LinuxMM
 
-extension LazyRestoreScenario {
-    /// The floors a remote figure is read against, measured in this run on this machine.
-    func runFloors(_ ctx: RunContext) throws {
-        let p = ctx.params
-        let size = min(p.int("size"), 64 << 20)
+/// One floor of this machine, measured in this run.
+public struct Floor: Sendable {
+    public let name: String
+    public let value: Double
+    public let unit: MetricUnit
+    public let better: Better
+    public let help: String
+}
+
+/// The floors a remote figure is read against (shared by `lazy-restore:floors` and
+/// `memlab calibrate`): kernel first-touch fault, UFFDIO_COPY per page and in bulk, the local
+/// fault round trip per wait mode, the loopback TCP round trip, and one page fetched from a
+/// source process over a Unix socket and over TCP.
+public enum Calibration {
+    public static func measure(size requested: Int = 64 << 20, sources: Bool = true) throws -> (floors: [Floor], notes: [String]) {
+        var out: [Floor] = []
+        var notes: [String] = []
+        func add(_ n: String, _ v: Double, _ u: MetricUnit, _ b: Better, _ h: String) { out.append(Floor(name: n, value: v, unit: u, better: b, help: h)) }
+        let size = min(requested, 64 << 20)
         let pages = size / 4096
 
         // 1. Kernel first-touch fault (anonymous, 4K), no userfaultfd.
@@ -18,7 +32,7 @@ extension LazyRestoreScenario {
         let a = try AnonymousMapping(length: size, kind: .base)
         var t0 = Clock.nanoseconds()
         touchPages(a.base, length: size, stride: 4096)
-        ctx.record("first_touch_fault", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, better: .lower)
+        add("first_touch_fault", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, .lower, "kernel first-touch fault of a 4K anonymous page, no userfaultfd")
 
         // 2. UFFDIO_COPY per page and in bulk (2M per ioctl), no waiter.
         let src = try AnonymousMapping(length: size, kind: .base)
@@ -29,7 +43,7 @@ extension LazyRestoreScenario {
             try uffd.register(d.base, length: size, mode: .missing)
             t0 = Clock.nanoseconds()
             for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
-            ctx.record("uffdio_copy_page", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, better: .lower)
+            add("uffdio_copy_page", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, .lower, "one UFFDIO_COPY of one 4K page (no waiter)")
             try uffd.unregister(d.base, length: size)
         }
         do {
@@ -40,7 +54,7 @@ extension LazyRestoreScenario {
             t0 = Clock.nanoseconds()
             var off = 0
             while off < size { try uffd.copy(to: d.base + off, from: src.base + off, length: min(chunk, size - off), dontWake: true); off += chunk }
-            ctx.record("uffdio_copy_bulk", Double(size) / (Double(Clock.nanoseconds() - t0) / 1e9), .bytesPerSecond, better: .higher)
+            add("uffdio_copy_bulk", Double(size) / (Double(Clock.nanoseconds() - t0) / 1e9), .bytesPerSecond, .higher, "UFFDIO_COPY of 2M per ioctl into an empty registered region")
             try uffd.unregister(d.base, length: size)
         }
 
@@ -50,26 +64,55 @@ extension LazyRestoreScenario {
         let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
                                   writeRatio: 0, zipfSkew: 1, seed: 3, image: image)
         defer { traces.release() }
+        func roundTrip(_ c: RestoreConfig, _ source: PageSource?, _ label: String) throws -> (Double, Double) {
+            let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
+                                       reapOrder: nil, deadlineS: 30, source: source)
+            if let f = r.failed { throw ScenarioError.failed("floor (\(label)): \(f)") }
+            var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+            for v in r.workload.firstTouchNS { _ = h.record(max(v, 1)) }
+            return (Double(h.valueAtPercentile(50)), Double(h.valueAtPercentile(99)))
+        }
         for mode in [RestoreConfig.WaitMode.blocking, .poll, .busy] {
             var c = RestoreConfig()
             c.wait = mode
-            let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
-                                       reapOrder: nil, deadlineS: 30)
-            if let f = r.failed { throw ScenarioError.failed("floor (\(mode.rawValue)): \(f)") }
-            var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
-            for v in r.workload.firstTouchNS { _ = h.record(max(v, 1)) }
-            ctx.record("fault_round_trip_\(mode.rawValue)", Double(h.valueAtPercentile(50)), .ns, better: .lower)
-            ctx.record("fault_round_trip_\(mode.rawValue)_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
+            let (p50, p99) = try roundTrip(c, nil, mode.rawValue)
+            add("fault_round_trip_\(mode.rawValue)", p50, .ns, .lower, "median local fault round trip, handler waiting by \(mode.rawValue) (the workload's first touch → installed and woken)")
+            add("fault_round_trip_\(mode.rawValue)_p99", p99, .ns, .lower, "its 99th percentile")
         }
 
         // 4. Loopback TCP round trip (8-byte ping-pong between two threads).
         if let rtt = loopbackTCPRoundTrip(rounds: 2000) {
-            ctx.record("loopback_tcp_rtt", rtt, .ns, better: .lower)
+            add("loopback_tcp_rtt", rtt, .ns, .lower, "median 8-byte ping-pong over loopback TCP (TCP_NODELAY)")
         } else {
-            ctx.note("loopback TCP round trip not measured: could not set up a loopback socket pair")
+            notes.append("loopback TCP round trip not measured: could not set up a loopback socket pair")
         }
-        ctx.note("on \(System.onlineCPUs) CPUs; a fault round trip includes a cross-CPU wake-up of the handler and of the faulting thread")
+
+        // 5. The fault round trip with a real source process (blocking wait, instant link).
+        if sources {
+            for kind in [PageSource.Kind.unix, .tcp] {
+                do {
+                    let s = try PageSource.process(kind: kind, image: image, channels: 2, tcpAddress: "127.0.0.1:0", timeoutS: 10, directory: "/tmp")
+                    defer { s.stop() }
+                    let (p50, _) = try roundTrip(RestoreConfig(), s, kind.rawValue)
+                    add("fault_round_trip_\(kind.rawValue)_source", p50, .ns, .lower, "median fault round trip with pages from a source process over \(kind == .unix ? "a Unix socket" : "loopback TCP") (blocking wait, no link model)")
+                } catch {
+                    notes.append("fault round trip with a \(kind.rawValue) source not measured: \(error)")
+                }
+            }
+        }
+        notes.append("on \(System.onlineCPUs) CPUs; a fault round trip includes a cross-CPU wake-up of the handler and of the faulting thread")
+        notes.append("read a remote figure against fault_round_trip_<wait mode> (memory source, link none), against fault_round_trip_<unix|tcp>_source for a real source process with link none, and add the link's RTT and size ÷ bandwidth for an emulated link; bulk prefetch against uffdio_copy_bulk")
         withExtendedLifetime((a, src)) {}
+        return (out, notes)
+    }
+}
+
+extension LazyRestoreScenario {
+    /// The floors a remote figure is read against, measured in this run on this machine.
+    func runFloors(_ ctx: RunContext) throws {
+        let (floors, notes) = try Calibration.measure(size: ctx.params.int("size"))
+        for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
+        for n in notes { ctx.note(n) }
     }
 }
 

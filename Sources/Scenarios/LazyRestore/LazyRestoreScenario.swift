@@ -47,6 +47,11 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("replay_mode", .choice(["before", "concurrent"]), default: .string("before"), help: "working-set-replay: install the recorded set before resuming (REAP) or push it concurrently (FaaSnap)"),
         ParameterSpec("source_deadline_s", .double(0.1...3600), default: .double(30), help: "a restore not done by then is failed and the workload released"),
         ParameterSpec("inject_source_failure_s", .double(0...3600), default: .double(0), help: "testing: declare the source dead this long after resume (0: never)"),
+        ParameterSpec("source", .choice(["memory", "unix", "tcp", "file"]), default: .string("memory"), help: "where pages come from: memory (in this process), unix / tcp (a separate source process, memlab _pagesource), file (a snapshot file read with pread); the emulated link's delays apply on top: arrival = max(real arrival, model)"),
+        ParameterSpec("source_port", .int(0...65535), default: .int(0), help: "source=tcp: port the source process listens on at 127.0.0.1 (0: any free port)"),
+        ParameterSpec("source_dir", .choice(["/var/tmp", "/tmp", "/dev/shm"]), default: .string("/var/tmp"), help: "source=file: directory of the snapshot file (and of the source process's log)"),
+        ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
+        ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
         ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
     ]
 
@@ -75,6 +80,10 @@ public struct LazyRestoreScenario: Scenario {
         if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
         if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
+        if params.double("kill_source_after_s") > 0 && !["unix", "tcp"].contains(params.string("source")) {
+            throw UsageError("kill_source_after_s needs a source process: source=unix or source=tcp")
+        }
+
     }
 
     public func deadline(variant: String, params: Params) -> Double { params.double("source_deadline_s") * 3 + 60 }
@@ -92,6 +101,16 @@ public struct LazyRestoreScenario: Scenario {
         c.pushWindowBytes = p.int("push_window")
         c.zeropage = p.string("zero_pages") == "zeropage"
         return c
+    }
+
+    /// The page source `source` names (nil: the in-memory image).
+    func makeSource(_ p: Params, image: PageImage, channels: Int, deadlineS: Double) throws -> PageSource? {
+        switch p.string("source") {
+        case "unix": return try PageSource.process(kind: .unix, image: image, channels: channels, tcpAddress: "", timeoutS: deadlineS, directory: p.string("source_dir"))
+        case "tcp": return try PageSource.process(kind: .tcp, image: image, channels: channels, tcpAddress: "127.0.0.1:\(p.int("source_port"))", timeoutS: deadlineS, directory: p.string("source_dir"))
+        case "file": return try PageSource.file(image: image, directory: p.string("source_dir"), dropCache: p.string("file_cache") == "drop")
+        default: return nil
+        }
     }
 
     func link(_ p: Params) -> EmulatedLink {
@@ -120,6 +139,9 @@ public struct LazyRestoreScenario: Scenario {
         var cfg = config(p)
         let deadlineS = p.double("source_deadline_s")
         let inject = p.double("inject_source_failure_s")
+        let source = try makeSource(p, image: image, channels: cfg.handlerThreads + 1, deadlineS: deadlineS)
+        defer { source?.stop() }
+        let killAfter = p.double("kill_source_after_s")
 
         // working-set-replay: a first restore (on demand) records the faulted pages; the
         // measured restore installs them first.
@@ -127,7 +149,7 @@ public struct LazyRestoreScenario: Scenario {
         if cfg.policy == .workingSetReplay {
             var first = cfg
             first.policy = .onDemand
-            let rec = try performRestore(config: first, image: image, traces: traces, link: link(p), reapOrder: nil, deadlineS: deadlineS)
+            let rec = try performRestore(config: first, image: image, traces: traces, link: link(p), reapOrder: nil, deadlineS: deadlineS, source: source)
             if let f = rec.failed { throw ScenarioError.failed("first (recording) restore: \(f)") }
             ctx.record("first_restore_remote_faults", Double(rec.remote), .count, better: .none)
             ctx.record("first_restore_total_time", Double(rec.workload.endNS - rec.workload.startNS) / 1e9, .s, better: .none)
@@ -136,7 +158,8 @@ public struct LazyRestoreScenario: Scenario {
         }
 
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
-                                   deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil)
+                                   deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
+                                   source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil)
         if let f = r.failed { throw ScenarioError.failed(f) }
 
         // The same traces on resident memory: the slowdown's denominator.
@@ -190,6 +213,14 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("handler_cpu_time", r.handlerCPU, .s, better: .lower)
         ctx.record("uffd_ioctls", Double(r.ioctls), .count, better: .none)
         ctx.record("uffd_wakes", Double(r.wakes), .count, better: .none)
+        if let source {
+            ctx.record("source_requests", Double(r.sourceRequests), .count, better: .none)
+            ctx.record("source_bytes_received", Double(r.sourceBytes), .bytes, better: .none)
+            if r.sourceRequests > 0 { ctx.record("source_fetch_mean", Double(r.sourceFetchNS) / Double(r.sourceRequests), .ns, better: .lower) }
+            ctx.check("source_delivered_every_sent_page_once", expected: Double(r.pagesSent * 4096), observed: Double(r.sourceBytes), tolerance: 0,
+                      describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × 4096 (each page fetched once)")
+            ctx.note("pages came from the \(source.label); the destination's own copy of the image served only the zero-page map and the verification")
+        }
         if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (retried)") }
 
         ctx.check("contents_match_source", expected: 0, observed: Double(r.mismatched), tolerance: 0,

@@ -21,12 +21,23 @@ struct RestoreOutcome {
     var faultOrder: [Int32] = []
     var handlerCPU: Double = 0
     var fullyInstalledS: Double?
+    /// Pages sent (sum over pages of transfers), and what the real source delivered.
+    var pagesSent = 0
+    var sourceRequests = 0
+    var sourceBytes = 0
+    var sourceFetchNS: UInt64 = 0
 }
 
 /// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
 /// if the policy has one, the workload released at `resume`; torn down and verified.
 func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTraces, link: EmulatedLink,
-                    reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil) throws -> RestoreOutcome {
+                    reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil,
+                    source: PageSource? = nil, killSourceAfterS: Double? = nil) throws -> RestoreOutcome {
+    let remote = source.flatMap { $0.kind == .memory ? nil : $0 }
+    // A source may serve several restores (working-set-replay): count this one's share.
+    let requests0 = remote?.requests.load(ordering: .relaxed) ?? 0
+    let bytes0 = remote?.bytesReceived.load(ordering: .relaxed) ?? 0
+    let fetch0 = remote?.fetchNS.load(ordering: .relaxed) ?? 0
     let pages = image.pages
     let length = pages * 4096
     // The destination region and, where the resolve mode needs one, its staging memory.
@@ -45,10 +56,15 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
         region = f.base
         staging = c.base
     case .move:
-        let s = try AnonymousMapping(length: length, kind: .base)
-        memcpy(s.base, image.base, length)
-        stagingAnon = s
-        staging = s.base
+        if let remote {
+            // Fetched pages land in the landing buffer and are moved out of it.
+            staging = remote.landing.base
+        } else {
+            let s = try AnonymousMapping(length: length, kind: .base)
+            memcpy(s.base, image.base, length)
+            stagingAnon = s
+            staging = s.base
+        }
         anon = try AnonymousMapping(length: length, kind: .base)
         region = anon!.base
     case .copy:
@@ -68,10 +84,10 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     var cfg = config
     if reapOrder != nil { cfg.pushOrder = [] }
     let engine = try FaultEngine(config: cfg, region: region, doorbell: doorbell.base, staging: staging,
-                                 image: image, link: link, uffd: uffd)
+                                 image: image, link: link, uffd: uffd, source: remote)
     let workload = WorkloadRun(traces: traces, region: region, seed: image.seed)
     workload.start()
-    let handlers = (0..<cfg.handlerThreads).map { _ in OSThread { engine.handlerLoop() } }
+    let handlers = (0..<cfg.handlerThreads).map { i in OSThread { engine.handlerLoop(channel: i) } }
     let delivery = OSThread { engine.deliveryLoop() }
 
     // Resume.
@@ -83,16 +99,28 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     var out = RestoreOutcome()
     let deadline = resume + UInt64(deadlineS * 1e9)
     var injected = false
+    var killed = false
     while !workload.done {
         let now = Clock.nanoseconds()
         if let inject = injectFailureAfterS, !injected, now > resume + UInt64(inject * 1e9) {
             engine.fail(SystemError(errno: EPIPE, call: "source (injected failure)"))
             injected = true
         }
+        if let k = killSourceAfterS, let remote, remote.pid > 0, !killed, now > resume + UInt64(k * 1e9) {
+            // Testing: the source process dies mid-run, as a crashed host would.
+            kill(remote.pid, SIGKILL)
+            killed = true
+        }
+        // A dead source process is a failure at once, whether or not a fetch is waiting on it.
+        if let remote, let end = remote.died() {
+            engine.failureReason.withLock { if $0 == nil { $0 = end } }
+            _ = engine.failureErrno.compareExchange(expected: 0, desired: ECONNRESET, ordering: .relaxed)
+        }
         let errno = engine.failureErrno.load(ordering: .relaxed)
         if errno != 0 || now > deadline {
+            let reason = engine.failureReason.withLock { $0 } ?? SystemError(errno: errno, call: "fault engine").description
             out.failed = errno != 0
-                ? "the page source failed (\(SystemError(errno: errno, call: "fault engine").description)); the workload was released by unregistering the region"
+                ? "the page source failed (\(reason)) \(Double((now - resume) / 1_000_000) / 1000) s after resume; the workload was released by unregistering the region"
                 : "the restore did not finish within \(deadlineS) s; the workload was released by unregistering the region"
             // Waiting threads are woken and fault normally from now on: never a hang.
             try? uffd.unregister(region, length: length)
@@ -110,7 +138,9 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     if out.failed == nil {
         // One doorbell per handler thread: each leaves after answering one.
         for i in 0..<cfg.handlerThreads {
-            blackHole(doorbell.base.load(fromByteOffset: i * 4096, as: UInt8.self))
+            // Through C: a Swift load whose value is unused is removed in release builds (then
+            // the handler never hears the doorbell and the join hangs).
+            memlab_ref_touch(doorbell.base + i * 4096, 1, 4096)
         }
         for h in handlers { h.join() }
     }
@@ -131,11 +161,17 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     let full = engine.fullyInstalledAt.load(ordering: .relaxed)
     if full > 0 { out.fullyInstalledS = Double(full - resume) / 1e9 }
     out.faultLatency = engine.faultLatency.values
+    if let remote {
+        out.sourceRequests = remote.requests.load(ordering: .relaxed) - requests0
+        out.sourceBytes = remote.bytesReceived.load(ordering: .relaxed) - bytes0
+        out.sourceFetchNS = remote.fetchNS.load(ordering: .relaxed) &- fetch0
+    }
     out.faultOrder = engine.faultOrder.values.map { Int32($0) }
     var installed = [Bool](repeating: false, count: pages)
     for p in 0..<pages {
         let s = engine.state.load(p)
         installed[p] = s == PageState.installedFault || s == PageState.installedPrefetch || s == PageState.installedLocal
+        out.pagesSent += Int(engine.transfers.load(p))
         if engine.transfers.load(p) > 1 { out.duplicates += Int(engine.transfers.load(p)) - 1 }
         if s == PageState.installedPrefetch {
             out.installedByPrefetch += 1

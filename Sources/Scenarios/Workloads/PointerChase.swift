@@ -56,8 +56,9 @@ public func touchPages(_ base: UnsafeMutableRawPointer, length: Int, stride: Int
     }
 }
 
-/// Keeps a value alive so the optimiser cannot drop the loop that produced it.
-@inline(never)
+/// Keeps `value` (and the loads that made it) alive in release builds: not inlined and not
+/// optimized, so whole-module optimization cannot drop the argument as unused.
+@inline(never) @_optimize(none)
 public func blackHole<T>(_ value: T) { _ = value }
 
 /// Touches and unmaps memory of the same kind and size first: on a VM whose host backs guest
