@@ -55,7 +55,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
-        .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM"]),
+        .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),
     ]
 )

@@ -271,10 +271,12 @@ public enum Comparison {
                 out += ps.isEmpty ? "\n" : "  \(ps)\n"
                 for w in p.warnings { out += "  " + paint("note: \(w) (compared anyway)", "33") + "\n" }
                 if p.metrics.isEmpty { out += "  no metric measured by both\n"; continue }
-                var rows = [["metric", "unit", "better", "baseline", "candidate", "ratio", "95% CI", "p (Welch)", "n", ""]]
+                var rows = [["metric", "unit", "better", "baseline", "candidate", "ratio", "geo. ratio [95% CI]", "p (Welch)", "n", ""]]
                 var paints: [String?] = [nil]
                 for m in p.metrics {
-                    let ci = m.ci95.map { "[\(fmt($0[0])), \(fmt($0[1]))]" } ?? "-"
+                    // The interval belongs to the ratio of geometric means, so it is printed
+                    // beside that estimate, never beside the median ratio alone.
+                    let ci = m.ci95.map { ci in "\(m.geometricRatio.map(fmt) ?? "-") [\(fmt(ci[0])), \(fmt(ci[1]))]" } ?? "-"
                     let mark: String
                     var code: String?
                     switch m.verdict {
@@ -303,7 +305,8 @@ public enum Comparison {
             for u in f.unmatched { out += "  not compared: \(u)\n" }
             out += "\n"
         }
-        out += "ratio = candidate median / baseline median; 95% CI of the ratio and p from Welch's t-test on log samples; "
+        out += "ratio = candidate median / baseline median; geo. ratio = ratio of geometric means, with its 95% CI and p "
+        out += "from Welch's t-test on log samples; "
         out += "~ = within noise (p >= 0.05).\n"
         return out
     }

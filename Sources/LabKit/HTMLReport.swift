@@ -313,11 +313,24 @@ public struct HTMLReport {
         let ok = runs.filter { $0.status == .ok }
         let labels = Self.labels(ok)
         var bases: [String] = []
-        for r in ok { for b in Self.percentileGroups(r.metrics).keys.sorted() where !bases.contains(b) { bases.append(b) } }
+        for r in ok {
+            for b in Self.distributionCurves(r).keys.sorted() where !bases.contains(b) { bases.append(b) }
+            for b in Self.percentileGroups(r.metrics).keys.sorted() where !bases.contains(b) { bases.append(b) }
+        }
         for base in bases {
             var series: [SVGChart.Series] = []
             var unit = "ns"
+            var full = false
             for (i, r) in ok.enumerated() {
+                // The full distribution where the run recorded one; else its percentile metrics.
+                if let curve = Self.distributionCurves(r)[base] {
+                    unit = curve.unit.rawValue
+                    full = true
+                    series.append(.init(name: labels[i], points: zip(curve.values, curve.percentiles).map { x, y in
+                        SVGChart.Point(x: x, y: y, low: nil, high: nil)
+                    }))
+                    continue
+                }
                 guard let members = Self.percentileGroups(r.metrics)[base], members.count >= 2 else { continue }
                 unit = members[0].metric.unit.rawValue
                 series.append(.init(name: labels[i], points: members.map { m in
@@ -329,7 +342,9 @@ public struct HTMLReport {
             let xLog = xs.allSatisfy { $0 > 0 } && (xs.max() ?? 1) / (xs.min() ?? 1) >= 20
             out += SVGChart.line(id: nextID("latency"), kind: "latency", title: "\(base) distribution" + (title.map { " — \($0)" } ?? ""),
                                  x: .init(label: base, unit: unit, log: xLog), y: .init(label: "percentile", unit: "%", ticks: [0, 25, 50, 75, 90, 99, 100]),
-                                 series: series, caption: "percentiles of every event (median over repetitions); 100 = max", steps: true)
+                                 series: series, caption: full
+                                    ? "CDF of every event: value at each percentile, median over repetitions; 0 = min, 100 = max"
+                                    : "percentiles of every event (median over repetitions); 100 = max", steps: true)
         }
         return out
     }
@@ -386,6 +401,26 @@ public struct HTMLReport {
         }
         return groups.filter { _, ms in ms.contains { $0.percentile > 0 && $0.percentile < 100 } }
             .mapValues { $0.sorted { $0.percentile < $1.percentile } }
+    }
+
+    struct Curve {
+        var unit: MetricUnit
+        var percentiles: [Double]
+        var values: [Double]
+    }
+
+    /// A run's recorded distributions by name, each the median over repetitions at every
+    /// percentile of the grid (repetitions share the grid).
+    static func distributionCurves(_ run: RunResult) -> [String: Curve] {
+        var byName: [String: [Distribution]] = [:]
+        for d in run.distributions { byName[d.name, default: []].append(d) }
+        return byName.compactMapValues { ds in
+            let grid = ds[0].percentiles
+            let same = ds.filter { $0.percentiles == grid && $0.values.count == grid.count }
+            guard !same.isEmpty else { return nil }
+            let values = grid.indices.map { k in Statistics.median(same.map { $0.values[k] }) }
+            return Curve(unit: ds[0].unit, percentiles: grid, values: values)
+        }
     }
 
     /// Parameters whose values differ among `runs`.

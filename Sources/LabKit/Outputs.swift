@@ -1,3 +1,5 @@
+import Histogram
+
 /// A value's unit, as RESULTS.md names them.
 public enum MetricUnit: String, Sendable, Codable {
     case s, ns, bytes, pages, count, ratio, percent
@@ -39,6 +41,38 @@ public struct TimeSeries: Sendable, Codable, Equatable {
     }
 }
 
+/// A latency distribution of one repetition: the value at each of a fixed grid of percentiles,
+/// read from a histogram of every event (HdrHistogram, 3 significant digits). What the
+/// report draws as a CDF; the `<name>_p50/_p99/_max` metrics come from the same histogram.
+public struct Distribution: Sendable, Codable, Equatable {
+    /// The percentiles every distribution is read at (0 = min, 100 = max).
+    public static let grid: [Double] = [0, 1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 99.5, 99.9, 99.99, 100]
+
+    public let name: String
+    public let unit: MetricUnit
+    /// The measured repetition it came from (1-based), filled in by the runner.
+    public var repetition: Int?
+    /// Events recorded.
+    public let count: Int
+    public let percentiles: [Double]
+    public let values: [Double]
+
+    public init(name: String, unit: MetricUnit, repetition: Int? = nil, count: Int, percentiles: [Double], values: [Double]) {
+        self.name = name
+        self.unit = unit
+        self.repetition = repetition
+        self.count = count
+        self.percentiles = percentiles
+        self.values = values
+    }
+
+    public init(name: String, unit: MetricUnit, histogram h: Histogram<UInt64>) {
+        self.init(name: name, unit: unit, count: Int(h.totalCount), percentiles: Self.grid, values: Self.grid.map { p in
+            p == 0 ? Double(h.min) : p == 100 ? Double(h.max) : Double(h.valueAtPercentile(p))
+        })
+    }
+}
+
 /// A physical check: what the scenario set up (expected) against what the kernel reports
 /// (observed). A disagreement is reported, never hidden or corrected.
 public struct CheckValue: Sendable, Codable, Equatable {
@@ -57,6 +91,7 @@ public struct RepetitionOutput: Sendable, Codable {
     public var reason: String?
     public var metrics: [MetricValue] = []
     public var timeseries: [TimeSeries] = []
+    public var distributions: [Distribution] = []
     public var checks: [CheckValue] = []
     public var notes: [String] = []
     public init() {}
@@ -82,6 +117,13 @@ public final class RunContext {
     }
 
     public func record(_ series: TimeSeries) { output.timeseries.append(series) }
+
+    /// Records the distribution of every event in `histogram` (for the report's CDF). Empty
+    /// histograms are not recorded: no event, no distribution.
+    public func recordDistribution(_ name: String, _ histogram: Histogram<UInt64>, unit: MetricUnit = .ns) {
+        guard histogram.totalCount > 0 else { return }
+        output.distributions.append(Distribution(name: name, unit: unit, histogram: histogram))
+    }
 
     /// Records a check; `tolerance` is absolute (in the check's own unit).
     @discardableResult

@@ -150,6 +150,8 @@ public struct RunResult: Sendable, Codable {
     public var warmup: Int
     public var metrics: [Metric]
     public var timeseries: [TimeSeries]
+    /// Latency distributions, one per measured repetition (absent from the JSON when none).
+    public var distributions: [Distribution] = []
     public var checks: [CheckValue]
     public var notes: [String]
     public var durationS: Double
@@ -178,7 +180,7 @@ public struct RunResult: Sendable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case scenario, variant, params, placement, status, reason, settings, repetitions, warmup
-        case metrics, timeseries, checks, notes
+        case metrics, timeseries, distributions, checks, notes
         case durationS = "duration_s"
         case sweep
     }
@@ -196,6 +198,7 @@ public struct RunResult: Sendable, Codable {
         warmup = try c.decodeIfPresent(Int.self, forKey: .warmup) ?? 0
         metrics = try c.decodeIfPresent([Metric].self, forKey: .metrics) ?? []
         timeseries = try c.decodeIfPresent([TimeSeries].self, forKey: .timeseries) ?? []
+        distributions = try c.decodeIfPresent([Distribution].self, forKey: .distributions) ?? []
         checks = try c.decodeIfPresent([CheckValue].self, forKey: .checks) ?? []
         notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
         durationS = try c.decodeIfPresent(Double.self, forKey: .durationS) ?? 0
@@ -215,6 +218,7 @@ public struct RunResult: Sendable, Codable {
         try c.encode(warmup, forKey: .warmup)
         try c.encode(metrics, forKey: .metrics)
         try c.encode(timeseries, forKey: .timeseries)
+        if !distributions.isEmpty { try c.encode(distributions, forKey: .distributions) }
         try c.encode(checks, forKey: .checks)
         try c.encode(notes, forKey: .notes)
         try c.encode(durationS, forKey: .durationS)

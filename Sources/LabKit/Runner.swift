@@ -153,12 +153,14 @@ public final class Runner {
             }
             if !warm {
                 for k in out.checks.indices { out.checks[k].repetition = outputs.count + 1 }
+                for k in out.distributions.indices { out.distributions[k].repetition = outputs.count + 1 }
                 outputs.append(out)
             }
         }
         result.repetitions = outputs.count
         result.metrics = Runner.aggregate(outputs)
         result.timeseries = outputs.first?.timeseries ?? []
+        result.distributions = outputs.flatMap(\.distributions)
         result.checks = outputs.flatMap(\.checks)
         for note in outputs.flatMap(\.notes) where !result.notes.contains(note) { result.notes.append(note) }
         let disagreements = Set(result.checks.filter { !$0.agrees }.map(\.name))

@@ -128,9 +128,14 @@ public final class SettingsGuard: @unchecked Sendable {
         }
     }
 
+    /// Creates the state directory and any missing parents (`$MEMLAB_STATE_DIR` may be nested).
     private func ensureStateDirectory() throws(SystemError) {
-        if mkdir(stateDirectory, 0o755) != 0 && errno != EEXIST {
-            throw SystemError.current("mkdir", path: stateDirectory)
+        var path = stateDirectory.hasPrefix("/") ? "" : "."
+        for part in stateDirectory.split(separator: "/", omittingEmptySubsequences: true) {
+            path += "/" + part
+            if mkdir(path, 0o755) != 0 && errno != EEXIST {
+                throw SystemError.current("mkdir", path: path)
+            }
         }
     }
 

@@ -43,6 +43,11 @@ public struct Summary: Sendable, Codable, Equatable {
 }
 
 public enum Statistics {
+    /// The median (mean of the middle two for an even count); 0 for no samples.
+    public static func median(_ samples: [Double]) -> Double {
+        summarize(samples)?.median ?? 0
+    }
+
     public static func summarize(_ samples: [Double]) -> Summary? {
         guard !samples.isEmpty else { return nil }
         let sorted = samples.sorted()

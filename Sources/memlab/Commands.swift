@@ -14,7 +14,6 @@ struct List: ParsableCommand {
     var json = false
 
     func run() throws {
-        Session.recoverStaleJournal(SettingsGuard(), holdingLock: false)
         if json {
             let list = allScenarios.scenarios.map { s -> [String: Any] in
                 [
@@ -45,7 +44,6 @@ struct Probe: ParsableCommand {
     var json = false
 
     func run() throws {
-        Session.recoverStaleJournal(SettingsGuard(), holdingLock: false)
         let report = ProbeReport.gather()
         if json {
             let encoder = JSONEncoder()

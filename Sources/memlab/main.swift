@@ -23,6 +23,9 @@ if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource"
 
 do {
     var command = try Memlab.parseAsRoot()
+    // Any memlab that starts gives back what a dead memlab left changed, before anything else
+    // (also before a bad argument is reported); `restore` does the same and reports it itself.
+    if !(command is Restore) { Session.recoverStaleJournal(SettingsGuard(), holdingLock: false) }
     try command.run()
     exit(0)
 } catch let code as ExitCode {

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Histogram
 @testable import LabKit
 
 @Suite struct ResultDocumentTests {
@@ -59,6 +60,28 @@ import Testing
         #expect(run.checks == original.runs[0].checks)
         #expect(run.notes == ["ksmd ran 3 full scans"])
         #expect(run.durationS == 12.25)
+    }
+
+    /// A distribution read from a real histogram: min, percentiles and max are the events'.
+    @Test func distributionFromAHistogramRoundTrips() throws {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        for v in 1...1000 { _ = h.record(UInt64(v * 100)) }
+        let d = Distribution(name: "fault_latency", unit: .ns, histogram: h)
+        #expect(d.count == 1000)
+        #expect(d.percentiles == Distribution.grid)
+        #expect(d.values.first == 100)
+        #expect(abs(d.values.last! - 100_000) <= 100)   // 3 significant digits
+        let p50 = d.values[Distribution.grid.firstIndex(of: 50)!]
+        #expect(abs(p50 - 50_000) <= 100)
+        #expect(zip(d.values, d.values.dropFirst()).allSatisfy { $0 <= $1 }, "a CDF never goes down")
+
+        var doc = try Self.makeDocument()
+        doc.runs[0].distributions = [d]
+        let back = try ResultDocument.decode(try doc.jsonData())
+        #expect(back.runs[0].distributions == [d])
+        // Absent when there is none (older readers see the documented shape).
+        let plain = String(decoding: try Self.makeDocument().jsonData(), as: UTF8.self)
+        #expect(!plain.contains("distributions"))
     }
 
     @Test func jsonTextNamesTheSchema() throws {

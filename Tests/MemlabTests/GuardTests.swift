@@ -69,6 +69,24 @@ extension KernelTests {
             #expect(again.stdout.contains("nothing to restore"))
         }
 
+        /// Every command restores a dead memlab's journal first, even one whose arguments are
+        /// wrong (it still exits 2 for them); and a nested state directory is created whole.
+        @Test(arguments: [["run", "no-such-scenario"], ["compare", "missing.json"]])
+        func anyCommandRestoresADeadRunnersJournal(_ args: [String]) throws {
+            let dir = TempDir()
+            let state = dir.file("nested/state")
+            let before = KnobSnapshot.take()
+            let (p, _, _) = try Memlab.start(Self.slowRun + ["--json", dir.file("r.json")], stateDir: state)
+            #expect(waitFor(20) { FileManager.default.fileExists(atPath: state + "/journal.json") && KnobSnapshot.take().values["/sys/kernel/mm/ksm/run"] == "1" })
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            let next = try Memlab.run(args, stateDir: state)
+            #expect(next.status == 2, "stderr: \(next.stderr)")
+            #expect(next.stderr.contains("restored settings left changed by pid \(p.processIdentifier)"), "stderr: \(next.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: state + "/journal.json"))
+            #expect(KnobSnapshot.take() == before)
+        }
+
         /// Two runs at once: the second waits (saying for whom), or with --no-wait fails at
         /// once with exit 4; knobs are never changed by both.
         @Test func twoRunsAtOnce() throws {

@@ -92,6 +92,13 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
             run("fault", ["policy": .string("always")], [m("fault_latency_p50", .ns, [900, 950, 920]), m("fault_latency_p99", .ns, [4000, 4100, 3900]), m("fault_latency_max", .ns, [20000, 25000, 22000])]),
             run("fault_never", ["policy": .string("never")], [m("fault_latency_p50", .ns, [300, 310, 290]), m("fault_latency_p99", .ns, [1500, 1600, 1400]), m("fault_latency_max", .ns, [9000, 9500, 9900])]),
         ]
+        // A full distribution per repetition (as the scenarios record from their histograms).
+        var cow = run("cow", [:], [m("cow_fault_latency_p50", .ns, [2000, 2100]), m("cow_fault_latency_max", .ns, [30000, 31000])])
+        cow.distributions = (1...2).map { rep in
+            Distribution(name: "cow_fault_latency", unit: .ns, repetition: rep, count: 4096, percentiles: Distribution.grid,
+                         values: Distribution.grid.map { 1500 + $0 * Double(10 * rep) })
+        }
+        runs.append(cow)
         for (i, s) in sizes.enumerated() {
             runs.append(run("tlb", ["size": s], [m("access_latency", .ns, [Double(2 + i * 3), Double(2 + i * 3) + 0.2, Double(2 + i * 3) - 0.1])],
                             sweep: SweepInfo(group: 1, point: i + 1, points: 3, parameters: axis)))
@@ -172,6 +179,9 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
             let found = dom.contains(">\(label)<")
             #expect(found, "no axis labelled \(label)")
         }
+        // A recorded distribution is drawn whole, as a CDF.
+        #expect(dom.contains("cow_fault_latency distribution"))
+        #expect(dom.contains("CDF of every event"))
         let svg = dom.contains("<svg class=\"chart-svg\"")
         #expect(svg)
 

@@ -264,6 +264,7 @@ public struct KSMScenario: Scenario {
         ctx.record("\(prefix)_p50", Double(t.histogram.valueAtPercentile(50)), .ns, better: .lower)
         ctx.record("\(prefix)_p99", Double(t.histogram.valueAtPercentile(99)), .ns, better: .lower)
         ctx.record("\(prefix)_max", Double(t.histogram.max), .ns, better: .lower)
+        ctx.recordDistribution(prefix, t.histogram)
     }
 
     func measureUnmerge(region: AnonymousMapping, prctlMode: Bool, mergedBefore: Int64, ctx: RunContext) throws {
