@@ -341,7 +341,7 @@ public struct HTMLReport {
             let xs = series.flatMap { $0.points.map(\.x) }
             let xLog = xs.allSatisfy { $0 > 0 } && (xs.max() ?? 1) / (xs.min() ?? 1) >= 20
             out += SVGChart.line(id: nextID("latency"), kind: "latency", title: "\(base) distribution" + (title.map { " — \($0)" } ?? ""),
-                                 x: .init(label: base, unit: unit, log: xLog), y: .init(label: "percentile", unit: "%", ticks: [0, 25, 50, 75, 90, 99, 100]),
+                                 x: .init(label: base, unit: unit, log: xLog), y: .init(label: "percentile", unit: "%", ticks: [0, 25, 50, 75, 90, 100]),
                                  series: series, caption: full
                                     ? "CDF of every event: value at each percentile, median over repetitions; 0 = min, 100 = max"
                                     : "percentiles of every event (median over repetitions); 100 = max", steps: true)

@@ -105,6 +105,7 @@ struct Report: ParsableCommand {
         Examples:
           memlab report results/*.json -o report.html
           memlab report results/ -o results/report.html
+          memlab report lab.json -o lab.html --svg-dir figures     (each chart also as figures/chart-N-KIND.svg)
         """)
 
     @Argument(help: "Result documents, or directories holding them.")
@@ -113,12 +114,24 @@ struct Report: ParsableCommand {
     @Option(name: [.short, .customLong("output")], help: ArgumentHelp("The HTML file to write.", valueName: "file"))
     var output = "report.html"
 
+    @Option(help: ArgumentHelp("Also write every chart as a standalone SVG file into this directory (for handouts).", valueName: "dir"))
+    var svgDir: String?
+
     @Flag(help: "Do not print the report's path.")
     var quiet = false
 
     func run() throws {
         let inputs = try ResultFiles.load(results)
-        try Session.write(Data(HTMLReport.render(inputs).utf8), to: output)
+        let html = HTMLReport.render(inputs)
+        try Session.write(Data(html.utf8), to: output)
         if !quiet { print("report: \(output)") }
+        if let svgDir {
+            let charts = StandaloneSVG.charts(in: html)
+            for c in charts {
+                let path = (svgDir as NSString).appendingPathComponent("\(c.id).svg")
+                try Session.write(Data(c.svg.utf8), to: path)
+                if !quiet { print("chart:  \(path)  \(c.title)") }
+            }
+        }
     }
 }

@@ -28,6 +28,18 @@ extension KernelTests {
             for r in runs(doc) {
                 #expect((r["settings"] as? [String: Any])?["restored"] as? Bool == true, "\(r["scenario"] ?? ""):\(r["variant"] ?? "")")
             }
+            // A module whose kernel feature the probe finds usable must really run here (at
+            // least one ok run), not skip: a wrongly skipped module must fail this test.
+            let probe = try Memlab.run(["probe", "--json"], stateDir: dir.path)
+            let probed = try #require(try JSONSerialization.jsonObject(with: Data(probe.stdout.utf8)) as? [String: Any])
+            let usable = Set(((probed["features"] as? [[String: Any]]) ?? []).filter { $0["usable"] as? Bool == true }.compactMap { $0["name"] as? String })
+            let needs = ["ksm": "ksm", "hugepages": "thp", "overcommit": "memory-cgroup", "tmem": "zswap",
+                         "lazy-restore": "userfaultfd", "migration": "uffd-wp-async"]
+            for (module, feature) in needs where usable.contains(where: { $0.hasPrefix(feature) }) {
+                let ok = runs(doc).contains { $0["scenario"] as? String == module && $0["status"] as? String == "ok" }
+                let reasons = runs(doc).filter { $0["scenario"] as? String == module }.map { "\($0["status"] ?? "")/\($0["reason"] ?? "")" }
+                #expect(ok, "\(module): \(feature) is usable here, yet no run of it was ok: \(reasons)")
+            }
             for r in runs(doc) where r["status"] as? String == "skipped" {
                 #expect((r["reason"] as? String ?? "").count > 10, "a skipped run says why")
             }

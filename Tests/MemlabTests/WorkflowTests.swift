@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
 @testable import LabKit
 import Testing
 
@@ -192,6 +195,28 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
         let png = FileManager.default.contents(atPath: dir.file("report.png")) ?? Data()
         #expect(png.count > 10_000)
         #expect(png.starts(with: [0x89, 0x50, 0x4E, 0x47]))
+    }
+
+    /// `--svg-dir`: every chart of the page as its own well-formed SVG file, styled, with its title.
+    @Test func reportWritesEachChartAsAStandaloneSVG() throws {
+        let dir = TempDir()
+        try Self.syntheticDocument().jsonData().write(to: URL(fileURLWithPath: dir.file("synthetic.json")))
+        let out = try Memlab.run(["report", dir.file("synthetic.json"), "-o", dir.file("r.html"), "--svg-dir", dir.file("svg")], stateDir: dir.path)
+        #expect(out.status == 0, "stderr: \(out.stderr)")
+        let html = try String(contentsOfFile: dir.file("r.html"), encoding: .utf8)
+        let figures = html.components(separatedBy: "<figure class=\"chart ").count - 1
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir.file("svg")).filter { $0.hasSuffix(".svg") }
+        #expect(figures >= 6)
+        #expect(files.count == figures)
+        #expect(files.contains { $0.hasSuffix("-latency.svg") })
+        for f in files {
+            let data = try #require(FileManager.default.contents(atPath: dir.file("svg/\(f)")))
+            let parser = XMLParser(data: data)
+            #expect(parser.parse(), "\(f) is not well-formed XML: \(String(describing: parser.parserError))")
+            let text = String(decoding: data, as: UTF8.self)
+            #expect(text.contains("<style>") && text.contains("<title"), "\(f)")
+            #expect(text.contains("<path") || text.contains("<rect"), "\(f) draws nothing")
+        }
     }
 
     @Test func reportOfAFileThatIsNotAResultIsAUsageError() throws {
