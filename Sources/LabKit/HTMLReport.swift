@@ -9,6 +9,7 @@ import Foundation
 ///   scenario:variant that differ in exactly one numeric parameter), median with min–max;
 /// - `chart-latency`: latency percentiles (`NAME_p50`, `NAME_p99`, `NAME_max`, ...) as a
 ///   distribution, one line per run;
+/// - `chart-tradeoff`: `downtime` (and `bytes_transferred`) against `total_time`, a point per run;
 /// - `chart-bars`: medians per variant of a scenario, and a run's time metrics side by side;
 /// - `chart-across`: the same run in several result files, per metric.
 public struct HTMLReport {
@@ -81,6 +82,7 @@ public struct HTMLReport {
         // Charts that span runs first: sweeps, variants.
         var group = ""
         for g in sweepGroups(doc.runs) { group += sweepCharts(g) }
+        group += tradeoffCharts(doc.runs)
         group += variantBars(doc.runs)
         group += latencyCharts(doc.runs.filter { $0.status == .ok && $0.sweep == nil }, title: nil)
         if !group.isEmpty { s += "<div class=\"charts group-charts\">\(group)</div>\n" }
@@ -302,6 +304,34 @@ public struct HTMLReport {
                                          let m = rs[i].metric(name)!
                                          return .init(label: labels[i], value: m.summary.median, low: m.summary.min, high: m.summary.max)
                                      }, caption: "median per run, whiskers min–max")
+            }
+        }
+        return out
+    }
+
+    /// The migration trade-off: where runs of one scenario report both `downtime` and
+    /// `total_time`, one point per run (median, whiskers min–max of the downtime), so the
+    /// price of a short stop (a long migration) and of a short migration (a long stop) shows
+    /// at a glance. Also `bytes_transferred` against `total_time` when present.
+    mutating func tradeoffCharts(_ runs: [RunResult]) -> String {
+        var out = ""
+        let ok = runs.filter { $0.status == .ok }
+        for s in uniqued(ok.map(\.scenario)) {
+            let rs = ok.filter { $0.scenario == s && $0.metric("total_time") != nil }
+            guard rs.count >= 2 else { continue }
+            let labels = Self.labels(rs)
+            for yName in ["downtime", "bytes_transferred"] {
+                let idx = rs.indices.filter { rs[$0].metric(yName) != nil }
+                guard idx.count >= 2, let x = rs[idx[0]].metric("total_time"), let y = rs[idx[0]].metric(yName) else { continue }
+                let series = idx.map { i -> SVGChart.Series in
+                    let t = rs[i].metric("total_time")!.summary, m = rs[i].metric(yName)!.summary
+                    return .init(name: labels[i], points: [SVGChart.Point(x: t.median, y: m.median, low: m.min, high: m.max)])
+                }
+                let ys = series.map { $0.points[0].y }
+                let yLog = ys.allSatisfy { $0 > 0 } && (ys.max() ?? 1) / (ys.min() ?? 1) >= 20
+                out += SVGChart.line(id: nextID("tradeoff"), kind: "tradeoff", title: "\(s) — \(yName) against total_time",
+                                     x: .init(label: "total_time", unit: x.unit.rawValue), y: .init(label: yName, unit: y.unit.rawValue, log: yLog),
+                                     series: series, caption: "one point per run: median, whiskers min–max of \(yName); lower left is better on both")
             }
         }
         return out

@@ -168,16 +168,24 @@ public enum SVGChart {
     }
 
     /// The legend sits under the chart, three entries a row, so it never hides a line.
+    /// Three legend columns, fewer when the names are long (so they are not cut short).
+    static func legendColumns(_ names: [String]) -> Int {
+        let longest = names.map(\.count).max() ?? 0
+        return longest <= 24 ? 3 : longest <= 40 ? 2 : 1
+    }
+
     static func legendHeight(_ names: [String]) -> Double {
-        names.isEmpty ? 0 : Double((names.count + 2) / 3) * 16 + 10
+        let cols = legendColumns(names)
+        return names.isEmpty ? 0 : Double((names.count + cols - 1) / cols) * 16 + 10
     }
 
     static func legend(_ names: [String]) -> String {
         var s = "<g class=\"legend\">"
-        let colW = (width - left - right) / 3
+        let cols = legendColumns(names)
+        let colW = (width - left - right) / Double(cols)
         for (i, n) in names.enumerated() {
-            let x = left + Double(i % 3) * colW
-            let y = height + 6 + Double(i / 3) * 16
+            let x = left + Double(i % cols) * colW
+            let y = height + 6 + Double(i / cols) * 16
             s += "<rect x=\"\(f(x))\" y=\"\(f(y - 9))\" width=\"10\" height=\"10\" fill=\"\(palette[i % palette.count])\"/>"
             s += "<text x=\"\(f(x + 14))\" y=\"\(f(y))\">\(htmlEscape(shorten(n, Int(colW / 6.2) - 3)))</text>"
         }

@@ -102,6 +102,9 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
                          values: Distribution.grid.map { 1500 + $0 * Double(10 * rep) })
         }
         runs.append(cow)
+        // Two migration-like runs: downtime against total time is a trade-off chart.
+        runs.append(run("precopy", [:], [m("total_time", .s, [0.8, 0.82]), m("downtime", .s, [0.05, 0.055])]))
+        runs.append(run("postcopy", [:], [m("total_time", .s, [0.28, 0.29]), m("downtime", .s, [0.004, 0.006])]))
         for (i, s) in sizes.enumerated() {
             runs.append(run("tlb", ["size": s], [m("access_latency", .ns, [Double(2 + i * 3), Double(2 + i * 3) + 0.2, Double(2 + i * 3) - 0.1])],
                             sweep: SweepInfo(group: 1, point: i + 1, points: 3, parameters: axis)))
@@ -172,7 +175,7 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
         let charts = try #require(attribute("data-charts"))
         #expect(charts >= 6)
         #expect(attribute("data-charts-drawn") == charts)
-        for kind in ["chart-timeseries", "chart-sweep", "chart-latency", "chart-bars"] {
+        for kind in ["chart-timeseries", "chart-sweep", "chart-latency", "chart-bars", "chart-tradeoff"] {
             let found = dom.contains("class=\"chart \(kind)\"")
             #expect(found, "missing \(kind)")
         }
