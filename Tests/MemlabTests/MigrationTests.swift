@@ -276,6 +276,123 @@ extension KernelTests {
             #expect(took < 5, "took \(took) s")
         }
 
+        /// Over TCP, a destination refuses a source whose CPU had a flag this one lacks: it
+        /// answers REFUSE listing the flag and exits 1; with --ignore-cpu-flags it says WELCOME.
+        @Test(arguments: [false, true])
+        func destinationRefusesMissingCPUFlagsOverTCP(ignore: Bool) throws {
+            let dir = TempDir()
+            let port: UInt16 = ignore ? 47219 : 47218
+            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "2"]
+                                                         + (ignore ? ["--ignore-cpu-flags"] : []), stateDir: dir.path)
+            defer { if dst.isRunning { dst.terminate() } }
+            // The HELLO of a source whose CPU had every flag of this one plus a made-up one.
+            let cpuinfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+            let flagsLine = cpuinfo.split(separator: "\n").first { $0.hasPrefix("flags") || $0.hasPrefix("Features") }
+            let flags = flagsLine.map { String($0.split(separator: ":", maxSplits: 1)[1]).trimmingCharacters(in: .whitespaces) } ?? ""
+            let arch = String(cString: { var u = utsname(); uname(&u); return withUnsafeBytes(of: u.machine) { Array($0.prefix { $0 != 0 }) } }() + [0])
+            let header = "arch=\(arch)\npage_size=\(getpagesize())\ncpu_model=doctored\ncpu_flags=\(flags) memlab_test_flag\nregion_bytes=1048576\nchecksum=0\n"
+            var payload: [UInt8] = [1, 0, 0, 0] + Array(header.utf8)
+            let n = UInt32(payload.count)
+            payload = [0x4D, 0x4C, 1, 0, UInt8(n & 0xff), UInt8(n >> 8 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 24)] + payload
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(fd) }
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = port.bigEndian
+            sa.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = waitFor(5) {
+                withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+            }
+            #expect(connected)
+            #expect(write(fd, payload, payload.count) == payload.count)
+            var reply = [UInt8](repeating: 0, count: 4096)
+            var tv = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            let got = read(fd, &reply, reply.count)
+            #expect(got >= 8, "no reply from the destination")
+            guard got >= 8 else { return }
+            let body = String(decoding: reply[8..<got], as: UTF8.self)
+            if ignore {
+                #expect(reply[2] == 2, "expected WELCOME, got type \(reply[2]): \(body)")
+                close(fd)   // then the source vanishes: the destination fails, having warned
+                let out = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                let err = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                dst.waitUntilExit()
+                #expect((out + err).contains("memlab_test_flag") && (out + err).contains("--ignore-cpu-flags"), "\(out) \(err)")
+            } else {
+                #expect(reply[2] == 3, "expected REFUSE, got type \(reply[2]): \(body)")
+                #expect(body.contains("memlab_test_flag"), "\(body)")
+                _ = dstOut.fileHandleForReading.readDataToEndOfFile()
+                let err = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                dst.waitUntilExit()
+                #expect(dst.terminationStatus == 1)
+                #expect(err.contains("memlab_test_flag"), "\(err)")
+            }
+        }
+
+        /// The source dies mid-migration: the destination reports it within its deadline and
+        /// claims nothing verified.
+        @Test(.enabled(if: hasNetTools, "needs ip and tc (iproute2)"))
+        func sourceDyingFailsTheDestinationInTime() throws {
+            let pair = try NamespacePair(rateMbit: 20)
+            defer { pair.remove() }
+            let dir = TempDir()
+            let port = "47220"
+            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "3",
+                                                          "--json", dir.file("dst.json")],
+                                                         stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
+            defer { if dst.isRunning { dst.terminate() } }
+            let (src, _, _) = try Memlab.start(["migrate", "source", "--connect", "\(NamespacePair.destinationAddress):\(port)", "--size", "32M",
+                                                "--bandwidth-mbit", "20", "--timeout", "5"],
+                                               stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
+            defer { if src.isRunning { src.terminate() } }
+            usleep(1_500_000)
+            kill(src.processIdentifier, SIGKILL)
+            let killedAt = Date()
+            let out = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            let err = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            let took = Date().timeIntervalSince(killedAt)
+            #expect(dst.terminationStatus == 1, "\(out) \(err)")
+            #expect(err.contains("memlab migrate:") && (err.contains("connection closed") || err.contains("peer closed")), "\(err)")
+            #expect(!out.contains("verified"), "\(out)")
+            #expect(took < 5, "the destination took \(took) s to notice")
+            let doc = try loadJSON(dir.file("dst.json"))
+            #expect(runs(doc).first?["status"] as? String == "failed")
+        }
+
+        /// The link goes down mid-migration (the veth is set down): both sides fail within
+        /// their deadlines; neither reports success.
+        @Test(.enabled(if: hasNetTools, "needs ip and tc (iproute2)"))
+        func linkDroppingFailsBothSidesInTime() throws {
+            let pair = try NamespacePair(rateMbit: 20)
+            defer { pair.remove() }
+            let dir = TempDir()
+            let port = "47221"
+            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "3"],
+                                                         stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
+            defer { if dst.isRunning { dst.terminate() } }
+            let (src, srcOut, srcErr) = try Memlab.start(["migrate", "source", "--connect", "\(NamespacePair.destinationAddress):\(port)", "--size", "32M",
+                                                          "--bandwidth-mbit", "20", "--timeout", "3"],
+                                                         stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
+            defer { if src.isRunning { src.terminate() } }
+            usleep(1_500_000)
+            let (rc, why) = try sh(["/usr/sbin/ip", "-n", NamespacePair.source, "link", "set", "memlab-va", "down"])
+            #expect(rc == 0, "\(why)")
+            let droppedAt = Date()
+            _ = srcOut.fileHandleForReading.readDataToEndOfFile()
+            let sErr = String(decoding: srcErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            src.waitUntilExit()
+            let srcTook = Date().timeIntervalSince(droppedAt)
+            _ = dstOut.fileHandleForReading.readDataToEndOfFile()
+            let dErr = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            let dstTook = Date().timeIntervalSince(droppedAt)
+            #expect(src.terminationStatus == 1 && sErr.contains("timeout"), "source: \(sErr)")
+            #expect(dst.terminationStatus == 1 && dErr.contains("timeout"), "destination: \(dErr)")
+            #expect(srcTook < 8 && dstTook < 8, "source took \(srcTook) s, destination \(dstTook) s: \(sErr) / \(dErr)")
+        }
+
         @Test func noNamespaceIsLeftBehind() {
             #expect(NamespacePair.leftovers.isEmpty, "left: \(NamespacePair.leftovers)")
         }

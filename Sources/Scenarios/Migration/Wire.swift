@@ -226,6 +226,7 @@ public final class WireConnection: @unchecked Sendable {
     private func writeAll(_ p: UnsafeRawPointer, _ n: Int, _ type: MessageType) throws(WireError) {
         var done = 0
         while done < n {
+            let t0 = Clock.nanoseconds()
             let w = Glibc.send(fd, p + done, n - done, Int32(MSG_NOSIGNAL))
             if w < 0 {
                 if errno == EINTR { continue }
@@ -233,10 +234,24 @@ public final class WireConnection: @unchecked Sendable {
                 throw .peerClosed("sending \(type): \(SystemError.current("send").description)")
             }
             done += w
+            // A partial send that used up SO_SNDTIMEO copied what fit at once and then waited
+            // the whole timeout for room: the link took nothing meanwhile. Fail now rather
+            // than wait a second timeout for the rest.
+            if done < n && Double(Clock.nanoseconds() &- t0) >= timeoutS * 0.95e9 {
+                throw .timeout("sending \(type): the link took no data for \(timeoutS) s")
+            }
         }
     }
 
-    public func sendError(_ text: String) { try? send(.error, Array(text.utf8)) }
+    /// Tells the peer why this side gives up — best effort, never blocking: after a timeout
+    /// the link is what failed, and waiting on it again would only delay the report.
+    public func sendError(_ text: String) {
+        let body = Array(text.utf8.prefix(4096))
+        var frame: [UInt8] = [Wire.magic.0, Wire.magic.1, MessageType.error.rawValue, 0]
+        withUnsafeBytes(of: UInt32(body.count).littleEndian) { frame += $0 }
+        frame += body
+        _ = frame.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+    }
 }
 
 extension String {
