@@ -85,6 +85,10 @@ extension KernelTests {
             #expect((median(run, "max_usage") ?? 0) >= Double(30 << 20))
             #expect((median(run, "limit_hits") ?? 0) > 0)
             #expect((median(run, "time_to_kill") ?? 0) > 0)
+            // Swap cannot postpone the kill: it is capped with the limit (v1 memsw or
+            // swappiness 0, v2 swap.max), and the result says how.
+            let notes = (run["notes"] as? [String]) ?? []
+            #expect(notes.contains { $0.hasPrefix("oom: swap capped with the limit (") && ($0.contains("memsw") || $0.contains("swappiness=0") || $0.contains("swap.max")) }, "notes: \(notes)")
             #expect(checksAgree(run), "\(run["checks"] ?? "")")
             #expect(KnobSnapshot.take() == before)
         }

@@ -251,6 +251,7 @@ public struct OvercommitScenario: Scenario {
         if killed && start > 0 && endNS > start {
             ctx.record("time_to_kill", Double(endNS - start) / 1e9, .s, better: .none)
         }
+        ctx.note("oom: swap capped with the limit (\(cg.swapCapDescription)), so swap cannot postpone the kill")
         ctx.note("oom: memory cgroup \(cg.path) (v\(cg.version)); worker pid \(pid) with oom_score_adj 1000, monitor -1000")
         if !killed { ctx.note("oom: the worker was not killed: it touched \(formatBytes(Int(touched))) — swap in the cgroup lets it page out instead") }
         ctx.check("oom_kills", expected: 1, observed: Double(kills), tolerance: 0, describe: "exactly one kill (memory.oom_control / memory.events oom_kill)")

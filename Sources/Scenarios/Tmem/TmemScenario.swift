@@ -84,6 +84,9 @@ public struct TmemScenario: Scenario {
         variant == "density" ? params.int("limit") : max(1 << 30, 4 * params.int("pages") * System.pageSize)
     }
 
+    /// Both variants page out on purpose: the cgroup's swap is not capped.
+    public func memoryLimitAllowsSwap(variant: String, params: Params) -> Bool { true }
+
     public func deadline(variant: String, params: Params) -> Double {
         if variant == "density" {
             return params.double("duration_s") + Double(params.int("guests")) * (params.double("settle_s") + 10) + 60
