@@ -128,6 +128,11 @@ extension KernelTests {
             #expect((median(text, "swapin_latency_p99") ?? 0) >= (median(text, "swapin_latency_p50") ?? .infinity))
             #expect((median(text, "swapin_from_zswap") ?? 0) >= 4096)
             #expect(checksAgree(text), "\(text["checks"] ?? "")")
+            if !FileManager.default.fileExists(atPath: "/sys/kernel/debug/zswap") {
+                let notes = (text["notes"] as? [String]) ?? []
+                #expect(notes.contains { $0.contains("debugfs is not mounted") && $0.contains("incompressible") && $0.contains("not reported") }, "notes: \(notes)")
+                #expect(median(text, "debugfs_reject_compress_poor") == nil)
+            }
             #expect(checksAgree(random), "\(random["checks"] ?? "")")
             #expect(swapAreaPaths() == swapsBefore)
             #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir.path)).contains { $0.hasPrefix("memlab-swap") })
@@ -175,6 +180,29 @@ extension KernelTests {
             // The physics: merging lets more of the same guests live in the same limit. (How
             // many depends on how fast ksmd keeps up on a loaded 2-CPU machine.)
             #expect((alive["ksm"] ?? 0) > (alive["none"] ?? 99), "\(alive)")
+            #expect(KnobSnapshot.take() == before)
+        }
+
+        /// Guests pushed into zswap by the limit: the first touch of each swapped-out page is
+        /// timed inside the guests, and the distribution is reported.
+        @Test(.enabled(if: hasMemoryCgroup, "needs a memory cgroup controller"))
+        func densityWithZswapTimesSwapins() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "tmem:density", "--repeat", "1", "--set", "mechanism=zswap",
+                                      "--set", "guests=4", "--set", "guest_size=16M", "--set", "limit=40M",
+                                      "--set", "duration_s=1", "--set", "swap_size=128M",
+                                      "--json", dir.file("z.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("z.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            #expect((median(run, "timed_swapins") ?? 0) > 0)
+            let p50 = try #require(median(run, "swapin_latency_p50"))
+            let p99 = try #require(median(run, "swapin_latency_p99"))
+            // A swap-in is a fault with a decompression: far above a resident load, far below a second.
+            #expect(p50 > 100 && p50 < 1e9, "p50 \(p50) ns")
+            #expect(p99 >= p50)
+            #expect((median(run, "swapin_latency_max") ?? 0) >= p99 * 0.93)
             #expect(KnobSnapshot.take() == before)
         }
 
