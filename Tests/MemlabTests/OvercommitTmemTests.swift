@@ -94,6 +94,31 @@ extension KernelTests {
         }
     }
 
+    /// With a swap area active the worker is still OOM-killed at the limit: the cgroup's
+    /// swap is capped with it (v1 memsw / swappiness 0, v2 swap.max); the swap file is gone
+    /// afterwards.
+    @Suite(.enabled(if: isRoot, "needs root"), .enabled(if: hasMemoryCgroup, "no memory cgroup controller"))
+    struct OOMWithSwap {
+        @Test func oomKillWithSwapPresent() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let swapsBefore = swapAreaPaths()
+            let out = try Memlab.run(["run", "overcommit:oom", "--repeat", "1", "--set", "limit=32M", "--set", "swap_size=128M",
+                                      "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            #expect((median(run, "swap_total") ?? 0) >= Double(128 << 20) - 65536)
+            #expect(median(run, "oom_killed") == 1)
+            #expect((median(run, "touched_before_kill") ?? .infinity) <= Double(32 << 20))
+            #expect((median(run, "limit_hits") ?? 0) > 0)
+            #expect(checksAgree(run), "\(run["checks"] ?? "")")
+            #expect(swapAreaPaths() == swapsBefore)
+            #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir.path)).contains { $0.hasPrefix("memlab-swap") })
+            #expect(KnobSnapshot.take() == before)
+        }
+    }
+
     @Suite(.enabled(if: isRoot, "needs root: swapon, zswap parameters and memory cgroups are root-only"),
            .enabled(if: hasZswap, "kernel without zswap (no /sys/module/zswap)"))
     struct TmemEndToEnd {
