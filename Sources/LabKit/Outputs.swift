@@ -5,6 +5,8 @@ public enum MetricUnit: String, Sendable, Codable {
     case s, ns, bytes, pages, count, ratio, percent
     case bytesPerSecond = "bytes/s"
     case pagesPerSecond = "pages/s"
+    /// Independent operations per second (GUPS-style random updates).
+    case updatesPerSecond = "updates/s"
 }
 
 public enum Better: String, Sendable, Codable {

@@ -202,8 +202,12 @@ public final class Runner {
                 return skipped
             }
             do {
+                // v2: memory.max exists in the child only when the parent delegates memory.
+                if let control = try cg.parentSubtreeControlNeedingMemory() {
+                    try settingsGuard.enableController("memory", subtreeControl: control)
+                }
                 try settingsGuard.createDirectory(cg.path)
-                try cg.setLimit(bytes: l)
+                try cg.setLimit(bytes: l, capSwap: !s.memoryLimitAllowsSwap(variant: request.variant, params: request.params))
             } catch {
                 try? settingsGuard.removeDirectory(cg.path)
                 failed.reason = "could not create memory cgroup \(cg.path): \(error)"

@@ -67,6 +67,10 @@ public protocol Scenario: Sendable {
     func deadline(variant: String, params: Params) -> Double
     /// When non-nil, each repetition runs in a fresh memory cgroup with this limit (bytes).
     func memoryLimit(variant: String, params: Params) -> Int?
+    /// Whether that cgroup may swap (zswap, density: paging out is the point). By default
+    /// not: swap is capped with the limit (v1 memsw or swappiness 0, v2 swap.max 0), so
+    /// touching past the limit ends in the OOM killer even where swap is on.
+    func memoryLimitAllowsSwap(variant: String, params: Params) -> Bool
     /// Machine-wide resources beyond knobs that the run needs (a swap file, a zram device),
     /// made by the runner (parent) after `settings` are borrowed and before the first
     /// repetition — only through the guard's journaled calls, so they are removed after the
@@ -85,6 +89,7 @@ extension Scenario {
     public func settings(variant: String, params: Params) -> [KnobSetting] { [] }
     public func deadline(variant: String, params: Params) -> Double { 120 }
     public func memoryLimit(variant: String, params: Params) -> Int? { nil }
+    public func memoryLimitAllowsSwap(variant: String, params: Params) -> Bool { false }
     public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {}
 
     public func variant(named name: String) -> Variant? { variants.first { $0.name == name } }

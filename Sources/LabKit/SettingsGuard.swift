@@ -27,6 +27,9 @@ public struct Journal: Codable, Sendable, Equatable {
     public var zramDevices: [Int]?
     /// Swap areas memlab activated, swapped off on restore (before their file or device goes).
     public var swapAreas: [String]?
+    /// cgroup v2 subtree_control files memlab wrote "+CONTROLLER" to ("path|memory"),
+    /// given back with "-CONTROLLER" after the cgroups under them are removed.
+    public var enabledControllers: [String]?
 
     enum CodingKeys: String, CodingKey {
         case entries, command
@@ -36,6 +39,7 @@ public struct Journal: Codable, Sendable, Equatable {
         case createdFiles = "created_files"
         case zramDevices = "zram_devices"
         case swapAreas = "swap_areas"
+        case enabledControllers = "enabled_controllers"
     }
 
     public var ownerIsAlive: Bool {
@@ -171,6 +175,20 @@ public final class SettingsGuard: @unchecked Sendable {
             try writeJournal(j)
             journal = j
             if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError.current("mkdir", path: path) }
+        }
+    }
+
+    /// cgroup v2: enables a controller for the children of a cgroup (writes "+NAME" to its
+    /// cgroup.subtree_control), journaled first; restore writes "-NAME". Once per file per run.
+    public func enableController(_ name: String, subtreeControl path: String) throws(SystemError) {
+        try state.withLock { (journal) throws(SystemError) in
+            var j = journal ?? newJournal()
+            let entry = "\(path)|\(name)"
+            if (j.enabledControllers ?? []).contains(entry) { return }
+            j.enabledControllers = (j.enabledControllers ?? []) + [entry]
+            try writeJournal(j)
+            journal = j
+            try ProcFile.write(path, "+\(name)")
         }
     }
 
@@ -345,6 +363,17 @@ public final class SettingsGuard: @unchecked Sendable {
                 report.failures.append(SystemError.current("rmdir", path: dir).description)
             } else {
                 report.restoredLines.append("removed \(dir)")
+            }
+        }
+        // Controllers last: the cgroups that used them are gone now.
+        for entry in (j.enabledControllers ?? []).reversed() {
+            let parts = entry.split(separator: "|", maxSplits: 1).map(String.init)
+            guard parts.count == 2 else { continue }
+            do {
+                try ProcFile.write(parts[0], "-\(parts[1])")
+                report.restoredLines.append("\(parts[0]): -\(parts[1])")
+            } catch {
+                report.failures.append(error.description)
             }
         }
         return report

@@ -40,6 +40,18 @@ extension HugeTLB {
         pools().first { $0.pageBytes == pageBytes }
     }
 
+    /// The per-node pool size: /sys/devices/system/node/nodeN/hugepages/hugepages-<kB>kB/
+    /// nr_hugepages. Writing it grows or shrinks only that node's share; the machine-wide
+    /// nr_hugepages is the sum over nodes.
+    public static func nodePoolKnob(node: Int, pageBytes: Int) -> Knob {
+        Knob("/sys/devices/system/node/node\(node)/hugepages/hugepages-\(pageBytes / 1024)kB/nr_hugepages")
+    }
+
+    /// NUMA nodes as sysfs lists them (node0, node1, …), ascending.
+    public static func sysfsNodes() -> [Int] {
+        ProcFile.list("/sys/devices/system/node").compactMap { $0.hasPrefix("node") ? Int($0.dropFirst(4)) : nil }.sorted()
+    }
+
     /// Pages of the pool on each NUMA node (/sys/devices/system/node/nodeN/hugepages/...).
     public static func perNode(pageBytes: Int) -> [Int: (total: Int, free: Int)] {
         var out: [Int: (Int, Int)] = [:]

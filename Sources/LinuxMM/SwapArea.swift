@@ -237,4 +237,20 @@ extension PageFlags {
         }
         return (present, swapped)
     }
+
+    /// Per page of [base, base+length): whether it is swapped out now (pagemap bit 62, not
+    /// present) — the pages whose next touch is a swap-in.
+    public static func swappedMap(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> [Bool] {
+        let page = System.pageSize
+        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw SystemError.current("open", path: "/proc/self/pagemap") }
+        defer { close(fd) }
+        let pages = length / page
+        var entries = [UInt64](repeating: 0, count: pages)
+        let first = UInt(bitPattern: base) / UInt(page)
+        let want = pages * 8
+        let got = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(first * 8)) }
+        if got != want { throw SystemError.current("pread", path: "/proc/self/pagemap") }
+        return entries.map { $0 & (1 << 63) == 0 && $0 & (1 << 62) != 0 }
+    }
 }

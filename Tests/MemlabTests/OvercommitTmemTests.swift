@@ -85,7 +85,36 @@ extension KernelTests {
             #expect((median(run, "max_usage") ?? 0) >= Double(30 << 20))
             #expect((median(run, "limit_hits") ?? 0) > 0)
             #expect((median(run, "time_to_kill") ?? 0) > 0)
+            // Swap cannot postpone the kill: it is capped with the limit (v1 memsw or
+            // swappiness 0, v2 swap.max), and the result says how.
+            let notes = (run["notes"] as? [String]) ?? []
+            #expect(notes.contains { $0.hasPrefix("oom: swap capped with the limit (") && ($0.contains("memsw") || $0.contains("swappiness=0") || $0.contains("swap.max")) }, "notes: \(notes)")
             #expect(checksAgree(run), "\(run["checks"] ?? "")")
+            #expect(KnobSnapshot.take() == before)
+        }
+    }
+
+    /// With a swap area active the worker is still OOM-killed at the limit: the cgroup's
+    /// swap is capped with it (v1 memsw / swappiness 0, v2 swap.max); the swap file is gone
+    /// afterwards.
+    @Suite(.enabled(if: isRoot, "needs root"), .enabled(if: hasMemoryCgroup, "no memory cgroup controller"))
+    struct OOMWithSwap {
+        @Test func oomKillWithSwapPresent() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let swapsBefore = swapAreaPaths()
+            let out = try Memlab.run(["run", "overcommit:oom", "--repeat", "1", "--set", "limit=32M", "--set", "swap_size=128M",
+                                      "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            #expect((median(run, "swap_total") ?? 0) >= Double(128 << 20) - 65536)
+            #expect(median(run, "oom_killed") == 1)
+            #expect((median(run, "touched_before_kill") ?? .infinity) <= Double(32 << 20))
+            #expect((median(run, "limit_hits") ?? 0) > 0)
+            #expect(checksAgree(run), "\(run["checks"] ?? "")")
+            #expect(swapAreaPaths() == swapsBefore)
+            #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir.path)).contains { $0.hasPrefix("memlab-swap") })
             #expect(KnobSnapshot.take() == before)
         }
     }
@@ -124,6 +153,11 @@ extension KernelTests {
             #expect((median(text, "swapin_latency_p99") ?? 0) >= (median(text, "swapin_latency_p50") ?? .infinity))
             #expect((median(text, "swapin_from_zswap") ?? 0) >= 4096)
             #expect(checksAgree(text), "\(text["checks"] ?? "")")
+            if !FileManager.default.fileExists(atPath: "/sys/kernel/debug/zswap") {
+                let notes = (text["notes"] as? [String]) ?? []
+                #expect(notes.contains { $0.contains("debugfs is not mounted") && $0.contains("incompressible") && $0.contains("not reported") }, "notes: \(notes)")
+                #expect(median(text, "debugfs_reject_compress_poor") == nil)
+            }
             #expect(checksAgree(random), "\(random["checks"] ?? "")")
             #expect(swapAreaPaths() == swapsBefore)
             #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir.path)).contains { $0.hasPrefix("memlab-swap") })
@@ -171,6 +205,29 @@ extension KernelTests {
             // The physics: merging lets more of the same guests live in the same limit. (How
             // many depends on how fast ksmd keeps up on a loaded 2-CPU machine.)
             #expect((alive["ksm"] ?? 0) > (alive["none"] ?? 99), "\(alive)")
+            #expect(KnobSnapshot.take() == before)
+        }
+
+        /// Guests pushed into zswap by the limit: the first touch of each swapped-out page is
+        /// timed inside the guests, and the distribution is reported.
+        @Test(.enabled(if: hasMemoryCgroup, "needs a memory cgroup controller"))
+        func densityWithZswapTimesSwapins() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "tmem:density", "--repeat", "1", "--set", "mechanism=zswap",
+                                      "--set", "guests=4", "--set", "guest_size=16M", "--set", "limit=40M",
+                                      "--set", "duration_s=1", "--set", "swap_size=128M",
+                                      "--json", dir.file("z.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("z.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            #expect((median(run, "timed_swapins") ?? 0) > 0)
+            let p50 = try #require(median(run, "swapin_latency_p50"))
+            let p99 = try #require(median(run, "swapin_latency_p99"))
+            // A swap-in is a fault with a decompression: far above a resident load, far below a second.
+            #expect(p50 > 100 && p50 < 1e9, "p50 \(p50) ns")
+            #expect(p99 >= p50)
+            #expect((median(run, "swapin_latency_max") ?? 0) >= p99 * 0.93)
             #expect(KnobSnapshot.take() == before)
         }
 

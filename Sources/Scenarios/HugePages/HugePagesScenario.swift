@@ -21,10 +21,17 @@ public struct HugePagesScenario: Scenario {
         Variant("hugetlb-reserve", "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"),
     ]
 
-    static let kinds = ["4k", "thp", "mthp-16k", "mthp-32k", "mthp-64k", "mthp-128k", "mthp-256k", "mthp-512k", "mthp-1024k", "hugetlb-2m", "hugetlb-1g"]
+    /// One `mthp-<kB>k` kind per anonymous folio size this kernel offers (a
+    /// hugepages-<size>kB directory with an `enabled` control), 2M excepted: that one is `thp`.
+    /// Built from sysfs, so every size the running kernel has can be asked for, and a size it
+    /// lacks is refused by name at parse time (exit 2, the offered sizes listed).
+    static var mthpKinds: [String] {
+        THP.anonymousSizes.filter { $0 != 2 << 20 }.map { "mthp-\($0 / 1024)k" }
+    }
+    static var kinds: [String] { ["4k", "thp"] + mthpKinds + ["hugetlb-2m", "hugetlb-1g"] }
 
     public let parameters: [ParameterSpec] = [
-        ParameterSpec("kind", .choice(HugePagesScenario.kinds), default: .string("thp"), help: "page size asked for (fault, tlb): 4k, thp (2M), mthp-<size>, hugetlb-2m, hugetlb-1g"),
+        ParameterSpec("kind", .choice(HugePagesScenario.kinds), default: .string("thp"), help: "page size asked for (fault, tlb): 4k, thp (2M), mthp-<kB>k for each anonymous mTHP size this kernel offers (here: \(HugePagesScenario.mthpKinds.isEmpty ? "none; mTHP needs 6.8+" : HugePagesScenario.mthpKinds.joined(separator: ", "))), hugetlb-2m, hugetlb-1g"),
         ParameterSpec("size", .size((2 << 20)...(64 << 30)), default: .int(64 << 20), help: "bytes of the region (fault, collapse, bloat, split); hugetlb-1g rounds up to 1G"),
         ParameterSpec("prewarm", .bool, default: .bool(true), help: "touch and free the same amount first, so the VM's lazy host backing is not timed"),
         ParameterSpec("max_working_set", .size((64 << 10)...(16 << 30)), default: .int(256 << 20), help: "tlb: largest working set; sizes go 16K, 64K, … ×4 up to it"),
@@ -36,6 +43,7 @@ public struct HugePagesScenario: Scenario {
         ParameterSpec("pool_pages", .int(2...4096), default: .int(8), help: "hugetlb-reserve: pool size in huge pages (borrowed nr_hugepages)"),
         ParameterSpec("overcommit_pages", .int(0...4096), default: .int(2), help: "hugetlb-reserve: surplus pages allowed (borrowed nr_overcommit_hugepages)"),
         ParameterSpec("huge_size", .choice(["2m", "1g"]), default: .string("2m"), help: "hugetlb-reserve: which pool"),
+        ParameterSpec("node", .int(-1...1023), default: .int(-1), help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel"),
         ParameterSpec("timeout_s", .double(1...3600), default: .double(60), help: "give up waiting for khugepaged after this long"),
     ]
 
@@ -50,7 +58,9 @@ public struct HugePagesScenario: Scenario {
             case "thp": self = .thp
             case "hugetlb-2m": self = .hugetlb(2 << 20)
             case "hugetlb-1g": self = .hugetlb(1 << 30)
-            default: self = .mthp(Int(name.dropFirst("mthp-".count).dropLast())! * 1024)
+            // A name the choice list let through; a malformed one becomes size 0, which no
+            // kernel offers, so probe() skips it with a reason rather than crashing.
+            default: self = .mthp((Int(name.dropFirst("mthp-".count).dropLast()) ?? 0) * 1024)
             }
         }
 
@@ -119,6 +129,19 @@ public struct HugePagesScenario: Scenario {
         } else if variant != "tlb" {
             poolBytes = 2 * params.int("size")   // the variants map up to two regions
         }
+        if variant == "hugetlb-reserve", params.int("node") >= 0 {
+            // The node must be one libnuma and sysfs both know, with a pool of this size.
+            let node = params.int("node")
+            let b = params.string("huge_size") == "1g" ? 1 << 30 : 2 << 20
+            let sysfs = HugeTLB.sysfsNodes()
+            let known = sysfs.map { "node\($0)" }.joined(separator: ", ")
+            if !sysfs.contains(node) || (NUMA.isAvailable && node >= NUMA.nodeCount) {
+                throw UsageError("hugetlb-reserve: node=\(node) is not a NUMA node of this machine; it has \(known.isEmpty ? "no /sys/devices/system/node entries" : known) (libnuma: \(NUMA.isAvailable ? "\(NUMA.nodeCount) node(s)" : "unavailable")); use -1 for the machine-wide pool")
+            }
+            if !HugeTLB.nodePoolKnob(node: node, pageBytes: b).exists {
+                throw UsageError("hugetlb-reserve: node\(node) has no \(formatBytes(b)) hugetlb pool (\(HugeTLB.nodePoolKnob(node: node, pageBytes: b).path) is missing)")
+            }
+        }
         if memTotal > 0 && poolBytes > memTotal / 2 {
             throw UsageError("this run needs \(formatBytes(poolBytes)) of memory (\(poolBytes) bytes), more than half of this machine's \(memTotal) bytes: ask for less")
         }
@@ -162,7 +185,10 @@ public struct HugePagesScenario: Scenario {
             onlySize(2 << 20)
         case "hugetlb-reserve":
             let b = params.string("huge_size") == "1g" ? 1 << 30 : 2 << 20
-            s.append(KnobSetting(HugeTLB.poolKnob(pageBytes: b), String(params.int("pool_pages")), isCapacity: true))
+            let node = params.int("node")
+            // Per node: only that node's share is set; the other nodes keep what they have.
+            let pool = node >= 0 ? HugeTLB.nodePoolKnob(node: node, pageBytes: b) : HugeTLB.poolKnob(pageBytes: b)
+            s.append(KnobSetting(pool, String(params.int("pool_pages")), isCapacity: true))
             s.append(KnobSetting(HugeTLB.overcommitKnob(pageBytes: b), String(params.int("overcommit_pages"))))
         default: break
         }

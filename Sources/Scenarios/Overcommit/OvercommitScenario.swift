@@ -22,6 +22,7 @@ public struct OvercommitScenario: Scenario {
         ParameterSpec("noreserve", .bool, default: .bool(true), help: "commit: repeat every probe with MAP_NORESERVE"),
         ParameterSpec("limit", .size((8 << 20)...(1 << 40)), default: .int(64 << 20), help: "oom: memory cgroup limit"),
         ParameterSpec("overshoot", .double(1.1...16), default: .double(2), help: "oom: the worker touches overshoot x limit"),
+        ParameterSpec("swap_size", .size(0...(64 << 30)), default: .int(0), help: "oom: make a swap file of this size for the run (0: none), to see that the cgroup's swap cap still ends in the OOM killer"),
         ParameterSpec("timeout_s", .double(1...600), default: .double(30), help: "oom: give up waiting for the worker after this long"),
     ]
 
@@ -57,6 +58,22 @@ public struct OvercommitScenario: Scenario {
 
     public func memoryLimit(variant: String, params: Params) -> Int? {
         variant == "oom" ? params.int("limit") : nil
+    }
+
+    /// oom with swap_size > 0: a swap file in the state directory, made and swapped on by the
+    /// runner through the guard (journaled first; swapped off and deleted afterwards).
+    public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {
+        guard variant == "oom", params.int("swap_size") > 0 else { return }
+        let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
+        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: params.int("swap_size")) }
+        do {
+            try settingsGuard.activateSwap(path, priority: 32000)
+        } catch {
+            if error.errno == EINVAL || error.errno == EPERM {
+                throw ScenarioError.skipped("swapon \(path) refused (\(error.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
+            }
+            throw error
+        }
     }
 
     public func deadline(variant: String, params: Params) -> Double {
@@ -251,6 +268,10 @@ public struct OvercommitScenario: Scenario {
         if killed && start > 0 && endNS > start {
             ctx.record("time_to_kill", Double(endNS - start) / 1e9, .s, better: .none)
         }
+        ctx.note("oom: swap capped with the limit (\(cg.swapCapDescription)), so swap cannot postpone the kill")
+        let swapBytes = Swap.areas().reduce(0) { $0 + Int($1.sizeBytes) }
+        ctx.record("swap_total", Double(swapBytes), .bytes, better: .none)
+        if swapBytes > 0 { ctx.note("oom: swap areas active during the run: \(Swap.areas().map(\.path).joined(separator: ", "))") }
         ctx.note("oom: memory cgroup \(cg.path) (v\(cg.version)); worker pid \(pid) with oom_score_adj 1000, monitor -1000")
         if !killed { ctx.note("oom: the worker was not killed: it touched \(formatBytes(Int(touched))) — swap in the cgroup lets it page out instead") }
         ctx.check("oom_kills", expected: 1, observed: Double(kills), tolerance: 0, describe: "exactly one kill (memory.oom_control / memory.events oom_kill)")

@@ -48,7 +48,8 @@ extension TmemScenario {
         for i in 0..<count {
             let options = ["role": "vm", "bytes": String(guestBytes), "shared_ratio": String(p.double("shared_ratio")),
                            "base_seed": "4242", "seed": String(1000 + i), "private_pattern": p.string("private_pattern"),
-                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.int("pass_sleep_ms"))]
+                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.int("pass_sleep_ms")),
+                           "time_swapins": mechanism.hasSuffix("zswap") ? "1" : "0"]
             pids.append(try Guest.spawn(board: board, slot: i, options: options, log: scratch.file("guest-\(i).log")))
             // Until this guest has its image (or died), then let ksmd catch up.
             let t0 = Clock.nanoseconds()
@@ -112,6 +113,24 @@ extension TmemScenario {
         ctx.record("swapins", d("pswpin") + d("zswpin"), .pages, better: .lower)
         ctx.record("swapouts", d("pswpout") + d("zswpout"), .pages, better: .none)
         if mechanism.hasSuffix("zswap") {
+            // Swap-in latency as the guests felt it: every first touch of a page that was
+            // swapped out when its pass began, over all guests (killed ones included).
+            var counts = [UInt64](repeating: 0, count: Guest.SwapinHistogram.buckets)
+            var maxNS: UInt64 = 0
+            for i in 0..<count {
+                for (b, c) in board.swapinCounts(i).enumerated() { counts[b] += c }
+                maxNS = max(maxNS, board.read(i, .swapinMaxNS))
+            }
+            let timed = counts.reduce(0, +)
+            ctx.record("timed_swapins", Double(timed), .pages, better: .none)
+            if let p50 = Guest.SwapinHistogram.percentile(counts, 50), let p99 = Guest.SwapinHistogram.percentile(counts, 99) {
+                ctx.record("swapin_latency_p50", p50, .ns, better: .lower)
+                ctx.record("swapin_latency_p99", p99, .ns, better: .lower)
+                ctx.record("swapin_latency_max", Double(maxNS), .ns, better: .lower)
+                ctx.note("density: swap-in latency from \(timed) timed first touches of swapped-out pages (pagemap at each pass's start; log-linear histogram, percentiles within ±6.25%)")
+            } else {
+                ctx.note("density: no guest page was swapped out at the start of a pass: swap-in latency not measured (the guests fit without swapping)")
+            }
             ctx.record("zswap_stored_pages", Double((try MemInfo.current())["Zswapped"] ?? 0) / Double(page), .pages, better: .none)
         }
         if let b = ksmBefore {

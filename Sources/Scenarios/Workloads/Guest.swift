@@ -20,8 +20,46 @@ public enum Guest {
         case readyNS = 4      // when the image was complete
         case passNS = 5       // total ns spent in passes
         case lastPassNS = 6   // when the last pass ended
+        case swapinMaxNS = 7  // longest timed swap-in (time_swapins=1)
     }
-    public static let slotWords = 8
+    /// 8 fields, then the swap-in histogram's buckets (see `SwapinHistogram`).
+    public static let slotWords = 8 + SwapinHistogram.buckets
+
+    /// The first-touch time of each page that was swapped out when a pass began, as a
+    /// log-linear histogram a worker keeps in its board slot (it is SIGKILLed at the end, so
+    /// it cannot hand over anything else): exact below 16 ns, then 8 buckets per power of
+    /// two, so a percentile read back is the bucket's middle, within ±6.25% of the true value.
+    public enum SwapinHistogram {
+        public static let buckets = 320
+
+        public static func bucket(_ ns: UInt64) -> Int {
+            if ns < 16 { return Int(ns) }
+            let msb = 63 - ns.leadingZeroBitCount
+            let frac = Int((ns >> UInt64(msb - 3)) & 7)
+            return min(buckets - 1, 16 + (msb - 4) * 8 + frac)
+        }
+
+        /// The middle of a bucket, in ns.
+        public static func value(ofBucket b: Int) -> Double {
+            if b < 16 { return Double(b) }
+            let msb = (b - 16) / 8 + 4, frac = (b - 16) % 8
+            let width = Double(UInt64(1) << UInt64(msb - 3))
+            return Double(8 + frac) * width + width / 2
+        }
+
+        /// The value at percentile `q` (0...100) of bucket counts.
+        public static func percentile(_ counts: [UInt64], _ q: Double) -> Double? {
+            let total = counts.reduce(0, +)
+            guard total > 0 else { return nil }
+            let rank = max(1, UInt64((Double(total) * q / 100).rounded(.up)))
+            var seen: UInt64 = 0
+            for (b, c) in counts.enumerated() {
+                seen += c
+                if seen >= rank { return value(ofBucket: b) }
+            }
+            return value(ofBucket: counts.count - 1)
+        }
+    }
 
     /// The status file: created and mapped by the monitor, mapped by each worker.
     public final class Board: @unchecked Sendable {
@@ -60,6 +98,18 @@ public enum Guest {
 
         func write(_ slot: Int, _ f: Field, _ v: UInt64) {
             UnsafeMutableRawPointer(pointer(slot, f)).storeBytes(of: v, as: UInt64.self)
+        }
+
+        func recordSwapin(_ slot: Int, ns: UInt64) {
+            let w = mapping.base.assumingMemoryBound(to: UInt64.self) + slot * Guest.slotWords + 8 + SwapinHistogram.bucket(ns)
+            w.pointee &+= 1
+            if ns > read(slot, .swapinMaxNS) { write(slot, .swapinMaxNS, ns) }
+        }
+
+        /// One worker's swap-in histogram (bucket counts).
+        public func swapinCounts(_ slot: Int) -> [UInt64] {
+            let w = mapping.base.assumingMemoryBound(to: UInt64.self) + slot * Guest.slotWords + 8
+            return (0..<SwapinHistogram.buckets).map { UnsafeMutableRawPointer(w + $0).loadUnaligned(as: UInt64.self) }
         }
     }
 
@@ -136,10 +186,17 @@ public enum Guest {
         let maxPasses = o["passes"].flatMap(Int.init) ?? Int.max
         var passes = 0
         var sink: UInt8 = 0
+        // time_swapins=1: before each pass, pagemap says which pages are swapped out; the
+        // first touch of each of those is timed (its swap-in, from zswap or the device, or a
+        // swap cache hit) into the slot's histogram. Other touches are not timed.
+        let timeSwapins = o["time_swapins"] == "1"
         while passes < maxPasses {
+            let swapped: [Bool]? = timeSwapins ? (try? PageFlags.swappedMap(region.base, length: region.length)) : nil
             let t0 = Clock.nanoseconds()
             for i in 0..<pages {
+                let s = swapped?[i] == true ? Clock.nanoseconds() : 0
                 if i < sharedPages { sink &+= memlab_read_byte(p + i * page + 64) } else { p[i * page + 64] &+= 1 }
+                if s != 0 { board.recordSwapin(slot, ns: Clock.nanoseconds() &- s) }
             }
             let t1 = Clock.nanoseconds()
             passes += 1
