@@ -34,7 +34,7 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("bandwidth_mbit", .double(1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
         ParameterSpec("rtt_ms", .double(0...1000), default: .double(1), help: "emulated round-trip time, ms (urgent requests pay it in full)"),
         ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("fifo"), help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk"),
-        ParameterSpec("wait", .choice(["blocking", "poll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, busy polling"),
+        ParameterSpec("wait", .choice(["blocking", "poll", "epoll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling"),
         ParameterSpec("handler_threads", .int(1...16), default: .int(1), help: "fault handler threads"),
         ParameterSpec("batch", .int(1...64), default: .int(64), help: "messages read per read(2)"),
         ParameterSpec("resolve", .choice(["copy", "move", "continue"]), default: .string("copy"), help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE"),
@@ -52,6 +52,8 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("source_dir", .choice(["/var/tmp", "/tmp", "/dev/shm"]), default: .string("/var/tmp"), help: "source=file: directory of the snapshot file (and of the source process's log)"),
         ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
         ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
+        ParameterSpec("drop_every", .int(0...100_000_000), default: .int(0), help: "testing the REMOVE path: the last workload thread drops (MADV_DONTNEED) the page of every Nth access right after it (0: never)"),
+        ParameterSpec("floors", .choice(["measure", "off"]), default: .string("measure"), help: "measure: a reduced calibration (< 0.3 s) in each repetition, recorded as floor_* metrics; off: skip it"),
         ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
     ]
 
@@ -159,8 +161,17 @@ public struct LazyRestoreScenario: Scenario {
 
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
                                    deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
-                                   source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil)
+                                   source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil,
+                                   dropEvery: p.int("drop_every"))
         if let f = r.failed { throw ScenarioError.failed(f) }
+
+        // This machine's floors, measured in this repetition (after the restore: it does not
+        // compete with it), so every result carries what its figures are read against.
+        var floors: [Floor] = []
+        if p.string("floors") == "measure" {
+            floors = try Calibration.quick(wait: cfg.wait, tcp: p.string("source") == "tcp")
+            for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
+        }
 
         // The same traces on resident memory: the slowdown's denominator.
         let resident = try AnonymousMapping(length: pages * 4096, kind: .base)
@@ -221,7 +232,37 @@ public struct LazyRestoreScenario: Scenario {
                       describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × 4096 (each page fetched once)")
             ctx.note("pages came from the \(source.label); the destination's own copy of the image served only the zero-page map and the verification")
         }
-        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (retried)") }
+        ctx.record("uffd_eagain", Double(r.eagain), .count, better: .none)
+        ctx.record("deferred_installs", Double(r.deferredPages), .pages, better: .none)
+        ctx.record("remove_events", Double(r.removeEvents), .count, better: .none)
+        ctx.record("unmap_events", Double(r.unmapEvents), .count, better: .none)
+        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.deferredPages) pages deferred and retried after the next read") }
+        if p.int("drop_every") > 0 {
+            ctx.record("workload_drops", Double(r.workload.drops), .count, better: .none)
+            ctx.record("dropped_pages", Double(r.droppedPages), .pages, better: .none)
+            ctx.record("dropped_refaults", Double(r.droppedRefaults), .count, better: .none)
+            ctx.check("remove_events_seen", expected: Double(r.workload.drops), observed: Double(r.removeEvents), tolerance: 0,
+                      describe: "each MADV_DONTNEED of the workload reached the handler as one REMOVE event")
+            if p.double("write_ratio") == 0 && cfg.policy == .onDemand && p.string("workload") == "sequential" {
+                ctx.check("dropped_pages_read_zero", expected: 0, observed: Double(r.droppedNonZero), tolerance: 0,
+                          describe: "pages the application dropped (MADV_DONTNEED) read as zero afterwards")
+            }
+        }
+
+        // Per workload thread (UFFD_FEATURE_THREAD_ID): who waited on the link.
+        if !r.faultsPerThread.isEmpty {
+            let mx = r.faultsPerThread.max()!, mn = r.faultsPerThread.min()!
+            let mean = Double(r.faultsPerThread.reduce(0, +)) / Double(r.faultsPerThread.count)
+            ctx.record("faults_per_thread_max", Double(mx), .count, better: .none)
+            ctx.record("faults_per_thread_min", Double(mn), .count, better: .none)
+            ctx.record("faults_thread_imbalance", mean > 0 ? Double(mx) / mean : 0, .ratio, better: .none)
+            ctx.record("faults_unattributed", Double(r.faultsUnattributed), .count, better: .lower)
+            ctx.check("faults_per_thread_sum", expected: Double(r.remote), observed: Double(r.faultsPerThread.reduce(0, +) + r.faultsUnattributed), tolerance: 0,
+                      describe: "remote faults attributed to workload threads (by ptid) plus unattributed = remote faults")
+        }
+        if reap != nil {
+            ctx.record("downtime", Double(r.downtimeNS) / 1e9, .s, better: .lower)
+        }
 
         ctx.check("contents_match_source", expected: 0, observed: Double(r.mismatched), tolerance: 0,
                   describe: "installed pages differing from the source image (memcmp, after unregister)")
@@ -229,13 +270,20 @@ public struct LazyRestoreScenario: Scenario {
                   describe: "pages sent more than once, plus EEXIST conflicts")
         ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
                   describe: "pages the workload touched that the engine never installed")
-        if cfg.policy == .onDemand && p.int("threads") == 1 {
+        if cfg.policy == .onDemand && p.int("threads") == 1 && p.int("drop_every") == 0 {
             ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.remote + r.local), tolerance: 0,
                       describe: "on-demand, one thread: remote + local (zero) faults = distinct pages touched")
         }
+        let against: String
+        switch (p.string("source"), floors.isEmpty) {
+        case (_, true): against = "`memlab run lazy-restore:floors` (floors=off in this run)"
+        case ("tcp", _): against = "floor_fault_round_trip plus floor_loopback_tcp_rtt (a TCP source process; fault_round_trip_tcp_source in `memlab calibrate` for the whole path)"
+        case ("unix", _): against = "floor_fault_round_trip plus a Unix-socket hop (fault_round_trip_unix_source in `memlab calibrate`)"
+        default: against = "floor_fault_round_trip (local round trip, wait=\(cfg.wait.rawValue))"
+        }
         let floorNote = p.string("link") == "none"
-            ? "link none: fault latency here is the local floor (wake-ups and ioctls only)"
-            : "read remote figures against `memlab run lazy-restore:floors` (local round trip per wait mode) plus RTT \(p.double("rtt_ms")) ms and \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s"
+            ? "link none: fault latency here is the local floor (wake-ups and ioctls only); read fault_latency / first_touch_latency against \(against)"
+            : "read remote figures (fault_latency_*, first_touch_latency_*) against \(against) plus RTT \(p.double("rtt_ms")) ms and size ÷ \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s; bulk prefetch against floor_copy_page"
         ctx.note(floorNote)
         withExtendedLifetime(resident) {}
     }
