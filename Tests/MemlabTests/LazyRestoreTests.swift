@@ -151,6 +151,44 @@ extension KernelTests {
             #expect(median(concurrent, "downtime") == nil, "no stop before resume: no downtime")
         }
 
+        @Test func aRecordedTraceReplaysTheSameAccesses() throws {
+            let dir = TempDir()
+            let path = dir.file("trace.txt")
+            let rec = try run("lazy-restore", Self.small + ["workload=zipf", "record_trace=\(path)"])
+            #expect(checksAgree(rec).isEmpty, "\(checksAgree(rec))")
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            #expect(text.split(separator: "\n").filter { !$0.hasPrefix("#") }.count == 512, "one line per access")
+            let replay = try run("lazy-restore", Self.small + ["workload=trace", "trace_file=\(path)"])
+            #expect(checksAgree(replay).isEmpty, "\(checksAgree(replay))")
+            #expect(median(replay, "trace_accesses") == 512)
+            #expect(median(replay, "pages_touched") == median(rec, "pages_touched"))
+            #expect(median(replay, "faults_remote") == median(rec, "faults_remote"), "on demand, one thread: the same pages fault")
+            // Byte offsets, explicit r/w, comments.
+            let small = dir.file("small.txt")
+            try "# three pages\n@0x1000 w\n@8192\n\n5 r\n5\n".write(toFile: small, atomically: true, encoding: .utf8)
+            let s = try run("lazy-restore", Self.small + ["workload=trace", "trace_file=\(small)", "zero_ratio=0"])
+            #expect(checksAgree(s).isEmpty, "\(checksAgree(s))")
+            #expect(median(s, "pages_touched") == 3)
+        }
+
+        @Test func aMissingOrMalformedTraceIsRefusedBeforeAnythingStarts() throws {
+            let dir = TempDir()
+            let bad = dir.file("bad.txt"), outside = dir.file("outside.txt"), empty = dir.file("empty.txt")
+            try "1\n2 x\n".write(toFile: bad, atomically: true, encoding: .utf8)
+            try "99999\n".write(toFile: outside, atomically: true, encoding: .utf8)
+            try "# nothing\n".write(toFile: empty, atomically: true, encoding: .utf8)
+            for (sets, says) in [(["workload=trace", "trace_file=\(dir.file("missing.txt"))"], "cannot be read"),
+                                 (["workload=trace", "trace_file=\(bad)"], "line 2"),
+                                 (["workload=trace", "trace_file=\(outside)"], "outside the region"),
+                                 (["workload=trace", "trace_file=\(empty)"], "no accesses"),
+                                 (["workload=trace"], "needs trace_file"),
+                                 (["trace_file=\(bad)"], "only with workload=trace")] {
+                let out = try Memlab.run(["run", "lazy-restore", "--set", "size=16M"] + sets.flatMap { ["--set", $0] }, stateDir: dir.path)
+                #expect(out.status == 2, "\(sets): stderr \(out.stderr)")
+                #expect(out.stderr.contains(says), "\(sets): stderr \(out.stderr)")
+            }
+        }
+
         @Test func badParametersAreRefusedBeforeAnythingStarts() throws {
             let dir = TempDir()
             let out = try Memlab.run(["run", "lazy-restore", "--set", "bandwidth_mbit=0"], stateDir: dir.path)

@@ -25,7 +25,9 @@ public struct LazyRestoreScenario: Scenario {
     public let parameters: [ParameterSpec] = [
         ParameterSpec("size", .size((1 << 20)...(16 << 30)), default: .int(64 << 20), help: "bytes of the restored region"),
         ParameterSpec("policy", .choice(LazyRestoreScenario.policies), default: .string("on-demand"), help: "which pages move when: " + LazyRestoreScenario.policies.joined(separator: ", ")),
-        ParameterSpec("workload", .choice(["sequential", "random", "zipf"]), default: .string("sequential"), help: "access pattern of the workload threads"),
+        ParameterSpec("workload", .choice(["sequential", "random", "zipf", "trace"]), default: .string("sequential"), help: "access pattern of the workload threads; trace: replay trace_file"),
+        ParameterSpec("trace_file", .text, default: .string(""), help: "workload=trace: a recorded access trace, one access per line: <page index> or @<byte offset>, optionally r|w; '#' comments; line i runs on thread i mod threads (accesses is ignored)"),
+        ParameterSpec("record_trace", .text, default: .string(""), help: "write the access order this run's workload uses to this path (the same format; replay it with workload=trace)"),
         ParameterSpec("zipf_skew", .double(0.01...5), default: .double(0.99), help: "zipf: exponent of the hot-set distribution"),
         ParameterSpec("accesses", .int(1...100_000_000), default: .int(1024), help: "accesses per workload thread (one word of one page each)"),
         ParameterSpec("write_ratio", .double(0...1), default: .double(0.2), help: "fraction of accesses that write"),
@@ -82,6 +84,17 @@ public struct LazyRestoreScenario: Scenario {
         if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
         if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
+        if params.string("workload") == "trace" {
+            if params.string("trace_file").isEmpty { throw UsageError("workload=trace needs trace_file=PATH (one page index or @byte offset per line)") }
+            _ = try TraceFile.load(params.string("trace_file"), pages: size / 4096)
+        } else if !params.string("trace_file").isEmpty {
+            throw UsageError("trace_file is read only with workload=trace")
+        }
+        let record = params.string("record_trace")
+        if !record.isEmpty {
+            let dir = record.contains("/") ? String(record[..<record.lastIndex(of: "/")!]) : "."
+            if access(dir.isEmpty ? "/" : dir, W_OK) != 0 { throw UsageError("record_trace '\(record)': directory '\(dir)' is not writable") }
+        }
         if params.double("kill_source_after_s") > 0 && !["unix", "tcp"].contains(params.string("source")) {
             throw UsageError("kill_source_after_s needs a source process: source=unix or source=tcp")
         }
@@ -134,10 +147,22 @@ public struct LazyRestoreScenario: Scenario {
         let seed = UInt64(p.int("seed")) &+ UInt64(ctx.repetition) &* 7919
         let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
         defer { image.release() }
-        let traces = AccessTraces(pattern: AccessTraces.Pattern(rawValue: p.string("workload"))!, pages: pages,
-                                  threads: p.int("threads"), opsPerThread: p.int("accesses"),
-                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image)
+        let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!
+        let trace = pattern == .trace ? try TraceFile.load(p.string("trace_file"), pages: pages) : []
+        let threads = p.int("threads")
+        let traces = AccessTraces(pattern: pattern, pages: pages,
+                                  threads: threads, opsPerThread: pattern == .trace ? (trace.count + threads - 1) / threads : p.int("accesses"),
+                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image, trace: trace)
         defer { traces.release() }
+        if pattern == .trace {
+            ctx.record("trace_accesses", Double(trace.count), .count, better: .none)
+            if trace.count % threads != 0 { ctx.note("trace of \(trace.count) accesses over \(threads) threads: short threads repeat their last page (\(threads - trace.count % threads) padding reads)") }
+        }
+        let record = p.string("record_trace")
+        if !record.isEmpty {
+            try TraceFile.write(traces, to: record, note: "recorded by memlab lazy-restore: workload=\(p.string("workload")) threads=\(threads) size=\(p.int("size")) seed=\(seed)")
+            ctx.note("the workload's access order was written to \(record) (replay: workload=trace trace_file=\(record) threads=\(threads))")
+        }
         var cfg = config(p)
         let deadlineS = p.double("source_deadline_s")
         let inject = p.double("inject_source_failure_s")

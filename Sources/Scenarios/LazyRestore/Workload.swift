@@ -10,7 +10,7 @@ import Synchronization
 /// bit 30: a write, bit 29: a known-zero page). Replaying the same traces on resident memory
 /// gives the baseline; replaying them twice gives working-set-replay its repeated trace.
 struct AccessTraces: @unchecked Sendable {
-    enum Pattern: String, Sendable { case sequential, random, zipf }
+    enum Pattern: String, Sendable { case sequential, random, zipf, trace }
     static let firstBit: UInt32 = 1 << 31
     static let writeBit: UInt32 = 1 << 30
     static let zeroBit: UInt32 = 1 << 29
@@ -24,7 +24,7 @@ struct AccessTraces: @unchecked Sendable {
     let distinctPages: Int
 
     init(pattern: Pattern, pages: Int, threads: Int, opsPerThread: Int, writeRatio: Double, zipfSkew: Double,
-         seed: UInt64, image: PageImage) {
+         seed: UInt64, image: PageImage, trace: [TraceFile.Access] = []) {
         self.threads = threads
         self.opsPerThread = opsPerThread
         ops = .allocate(capacity: threads * opsPerThread)
@@ -61,10 +61,16 @@ struct AccessTraces: @unchecked Sendable {
                     var lo = 0, hi = pages - 1
                     while lo < hi { let mid = (lo + hi) / 2; if cdf[mid] < u { lo = mid + 1 } else { hi = mid } }
                     page = Int(perm[lo])
+                case .trace:
+                    // Line j runs on thread j mod threads; a thread short of lines repeats its
+                    // last page as a read (padding to opsPerThread).
+                    let j = i * threads + t
+                    if j < trace.count { page = Int(trace[j].page) } else if i > 0 { page = Int(ops[t * opsPerThread + i - 1] & AccessTraces.pageMask) } else { page = Int(trace[j % trace.count].page) }
                 }
                 var e = UInt32(page)
                 if seen[page] == 0 { seen[page] = 1; e |= AccessTraces.firstBit }
-                if mix64(h ^ 0x5555) % 1_000_000 < writeThreshold { e |= AccessTraces.writeBit }
+                let mode = pattern == .trace && i * threads + t < trace.count ? trace[i * threads + t].mode : (pattern == .trace ? TraceFile.Access.read : TraceFile.Access.unspecified)
+                if mode == TraceFile.Access.write || (mode == TraceFile.Access.unspecified && mix64(h ^ 0x5555) % 1_000_000 < writeThreshold) { e |= AccessTraces.writeBit }
                 if image.isZero(page) { e |= AccessTraces.zeroBit }
                 touched[page] = 1
                 ops[t * opsPerThread + i] = e
