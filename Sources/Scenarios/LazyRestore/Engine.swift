@@ -370,10 +370,11 @@ final class FaultEngine: Sendable {
     func deferInstall(_ r: Retry) {
         deferredPages.add(Int(r.count), ordering: .relaxed)
         retries.withLock { $0.push(r) }
-        retryPending.add(1, ordering: .releasing)
         // The delivery thread retries too (a handler may be blocked in read with nothing
-        // left to read).
-        ringDelivery()
+        // left to read): rung when the ring stops being empty, not on every re-deferral
+        // (that would make two threads spin on a 2-CPU machine while the event's sender,
+        // which must run before the EAGAIN ends, waits for a CPU).
+        if retryPending.wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue == 0 { ringDelivery() }
     }
 
     /// Retries up to `capacity` deferred installs (`buf`, `scratch`: the caller's own
@@ -385,7 +386,8 @@ final class FaultEngine: Sendable {
             while n < capacity, let r = ring.pop() { buf[n] = r; n += 1 }
         }
         if n == 0 { return }
-        retryPending.subtract(n, ordering: .releasing)
+        // The count drops only after the retries: re-deferrals meanwhile see a non-empty ring.
+        defer { retryPending.subtract(n, ordering: .releasing) }
         var d = 0
         for i in 0..<n {
             let r = buf[i]
