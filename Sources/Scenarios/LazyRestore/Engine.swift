@@ -143,7 +143,7 @@ struct RetryRing: @unchecked Sendable {
 }
 
 /// The fault engine: one userfaultfd over a region restored from `image` through `link`.
-/// Handler threads read faults (blocking read, ppoll or busy polling, `batch` messages per
+/// Handler threads read faults (blocking read, ppoll, epoll or busy polling, `batch` messages per
 /// read), claim pages, schedule them on the link and install them on arrival; a delivery
 /// thread waits for arrivals that lie in the future; an optional pusher sends pages nobody
 /// asked for yet. The fault path allocates nothing: buffers are made before the threads
