@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <sys/epoll.h>
 #include "clinuxmm.h"
 #include <sched.h>
 #include <unistd.h>
@@ -69,6 +70,34 @@ int memlab_ppoll_in(int fd, int64_t timeout_ns) {
     int rc = ppoll(&p, 1, tp, NULL);
     if (rc > 0) return 1;
     return rc;
+}
+
+int memlab_epoll_in(int fd) {
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ep < 0) return -1;
+    struct epoll_event ev = { .events = EPOLLIN, .data = { .fd = fd } };
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0) { int e = errno; close(ep); errno = e; return -1; }
+    return ep;
+}
+
+int memlab_epoll_wait_in(int epfd, int64_t timeout_ns) {
+    struct epoll_event ev;
+    int rc;
+#ifdef SYS_epoll_pwait2
+    static int no_pwait2 = 0;
+    if (!no_pwait2) {
+        struct timespec ts, *tp = NULL;
+        if (timeout_ns >= 0) { ts.tv_sec = timeout_ns / 1000000000; ts.tv_nsec = timeout_ns % 1000000000; tp = &ts; }
+        rc = (int)syscall(SYS_epoll_pwait2, epfd, &ev, 1, tp, NULL, 0);
+        if (rc >= 0) return rc > 0 ? 1 : 0;
+        if (errno != ENOSYS) return -1;
+        no_pwait2 = 1;
+    }
+#endif
+    int ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+    rc = epoll_wait(epfd, &ev, 1, ms);
+    if (rc < 0) return -1;
+    return rc > 0 ? 1 : 0;
 }
 
 int memlab_set_timerslack(unsigned long ns) { return prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0); }
@@ -213,10 +242,15 @@ long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t le
     long served = 0;
     uintptr_t base = (uintptr_t)region;
     struct uffd_msg msg;
+    int ep = -1;
+    if (mode == 3) { ep = memlab_epoll_in(uffd); if (ep < 0) return -errno; }
     for (;;) {
         if (mode == 1) {
             struct pollfd p = { .fd = uffd, .events = POLLIN, .revents = 0 };
             if (poll(&p, 1, -1) < 0) { if (errno == EINTR) continue; return -errno; }
+        } else if (mode == 3) {
+            struct epoll_event ev;
+            if (epoll_wait(ep, &ev, 1, -1) < 0) { if (errno == EINTR) continue; int e = errno; close(ep); return -e; }
         }
         ssize_t n = read(uffd, &msg, sizeof msg);
         if (n < 0) { if (errno == EAGAIN || errno == EINTR) continue; return -errno; }
@@ -224,11 +258,12 @@ long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t le
         uintptr_t a = (uintptr_t)msg.arg.pagefault.address & ~(uintptr_t)4095;
         if (a >= base && a < base + len) {
             struct uffdio_copy c = { .dst = a, .src = (uintptr_t)src + (a - base), .len = 4096, .mode = 0, .copy = 0 };
-            if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST) return -errno;
+            if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST) { int e = errno; if (ep >= 0) close(ep); return -e; }
             served++;
         } else {
             struct uffdio_zeropage z = { .range = { .start = a, .len = 4096 }, .mode = 0, .zeropage = 0 };
             ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+            if (ep >= 0) close(ep);
             return served;
         }
     }

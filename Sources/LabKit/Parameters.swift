@@ -60,6 +60,8 @@ public struct ParameterSpec: Sendable {
         case double(ClosedRange<Double>)
         case bool
         case choice([String])
+        /// Free text (a file path, for instance); the scenario's validate() checks it.
+        case text
     }
 
     public let name: String
@@ -82,6 +84,7 @@ public struct ParameterSpec: Sendable {
         case .double(let r): return "number \(formatNumber(r.lowerBound))...\(formatNumber(r.upperBound))"
         case .bool: return "true|false"
         case .choice(let c): return c.joined(separator: "|")
+        case .text: return "text"
         }
     }
 
@@ -104,7 +107,7 @@ public struct ParameterSpec: Sendable {
             case "false", "0", "no", "off": return .bool(false)
             default: throw bad(text, "is not true or false")
             }
-        case .choice:
+        case .choice, .text:
             return try accept(.string(t))
         }
     }
@@ -123,6 +126,8 @@ public struct ParameterSpec: Sendable {
         case (.double, .int(let v)):
             return try accept(.double(Double(v)))
         case (.bool, .bool):
+            return value
+        case (.text, .string):
             return value
         case (.choice(let choices), .string(let s)):
             guard choices.contains(s) else { throw bad(s, "is not one of the choices") }

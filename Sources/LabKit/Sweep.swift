@@ -53,7 +53,7 @@ public enum Sweep {
         switch spec.kind {
         case .int, .size: isInteger = true
         case .double: isInteger = false
-        case .bool, .choice: throw bad("is a range, but this parameter is not a number; list its values instead (a,b)")
+        case .bool, .choice, .text: throw bad("is a range, but this parameter is not a number; list its values instead (a,b)")
         }
         guard let dots = text.range(of: "..") else { throw bad("is not a range") }
         let lowText = String(text[..<dots.lowerBound]).trimmingCharacters(in: " ")

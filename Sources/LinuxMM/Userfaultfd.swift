@@ -136,6 +136,17 @@ extension Userfaultfd {
             if memlab_ioctl_ptr(fd, memlab_UFFDIO_CONTINUE, &c) != 0 { throw SystemError.current("ioctl(UFFDIO_CONTINUE)") }
         }
 
+        /// UFFDIO_CONTINUE that reports how much was mapped before an error (EAGAIN can
+        /// interrupt a range part-way: retry only the rest).
+        @inline(__always)
+        public func `continue`(_ start: UnsafeMutableRawPointer, length: Int, dontWake: Bool, mapped: inout Int) throws(SystemError) {
+            var c = uffdio_continue(range: uffdio_range(start: UInt64(UInt(bitPattern: start)), len: UInt64(length)),
+                                    mode: dontWake ? memlab_UFFDIO_CONTINUE_MODE_DONTWAKE : 0, mapped: 0)
+            let rc = memlab_ioctl_ptr(fd, memlab_UFFDIO_CONTINUE, &c)
+            mapped = c.mapped > 0 ? Int(c.mapped) : 0
+            if rc != 0 { throw SystemError.current("ioctl(UFFDIO_CONTINUE)") }
+        }
+
         /// UFFDIO_MOVE (6.8+, anonymous): moves the pages of [src, src+length) to dst without
         /// copying; the source range becomes empty. Returns bytes moved.
         @inline(__always)
@@ -145,6 +156,17 @@ extension Userfaultfd {
                                 mode: dontWake ? memlab_UFFDIO_MOVE_MODE_DONTWAKE : 0, move: 0)
             if memlab_ioctl_ptr(fd, memlab_UFFDIO_MOVE, &m) != 0 { throw SystemError.current("ioctl(UFFDIO_MOVE)") }
             return Int(m.move)
+        }
+
+        /// UFFDIO_MOVE that reports how much was moved before an error (EAGAIN part-way:
+        /// the moved part's source is empty now, so retry only the rest).
+        @inline(__always)
+        public func move(to dst: UnsafeMutableRawPointer, from src: UnsafeMutableRawPointer, length: Int, dontWake: Bool, moved: inout Int) throws(SystemError) {
+            var m = uffdio_move(dst: UInt64(UInt(bitPattern: dst)), src: UInt64(UInt(bitPattern: src)), len: UInt64(length),
+                                mode: dontWake ? memlab_UFFDIO_MOVE_MODE_DONTWAKE : 0, move: 0)
+            let rc = memlab_ioctl_ptr(fd, memlab_UFFDIO_MOVE, &m)
+            moved = m.move > 0 ? Int(m.move) : 0
+            if rc != 0 { throw SystemError.current("ioctl(UFFDIO_MOVE)") }
         }
 
         /// Reads up to `max` (≤ 64) messages in one read(2). Returns the count; 0 when the

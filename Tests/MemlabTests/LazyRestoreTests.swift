@@ -78,7 +78,7 @@ extension KernelTests {
         }
 
         @Test func waitModesAndHandlerThreads() throws {
-            for wait in ["poll", "busy"] {
+            for wait in ["poll", "epoll", "busy"] {
                 let r = try run("lazy-restore", Self.small + ["wait=\(wait)", "threads=2", "handler_threads=2", "workload=random"])
                 #expect(checksAgree(r).isEmpty, "\(wait): \(checksAgree(r))")
                 #expect(median(r, "duplicate_transfers") == 0)
@@ -95,8 +95,97 @@ extension KernelTests {
 
         @Test func floorsAreMeasured() throws {
             let r = try run("lazy-restore:floors", ["size=16M"])
-            for name in ["first_touch_fault", "uffdio_copy_page", "uffdio_copy_bulk", "fault_round_trip_blocking", "fault_round_trip_poll", "fault_round_trip_busy"] {
+            for name in ["first_touch_fault", "uffdio_copy_page", "uffdio_copy_bulk", "fault_round_trip_blocking", "fault_round_trip_poll", "fault_round_trip_epoll", "fault_round_trip_busy"] {
                 #expect((median(r, name) ?? 0) > 0, "\(name)")
+            }
+        }
+
+        /// MADV_DONTNEED mid-restore raises REMOVE events; until the handler reads one, the
+        /// kernel answers UFFDIO_COPY with EAGAIN (mmap_changing). With one handler thread an
+        /// install retried in place spun forever (the thread that must read the event was the
+        /// one spinning); deferred installs finish, every drop is seen, contents verify.
+        @Test func removeEventsMidRestoreWithOneHandlerThreadDoNotHang() throws {
+            for (wait, link) in [("blocking", "none"), ("poll", "none"), ("epoll", "emulated")] {
+                let t0 = Date()
+                let r = try run("lazy-restore", ["size=16M", "accesses=4096", "threads=2", "handler_threads=1", "link=\(link)", "rtt_ms=0.05",
+                                                 "wait=\(wait)", "drop_every=4", "write_ratio=0", "workload=sequential", "source_deadline_s=20"])
+                #expect(r["status"] as? String == "ok", "\(wait)/\(link): \(r["reason"] ?? "")")
+                #expect(checksAgree(r).isEmpty, "\(wait)/\(link): failing checks \(checksAgree(r))")
+                let drops = try #require(median(r, "workload_drops"))
+                #expect(drops == 1024)
+                #expect(median(r, "remove_events") == drops, "every MADV_DONTNEED is one REMOVE event")
+                #expect((median(r, "dropped_refaults") ?? 0) > 0, "a dropped page touched again is served (as zero)")
+                #expect(median(r, "duplicate_transfers") == 0)
+                #expect(median(r, "uffd_eagain") != nil)
+                #expect(Date().timeIntervalSince(t0) < 30, "\(wait)/\(link): no hang")
+            }
+        }
+
+        @Test func faultsAreAttributedToWorkloadThreads() throws {
+            let r = try run("lazy-restore", Self.small + ["threads=4", "handler_threads=2", "workload=random"])
+            #expect(checksAgree(r).isEmpty, "failing checks \(checksAgree(r))")
+            #expect(median(r, "faults_unattributed") == 0, "UFFD_FEATURE_THREAD_ID names a workload thread for every fault")
+            let mx = try #require(median(r, "faults_per_thread_max")), mn = try #require(median(r, "faults_per_thread_min"))
+            #expect(mn > 0 && mn <= mx)
+            #expect(mx <= median(r, "faults_remote")!)
+            #expect((median(r, "faults_thread_imbalance") ?? 0) >= 1)
+        }
+
+        @Test func everyRestoreCarriesItsFloors() throws {
+            let r = try run("lazy-restore", Self.small + ["wait=busy"])
+            for name in ["floor_first_touch", "floor_copy_page", "floor_fault_round_trip"] {
+                #expect((median(r, name) ?? 0) > 0, "\(name)")
+            }
+            #expect(median(r, "floor_loopback_tcp_rtt") == nil, "loopback TCP only where the source is TCP")
+            let notes = (r["notes"] as? [String]) ?? []
+            #expect(notes.contains { $0.contains("floor_fault_round_trip") && $0.contains("wait=busy") }, "notes: \(notes)")
+            let off = try run("lazy-restore", Self.small + ["floors=off"])
+            #expect(median(off, "floor_fault_round_trip") == nil)
+        }
+
+        @Test func reapReplayReportsDowntime() throws {
+            let before = try run("lazy-restore", Self.small + ["policy=working-set-replay", "workload=random", "replay_mode=before"])
+            let d = try #require(median(before, "downtime"))
+            #expect(d > 0 && d < median(before, "total_time")!)
+            let concurrent = try run("lazy-restore", Self.small + ["policy=working-set-replay", "workload=random", "replay_mode=concurrent"])
+            #expect(median(concurrent, "downtime") == nil, "no stop before resume: no downtime")
+        }
+
+        @Test func aRecordedTraceReplaysTheSameAccesses() throws {
+            let dir = TempDir()
+            let path = dir.file("trace.txt")
+            let rec = try run("lazy-restore", Self.small + ["workload=zipf", "record_trace=\(path)"])
+            #expect(checksAgree(rec).isEmpty, "\(checksAgree(rec))")
+            let text = try String(contentsOfFile: path, encoding: .utf8)
+            #expect(text.split(separator: "\n").filter { !$0.hasPrefix("#") }.count == 512, "one line per access")
+            let replay = try run("lazy-restore", Self.small + ["workload=trace", "trace_file=\(path)"])
+            #expect(checksAgree(replay).isEmpty, "\(checksAgree(replay))")
+            #expect(median(replay, "trace_accesses") == 512)
+            #expect(median(replay, "pages_touched") == median(rec, "pages_touched"))
+            #expect(median(replay, "faults_remote") == median(rec, "faults_remote"), "on demand, one thread: the same pages fault")
+            // Byte offsets, explicit r/w, comments.
+            let small = dir.file("small.txt")
+            try "# three pages\n@0x1000 w\n@8192\n\n5 r\n5\n".write(toFile: small, atomically: true, encoding: .utf8)
+            let s = try run("lazy-restore", Self.small + ["workload=trace", "trace_file=\(small)", "zero_ratio=0"])
+            #expect(checksAgree(s).isEmpty, "\(checksAgree(s))")
+            #expect(median(s, "pages_touched") == 3)
+        }
+
+        @Test func aMissingOrMalformedTraceIsRefusedBeforeAnythingStarts() throws {
+            let dir = TempDir()
+            let bad = dir.file("bad.txt"), outside = dir.file("outside.txt"), empty = dir.file("empty.txt")
+            try "1\n2 x\n".write(toFile: bad, atomically: true, encoding: .utf8)
+            try "99999\n".write(toFile: outside, atomically: true, encoding: .utf8)
+            try "# nothing\n".write(toFile: empty, atomically: true, encoding: .utf8)
+            for (sets, says) in [(["workload=trace", "trace_file=\(dir.file("missing.txt"))"], "cannot be read"),
+                                 (["workload=trace", "trace_file=\(bad)"], "line 2"),
+                                 (["workload=trace", "trace_file=\(outside)"], "outside the region"),
+                                 (["workload=trace", "trace_file=\(empty)"], "no accesses"),
+                                 (["workload=trace"], "needs trace_file"),
+                                 (["trace_file=\(bad)"], "only with workload=trace")] {
+                let out = try Memlab.run(["run", "lazy-restore", "--set", "size=16M"] + sets.flatMap { ["--set", $0] }, stateDir: dir.path)
+                #expect(out.status == 2, "\(sets): stderr \(out.stderr)")
+                #expect(out.stderr.contains(says), "\(sets): stderr \(out.stderr)")
             }
         }
 

@@ -213,6 +213,12 @@ int memlab_uffd_read_faults(int fd, struct memlab_uffd_fault *out, int max);
 /// ppoll on one fd for POLLIN with a nanosecond timeout (< 0: none). 1 readable, 0 timeout,
 /// -1 errno. revents of POLLERR/POLLHUP count as readable (the read reports it).
 int memlab_ppoll_in(int fd, int64_t timeout_ns);
+/// An epoll instance watching `fd` for EPOLLIN (a handler thread's own; close it). -1 on error.
+int memlab_epoll_in(int fd);
+/// epoll_wait(2) on an instance from memlab_epoll_in for up to `timeout_ns` (-1: forever;
+/// epoll_pwait2's nanosecond timeout where the kernel has it). 1 when readable, 0 on
+/// timeout, -1 with errno. (struct epoll_event is packed on x86_64: kept on the C side.)
+int memlab_epoll_wait_in(int epfd, int64_t timeout_ns);
 /// Sets this thread's timer slack (prctl PR_SET_TIMERSLACK), in ns.
 int memlab_set_timerslack(unsigned long ns);
 /// The calling thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID).
@@ -250,6 +256,7 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count);
 void memlab_ref_touch(void *base, size_t len, size_t stride);
 
 /// Reference fault handler (one message per read, one UFFDIO_COPY per fault) for the bench.
+/// `mode`: 0 blocking read, 1 poll, 2 busy (non-blocking read in a loop), 3 epoll.
 long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t len, int mode);
 /// Follows `steps` links of a pointer chase; each element holds the index of the next.
 uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);

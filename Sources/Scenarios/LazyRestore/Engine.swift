@@ -13,7 +13,7 @@ struct RestoreConfig: Sendable {
         case backgroundPush = "background-push", bubble, workingSetReplay = "working-set-replay", huge
     }
     enum Resolve: String, Sendable { case copy, move, `continue` }
-    enum WaitMode: String, Sendable { case blocking, poll, busy }
+    enum WaitMode: String, Sendable, CaseIterable { case blocking, poll, epoll, busy }
 
     var policy: Policy = .onDemand
     var resolve: Resolve = .copy
@@ -102,8 +102,48 @@ struct DeliveryHeap: @unchecked Sendable {
     }
 }
 
+/// An install that met EAGAIN (the kernel's mmap_changing: a REMOVE/UNMAP/REMAP event is
+/// queued and not yet read, or just read and its sender not yet done) and waits to be retried
+/// after the next batch of messages. `kind`: data pages (COPY/MOVE/CONTINUE), a known-zero
+/// page claimed for the first time, or a zero refault of a page the application dropped.
+struct Retry {
+    static let data: UInt8 = 0, zero: UInt8 = 1, zeroRefault: UInt8 = 2
+    var first: Int32
+    var count: Int32
+    var faultTime: UInt64
+    var kind: UInt8
+}
+
+/// A FIFO of retries over preallocated storage. Pages in it are claimed (in flight), each
+/// page at most once, so `pages` entries bound it.
+struct RetryRing: @unchecked Sendable {
+    let items: UnsafeMutablePointer<Retry>
+    let capacity: Int
+    var head = 0
+    var count = 0
+
+    init(capacity: Int) {
+        self.capacity = max(capacity, 1)
+        items = .allocate(capacity: self.capacity)
+    }
+
+    @inline(__always) mutating func push(_ r: Retry) {
+        precondition(count < capacity, "retry ring overflow")
+        items[(head + count) % capacity] = r
+        count += 1
+    }
+
+    @inline(__always) mutating func pop() -> Retry? {
+        if count == 0 { return nil }
+        let r = items[head]
+        head = (head + 1) % capacity
+        count -= 1
+        return r
+    }
+}
+
 /// The fault engine: one userfaultfd over a region restored from `image` through `link`.
-/// Handler threads read faults (blocking read, ppoll or busy polling, `batch` messages per
+/// Handler threads read faults (blocking read, ppoll, epoll or busy polling, `batch` messages per
 /// read), claim pages, schedule them on the link and install them on arrival; a delivery
 /// thread waits for arrivals that lie in the future; an optional pusher sends pages nobody
 /// asked for yet. The fault path allocates nothing: buffers are made before the threads
@@ -129,6 +169,12 @@ final class FaultEngine: Sendable {
     let state: AtomicByteArray
     let transfers: AtomicByteArray
     private let heap: Mutex<DeliveryHeap>
+    private let retries: Mutex<RetryRing>
+    /// Entries in `retries` (read without the lock to decide whether a wait may block).
+    let retryPending = Atomic<Int>(0)
+    /// Pages the application dropped (REMOVE/UNMAP) during the restore: left out of the
+    /// content check (they read as zero, or as whatever the application wrote since).
+    let dropped: AtomicByteArray
     let eventFD: Int32
 
     let remoteFaults = Atomic<Int>(0)
@@ -139,6 +185,14 @@ final class FaultEngine: Sendable {
     let events = Atomic<Int>(0)
     let eexist = Atomic<Int>(0)
     let eagain = Atomic<Int>(0)
+    /// Pages whose install was deferred to the retry ring (EAGAIN), and retries that met
+    /// EAGAIN again.
+    let deferredPages = Atomic<Int>(0)
+    let removeEvents = Atomic<Int>(0)
+    let unmapEvents = Atomic<Int>(0)
+    /// Faults on a page the engine had installed whose mapping the application dropped
+    /// since (served with a zero page).
+    let droppedRefaults = Atomic<Int>(0)
     let ioctls = Atomic<Int>(0)
     let wakes = Atomic<Int>(0)
     let claimed = Atomic<Int>(0)
@@ -161,6 +215,16 @@ final class FaultEngine: Sendable {
     /// Pages in the order their first fault reached the handler (working-set recording).
     let faultOrder: AppendLog
 
+    /// The workload threads' tids (UFFD_FEATURE_THREAD_ID attributes each fault to one),
+    /// set before the handler threads start; slot `maxThreads` counts unattributed faults.
+    static let maxThreads = 64
+    private let workloadTIDsAddress: UInt
+    @inline(__always) var workloadTIDs: UnsafeMutablePointer<Int32> { UnsafeMutablePointer(bitPattern: workloadTIDsAddress)! }
+    let workloadThreadCount = Atomic<Int>(0)
+    /// Remote faults per workload thread, summed from the handler threads' own counters as
+    /// they leave.
+    let threadFaults = Mutex<[Int]>([Int](repeating: 0, count: FaultEngine.maxThreads + 1))
+
     init(config: RestoreConfig, region: UnsafeMutableRawPointer, doorbell: UnsafeMutableRawPointer,
          staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor,
          source: PageSource? = nil) throws {
@@ -177,6 +241,11 @@ final class FaultEngine: Sendable {
         state = AtomicByteArray(count: pages)
         transfers = AtomicByteArray(count: pages)
         heap = Mutex(DeliveryHeap(capacity: pages + 64))
+        retries = Mutex(RetryRing(capacity: pages + 64))
+        dropped = AtomicByteArray(count: pages)
+        let tids = UnsafeMutablePointer<Int32>.allocate(capacity: FaultEngine.maxThreads)
+        tids.initialize(repeating: 0, count: FaultEngine.maxThreads)
+        workloadTIDsAddress = UInt(bitPattern: tids)
         eventFD = memlab_eventfd()
         if eventFD < 0 { throw SystemError.current("eventfd") }
         faultLatency = AppendLog(capacity: pages + 1024)
@@ -189,6 +258,26 @@ final class FaultEngine: Sendable {
         state.deallocate()
         transfers.deallocate()
         heap.withLock { $0.items.deallocate() }
+        retries.withLock { $0.items.deallocate() }
+        dropped.deallocate()
+        workloadTIDs.deallocate()
+    }
+
+    /// Records the workload threads' tids (call before the handler threads start).
+    func setWorkloadThreads(_ tids: [Int32]) {
+        let n = min(tids.count, FaultEngine.maxThreads)
+        for i in 0..<n { workloadTIDs[i] = tids[i] }
+        workloadThreadCount.store(n, ordering: .releasing)
+    }
+
+    /// The slot of the workload thread with `tid` (`maxThreads`: not one of them, or the
+    /// kernel did not report the tid).
+    @inline(__always)
+    func threadSlot(_ tid: UInt32) -> Int {
+        let n = workloadThreadCount.load(ordering: .relaxed)
+        var i = 0
+        while i < n { if UInt32(bitPattern: workloadTIDs[i]) == tid { return i }; i += 1 }
+        return FaultEngine.maxThreads
     }
 
     @inline(__always) var region: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: regionAddress)! }
@@ -221,10 +310,13 @@ final class FaultEngine: Sendable {
 
     // MARK: installing
 
-    /// Installs pages [first, first+count) with DONTWAKE (the caller wakes). Retries EAGAIN;
-    /// on EEXIST falls back to page by page and counts the conflicts.
+    /// Installs pages [first, first+count) with DONTWAKE (the caller wakes). Returns how
+    /// many pages from `first` are done (installed, or there already: EEXIST, counted); fewer
+    /// than `count` when the kernel answered EAGAIN — the caller defers the rest to the retry
+    /// ring and never spins here: the event behind the EAGAIN may be waiting for this very
+    /// thread to read it.
     @inline(__always)
-    func install(first: Int, count: Int) {
+    func install(first: Int, count: Int) -> Int {
         let len = count * 4096
         let dst = address(first)
         var done = 0
@@ -237,39 +329,77 @@ final class FaultEngine: Sendable {
                     try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * 4096 + done), length: len - done, dontWake: true, copied: &n)
                 case .move:
                     let src = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
-                    n = try uffd.move(to: dst + done, from: src, length: len - done, dontWake: true)
+                    try uffd.move(to: dst + done, from: src, length: len - done, dontWake: true, moved: &n)
                 case .continue:
                     // The data lands in the page cache (the second mapping), then is mapped.
                     let cache = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
                     memcpy(cache, data + first * 4096 + done, len - done)
-                    try uffd.continue(dst + done, length: len - done, dontWake: true)
-                    n = len - done
+                    try uffd.continue(dst + done, length: len - done, dontWake: true, mapped: &n)
                 }
-                done += n
+                done += n == 0 ? len - done : n
             } catch {
                 if error.errno == EAGAIN {
                     eagain.add(1, ordering: .relaxed)
-                    if n > 0 { done += n }
-                    sched_yield()
-                    continue
+                    done += n
+                    return done / 4096
                 }
                 if error.errno == EEXIST {
+                    done += n
                     if len - done > 4096 {
                         // Page by page, so only the page that is there already is skipped.
                         var off = done
                         while off < len {
-                            install(first: first + off / 4096, count: 1)
+                            if install(first: first + off / 4096, count: 1) == 0 { return off / 4096 }
                             off += 4096
                         }
-                        return
+                        return count
                     }
                     eexist.add(1, ordering: .relaxed)
-                    return
+                    return count
                 }
                 fail(error)
-                return
+                return count
             }
         }
+        return count
+    }
+
+    /// Queues pages whose install met EAGAIN; a handler thread (after its next read) or the
+    /// delivery thread retries them. Preallocated storage: no allocation.
+    @inline(__always)
+    func deferInstall(_ r: Retry) {
+        deferredPages.add(Int(r.count), ordering: .relaxed)
+        retries.withLock { $0.push(r) }
+        // The delivery thread retries too (a handler may be blocked in read with nothing
+        // left to read): rung when the ring stops being empty, not on every re-deferral
+        // (that would make two threads spin on a 2-CPU machine while the event's sender,
+        // which must run before the EAGAIN ends, waits for a CPU).
+        if retryPending.wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue == 0 { ringDelivery() }
+    }
+
+    /// Retries up to `capacity` deferred installs (`buf`, `scratch`: the caller's own
+    /// preallocated buffers). Entries that meet EAGAIN again go back to the ring.
+    func drainRetries(_ buf: UnsafeMutablePointer<Retry>, _ scratch: UnsafeMutablePointer<Delivery>, capacity: Int) {
+        if retryPending.load(ordering: .acquiring) == 0 { return }
+        var n = 0
+        retries.withLock { ring in
+            while n < capacity, let r = ring.pop() { buf[n] = r; n += 1 }
+        }
+        if n == 0 { return }
+        // The count drops only after the retries: re-deferrals meanwhile see a non-empty ring.
+        defer { retryPending.subtract(n, ordering: .releasing) }
+        var d = 0
+        for i in 0..<n {
+            let r = buf[i]
+            switch r.kind {
+            case Retry.data:
+                scratch[d] = Delivery(arrival: 0, first: r.first, count: r.count, faultTime: r.faultTime)
+                d += 1
+            default:
+                installLocal(Int(r.first), refault: r.kind == Retry.zeroRefault)
+            }
+        }
+        if d > 0 { complete(scratch, d) }
     }
 
     @inline(__always)
@@ -289,9 +419,11 @@ final class FaultEngine: Sendable {
     }
 
     /// A known-zero page, already claimed: ZEROPAGE (anonymous) or CONTINUE on the zeroed
-    /// page cache; no transfer.
+    /// page cache; no transfer. `refault`: the page was installed (or dropped) before and the
+    /// application dropped it; it is not counted as newly claimed. EAGAIN defers it (the page
+    /// stays in flight, nobody is woken yet).
     @inline(__always)
-    func installLocal(_ page: Int) {
+    func installLocal(_ page: Int, refault: Bool = false) {
         do throws(SystemError) {
             ioctls.add(1, ordering: .relaxed)
             switch config.resolve {
@@ -299,24 +431,44 @@ final class FaultEngine: Sendable {
             default: try uffd.zeropage(address(page), length: 4096)
             }
         } catch {
-            if error.errno == EEXIST { eexist.add(1, ordering: .relaxed); wake(first: page, count: 1) } else if error.errno != EAGAIN { fail(error) }
+            if error.errno == EAGAIN {
+                eagain.add(1, ordering: .relaxed)
+                deferInstall(Retry(first: Int32(page), count: 1, faultTime: 0, kind: refault ? Retry.zeroRefault : Retry.zero))
+                return
+            }
+            if error.errno == EEXIST {
+                if !refault { eexist.add(1, ordering: .relaxed) }
+                wake(first: page, count: 1)
+            } else { fail(error) }
         }
         state.store(page, PageState.installedLocal)
+        if refault { return }
         if claimed.add(1, ordering: .relaxed).newValue == pages { fullyInstalledAt.store(Clock.nanoseconds(), ordering: .relaxed) }
     }
 
     /// Installs, marks and wakes a set of deliveries that have arrived.
     @inline(__always)
     func complete(_ ds: UnsafeMutablePointer<Delivery>, _ n: Int) {
-        for i in 0..<n { install(first: Int(ds[i].first), count: Int(ds[i].count)) }
+        for i in 0..<n {
+            let count = Int(ds[i].count)
+            let done = install(first: Int(ds[i].first), count: count)
+            if done < count {
+                // EAGAIN: the rest waits in the retry ring (it carries the fault's time: the
+                // latency is recorded when the whole run is in).
+                deferInstall(Retry(first: ds[i].first + Int32(done), count: Int32(count - done), faultTime: ds[i].faultTime, kind: Retry.data))
+                ds[i].count = Int32(done)
+                ds[i].faultTime = 0
+            }
+        }
         for i in 0..<n { markInstalled(first: Int(ds[i].first), count: Int(ds[i].count)) }
-        for i in 0..<n { wake(first: Int(ds[i].first), count: Int(ds[i].count)) }
+        for i in 0..<n where ds[i].count > 0 { wake(first: Int(ds[i].first), count: Int(ds[i].count)) }
         let now = Clock.nanoseconds()
         var total = 0
         for i in 0..<n {
             total += Int(ds[i].count)
-            if ds[i].faultTime != 0 { faultLatency.append(now &- ds[i].faultTime) }
+            if ds[i].faultTime != 0 && ds[i].count > 0 { faultLatency.append(now &- ds[i].faultTime) }
         }
+        if total == 0 { return }
         if claimed.add(total, ordering: .relaxed).newValue == pages { fullyInstalledAt.store(now, ordering: .relaxed) }
     }
 
@@ -381,12 +533,22 @@ final class FaultEngine: Sendable {
     // MARK: the fault path
 
     @inline(__always)
-    func handleFault(page: Int, time: UInt64, list: UnsafeMutablePointer<Int32>, scratch: UnsafeMutablePointer<Delivery>, channel: Int = 0) {
+    func handleFault(page: Int, time: UInt64, tid: UInt32, list: UnsafeMutablePointer<Int32>, scratch: UnsafeMutablePointer<Delivery>,
+                     threadCounts: UnsafeMutablePointer<Int>, channel: Int = 0) {
         messages.add(1, ordering: .relaxed)
         switch state.load(page) {
         case PageState.installedFault, PageState.installedPrefetch, PageState.installedLocal:
-            // Installed since the fault was raised: only a wake is missing.
             localFaults.add(1, ordering: .relaxed)
+            if dropped.load(page) != 0 {
+                // Installed, then dropped by the application (MADV_DONTNEED after the
+                // install): it reads as zero now. EEXIST: it was only a missing wake.
+                if state.compareExchange(page, expected: state.load(page), desired: PageState.inflightFault) {
+                    droppedRefaults.add(1, ordering: .relaxed)
+                    installLocal(page, refault: true)
+                }
+                return
+            }
+            // Installed since the fault was raised: only a wake is missing.
             wake(first: page, count: 1)
             return
         case PageState.inflightFault:
@@ -399,8 +561,7 @@ final class FaultEngine: Sendable {
             // MADV_DONTNEED'd after restore: the application dropped it, it reads as zero.
             if state.compareExchange(page, expected: PageState.removed, desired: PageState.inflightFault) {
                 localFaults.add(1, ordering: .relaxed)
-                do throws(SystemError) { try uffd.zeropage(address(page), length: 4096) } catch { if error.errno != EEXIST { fail(error) } }
-                state.store(page, PageState.installedLocal)
+                installLocal(page, refault: true)
             }
             return
         default: break
@@ -417,6 +578,7 @@ final class FaultEngine: Sendable {
             return
         }
         remoteFaults.add(1, ordering: .relaxed)
+        threadCounts[threadSlot(tid)] += 1
 
         // The window the policy sends with this fault.
         var lo = page, hi = page + 1
@@ -456,35 +618,65 @@ final class FaultEngine: Sendable {
         let base = Int(regionAddress)
         guard end > base, start < base + pages * 4096 else { return }
         if m.event == UInt32(memlab_UFFD_EVENT_REMOVE) || m.event == UInt32(memlab_UFFD_EVENT_UNMAP) {
+            if m.event == UInt32(memlab_UFFD_EVENT_REMOVE) { removeEvents.add(1, ordering: .relaxed) } else { unmapEvents.add(1, ordering: .relaxed) }
             // The range was dropped by the application: later faults there are zero pages.
+            // Missing pages become `removed` (never transferred); installed ones stay, and a
+            // fault on one finds it dropped; pages in flight are installed as planned (the
+            // kernel zaps after this event is read, so they may land before or after).
             var p = max(0, (start - base) / 4096)
             let last = min(pages, (end - base + 4095) / 4096)
-            while p < last { state.store(p, PageState.removed); p += 1 }
+            while p < last {
+                dropped.store(p, 1)
+                _ = state.compareExchange(p, expected: PageState.missing, desired: PageState.removed)
+                p += 1
+            }
         }
     }
 
-    /// One handler thread: wait, read a batch, serve it; until its doorbell rings.
+    /// How long a handler waits for messages while installs are deferred (EAGAIN): short,
+    /// so the retry follows soon after the event's sender finished.
+    static let retryWaitNS: Int64 = 50_000
+
+    /// One handler thread: wait, read a batch, serve it, retry deferred installs; until its
+    /// doorbell rings. While installs are deferred no wait blocks for long: the event that
+    /// caused the EAGAIN may already have been read, and then no message would wake it.
     func handlerLoop(channel: Int = 0) {
         _ = memlab_set_timerslack(1)
         let cpu0 = memlab_thread_cpu_ns()
         let batch = min(max(config.batch, 1), 64)
         let buffer = UnsafeMutablePointer<Userfaultfd.Message>.allocate(capacity: 64)
-        let list = UnsafeMutablePointer<Int32>.allocate(capacity: max(config.maxWindowPages, config.windowPages, 512) + 1)
-        let scratch = UnsafeMutablePointer<Delivery>.allocate(capacity: max(config.maxWindowPages, config.windowPages, 512) + 1)
+        let capacity = max(config.maxWindowPages, config.windowPages, 512) + 1
+        let list = UnsafeMutablePointer<Int32>.allocate(capacity: capacity)
+        let scratch = UnsafeMutablePointer<Delivery>.allocate(capacity: capacity)
+        let retryBuf = UnsafeMutablePointer<Retry>.allocate(capacity: 64)
+        let threadCounts = UnsafeMutablePointer<Int>.allocate(capacity: FaultEngine.maxThreads + 1)
+        threadCounts.initialize(repeating: 0, count: FaultEngine.maxThreads + 1)
+        let epfd = config.wait == .epoll ? memlab_epoll_in(uffd.fd) : -1
+        if config.wait == .epoll && epfd < 0 { fail(SystemError.current("epoll_create1/epoll_ctl(userfaultfd)")) }
         defer {
-            buffer.deallocate(); list.deallocate(); scratch.deallocate()
+            if epfd >= 0 { close(epfd) }
+            threadFaults.withLock { t in for i in 0...FaultEngine.maxThreads { t[i] += threadCounts[i] } }
+            buffer.deallocate(); list.deallocate(); scratch.deallocate(); retryBuf.deallocate(); threadCounts.deallocate()
             handlerCPU.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed)
         }
         let regionEnd = regionAddress + UInt(pages * 4096)
         var exit = false
+        /// A doorbell whose zero page met EAGAIN: retried like a deferred install.
+        var doorbell: UInt = 0
         while !exit {
+            let pending = retryPending.load(ordering: .relaxed) > 0 || doorbell != 0
             var n = 0
             do throws(SystemError) {
                 switch config.wait {
                 case .blocking:
-                    n = try uffd.read(into: buffer, max: batch)
+                    let readable = pending ? try uffd.poll(timeoutNanoseconds: FaultEngine.retryWaitNS) : true
+                    if readable { n = try uffd.read(into: buffer, max: batch) }
                 case .poll:
-                    if try uffd.poll() { n = try uffd.read(into: buffer, max: batch) }
+                    if try uffd.poll(timeoutNanoseconds: pending ? FaultEngine.retryWaitNS : nil) { n = try uffd.read(into: buffer, max: batch) }
+                case .epoll:
+                    let rc = memlab_epoll_wait_in(epfd, pending ? FaultEngine.retryWaitNS : -1)
+                    if rc < 0 && Glibc.errno != EINTR { throw SystemError.current("epoll_wait(userfaultfd)") }
+                    if rc > 0 { n = try uffd.read(into: buffer, max: batch) }
                 case .busy:
                     n = try uffd.read(into: buffer, max: batch)
                 }
@@ -498,12 +690,20 @@ final class FaultEngine: Sendable {
                 if m.event != UInt32(memlab_UFFD_EVENT_PAGEFAULT) { handleEvent(m); continue }
                 let a = UInt(m.address)
                 if a >= regionAddress && a < regionEnd {
-                    handleFault(page: Int((a - regionAddress) / 4096), time: now, list: list, scratch: scratch, channel: channel)
+                    handleFault(page: Int((a - regionAddress) / 4096), time: now, tid: m.ptid, list: list, scratch: scratch,
+                                threadCounts: threadCounts, channel: channel)
                 } else {
                     // The doorbell: the owner asks this thread to leave.
-                    let page = UnsafeMutableRawPointer(bitPattern: a & ~UInt(4095))!
-                    do throws(SystemError) { try uffd.zeropage(page, length: 4096) } catch { fail(error) }
+                    doorbell = a & ~UInt(4095)
+                }
+            }
+            drainRetries(retryBuf, scratch, capacity: 64)
+            if doorbell != 0 {
+                do throws(SystemError) {
+                    try uffd.zeropage(UnsafeMutableRawPointer(bitPattern: doorbell)!, length: 4096)
                     exit = true
+                } catch {
+                    if error.errno == EEXIST { exit = true } else if error.errno != EAGAIN { fail(error); exit = true }
                 }
             }
         }
@@ -516,9 +716,27 @@ final class FaultEngine: Sendable {
         _ = memlab_set_timerslack(1)
         let cpu0 = memlab_thread_cpu_ns()
         let due = UnsafeMutablePointer<Delivery>.allocate(capacity: 256)
-        defer { due.deallocate(); handlerCPU.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed) }
+        let retryBuf = UnsafeMutablePointer<Retry>.allocate(capacity: 64)
+        defer { due.deallocate(); retryBuf.deallocate(); handlerCPU.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed) }
+        var stopAt: UInt64 = 0
         while true {
             let draining = deliveryStop.load(ordering: .acquiring)
+            // Installs deferred by EAGAIN (this thread's, the pusher's, the handlers').
+            if retryPending.load(ordering: .relaxed) > 0 {
+                drainRetries(retryBuf, due, capacity: 64)
+                if retryPending.load(ordering: .relaxed) > 0 {
+                    if draining {
+                        // Teardown: give the retries a little while, then leave them (pages
+                        // nobody touched; they count as sent, not installed).
+                        if stopAt == 0 { stopAt = Clock.nanoseconds() + 200_000_000 }
+                        if Clock.nanoseconds() > stopAt { return }
+                    }
+                    _ = memlab_ppoll_in(eventFD, FaultEngine.retryWaitNS)
+                    var v: UInt64 = 0
+                    _ = Glibc.read(eventFD, &v, 8)
+                    continue
+                }
+            }
             let now = Clock.nanoseconds()
             var n = 0
             var next: UInt64? = nil

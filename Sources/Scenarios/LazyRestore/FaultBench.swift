@@ -42,7 +42,7 @@ extension Bench {
         let uffd = try Userfaultfd.Descriptor(nonBlocking: wait != .blocking)
         try uffd.register(region.base, length: length, mode: .missing)
         try uffd.register(doorbell.base, length: 4096, mode: .missing)
-        let mode: Int32 = wait == .blocking ? 0 : wait == .poll ? 1 : 2
+        let mode: Int32 = wait == .blocking ? 0 : wait == .poll ? 1 : wait == .epoll ? 3 : 2
         let fd = uffd.fd
         let src = UInt(bitPattern: image.base), dst = UInt(bitPattern: region.base)
         let served = Mutex<Int>(0)
@@ -94,7 +94,7 @@ extension Bench {
         let (image, traces) = try faultImage(pages: 4096)
         defer { image.release(); traces.release() }
         var rows: [Row] = []
-        for wait in [RestoreConfig.WaitMode.blocking, .poll, .busy] {
+        for wait in RestoreConfig.WaitMode.allCases {
             rows.append(try compare("fault round trip, \(wait.rawValue)", unit: "ns/fault", rounds: rounds,
                                     swift: { try memlabRoundTrip(image, traces, wait: wait) },
                                     c: { try cRoundTrip(image, traces, wait: wait) }))

@@ -72,7 +72,7 @@ public enum Calibration {
             for v in r.workload.firstTouchNS { _ = h.record(max(v, 1)) }
             return (Double(h.valueAtPercentile(50)), Double(h.valueAtPercentile(99)))
         }
-        for mode in [RestoreConfig.WaitMode.blocking, .poll, .busy] {
+        for mode in RestoreConfig.WaitMode.allCases {
             var c = RestoreConfig()
             c.wait = mode
             let (p50, p99) = try roundTrip(c, nil, mode.rawValue)
@@ -104,6 +104,52 @@ public enum Calibration {
         notes.append("read a remote figure against fault_round_trip_<wait mode> (memory source, link none), against fault_round_trip_<unix|tcp>_source for a real source process with link none, and add the link's RTT and size ÷ bandwidth for an emulated link; bulk prefetch against uffdio_copy_bulk")
         withExtendedLifetime((a, src)) {}
         return (out, notes)
+    }
+}
+
+extension Calibration {
+    /// The floors a restore's remote figures are read against, reduced to what fits inside
+    /// one repetition (well under 0.3 s): first-touch fault and UFFDIO_COPY per page over 4M,
+    /// the local fault round trip for `wait` over 1024 faults, and (`tcp`) the loopback TCP
+    /// round trip over 200 pings. Names: `floor_*`, ns.
+    static func quick(wait: RestoreConfig.WaitMode, tcp: Bool) throws -> [Floor] {
+        var out: [Floor] = []
+        func add(_ n: String, _ v: Double, _ h: String) { out.append(Floor(name: n, value: v, unit: .ns, better: .none, help: h)) }
+        let size = 4 << 20, pages = size / 4096
+        prewarm(length: size, kind: .base)
+        let a = try AnonymousMapping(length: size, kind: .base)
+        var t0 = Clock.nanoseconds()
+        touchPages(a.base, length: size, stride: 4096)
+        add("floor_first_touch", Double(Clock.nanoseconds() - t0) / Double(pages), "kernel first-touch fault of a 4K anonymous page")
+        let src = try AnonymousMapping(length: size, kind: .base)
+        memset(src.base, 0x5A, size)
+        do {
+            let uffd = try Userfaultfd.Descriptor()
+            let d = try AnonymousMapping(length: size, kind: .base)
+            try uffd.register(d.base, length: size, mode: .missing)
+            t0 = Clock.nanoseconds()
+            for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
+            add("floor_copy_page", Double(Clock.nanoseconds() - t0) / Double(pages), "one UFFDIO_COPY of one 4K page, no waiter")
+            try uffd.unregister(d.base, length: size)
+        }
+        let image = try PageImage(pages: 1024, seed: 5, zeroRatio: 0)
+        defer { image.release() }
+        let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
+                                  writeRatio: 0, zipfSkew: 1, seed: 5, image: image)
+        defer { traces.release() }
+        var c = RestoreConfig()
+        c.wait = wait
+        let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
+                                   reapOrder: nil, deadlineS: 10)
+        if let f = r.failed { throw ScenarioError.failed("floor (fault round trip, \(wait.rawValue)): \(f)") }
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        for v in r.workload.firstTouchNS { _ = h.record(max(v, 1)) }
+        add("floor_fault_round_trip", Double(h.valueAtPercentile(50)), "median local fault round trip with this run's wait mode (\(wait.rawValue)), memory source, no link")
+        if tcp, let rtt = loopbackTCPRoundTrip(rounds: 200) {
+            add("floor_loopback_tcp_rtt", rtt, "median 8-byte ping-pong over loopback TCP")
+        }
+        withExtendedLifetime((a, src)) {}
+        return out
     }
 }
 

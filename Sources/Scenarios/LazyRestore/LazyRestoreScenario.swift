@@ -25,7 +25,9 @@ public struct LazyRestoreScenario: Scenario {
     public let parameters: [ParameterSpec] = [
         ParameterSpec("size", .size((1 << 20)...(16 << 30)), default: .int(64 << 20), help: "bytes of the restored region"),
         ParameterSpec("policy", .choice(LazyRestoreScenario.policies), default: .string("on-demand"), help: "which pages move when: " + LazyRestoreScenario.policies.joined(separator: ", ")),
-        ParameterSpec("workload", .choice(["sequential", "random", "zipf"]), default: .string("sequential"), help: "access pattern of the workload threads"),
+        ParameterSpec("workload", .choice(["sequential", "random", "zipf", "trace"]), default: .string("sequential"), help: "access pattern of the workload threads; trace: replay trace_file"),
+        ParameterSpec("trace_file", .text, default: .string(""), help: "workload=trace: a recorded access trace, one access per line: <page index> or @<byte offset>, optionally r|w; '#' comments; line i runs on thread i mod threads (accesses is ignored)"),
+        ParameterSpec("record_trace", .text, default: .string(""), help: "write the access order this run's workload uses to this path (the same format; replay it with workload=trace)"),
         ParameterSpec("zipf_skew", .double(0.01...5), default: .double(0.99), help: "zipf: exponent of the hot-set distribution"),
         ParameterSpec("accesses", .int(1...100_000_000), default: .int(1024), help: "accesses per workload thread (one word of one page each)"),
         ParameterSpec("write_ratio", .double(0...1), default: .double(0.2), help: "fraction of accesses that write"),
@@ -34,7 +36,7 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("bandwidth_mbit", .double(1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
         ParameterSpec("rtt_ms", .double(0...1000), default: .double(1), help: "emulated round-trip time, ms (urgent requests pay it in full)"),
         ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("fifo"), help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk"),
-        ParameterSpec("wait", .choice(["blocking", "poll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, busy polling"),
+        ParameterSpec("wait", .choice(["blocking", "poll", "epoll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling"),
         ParameterSpec("handler_threads", .int(1...16), default: .int(1), help: "fault handler threads"),
         ParameterSpec("batch", .int(1...64), default: .int(64), help: "messages read per read(2)"),
         ParameterSpec("resolve", .choice(["copy", "move", "continue"]), default: .string("copy"), help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE"),
@@ -52,6 +54,8 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("source_dir", .choice(["/var/tmp", "/tmp", "/dev/shm"]), default: .string("/var/tmp"), help: "source=file: directory of the snapshot file (and of the source process's log)"),
         ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
         ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
+        ParameterSpec("drop_every", .int(0...100_000_000), default: .int(0), help: "testing the REMOVE path: the last workload thread drops (MADV_DONTNEED) the page of every Nth access right after it (0: never)"),
+        ParameterSpec("floors", .choice(["measure", "off"]), default: .string("measure"), help: "measure: a reduced calibration (< 0.3 s) in each repetition, recorded as floor_* metrics; off: skip it"),
         ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
     ]
 
@@ -80,6 +84,17 @@ public struct LazyRestoreScenario: Scenario {
         if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
         if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
+        if params.string("workload") == "trace" {
+            if params.string("trace_file").isEmpty { throw UsageError("workload=trace needs trace_file=PATH (one page index or @byte offset per line)") }
+            _ = try TraceFile.load(params.string("trace_file"), pages: size / 4096)
+        } else if !params.string("trace_file").isEmpty {
+            throw UsageError("trace_file is read only with workload=trace")
+        }
+        let record = params.string("record_trace")
+        if !record.isEmpty {
+            let dir = record.contains("/") ? String(record[..<record.lastIndex(of: "/")!]) : "."
+            if access(dir.isEmpty ? "/" : dir, W_OK) != 0 { throw UsageError("record_trace '\(record)': directory '\(dir)' is not writable") }
+        }
         if params.double("kill_source_after_s") > 0 && !["unix", "tcp"].contains(params.string("source")) {
             throw UsageError("kill_source_after_s needs a source process: source=unix or source=tcp")
         }
@@ -132,10 +147,22 @@ public struct LazyRestoreScenario: Scenario {
         let seed = UInt64(p.int("seed")) &+ UInt64(ctx.repetition) &* 7919
         let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
         defer { image.release() }
-        let traces = AccessTraces(pattern: AccessTraces.Pattern(rawValue: p.string("workload"))!, pages: pages,
-                                  threads: p.int("threads"), opsPerThread: p.int("accesses"),
-                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image)
+        let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!
+        let trace = pattern == .trace ? try TraceFile.load(p.string("trace_file"), pages: pages) : []
+        let threads = p.int("threads")
+        let traces = AccessTraces(pattern: pattern, pages: pages,
+                                  threads: threads, opsPerThread: pattern == .trace ? (trace.count + threads - 1) / threads : p.int("accesses"),
+                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image, trace: trace)
         defer { traces.release() }
+        if pattern == .trace {
+            ctx.record("trace_accesses", Double(trace.count), .count, better: .none)
+            if trace.count % threads != 0 { ctx.note("trace of \(trace.count) accesses over \(threads) threads: short threads repeat their last page (\(threads - trace.count % threads) padding reads)") }
+        }
+        let record = p.string("record_trace")
+        if !record.isEmpty {
+            try TraceFile.write(traces, to: record, note: "recorded by memlab lazy-restore: workload=\(p.string("workload")) threads=\(threads) size=\(p.int("size")) seed=\(seed)")
+            ctx.note("the workload's access order was written to \(record) (replay: workload=trace trace_file=\(record) threads=\(threads))")
+        }
         var cfg = config(p)
         let deadlineS = p.double("source_deadline_s")
         let inject = p.double("inject_source_failure_s")
@@ -159,8 +186,17 @@ public struct LazyRestoreScenario: Scenario {
 
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
                                    deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
-                                   source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil)
+                                   source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil,
+                                   dropEvery: p.int("drop_every"))
         if let f = r.failed { throw ScenarioError.failed(f) }
+
+        // This machine's floors, measured in this repetition (after the restore: it does not
+        // compete with it), so every result carries what its figures are read against.
+        var floors: [Floor] = []
+        if p.string("floors") == "measure" {
+            floors = try Calibration.quick(wait: cfg.wait, tcp: p.string("source") == "tcp")
+            for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
+        }
 
         // The same traces on resident memory: the slowdown's denominator.
         let resident = try AnonymousMapping(length: pages * 4096, kind: .base)
@@ -221,7 +257,37 @@ public struct LazyRestoreScenario: Scenario {
                       describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × 4096 (each page fetched once)")
             ctx.note("pages came from the \(source.label); the destination's own copy of the image served only the zero-page map and the verification")
         }
-        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (retried)") }
+        ctx.record("uffd_eagain", Double(r.eagain), .count, better: .none)
+        ctx.record("deferred_installs", Double(r.deferredPages), .pages, better: .none)
+        ctx.record("remove_events", Double(r.removeEvents), .count, better: .none)
+        ctx.record("unmap_events", Double(r.unmapEvents), .count, better: .none)
+        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.deferredPages) pages deferred and retried after the next read") }
+        if p.int("drop_every") > 0 {
+            ctx.record("workload_drops", Double(r.workload.drops), .count, better: .none)
+            ctx.record("dropped_pages", Double(r.droppedPages), .pages, better: .none)
+            ctx.record("dropped_refaults", Double(r.droppedRefaults), .count, better: .none)
+            ctx.check("remove_events_seen", expected: Double(r.workload.drops), observed: Double(r.removeEvents), tolerance: 0,
+                      describe: "each MADV_DONTNEED of the workload reached the handler as one REMOVE event")
+            if p.double("write_ratio") == 0 && cfg.policy == .onDemand && p.string("workload") == "sequential" {
+                ctx.check("dropped_pages_read_zero", expected: 0, observed: Double(r.droppedNonZero), tolerance: 0,
+                          describe: "pages the application dropped (MADV_DONTNEED) read as zero afterwards")
+            }
+        }
+
+        // Per workload thread (UFFD_FEATURE_THREAD_ID): who waited on the link.
+        if !r.faultsPerThread.isEmpty {
+            let mx = r.faultsPerThread.max()!, mn = r.faultsPerThread.min()!
+            let mean = Double(r.faultsPerThread.reduce(0, +)) / Double(r.faultsPerThread.count)
+            ctx.record("faults_per_thread_max", Double(mx), .count, better: .none)
+            ctx.record("faults_per_thread_min", Double(mn), .count, better: .none)
+            ctx.record("faults_thread_imbalance", mean > 0 ? Double(mx) / mean : 0, .ratio, better: .none)
+            ctx.record("faults_unattributed", Double(r.faultsUnattributed), .count, better: .lower)
+            ctx.check("faults_per_thread_sum", expected: Double(r.remote), observed: Double(r.faultsPerThread.reduce(0, +) + r.faultsUnattributed), tolerance: 0,
+                      describe: "remote faults attributed to workload threads (by ptid) plus unattributed = remote faults")
+        }
+        if reap != nil {
+            ctx.record("downtime", Double(r.downtimeNS) / 1e9, .s, better: .lower)
+        }
 
         ctx.check("contents_match_source", expected: 0, observed: Double(r.mismatched), tolerance: 0,
                   describe: "installed pages differing from the source image (memcmp, after unregister)")
@@ -229,13 +295,20 @@ public struct LazyRestoreScenario: Scenario {
                   describe: "pages sent more than once, plus EEXIST conflicts")
         ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
                   describe: "pages the workload touched that the engine never installed")
-        if cfg.policy == .onDemand && p.int("threads") == 1 {
+        if cfg.policy == .onDemand && p.int("threads") == 1 && p.int("drop_every") == 0 {
             ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.remote + r.local), tolerance: 0,
                       describe: "on-demand, one thread: remote + local (zero) faults = distinct pages touched")
         }
+        let against: String
+        switch (p.string("source"), floors.isEmpty) {
+        case (_, true): against = "`memlab run lazy-restore:floors` (floors=off in this run)"
+        case ("tcp", _): against = "floor_fault_round_trip plus floor_loopback_tcp_rtt (a TCP source process; fault_round_trip_tcp_source in `memlab calibrate` for the whole path)"
+        case ("unix", _): against = "floor_fault_round_trip plus a Unix-socket hop (fault_round_trip_unix_source in `memlab calibrate`)"
+        default: against = "floor_fault_round_trip (local round trip, wait=\(cfg.wait.rawValue))"
+        }
         let floorNote = p.string("link") == "none"
-            ? "link none: fault latency here is the local floor (wake-ups and ioctls only)"
-            : "read remote figures against `memlab run lazy-restore:floors` (local round trip per wait mode) plus RTT \(p.double("rtt_ms")) ms and \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s"
+            ? "link none: fault latency here is the local floor (wake-ups and ioctls only); read fault_latency / first_touch_latency against \(against)"
+            : "read remote figures (fault_latency_*, first_touch_latency_*) against \(against) plus RTT \(p.double("rtt_ms")) ms and size ÷ \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s; bulk prefetch against floor_copy_page"
         ctx.note(floorNote)
         withExtendedLifetime(resident) {}
     }

@@ -26,13 +26,25 @@ struct RestoreOutcome {
     var sourceRequests = 0
     var sourceBytes = 0
     var sourceFetchNS: UInt64 = 0
+    /// EAGAIN handling and the application's own drops (REMOVE/UNMAP events).
+    var deferredPages = 0
+    var removeEvents = 0, unmapEvents = 0, droppedRefaults = 0
+    var droppedPages = 0
+    /// Dropped pages that do not read as zero after the restore.
+    var droppedNonZero = 0
+    /// Remote faults per workload thread (UFFD_FEATURE_THREAD_ID), and those whose tid was
+    /// none of them.
+    var faultsPerThread: [Int] = []
+    var faultsUnattributed = 0
+    /// Restore start (resume) → workload released: the before-resume prefetch (REAP), ns.
+    var downtimeNS: UInt64 = 0
 }
 
 /// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
 /// if the policy has one, the workload released at `resume`; torn down and verified.
 func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTraces, link: EmulatedLink,
                     reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil,
-                    source: PageSource? = nil, killSourceAfterS: Double? = nil) throws -> RestoreOutcome {
+                    source: PageSource? = nil, killSourceAfterS: Double? = nil, dropEvery: Int = 0) throws -> RestoreOutcome {
     let remote = source.flatMap { $0.kind == .memory ? nil : $0 }
     // A source may serve several restores (working-set-replay): count this one's share.
     let requests0 = remote?.requests.load(ordering: .relaxed) ?? 0
@@ -85,8 +97,10 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     if reapOrder != nil { cfg.pushOrder = [] }
     let engine = try FaultEngine(config: cfg, region: region, doorbell: doorbell.base, staging: staging,
                                  image: image, link: link, uffd: uffd, source: remote)
-    let workload = WorkloadRun(traces: traces, region: region, seed: image.seed)
+    let workload = WorkloadRun(traces: traces, region: region, seed: image.seed, dropEvery: dropEvery)
     workload.start()
+    // The threads exist and wait: their tids attribute each fault (before any handler runs).
+    engine.setWorkloadThreads(workload.tids)
     let handlers = (0..<cfg.handlerThreads).map { i in OSThread { engine.handlerLoop(channel: i) } }
     let delivery = OSThread { engine.deliveryLoop() }
 
@@ -94,6 +108,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     let resume = Clock.nanoseconds()
     if let reapOrder { engine.prefetchBlocking(reapOrder) }
     let pusher = cfg.pusher ? OSThread { engine.pusherLoop() } : nil
+    let released = Clock.nanoseconds()
     workload.release(at: resume)
 
     var out = RestoreOutcome()
@@ -157,6 +172,16 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     out.eagain = engine.eagain.load(ordering: .relaxed)
     out.ioctls = engine.ioctls.load(ordering: .relaxed)
     out.wakes = engine.wakes.load(ordering: .relaxed)
+    out.downtimeNS = released &- resume
+    out.deferredPages = engine.deferredPages.load(ordering: .relaxed)
+    out.removeEvents = engine.removeEvents.load(ordering: .relaxed)
+    out.unmapEvents = engine.unmapEvents.load(ordering: .relaxed)
+    out.droppedRefaults = engine.droppedRefaults.load(ordering: .relaxed)
+    if out.failed == nil {
+        let t = engine.threadFaults.withLock { $0 }
+        out.faultsPerThread = Array(t[0..<min(traces.threads, FaultEngine.maxThreads)])
+        out.faultsUnattributed = t[FaultEngine.maxThreads] + t[min(traces.threads, FaultEngine.maxThreads)..<FaultEngine.maxThreads].reduce(0, +)
+    }
     out.handlerCPU = Double(engine.handlerCPU.load(ordering: .relaxed)) / 1e9
     let full = engine.fullyInstalledAt.load(ordering: .relaxed)
     if full > 0 { out.fullyInstalledS = Double(full - resume) / 1e9 }
@@ -168,20 +193,30 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     }
     out.faultOrder = engine.faultOrder.values.map { Int32($0) }
     var installed = [Bool](repeating: false, count: pages)
+    var dropped = [Bool](repeating: false, count: pages)
     for p in 0..<pages {
         let s = engine.state.load(p)
-        installed[p] = s == PageState.installedFault || s == PageState.installedPrefetch || s == PageState.installedLocal
+        dropped[p] = engine.dropped.load(p) != 0
+        if dropped[p] { out.droppedPages += 1 }
+        // A page the application dropped is checked for zero below, not against the source.
+        installed[p] = !dropped[p] && (s == PageState.installedFault || s == PageState.installedPrefetch || s == PageState.installedLocal)
         out.pagesSent += Int(engine.transfers.load(p))
         if engine.transfers.load(p) > 1 { out.duplicates += Int(engine.transfers.load(p)) - 1 }
         if s == PageState.installedPrefetch {
             out.installedByPrefetch += 1
             if traces.touched[p] != 0 { out.usefulPrefetch += 1 }
         }
-        if traces.touched[p] != 0 && !installed[p] { out.touchedNotInstalled += 1 }
+        if traces.touched[p] != 0 && !installed[p] && !dropped[p] { out.touchedNotInstalled += 1 }
     }
     out.duplicates += out.eexist
     if out.failed == nil {
         out.mismatched = image.mismatches(region) { installed[$0] }
+        if out.droppedPages > 0 {
+            let zero = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+            memset(zero, 0, 4096)
+            for p in 0..<pages where dropped[p] && memcmp(region + p * 4096, zero, 4096) != 0 { out.droppedNonZero += 1 }
+            zero.deallocate()
+        }
     }
     withExtendedLifetime((anon, file, cache, stagingAnon, doorbell)) {}
     return out

@@ -10,7 +10,7 @@ import Synchronization
 /// bit 30: a write, bit 29: a known-zero page). Replaying the same traces on resident memory
 /// gives the baseline; replaying them twice gives working-set-replay its repeated trace.
 struct AccessTraces: @unchecked Sendable {
-    enum Pattern: String, Sendable { case sequential, random, zipf }
+    enum Pattern: String, Sendable { case sequential, random, zipf, trace }
     static let firstBit: UInt32 = 1 << 31
     static let writeBit: UInt32 = 1 << 30
     static let zeroBit: UInt32 = 1 << 29
@@ -24,7 +24,7 @@ struct AccessTraces: @unchecked Sendable {
     let distinctPages: Int
 
     init(pattern: Pattern, pages: Int, threads: Int, opsPerThread: Int, writeRatio: Double, zipfSkew: Double,
-         seed: UInt64, image: PageImage) {
+         seed: UInt64, image: PageImage, trace: [TraceFile.Access] = []) {
         self.threads = threads
         self.opsPerThread = opsPerThread
         ops = .allocate(capacity: threads * opsPerThread)
@@ -61,10 +61,16 @@ struct AccessTraces: @unchecked Sendable {
                     var lo = 0, hi = pages - 1
                     while lo < hi { let mid = (lo + hi) / 2; if cdf[mid] < u { lo = mid + 1 } else { hi = mid } }
                     page = Int(perm[lo])
+                case .trace:
+                    // Line j runs on thread j mod threads; a thread short of lines repeats its
+                    // last page as a read (padding to opsPerThread).
+                    let j = i * threads + t
+                    if j < trace.count { page = Int(trace[j].page) } else if i > 0 { page = Int(ops[t * opsPerThread + i - 1] & AccessTraces.pageMask) } else { page = Int(trace[j % trace.count].page) }
                 }
                 var e = UInt32(page)
                 if seen[page] == 0 { seen[page] = 1; e |= AccessTraces.firstBit }
-                if mix64(h ^ 0x5555) % 1_000_000 < writeThreshold { e |= AccessTraces.writeBit }
+                let mode = pattern == .trace && i * threads + t < trace.count ? trace[i * threads + t].mode : (pattern == .trace ? TraceFile.Access.read : TraceFile.Access.unspecified)
+                if mode == TraceFile.Access.write || (mode == TraceFile.Access.unspecified && mix64(h ^ 0x5555) % 1_000_000 < writeThreshold) { e |= AccessTraces.writeBit }
                 if image.isZero(page) { e |= AccessTraces.zeroBit }
                 touched[page] = 1
                 ops[t * opsPerThread + i] = e
@@ -97,6 +103,8 @@ struct WorkloadOutcome {
     /// Per first touch: its duration (ns), as the workload thread saw it.
     var firstTouchNS: [UInt64] = []
     var blockedNS: UInt64 = 0
+    /// MADV_DONTNEED calls the dropping thread made (`dropEvery`).
+    var drops = 0
     var opsPerSecond: Double { endNS > startNS ? Double(ops) / (Double(endNS - startNS) / 1e9) : 0 }
 }
 
@@ -115,11 +123,20 @@ final class WorkloadRun: @unchecked Sendable {
     let logCounts: UnsafeMutablePointer<Int>
     let ends: UnsafeMutablePointer<UInt64>
     let blocked: UnsafeMutablePointer<UInt64>
+    /// Each thread's tid (gettid), written before it reports ready.
+    let tidStorage: UnsafeMutablePointer<Int32>
+    /// Testing the REMOVE path: the last thread drops (MADV_DONTNEED) the page of every
+    /// `dropEvery`-th op right after touching it (0: never).
+    let dropEvery: Int
+    let dropCount = Atomic<Int>(0)
     private var threads: [OSThread] = []
     private(set) var startNS: UInt64 = 0
 
-    init(traces: AccessTraces, region: UnsafeMutableRawPointer, seed: UInt64) {
+    init(traces: AccessTraces, region: UnsafeMutableRawPointer, seed: UInt64, dropEvery: Int = 0) {
         self.traces = traces
+        self.dropEvery = dropEvery
+        tidStorage = .allocate(capacity: traces.threads)
+        tidStorage.initialize(repeating: 0, count: traces.threads)
         regionAddress = UInt(bitPattern: region)
         self.seed = seed
         logs = .allocate(capacity: traces.threads * traces.opsPerThread)
@@ -131,7 +148,10 @@ final class WorkloadRun: @unchecked Sendable {
         blocked.initialize(repeating: 0, count: traces.threads)
     }
 
-    deinit { logs.deallocate(); logCounts.deallocate(); ends.deallocate(); blocked.deallocate() }
+    deinit { logs.deallocate(); logCounts.deallocate(); ends.deallocate(); blocked.deallocate(); tidStorage.deallocate() }
+
+    /// The workload threads' tids (after `start()`).
+    var tids: [Int32] { (0..<traces.threads).map { tidStorage[$0] } }
 
     /// Starts the threads; they wait for `release()`.
     func start() {
@@ -160,6 +180,7 @@ final class WorkloadRun: @unchecked Sendable {
             o.firstTouchNS.append(contentsOf: UnsafeBufferPointer(start: logs + t * traces.opsPerThread, count: logCounts[t]))
             o.blockedNS &+= blocked[t]
         }
+        o.drops = dropCount.load(ordering: .relaxed)
         return o
     }
 
@@ -172,6 +193,9 @@ final class WorkloadRun: @unchecked Sendable {
         var sum: UInt64 = 0
         let seed = self.seed
         let base = regionAddress
+        let dropEvery = t == traces.threads - 1 ? self.dropEvery : 0
+        var drops = 0
+        tidStorage[t] = memlab_gettid()
         ready.add(1, ordering: .releasing)
         while !go.load(ordering: .acquiring) { sched_yield() }
         for i in 0..<n {
@@ -195,6 +219,12 @@ final class WorkloadRun: @unchecked Sendable {
             } else {
                 sum &+= ptr.pointee
             }
+            if dropEvery > 0 && (i + 1) % dropEvery == 0 {
+                // The application drops a page it just used: a REMOVE event the handler must
+                // read while other threads' faults are in flight (mmap_changing → EAGAIN).
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!, 4096, memlab_MADV_DONTNEED)
+                drops += 1
+            }
             if i == 0 {
                 let now = Clock.nanoseconds()
                 var cur = firstResponse.load(ordering: .relaxed)
@@ -208,6 +238,7 @@ final class WorkloadRun: @unchecked Sendable {
         ends[t] = Clock.nanoseconds()
         logCounts[t] = logged
         blocked[t] = blockedNS
+        if drops > 0 { dropCount.add(drops, ordering: .relaxed) }
         blackHole(sum)
         finished.add(1, ordering: .releasing)
     }
