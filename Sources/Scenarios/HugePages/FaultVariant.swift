@@ -117,5 +117,6 @@ extension HugePagesScenario {
         ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
         ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
         ctx.record("fault_latency_mean", h.mean, .ns, better: .lower)
+        ctx.recordDistribution("fault_latency", h)
     }
 }

@@ -225,6 +225,7 @@ public struct LazyRestoreScenario: Scenario {
             ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
             ctx.record("fault_latency_p999", Double(h.valueAtPercentile(99.9)), .ns, better: .lower)
             ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+            ctx.recordDistribution("fault_latency", h)
         }
         var ft = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         for v in w.firstTouchNS { _ = ft.record(max(v, 1)) }
@@ -232,6 +233,7 @@ public struct LazyRestoreScenario: Scenario {
             ctx.record("first_touch_latency_p50", Double(ft.valueAtPercentile(50)), .ns, better: .lower)
             ctx.record("first_touch_latency_p99", Double(ft.valueAtPercentile(99)), .ns, better: .lower)
             ctx.record("first_touch_latency_max", Double(ft.max), .ns, better: .lower)
+            ctx.recordDistribution("first_touch_latency", ft)
         }
         ctx.record("blocked_time", Double(w.blockedNS) / 1e9, .s, better: .lower)
         let touched = traces.distinctPages

@@ -69,6 +69,7 @@ extension MigrationScenario {
             ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
             ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
             ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+            ctx.recordDistribution("fault_latency", h)
         }
         ctx.record("handler_cpu_time", pc.handlerCPU, .s, better: .lower)
         ctx.record("workload_write_rate", out.sourceWriteRate, .pagesPerSecond, better: .none)

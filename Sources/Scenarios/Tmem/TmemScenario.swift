@@ -293,6 +293,7 @@ public struct TmemScenario: Scenario {
         ctx.record("swapin_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
         ctx.record("swapin_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
         ctx.record("swapin_latency_max", Double(h.max), .ns, better: .lower)
+        ctx.recordDistribution("swapin_latency", h)
         let fromDevice = afterIn.vm("pswpin", since: beforeIn)
         let fromZswap = afterIn.vm("zswpin", since: beforeIn)
         ctx.record("swapin_from_zswap", fromZswap, .pages, better: .none)
