@@ -287,6 +287,17 @@ final class FaultEngine: Sendable {
         _ = failureErrno.compareExchange(expected: 0, desired: e.errno == 0 ? EIO : e.errno, ordering: .relaxed)
     }
 
+    /// A fault outside every range this engine serves (allocates; the run is over).
+    func failOutside(_ address: UInt) {
+        failureReason.withLock { r in
+            if r == nil {
+                r = "a fault at 0x\(String(address, radix: 16)) lies outside the restored region "
+                    + "(0x\(String(regionAddress, radix: 16)), \(pages) pages): the workload moved or grew it (mremap), which this engine does not follow"
+            }
+        }
+        _ = failureErrno.compareExchange(expected: 0, desired: EFAULT, ordering: .relaxed)
+    }
+
     /// A page source failed: the errno, and a reason naming the source (allocates; the run
     /// is over anyway).
     func fail(_ e: SourceFailure) {
@@ -692,9 +703,14 @@ final class FaultEngine: Sendable {
                 if a >= regionAddress && a < regionEnd {
                     handleFault(page: Int((a - regionAddress) / 4096), time: now, tid: m.ptid, list: list, scratch: scratch,
                                 threadCounts: threadCounts, channel: channel)
-                } else {
+                } else if a >= doorbellAddress && a < doorbellAddress + UInt(config.handlerThreads * 4096) {
                     // The doorbell: the owner asks this thread to leave.
                     doorbell = a & ~UInt(4095)
+                } else {
+                    // Neither the region nor a doorbell: the workload moved the region
+                    // (mremap; REMAP events are not followed) or registered more. Fail the run
+                    // with the reason; the owner then unregisters, which releases the thread.
+                    failOutside(a)
                 }
             }
             drainRetries(retryBuf, scratch, capacity: 64)
