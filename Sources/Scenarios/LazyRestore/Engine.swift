@@ -327,9 +327,13 @@ final class FaultEngine: Sendable {
     /// ring and never spins here: the event behind the EAGAIN may be waiting for this very
     /// thread to read it.
     @inline(__always)
-    func install(first: Int, count: Int) -> Int {
+    /// `wake`: the ioctl wakes the faulting threads itself (one call instead of COPY with
+    /// DONTWAKE plus WAKE: what a single-run delivery, the usual fault, needs); a page found
+    /// there already (EEXIST) is then woken explicitly, since that ioctl woke nobody.
+    func install(first: Int, count: Int, wake wakeNow: Bool = false) -> Int {
         let len = count * 4096
         let dst = address(first)
+        let dontWake = !wakeNow
         var done = 0
         while done < len {
             var n = 0
@@ -337,15 +341,15 @@ final class FaultEngine: Sendable {
                 ioctls.add(1, ordering: .relaxed)
                 switch config.resolve {
                 case .copy:
-                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * 4096 + done), length: len - done, dontWake: true, copied: &n)
+                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * 4096 + done), length: len - done, dontWake: dontWake, copied: &n)
                 case .move:
                     let src = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
-                    try uffd.move(to: dst + done, from: src, length: len - done, dontWake: true, moved: &n)
+                    try uffd.move(to: dst + done, from: src, length: len - done, dontWake: dontWake, moved: &n)
                 case .continue:
                     // The data lands in the page cache (the second mapping), then is mapped.
                     let cache = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
                     memcpy(cache, data + first * 4096 + done, len - done)
-                    try uffd.continue(dst + done, length: len - done, dontWake: true, mapped: &n)
+                    try uffd.continue(dst + done, length: len - done, dontWake: dontWake, mapped: &n)
                 }
                 done += n == 0 ? len - done : n
             } catch {
@@ -360,12 +364,13 @@ final class FaultEngine: Sendable {
                         // Page by page, so only the page that is there already is skipped.
                         var off = done
                         while off < len {
-                            if install(first: first + off / 4096, count: 1) == 0 { return off / 4096 }
+                            if install(first: first + off / 4096, count: 1, wake: wakeNow) == 0 { return off / 4096 }
                             off += 4096
                         }
                         return count
                     }
                     eexist.add(1, ordering: .relaxed)
+                    if wakeNow { wake(first: first + done / 4096, count: 1) }
                     return count
                 }
                 fail(error)
@@ -460,9 +465,13 @@ final class FaultEngine: Sendable {
     /// Installs, marks and wakes a set of deliveries that have arrived.
     @inline(__always)
     func complete(_ ds: UnsafeMutablePointer<Delivery>, _ n: Int) {
+        // One run (an on-demand fault, a window): the install wakes its waiters itself.
+        // Several runs: all installed with DONTWAKE first, then one WAKE per run, so no
+        // thread resumes into a window that is still half there.
+        let wakeOnInstall = n == 1
         for i in 0..<n {
             let count = Int(ds[i].count)
-            let done = install(first: Int(ds[i].first), count: count)
+            let done = install(first: Int(ds[i].first), count: count, wake: wakeOnInstall)
             if done < count {
                 // EAGAIN: the rest waits in the retry ring (it carries the fault's time: the
                 // latency is recorded when the whole run is in).
@@ -472,7 +481,7 @@ final class FaultEngine: Sendable {
             }
         }
         for i in 0..<n { markInstalled(first: Int(ds[i].first), count: Int(ds[i].count)) }
-        for i in 0..<n where ds[i].count > 0 { wake(first: Int(ds[i].first), count: Int(ds[i].count)) }
+        if !wakeOnInstall { for i in 0..<n where ds[i].count > 0 { wake(first: Int(ds[i].first), count: Int(ds[i].count)) } }
         let now = Clock.nanoseconds()
         var total = 0
         for i in 0..<n {

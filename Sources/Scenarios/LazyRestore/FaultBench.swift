@@ -34,6 +34,36 @@ extension Bench {
         return medianNS(r.workload.firstTouchNS)
     }
 
+    /// Faults resolved per second by memlab's engine: every operation of the sequential
+    /// first-touch workload is one fault, so this is its measured rate (median of `rounds`),
+    /// not a figure derived from the latency.
+    static func memlabFaultRate(wait: RestoreConfig.WaitMode, oneCPU: Bool = false, rounds: Int = 3) throws -> Double {
+        let (image, traces) = try faultImage(pages: 4096)
+        defer { image.release(); traces.release() }
+        // One CPU: handler and workload threads (created below) inherit this thread's
+        // affinity, so a fault is served without a cross-CPU wake-up.
+        let saved = NUMA.currentAffinity()
+        if oneCPU, let first = saved.first { try NUMA.setAffinity(cpus: [first]) }
+        defer { if oneCPU { try? NUMA.setAffinity(cpus: saved) } }
+        var rates: [Double] = []
+        for _ in 0..<max(1, rounds) {
+            var c = RestoreConfig()
+            c.wait = wait
+            let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
+                                       reapOrder: nil, deadlineS: 30)
+            if let f = r.failed { throw ScenarioError.failed("bench (fault rate): \(f)") }
+            rates.append(r.workload.opsPerSecond)
+        }
+        return Statistics.median(rates)
+    }
+
+    /// The measured fault rate for the blocking and the busy-polling handler.
+    public static func memlabFaultRates() -> [(wait: String, faultsPerSecond: Double)] {
+        var out = [RestoreConfig.WaitMode.blocking, .busy].compactMap { w in (try? memlabFaultRate(wait: w)).map { (w.rawValue, $0) } }
+        if let r = try? memlabFaultRate(wait: .blocking, oneCPU: true) { out.append(("blocking on one CPU", r)) }
+        return out
+    }
+
     /// The same with the C reference handler on its own thread.
     static func cRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: RestoreConfig.WaitMode) throws -> Double {
         let length = image.pages * 4096
@@ -108,7 +138,7 @@ extension Bench {
     }
 
     /// stress-ng's userfaultfd stressor on this machine (faults/s), or why not.
-    public static func stressNG(seconds: Int = 5) -> (faultsPerSecond: Double?, note: String) {
+    public static func stressNG(seconds: Int = 5, oneCPU: Bool = false) -> (faultsPerSecond: Double?, note: String) {
         let candidates = ["/usr/bin/stress-ng", "/usr/local/bin/stress-ng"]
         guard let exe = candidates.first(where: { access($0, X_OK) == 0 }) else {
             return (nil, "stress-ng not installed (apt-get install -y stress-ng): comparison skipped")
@@ -116,14 +146,15 @@ extension Bench {
         let log = "/tmp/memlab-stressng-\(getpid()).log"
         defer { unlink(log) }
         do {
-            let pid = try ChildProcess.spawn(exe, ["--userfaultfd", "1", "--timeout", "\(seconds)", "--metrics-brief"], outputPath: log)
+            let pin = oneCPU ? ["--taskset", "\(NUMA.currentAffinity().first ?? 0)"] : []
+            let pid = try ChildProcess.spawn(exe, ["--userfaultfd", "1", "--timeout", "\(seconds)", "--metrics-brief"] + pin, outputPath: log)
             _ = ChildProcess.wait(pid, deadline: Double(seconds) + 30)
         } catch { return (nil, "stress-ng did not start: \(error)") }
         let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
         // "stress-ng: metrc: [pid] userfaultfd  <ops> <real s> <usr> <sys> <ops/s real> <ops/s usr+sys>"
         for line in text.split(separator: "\n") where line.contains("userfaultfd") {
             let f = line.split(separator: " ").map(String.init)
-            if let i = f.firstIndex(of: "userfaultfd"), f.count > i + 5, let rate = Double(f[i + 5]) { return (rate, "stress-ng --userfaultfd 1 --timeout \(seconds): \(rate) bogo ops/s (one op = one fault resolved)") }
+            if let i = f.firstIndex(of: "userfaultfd"), f.count > i + 5, let rate = Double(f[i + 5]) { return (rate, "stress-ng --userfaultfd 1 --timeout \(seconds)\(oneCPU ? " (one CPU)" : ""): \(rate) bogo ops/s (one op = one fault resolved)") }
         }
         return (nil, "stress-ng ran but printed no userfaultfd metrics: \(text.suffix(300))")
     }

@@ -142,7 +142,10 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
             unregistered = true
             break
         }
-        Clock.sleep(until: now + 1_000_000, spinNS: 0)
+        // A coarse watchdog (deadline, failures, a dead source): a fine-grained one would
+        // wake a vCPU a thousand times a second and so change the very wake-up latency the
+        // fault round trip is made of.
+        Clock.sleep(until: now + 20_000_000, spinNS: 0)
     }
     let w = workload.join()
     engine.pusherStop.store(true, ordering: .releasing)
