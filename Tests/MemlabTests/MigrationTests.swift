@@ -29,7 +29,9 @@ final class NamespacePair {
     static let sourceAddress = "10.231.0.1"
     static let destinationAddress = "10.231.0.2"
 
-    init(rateMbit: Int) throws {
+    /// `qdisc`: tbf (a token bucket on the root) or htb (one class with rate = ceil), the two
+    /// bandwidth shapers this kernel has.
+    init(rateMbit: Int, qdisc: String = "tbf") throws {
         remove()  // a previous run killed half-way
         let steps: [[String]] = [
             ["/usr/sbin/ip", "netns", "add", Self.source],
@@ -43,9 +45,14 @@ final class NamespacePair {
             ["/usr/sbin/ip", "-n", Self.destination, "link", "set", "lo", "up"],
             // Bandwidth: tbf on the source's egress (netem is not in this kernel; memlab's
             // transport adds the delay).
+        ] + (qdisc == "htb" ? [
+            ["/usr/sbin/tc", "-n", Self.source, "qdisc", "add", "dev", "memlab-va", "root", "handle", "1:", "htb", "default", "10"],
+            ["/usr/sbin/tc", "-n", Self.source, "class", "add", "dev", "memlab-va", "parent", "1:", "classid", "1:10", "htb",
+             "rate", "\(rateMbit)mbit", "ceil", "\(rateMbit)mbit", "burst", "64kb"],
+        ] : [
             ["/usr/sbin/tc", "-n", Self.source, "qdisc", "add", "dev", "memlab-va", "root", "tbf",
              "rate", "\(rateMbit)mbit", "burst", "64kb", "latency", "50ms"],
-        ]
+        ])
         for s in steps {
             let (rc, out) = try sh(s)
             if rc != 0 {
@@ -178,9 +185,9 @@ extension KernelTests {
         /// Two processes in two network namespaces over a tbf-shaped veth, 5 ms delay stage
         /// on each side: memory arrives intact, and downtime and total time agree with the
         /// emulated link's model for the same bandwidth and RTT.
-        @Test(.enabled(if: hasNetTools, "needs ip and tc (iproute2)"))
-        func twoHostMigrationOnAShapedLinkMatchesTheModel() throws {
-            let pair = try NamespacePair(rateMbit: 100)
+        @Test(.enabled(if: hasNetTools, "needs ip and tc (iproute2)"), arguments: ["tbf", "htb"])
+        func twoHostMigrationOnAShapedLinkMatchesTheModel(qdisc: String) throws {
+            let pair = try NamespacePair(rateMbit: 100, qdisc: qdisc)
             defer { pair.remove() }
             let dir = TempDir()
             let port = "47213"
@@ -201,7 +208,7 @@ extension KernelTests {
             let down = try #require(median(json, "downtime_model_ratio"))
             let total = try #require(median(json, "total_time_model_ratio"))
             let rtt = try #require(median(json, "measured_rtt"))
-            print("two-host: downtime/model \(down), total_time/model \(total), measured RTT \(rtt) s")
+            print("two-host (\(qdisc)): downtime/model \(down), total_time/model \(total), measured RTT \(rtt) s")
             #expect(rtt > 0.0095 && rtt < 0.03, "RTT \(rtt) s with a 5 ms delay stage each way")
             #expect(down > 0.5 && down < 2.0, "downtime \(down) × the model's")
             #expect(total > 0.8 && total < 1.25, "total time \(total) × the model's")
