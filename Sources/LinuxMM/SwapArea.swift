@@ -218,9 +218,9 @@ extension MemoryCgroup {
 }
 
 extension PageFlags {
-    /// Pages of [base, base+length) present in RAM (pagemap bit 63) and swapped out (bit 62).
-    /// Needs no privilege: only the PFN is hidden from unprivileged readers.
-    public static func residency(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> (present: Int, swapped: Int) {
+    /// The pagemap entries of [base, base+length), one per page. Needs no privilege: only the
+    /// PFN is hidden from unprivileged readers, and the bits used here are not.
+    static func pagemapEntries(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> [UInt64] {
         let page = System.pageSize
         let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw SystemError.current("open", path: "/proc/self/pagemap") }
@@ -231,8 +231,13 @@ extension PageFlags {
         let want = pages * 8
         let got = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(first * 8)) }
         if got != want { throw SystemError.current("pread", path: "/proc/self/pagemap") }
+        return entries
+    }
+
+    /// Pages of [base, base+length) present in RAM (pagemap bit 63) and swapped out (bit 62).
+    public static func residency(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> (present: Int, swapped: Int) {
         var present = 0, swapped = 0
-        for e in entries {
+        for e in try pagemapEntries(base, length: length) {
             if e & (1 << 63) != 0 { present += 1 } else if e & (1 << 62) != 0 { swapped += 1 }
         }
         return (present, swapped)
@@ -241,16 +246,6 @@ extension PageFlags {
     /// Per page of [base, base+length): whether it is swapped out now (pagemap bit 62, not
     /// present) — the pages whose next touch is a swap-in.
     public static func swappedMap(_ base: UnsafeRawPointer, length: Int) throws(SystemError) -> [Bool] {
-        let page = System.pageSize
-        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        if fd < 0 { throw SystemError.current("open", path: "/proc/self/pagemap") }
-        defer { close(fd) }
-        let pages = length / page
-        var entries = [UInt64](repeating: 0, count: pages)
-        let first = UInt(bitPattern: base) / UInt(page)
-        let want = pages * 8
-        let got = entries.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(first * 8)) }
-        if got != want { throw SystemError.current("pread", path: "/proc/self/pagemap") }
-        return entries.map { $0 & (1 << 63) == 0 && $0 & (1 << 62) != 0 }
+        try pagemapEntries(base, length: length).map { $0 & (1 << 63) == 0 && $0 & (1 << 62) != 0 }
     }
 }

@@ -28,24 +28,13 @@ public enum Calibration {
         let pages = size / 4096
 
         // 1. Kernel first-touch fault (anonymous, 4K), no userfaultfd.
-        prewarm(length: size, kind: .base)
-        let a = try AnonymousMapping(length: size, kind: .base)
-        var t0 = Clock.nanoseconds()
-        touchPages(a.base, length: size, stride: 4096)
-        add("first_touch_fault", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, .lower, "kernel first-touch fault of a 4K anonymous page, no userfaultfd")
+        let (firstTouch, a) = try firstTouchNS(size: size)
+        add("first_touch_fault", firstTouch, .ns, .lower, "kernel first-touch fault of a 4K anonymous page, no userfaultfd")
 
         // 2. UFFDIO_COPY per page and in bulk (2M per ioctl), no waiter.
-        let src = try AnonymousMapping(length: size, kind: .base)
-        memset(src.base, 0x5A, size)
-        do {
-            let uffd = try Userfaultfd.Descriptor()
-            let d = try AnonymousMapping(length: size, kind: .base)
-            try uffd.register(d.base, length: size, mode: .missing)
-            t0 = Clock.nanoseconds()
-            for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
-            add("uffdio_copy_page", Double(Clock.nanoseconds() - t0) / Double(pages), .ns, .lower, "one UFFDIO_COPY of one 4K page (no waiter)")
-            try uffd.unregister(d.base, length: size)
-        }
+        let (copyPage, src) = try copyPageNS(size: size)
+        add("uffdio_copy_page", copyPage, .ns, .lower, "one UFFDIO_COPY of one 4K page (no waiter)")
+        var t0 = Clock.nanoseconds()
         do {
             let uffd = try Userfaultfd.Descriptor()
             let d = try AnonymousMapping(length: size, kind: .base)
@@ -108,6 +97,32 @@ public enum Calibration {
 }
 
 extension Calibration {
+    /// ns per first touch of a 4K anonymous page over `size` (pre-warmed); the mapping is
+    /// returned so it outlives what else is measured in it.
+    static func firstTouchNS(size: Int) throws -> (ns: Double, mapping: AnonymousMapping) {
+        prewarm(length: size, kind: .base)
+        let a = try AnonymousMapping(length: size, kind: .base)
+        let t0 = Clock.nanoseconds()
+        touchPages(a.base, length: size, stride: 4096)
+        return (Double(Clock.nanoseconds() - t0) / Double(size / 4096), a)
+    }
+
+    /// ns per UFFDIO_COPY of one 4K page into an empty registered region (no waiter); also
+    /// returns the filled source mapping for further copies.
+    static func copyPageNS(size: Int) throws -> (ns: Double, source: AnonymousMapping) {
+        let pages = size / 4096
+        let src = try AnonymousMapping(length: size, kind: .base)
+        memset(src.base, 0x5A, size)
+        let uffd = try Userfaultfd.Descriptor()
+        let d = try AnonymousMapping(length: size, kind: .base)
+        try uffd.register(d.base, length: size, mode: .missing)
+        let t0 = Clock.nanoseconds()
+        for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
+        let ns = Double(Clock.nanoseconds() - t0) / Double(pages)
+        try uffd.unregister(d.base, length: size)
+        return (ns, src)
+    }
+
     /// The floors a restore's remote figures are read against, reduced to what fits inside
     /// one repetition (well under 0.3 s): first-touch fault and UFFDIO_COPY per page over 4M,
     /// the local fault round trip for `wait` over 1024 faults, and (`tcp`) the loopback TCP
@@ -115,23 +130,9 @@ extension Calibration {
     static func quick(wait: RestoreConfig.WaitMode, tcp: Bool) throws -> [Floor] {
         var out: [Floor] = []
         func add(_ n: String, _ v: Double, _ h: String) { out.append(Floor(name: n, value: v, unit: .ns, better: .none, help: h)) }
-        let size = 4 << 20, pages = size / 4096
-        prewarm(length: size, kind: .base)
-        let a = try AnonymousMapping(length: size, kind: .base)
-        var t0 = Clock.nanoseconds()
-        touchPages(a.base, length: size, stride: 4096)
-        add("floor_first_touch", Double(Clock.nanoseconds() - t0) / Double(pages), "kernel first-touch fault of a 4K anonymous page")
-        let src = try AnonymousMapping(length: size, kind: .base)
-        memset(src.base, 0x5A, size)
-        do {
-            let uffd = try Userfaultfd.Descriptor()
-            let d = try AnonymousMapping(length: size, kind: .base)
-            try uffd.register(d.base, length: size, mode: .missing)
-            t0 = Clock.nanoseconds()
-            for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
-            add("floor_copy_page", Double(Clock.nanoseconds() - t0) / Double(pages), "one UFFDIO_COPY of one 4K page, no waiter")
-            try uffd.unregister(d.base, length: size)
-        }
+        let size = 4 << 20
+        add("floor_first_touch", try firstTouchNS(size: size).ns, "kernel first-touch fault of a 4K anonymous page")
+        add("floor_copy_page", try copyPageNS(size: size).ns, "one UFFDIO_COPY of one 4K page, no waiter")
         let image = try PageImage(pages: 1024, seed: 5, zeroRatio: 0)
         defer { image.release() }
         let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
@@ -148,7 +149,6 @@ extension Calibration {
         if tcp, let rtt = loopbackTCPRoundTrip(rounds: 200) {
             add("floor_loopback_tcp_rtt", rtt, "median 8-byte ping-pong over loopback TCP")
         }
-        withExtendedLifetime((a, src)) {}
         return out
     }
 }
