@@ -400,6 +400,43 @@ extension KernelTests {
             #expect(srcTook < 8 && dstTook < 8, "source took \(srcTook) s, destination \(dstTook) s: \(sErr) / \(dErr)")
         }
 
+        /// Lazy restore across two hosts: `memlab pagesource` serves the image in one network
+        /// namespace, the restore runs in the other with source_address; every touched page
+        /// crosses the shaped veth once and the contents match.
+        @Test(.enabled(if: hasNetTools, "needs ip and tc (iproute2)"))
+        func lazyRestoreFromAPageSourceOnAnotherHost() throws {
+            let pair = try NamespacePair(rateMbit: 200)
+            defer { pair.remove() }
+            let dir = TempDir()
+            let address = "\(NamespacePair.destinationAddress):47230"
+            let (ps, _, _) = try Memlab.start(["pagesource", "--listen", address, "--size", "16M", "--seed", "5"],
+                                              stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
+            defer { kill(ps.processIdentifier, SIGKILL); ps.waitUntilExit() }
+            let ready = waitFor(10) {
+                ((try? sh(["/usr/sbin/ip", "netns", "exec", NamespacePair.destination, "/usr/bin/ss", "-ltn"]))?.1 ?? "").contains(address)
+            }
+            #expect(ready, "the page source never listened on \(address)")
+            let out = try Memlab.run(["run", "lazy-restore:restore", "--repeat", "2", "--quiet", "--json", dir.file("r.json"),
+                                      "--set", "source=tcp", "--set", "source_address=\(address)", "--set", "size=16M", "--set", "seed=5",
+                                      "--set", "accesses=512", "--set", "workload=random", "--set", "rtt_ms=0.5"],
+                                     stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
+            #expect(out.status == 0, "\(out.stdout) \(out.stderr)")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            let checks = (r["checks"] as? [[String: Any]]) ?? []
+            #expect(checks.contains { $0["name"] as? String == "contents_match_source" })
+            #expect(checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks.filter { $0["agrees"] as? Bool != true })")
+            let remote = try #require(median(r, "faults_remote"))
+            #expect(remote > 100)
+            #expect(median(r, "source_bytes_received") == remote * 4096)
+            // A source serving another image size is refused with both sizes named.
+            let bad = try Memlab.run(["run", "lazy-restore:restore", "--repeat", "1", "--quiet", "--json", dir.file("bad.json"),
+                                      "--set", "source=tcp", "--set", "source_address=\(address)", "--set", "size=32M"],
+                                     stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
+            #expect(bad.status == 1)
+            let reason = (runs(try loadJSON(dir.file("bad.json"))).first?["reason"] as? String) ?? ""
+            #expect(reason.contains("4096 pages") && reason.contains("8192"), "\(reason)")
+        }
+
         @Test func noNamespaceIsLeftBehind() {
             #expect(NamespacePair.leftovers.isEmpty, "left: \(NamespacePair.leftovers)")
         }

@@ -51,6 +51,7 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("inject_source_failure_s", .double(0...3600), default: .double(0), help: "testing: declare the source dead this long after resume (0: never)"),
         ParameterSpec("source", .choice(["memory", "unix", "tcp", "file"]), default: .string("memory"), help: "where pages come from: memory (in this process), unix / tcp (a separate source process, memlab _pagesource), file (a snapshot file read with pread); the emulated link's delays apply on top: arrival = max(real arrival, model)"),
         ParameterSpec("source_port", .int(0...65535), default: .int(0), help: "source=tcp: port the source process listens on at 127.0.0.1 (0: any free port)"),
+        ParameterSpec("source_address", .text, default: .string(""), help: "source=tcp: IPv4:PORT of a page source already serving there (`memlab pagesource`, on this or another host) instead of a source process of our own; it must serve the same size, seed and zero_ratio, and every repetition restores that one image"),
         ParameterSpec("source_dir", .choice(["/var/tmp", "/tmp", "/dev/shm"]), default: .string("/var/tmp"), help: "source=file: directory of the snapshot file (and of the source process's log)"),
         ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
         ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
@@ -98,6 +99,12 @@ public struct LazyRestoreScenario: Scenario {
         if params.double("kill_source_after_s") > 0 && !["unix", "tcp"].contains(params.string("source")) {
             throw UsageError("kill_source_after_s needs a source process: source=unix or source=tcp")
         }
+        let remote = params.string("source_address")
+        if !remote.isEmpty {
+            if params.string("source") != "tcp" { throw UsageError("source_address is used only with source=tcp") }
+            do { _ = try WireSocket.parse(remote) } catch { throw UsageError("source_address '\(remote)': \(error) (expected IPv4:PORT, e.g. 10.0.0.2:7070)") }
+            if params.double("kill_source_after_s") > 0 { throw UsageError("kill_source_after_s kills a source process of ours; with source_address the source is not ours") }
+        }
 
     }
 
@@ -122,6 +129,8 @@ public struct LazyRestoreScenario: Scenario {
     func makeSource(_ p: Params, image: PageImage, channels: Int, deadlineS: Double) throws -> PageSource? {
         switch p.string("source") {
         case "unix": return try PageSource.process(kind: .unix, image: image, channels: channels, tcpAddress: "", timeoutS: deadlineS, directory: p.string("source_dir"))
+        case "tcp" where !p.string("source_address").isEmpty:
+            return try PageSource.remote(address: p.string("source_address"), image: image, channels: channels, timeoutS: deadlineS)
         case "tcp": return try PageSource.process(kind: .tcp, image: image, channels: channels, tcpAddress: "127.0.0.1:\(p.int("source_port"))", timeoutS: deadlineS, directory: p.string("source_dir"))
         case "file": return try PageSource.file(image: image, directory: p.string("source_dir"), dropCache: p.string("file_cache") == "drop")
         default: return nil
@@ -144,7 +153,8 @@ public struct LazyRestoreScenario: Scenario {
     func runRestore(_ ctx: RunContext) throws {
         let p = ctx.params
         let pages = p.int("size") / 4096
-        let seed = UInt64(p.int("seed")) &+ UInt64(ctx.repetition) &* 7919
+        // A new image per repetition, except from a remote source: it serves one image.
+        let seed = UInt64(p.int("seed")) &+ (p.string("source_address").isEmpty ? UInt64(ctx.repetition) &* 7919 : 0)
         let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
         defer { image.release() }
         let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!

@@ -91,6 +91,29 @@ final class PageSource: @unchecked Sendable {
                           label: "snapshot file \(path)")
     }
 
+    /// Connects to a page source that already serves elsewhere (`memlab pagesource` on this or
+    /// another host): the same protocol and fault path as `process`, no process of ours. The
+    /// source must serve the image this run verifies against (same pages, seed, zero ratio).
+    static func remote(address: String, image: PageImage, channels count: Int, timeoutS: Double) throws -> PageSource {
+        var chans: [Channel] = []
+        do {
+            for _ in 0..<max(count, 1) {
+                let fd = try WireSocket.connect(address, timeoutS: timeoutS)
+                setTimeouts(fd, seconds: timeoutS)
+                var one: Int32 = 1
+                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
+                chans.append(Channel(fd: fd))
+                try readHello(fd, pages: image.pages)
+            }
+        } catch {
+            for c in chans { close(c.fd) }
+            throw ScenarioError.failed("page source tcp \(address): \(error)")
+        }
+        return PageSource(kind: .tcp, pages: image.pages, landing: try AnonymousMapping(length: image.pages * 4096, kind: .base),
+                          channels: chans, pid: 0, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: nil,
+                          label: "remote page source over TCP \(address)")
+    }
+
     /// Starts `memlab _pagesource` serving `image` (regenerated there from its seed) and
     /// connects `channels` connections to it (one per handler thread and one for the pusher).
     static func process(kind: Kind, image: PageImage, channels count: Int, tcpAddress: String, timeoutS: Double,
@@ -313,15 +336,18 @@ final class PageSource: @unchecked Sendable {
 /// `memlab _pagesource key=value …`: the source process. Regenerates the image from
 /// (pages, seed, zero_ratio), listens on a Unix socket path or a TCP address, writes
 /// "pid port\n" to `ready`, and serves every connection in its own thread: HELLO, then
-/// GET → DATA until the peer closes. Dies with its parent (PDEATHSIG).
+/// GET → DATA until the peer closes. Dies with its parent (PDEATHSIG) when started with
+/// parent=; `memlab pagesource` runs it standalone.
 public enum PageServer {
     public static func main(_ arguments: [String]) -> Int32 {
-        _ = LinuxMMBridge.setParentDeathSignal(SIGKILL)
         signal(SIGPIPE, SIG_IGN)
         var o: [String: String] = [:]
         for a in arguments {
             if let eq = a.firstIndex(of: "=") { o[String(a[..<eq])] = String(a[a.index(after: eq)...]) }
         }
+        // A restore's own source process dies with the restore; `memlab pagesource` (no
+        // parent=) lives until it is killed.
+        if o["parent"] != nil { _ = LinuxMMBridge.setParentDeathSignal(SIGKILL) }
         guard let kind = o["kind"], let listen = o["listen"], let pages = Int(o["pages"] ?? ""), pages > 0,
               let seed = UInt64(o["seed"] ?? ""), let zr = Double(o["zero_ratio"] ?? "") else {
             writeStderr("memlab _pagesource: needs kind= listen= pages= seed= zero_ratio= [ready=] [parent=]\n")
@@ -350,6 +376,12 @@ public enum PageServer {
                 if !ok { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: listen))\n"); return 1 }
                 port = Int(UInt16(bigEndian: sa.sin_port))
             } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
+        }
+        if o["announce"] == "1" {
+            // `memlab pagesource`: say where it serves (a test or a user waits for this line).
+            let host = listen.lastIndex(of: ":").map { String(listen[..<$0]) } ?? listen
+            print("memlab pagesource: serving \(pages) pages (seed \(seed), zero_ratio \(zr)) on \(kind == "unix" ? listen : "\(host):\(port)")")
+            fflush(nil)
         }
         if let ready = o["ready"] {
             let tmp = ready + ".tmp"

@@ -262,7 +262,7 @@ extension String {
 
 /// Socket set-up: an IPv4 address "A.B.C.D:PORT".
 public enum WireSocket {
-    static func parse(_ address: String) throws(WireError) -> sockaddr_in {
+    public static func parse(_ address: String) throws(WireError) -> sockaddr_in {
         guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else {
             throw .system("address '\(address)' is not IPv4:PORT")
         }

@@ -1,0 +1,45 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import LabKit
+import Scenarios
+
+/// `memlab pagesource`: the lazy-restore page source as a command of its own, so a restore on
+/// one host (`lazy-restore:restore source=tcp source_address=HOST:PORT`) can fetch its pages
+/// from another. It serves until killed (Ctrl-C).
+struct PageSourceCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pagesource",
+        abstract: "Serve a lazy-restore image over TCP (the page protocol of docs/lazy-restore-protocol.md) until killed.",
+        discussion: """
+        The image is generated from --size, --seed and --zero-ratio exactly as the restore generates the one it \
+        verifies against, so give both sides the same three values.
+
+        Example (two hosts):
+          hostB$ memlab pagesource --listen 10.0.0.2:7070 --size 64M --seed 1
+          hostA$ sudo memlab run lazy-restore:restore --set source=tcp --set source_address=10.0.0.2:7070 --set size=64M --set seed=1
+        """)
+
+    @Option(help: ArgumentHelp("Address to listen on.", valueName: "ipv4:port")) var listen: String
+    @Option(help: "Image size (K, M, G suffix), as the restore's `size`.") var size = "64M"
+    @Option(help: "Image seed, as the restore's `seed`.") var seed = 1
+    @Option(help: "Fraction of zero pages, as the restore's `zero_ratio`.") var zeroRatio = 0.1
+
+    func run() throws {
+        let scenario = LazyRestoreScenario()
+        guard case .int(let bytes) = try scenario.parse(parameter: "size", size) else { throw UsageError("--size: expected a size such as 64M") }
+        guard case .int = try scenario.parse(parameter: "seed", String(seed)) else { throw UsageError("--seed: expected an integer") }
+        guard (0...1).contains(zeroRatio) else { throw UsageError("--zero-ratio must be within 0...1") }
+        do { _ = try WireSocket.parse(listen) } catch { throw UsageError("--listen '\(listen)': \(error) (expected IPv4:PORT)") }
+        // It serves until killed: make sure the usual signals can (a parent may have left
+        // them blocked in the mask this process inherited).
+        var set = sigset_t()
+        sigemptyset(&set)
+        for sig in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, sig) }
+        sigprocmask(SIG_UNBLOCK, &set, nil)
+        let status = PageServer.main(["kind=tcp", "listen=\(listen)", "pages=\(bytes / 4096)", "seed=\(seed)",
+                                      "zero_ratio=\(zeroRatio)", "announce=1"])
+        throw ExitCode(status)
+    }
+}
