@@ -17,6 +17,8 @@ struct RestoreConfig: Sendable {
 
     var policy: Policy = .onDemand
     var resolve: Resolve = .copy
+    /// resolve=copy into a memfd (shmem) region in MISSING mode instead of anonymous memory.
+    var shmemRegion = false
     var wait: WaitMode = .blocking
     var handlerThreads = 1
     var batch = 64

@@ -39,6 +39,7 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("wait", .choice(["blocking", "poll", "epoll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling"),
         ParameterSpec("handler_threads", .int(1...16), default: .int(1), help: "fault handler threads"),
         ParameterSpec("batch", .int(1...64), default: .int(64), help: "messages read per read(2)"),
+        ParameterSpec("region", .choice(["anon", "memfd"]), default: .string("anon"), help: "resolve=copy: the destination region is anonymous memory, or a memfd (shmem, MAP_SHARED) registered in MISSING mode and filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into the page cache"),
         ParameterSpec("resolve", .choice(["copy", "move", "continue"]), default: .string("copy"), help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE"),
         ParameterSpec("zero_ratio", .double(0...1), default: .double(0.1), help: "fraction of image pages that are zero"),
         ParameterSpec("zero_pages", .choice(["zeropage", "transfer"]), default: .string("zeropage"), help: "known-zero pages: UFFDIO_ZEROPAGE locally, or transferred like any page"),
@@ -70,6 +71,7 @@ public struct LazyRestoreScenario: Scenario {
         let f = Userfaultfd.Features(rawValue: Userfaultfd.probe().features)
         if params.string("resolve") == "move" && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
         if params.string("resolve") == "continue" && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
+        if params.string("region") == "memfd" && !f.contains(.missingShmem) { return .unusable("MISSING faults on shmem need Linux 4.11+ (UFFD_FEATURE_MISSING_SHMEM)") }
         return .usable
     }
 
@@ -83,6 +85,15 @@ public struct LazyRestoreScenario: Scenario {
             throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? ", staging" : "")); MemAvailable is \(formatBytes(avail))")
         }
         if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
+        if params.string("region") == "memfd" && params.string("resolve") != "copy" {
+            throw UsageError("region=memfd goes with resolve=copy (move takes anonymous pages only; continue always uses a memfd)")
+        }
+        if params.string("region") == "memfd" && params.int("drop_every") > 0 {
+            throw UsageError("drop_every uses MADV_DONTNEED, which on shmem unmaps but keeps the page-cache page (no drop to follow): use region=anon")
+        }
+        if params.string("region") == "memfd" && params.string("policy") == "huge" {
+            throw UsageError("policy huge needs an anonymous THP region: use region=anon")
+        }
         if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
         if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
         if params.string("workload") == "trace" {
@@ -114,6 +125,7 @@ public struct LazyRestoreScenario: Scenario {
         var c = RestoreConfig()
         c.policy = RestoreConfig.Policy(rawValue: p.string("policy"))!
         c.resolve = RestoreConfig.Resolve(rawValue: p.string("resolve"))!
+        c.shmemRegion = p.string("region") == "memfd"
         c.wait = RestoreConfig.WaitMode(rawValue: p.string("wait"))!
         c.handlerThreads = p.int("handler_threads")
         c.batch = p.int("batch")
@@ -305,6 +317,10 @@ public struct LazyRestoreScenario: Scenario {
                   describe: "installed pages differing from the source image (memcmp, after unregister)")
         ctx.check("duplicate_transfers", expected: 0, observed: Double(r.duplicates), tolerance: 0,
                   describe: "pages sent more than once, plus EEXIST conflicts")
+        if let cached = r.shmemCachedPages {
+            ctx.check("memfd_page_cache_pages", expected: Double(r.installedPages), observed: Double(cached), tolerance: 0,
+                      describe: "pages of the memfd in the page cache (mincore) = pages installed by UFFDIO_COPY/ZEROPAGE")
+        }
         ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
                   describe: "pages the workload touched that the engine never installed")
         if cfg.policy == .onDemand && p.int("threads") == 1 && p.int("drop_every") == 0 {

@@ -38,6 +38,9 @@ struct RestoreOutcome {
     var faultsUnattributed = 0
     /// Restore start (resume) → workload released: the before-resume prefetch (REAP), ns.
     var downtimeNS: UInt64 = 0
+    /// region=memfd: pages installed, and pages of the memfd in the page cache (mincore).
+    var installedPages = 0
+    var shmemCachedPages: Int?
 }
 
 /// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
@@ -79,6 +82,10 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
         }
         anon = try AnonymousMapping(length: length, kind: .base)
         region = anon!.base
+    case .copy where config.shmemRegion:
+        // Shmem in MISSING mode: UFFDIO_COPY / UFFDIO_ZEROPAGE allocate the page-cache page.
+        file = try FileMapping.memfd(name: "memlab-lazy-restore", length: length)
+        region = file!.base
     case .copy:
         anon = try AnonymousMapping(length: length, kind: config.policy == .huge ? .thp : .base)
         region = anon!.base
@@ -86,6 +93,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     let doorbell = try AnonymousMapping(length: config.handlerThreads * 4096, kind: .base)
     var features: Userfaultfd.Features = [.threadID, .eventRemove, .eventUnmap]
     if config.resolve == .continue { features.insert(.minorShmem) }
+    if config.shmemRegion { features.insert(.missingShmem) }
     if config.resolve == .move { features.insert(.move) }
     let uffd = try Userfaultfd.Descriptor(features: features, nonBlocking: config.wait != .blocking)
     try uffd.register(region, length: length, mode: config.resolve == .continue ? .minor : .missing)
@@ -212,6 +220,13 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
         if traces.touched[p] != 0 && !installed[p] && !dropped[p] { out.touchedNotInstalled += 1 }
     }
     out.duplicates += out.eexist
+    out.installedPages = installed.reduce(0) { $0 + ($1 ? 1 : 0) }
+    if config.shmemRegion && out.failed == nil {
+        // UFFDIO_COPY / ZEROPAGE into shmem allocate page-cache pages: exactly the installed
+        // ones must be resident in the memfd, and no other (mincore on the shared mapping).
+        var vec = [UInt8](repeating: 0, count: pages)
+        if mincore(region, length, &vec) == 0 { out.shmemCachedPages = vec.reduce(0) { $0 + Int($1 & 1) } }
+    }
     if out.failed == nil {
         out.mismatched = image.mismatches(region) { installed[$0] }
         if out.droppedPages > 0 {
