@@ -268,3 +268,31 @@ long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t le
         }
     }
 }
+
+void *memlab_remap_away(void *old, size_t len) {
+    void *dst = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (dst == MAP_FAILED) return NULL;
+    void *moved = mremap(old, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+    if (moved == MAP_FAILED) { int e = errno; munmap(dst, len); errno = e; return NULL; }
+    /* A placeholder where the region was; its owner's munmap will take it. */
+    void *hole = mmap(old, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    (void)hole;
+    return moved;
+}
+
+int memlab_fork_compare_pages(const void *base, const void *expected, size_t pages, size_t stride) {
+    if (stride == 0) stride = 1;
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        int bad = 0;
+        for (size_t p = 0; p < pages; p += stride) {
+            if (memcmp((const char *)base + p * 4096, (const char *)expected + p * 4096, 4096) != 0 && bad < 250) bad++;
+        }
+        _exit(bad);
+    }
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
+    if (WIFSIGNALED(status)) return -2;
+    return WEXITSTATUS(status);
+}

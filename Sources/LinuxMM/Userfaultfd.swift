@@ -74,6 +74,14 @@ extension Userfaultfd {
             self.ioctls = api.ioctls
         }
 
+        /// Adopts a userfaultfd the kernel created (a FORK event's descriptor for the child's
+        /// registered ranges): already past UFFDIO_API, with the parent's features.
+        public init(adopting fd: Int32, features: Features) {
+            self.fd = fd
+            self.features = features
+            self.ioctls = 0
+        }
+
         deinit { close(fd) }
 
         /// Registers [start, start+length); returns the ioctls allowed on the range (bit n =

@@ -95,6 +95,36 @@ extension KernelTests {
             }
         }
 
+        /// The workload moves its whole region with mremap mid-restore: the REMAP event is
+        /// followed (faults at the new address are served, contents verify there).
+        @Test func aWholeRegionMremapIsFollowed() throws {
+            for (policy, wait) in [("on-demand", "blocking"), ("background-push", "busy"), ("fault-around", "epoll")] {
+                let r = try run("lazy-restore", Self.small + ["workload=random", "write_ratio=0.5", "remap_after=200", "policy=\(policy)", "wait=\(wait)"])
+                #expect(r["status"] as? String == "ok", "\(policy)/\(wait): \(r["reason"] ?? "")")
+                #expect(checksAgree(r).isEmpty, "\(policy)/\(wait): \(checksAgree(r))")
+                #expect(median(r, "remap_events") == 1)
+                let names = ((r["checks"] as? [[String: Any]]) ?? []).compactMap { $0["name"] as? String }
+                #expect(names.contains("region_ended_at_new_address") && names.contains("contents_match_source"))
+            }
+        }
+
+        /// The workload forks mid-restore: the FORK event's descriptor is served, so the child
+        /// reads the source's contents in pages the parent had not fetched yet.
+        @Test func aForkedChildIsServedToo() throws {
+            for policy in ["on-demand", "background-push"] {
+                let r = try run("lazy-restore", Self.small + ["workload=random", "fork_after=20", "bandwidth_mbit=100", "policy=\(policy)"])
+                #expect(r["status"] as? String == "ok", "\(policy): \(r["reason"] ?? "")")
+                #expect(checksAgree(r).isEmpty, "\(policy): \(checksAgree(r))")
+                #expect(median(r, "fork_events") == 1)
+                #expect((median(r, "fork_faults") ?? 0) > 0, "\(policy): the child faulted on pages still missing")
+            }
+            let dir = TempDir()
+            for bad in [["remap_after=10", "threads=2"], ["fork_after=5000", "accesses=512"], ["remap_after=10", "resolve=move"]] {
+                let out = try Memlab.run(["run", "lazy-restore"] + bad.flatMap { ["--set", $0] }, stateDir: dir.path)
+                #expect(out.status == 2, "\(bad): \(out.stderr)")
+            }
+        }
+
         @Test func waitModesAndHandlerThreads() throws {
             for wait in ["poll", "epoll", "busy"] {
                 let r = try run("lazy-restore", Self.small + ["wait=\(wait)", "threads=2", "handler_threads=2", "workload=random"])

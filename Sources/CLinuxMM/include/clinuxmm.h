@@ -255,6 +255,17 @@ int memlab_install_signal_pipe(int fd, const int *signals, int count);
 /// Writes one byte every `stride` bytes over [base, base+len).
 void memlab_ref_touch(void *base, size_t len, size_t stride);
 
+/* Moves [old, old+len) to a fresh address (mremap MREMAP_MAYMOVE|MREMAP_FIXED over a range
+ * reserved first) and leaves a PROT_NONE placeholder where it was, so nothing else lands there
+ * while its owner still means to unmap it. Returns the new base, or NULL with errno set. */
+void *memlab_remap_away(void *old, size_t len);
+
+/* Forks a child that compares every `stride`-th page of [base, base + pages*4096) with the
+ * same page of `expected` and exits with the number of mismatches (at most 250). Returns that
+ * number, or -1 (errno) if fork or waitpid failed, or -2 if the child died of a signal.
+ * The child only reads memory and calls _exit: safe after fork in a threaded process. */
+int memlab_fork_compare_pages(const void *base, const void *expected, size_t pages, size_t stride);
+
 /// Reference fault handler (one message per read, one UFFDIO_COPY per fault) for the bench.
 /// `mode`: 0 blocking read, 1 poll, 2 busy (non-blocking read in a loop), 3 epoll.
 long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t len, int mode);

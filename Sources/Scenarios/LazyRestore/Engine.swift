@@ -156,7 +156,9 @@ final class FaultEngine: Sendable {
     let link: EmulatedLink
     let image: PageImage
     let pages: Int
-    let regionAddress: UInt
+    /// Where the region is now: the workload may move it whole (mremap; a REMAP event).
+    let regionBase: Atomic<UInt>
+    @inline(__always) var regionAddress: UInt { regionBase.load(ordering: .acquiring) }
     let doorbellAddress: UInt
     /// resolve=move: an anonymous copy of the image the pages are moved out of;
     /// resolve=continue: a second mapping of the memfd (the page cache) the data lands in.
@@ -192,6 +194,13 @@ final class FaultEngine: Sendable {
     let deferredPages = Atomic<Int>(0)
     let removeEvents = Atomic<Int>(0)
     let unmapEvents = Atomic<Int>(0)
+    /// REMAP: the region moved whole; FORK: a child shares the registration (its own
+    /// userfaultfd, served by a fork server thread from the destination's image copy).
+    let remapEvents = Atomic<Int>(0)
+    let forkEvents = Atomic<Int>(0)
+    let forkFaults = Atomic<Int>(0)
+    let forkStop = Atomic<Bool>(false)
+    let forkServers = Mutex<[OSThread]>([])
     /// Faults on a page the engine had installed whose mapping the application dropped
     /// since (served with a zero page).
     let droppedRefaults = Atomic<Int>(0)
@@ -237,7 +246,7 @@ final class FaultEngine: Sendable {
         self.pages = image.pages
         self.link = link
         self.uffd = uffd
-        regionAddress = UInt(bitPattern: region)
+        regionBase = Atomic(UInt(bitPattern: region))
         doorbellAddress = UInt(bitPattern: doorbell)
         stagingAddress = staging.map { UInt(bitPattern: $0) } ?? 0
         state = AtomicByteArray(count: pages)
@@ -636,6 +645,8 @@ final class FaultEngine: Sendable {
     @inline(__always)
     func handleEvent(_ m: Userfaultfd.Message) {
         events.add(1, ordering: .relaxed)
+        if m.event == UInt32(memlab_UFFD_EVENT_REMAP) { handleRemap(from: UInt(m.address), to: UInt(m.end), length: Int(m.len)); return }
+        if m.event == UInt32(memlab_UFFD_EVENT_FORK) { startForkServer(fd: m.ufd); return }
         let start = Int(m.address), end = Int(m.end)
         let base = Int(regionAddress)
         guard end > base, start < base + pages * 4096 else { return }
@@ -653,6 +664,68 @@ final class FaultEngine: Sendable {
                 p += 1
             }
         }
+    }
+
+    /// The workload moved the region (mremap): a whole-region move is followed (installs and
+    /// fault addresses use the new base from now on; page states are by index, so nothing
+    /// else changes); a move of part of it, or a resize, fails the run with the reason.
+    func handleRemap(from: UInt, to: UInt, length: Int) {
+        let base = regionAddress
+        guard from < base + UInt(pages * 4096), from + UInt(length) > base else { return }
+        remapEvents.add(1, ordering: .relaxed)
+        if from == base && length == pages * 4096 {
+            regionBase.store(to, ordering: .releasing)
+            return
+        }
+        failureReason.withLock { r in
+            if r == nil { r = "the workload moved \(length) bytes at 0x\(String(from, radix: 16)) of the restored region (0x\(String(base, radix: 16)), \(pages) pages) to 0x\(String(to, radix: 16)): only a move of the whole region is followed" }
+        }
+        _ = failureErrno.compareExchange(expected: 0, desired: EFAULT, ordering: .relaxed)
+    }
+
+    /// A FORK event: the child's copy of the registered ranges reports to `fd`. A thread of
+    /// its own serves those faults with UFFDIO_COPY from the destination's copy of the image
+    /// (the child reads what the restored process would have), until the restore ends. Rare:
+    /// it may allocate.
+    func startForkServer(fd: Int32) {
+        forkEvents.add(1, ordering: .relaxed)
+        // Non-blocking: once the child has exited, a poll may still report the descriptor
+        // and a blocking read would then never return (and the teardown's join with it).
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        let child = Userfaultfd.Descriptor(adopting: fd, features: uffd.features)
+        let base = regionAddress
+        let t = OSThread { [self] in forkServerLoop(child, base: base) }
+        forkServers.withLock { $0.append(t) }
+    }
+
+    func forkServerLoop(_ child: Userfaultfd.Descriptor, base: UInt) {
+        let buffer = UnsafeMutablePointer<Userfaultfd.Message>.allocate(capacity: 64)
+        defer { buffer.deallocate() }
+        let end = base + UInt(pages * 4096)
+        while !forkStop.load(ordering: .acquiring) {
+            guard (try? child.poll(timeoutNanoseconds: 20_000_000)) == true else { continue }
+            guard let n = try? child.read(into: buffer, max: 64) else { return }
+            // Readable but nothing to read: the child is gone; do not spin until the stop.
+            if n == 0 { Clock.sleep(nanoseconds: 2_000_000); continue }
+            for i in 0..<n where buffer[i].event == UInt32(memlab_UFFD_EVENT_PAGEFAULT) {
+                let a = UInt(buffer[i].address) & ~UInt(4095)
+                guard a >= base && a < end else { continue }
+                let page = Int((a - base) / 4096)
+                do throws(SystemError) {
+                    try child.copy(to: UnsafeMutableRawPointer(bitPattern: a)!, from: UnsafeRawPointer(image.base + page * 4096), length: 4096)
+                    forkFaults.add(1, ordering: .relaxed)
+                } catch {
+                    if error.errno == EEXIST { try? child.wake(UnsafeMutableRawPointer(bitPattern: a)!, length: 4096) }
+                }
+            }
+        }
+    }
+
+    /// Ends the fork servers (their children have exited: the workload waited for them).
+    func stopForkServers() {
+        forkStop.store(true, ordering: .releasing)
+        let ts = forkServers.withLock { t in defer { t = [] }; return t }
+        for t in ts { t.join() }
     }
 
     /// How long a handler waits for messages while installs are deferred (EAGAIN): short,
@@ -681,7 +754,6 @@ final class FaultEngine: Sendable {
             buffer.deallocate(); list.deallocate(); scratch.deallocate(); retryBuf.deallocate(); threadCounts.deallocate()
             handlerCPU.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed)
         }
-        let regionEnd = regionAddress + UInt(pages * 4096)
         var exit = false
         /// A doorbell whose zero page met EAGAIN: retried like a deferred install.
         var doorbell: UInt = 0
@@ -710,6 +782,9 @@ final class FaultEngine: Sendable {
             for i in 0..<n {
                 let m = buffer[i]
                 if m.event != UInt32(memlab_UFFD_EVENT_PAGEFAULT) { handleEvent(m); continue }
+                // Read per message: a REMAP event earlier in this batch may have moved it.
+                let regionAddress = self.regionAddress
+                let regionEnd = regionAddress + UInt(pages * 4096)
                 let a = UInt(m.address)
                 if a >= regionAddress && a < regionEnd {
                     handleFault(page: Int((a - regionAddress) / 4096), time: now, tid: m.ptid, list: list, scratch: scratch,

@@ -57,6 +57,8 @@ public struct LazyRestoreScenario: Scenario {
         ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
         ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
         ParameterSpec("drop_every", .int(0...100_000_000), default: .int(0), help: "testing the REMOVE path: the last workload thread drops (MADV_DONTNEED) the page of every Nth access right after it (0: never)"),
+        ParameterSpec("remap_after", .int(0...100_000_000), default: .int(0), help: "testing REMAP: after this many accesses the (single) workload thread moves the whole region with mremap and goes on there; the engine follows the REMAP event (0: never)"),
+        ParameterSpec("fork_after", .int(0...100_000_000), default: .int(0), help: "testing FORK: after this many accesses the (single) workload thread forks a child that compares every 7th page with the source; a fork server answers the child's faults (0: never)"),
         ParameterSpec("floors", .choice(["measure", "off"]), default: .string("measure"), help: "measure: a reduced calibration (< 0.3 s) in each repetition, recorded as floor_* metrics; off: skip it"),
         ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
     ]
@@ -87,6 +89,12 @@ public struct LazyRestoreScenario: Scenario {
         if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.string("region") == "memfd" && params.string("resolve") != "copy" {
             throw UsageError("region=memfd goes with resolve=copy (move takes anonymous pages only; continue always uses a memfd)")
+        }
+        for name in ["remap_after", "fork_after"] where params.int(name) > 0 {
+            if params.int("threads") != 1 { throw UsageError("\(name) needs threads=1 (the one workload thread moves or forks; others would still use the old addresses)") }
+            if params.int(name) > params.int("accesses") { throw UsageError("\(name)=\(params.int(name)) is past the workload's \(params.int("accesses")) accesses: it would never happen") }
+            if params.string("resolve") != "copy" || params.string("region") != "anon" { throw UsageError("\(name) works with resolve=copy on region=anon") }
+            if params.string("policy") == "working-set-replay" { throw UsageError("\(name) is not combined with working-set-replay (its recording restore would not move or fork)") }
         }
         if params.string("region") == "memfd" && params.int("drop_every") > 0 {
             throw UsageError("drop_every uses MADV_DONTNEED, which on shmem unmaps but keeps the page-cache page (no drop to follow): use region=anon")
@@ -209,7 +217,7 @@ public struct LazyRestoreScenario: Scenario {
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
                                    deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
                                    source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil,
-                                   dropEvery: p.int("drop_every"))
+                                   dropEvery: p.int("drop_every"), remapAfter: p.int("remap_after"), forkAfter: p.int("fork_after"))
         if let f = r.failed { throw ScenarioError.failed(f) }
 
         // This machine's floors, measured in this repetition (after the restore: it does not
@@ -286,6 +294,23 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("remove_events", Double(r.removeEvents), .count, better: .none)
         ctx.record("unmap_events", Double(r.unmapEvents), .count, better: .none)
         if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.deferredPages) pages deferred and retried after the next read") }
+        if p.int("remap_after") > 0 {
+            ctx.record("remap_events", Double(r.remapEvents), .count, better: .none)
+            if r.moveErrno != 0 { throw ScenarioError.failed("the workload's mremap failed: \(SystemError(errno: r.moveErrno, call: "mremap"))") }
+            ctx.check("region_moved_and_followed", expected: 1, observed: Double(r.remapEvents), tolerance: 0,
+                      describe: "the workload's mremap of the whole region reached the handler as one REMAP event (installs and faults then use the new address)")
+            ctx.check("region_ended_at_new_address", expected: 1, observed: r.regionMoved ? 1 : 0, tolerance: 0,
+                      describe: "contents were verified at the address the region was moved to")
+        }
+        if p.int("fork_after") > 0 {
+            ctx.record("fork_events", Double(r.forkEvents), .count, better: .none)
+            ctx.record("fork_faults", Double(r.forkFaults), .count, better: .none)
+            let mismatches = r.forkChildMismatches ?? -3
+            if mismatches < 0 { throw ScenarioError.failed(mismatches == -2 ? "the forked child was killed by a signal" : "the workload could not fork (\(mismatches))") }
+            ctx.check("fork_event_seen", expected: 1, observed: Double(r.forkEvents), tolerance: 0, describe: "the workload's fork reached the handler as one FORK event")
+            ctx.check("fork_child_contents_match", expected: 0, observed: Double(mismatches), tolerance: 0,
+                      describe: "pages (every 7th) that differ from the source in the forked child, whose missing pages the fork server filled")
+        }
         if p.int("drop_every") > 0 {
             ctx.record("workload_drops", Double(r.workload.drops), .count, better: .none)
             ctx.record("dropped_pages", Double(r.droppedPages), .pages, better: .none)

@@ -41,13 +41,20 @@ struct RestoreOutcome {
     /// region=memfd: pages installed, and pages of the memfd in the page cache (mincore).
     var installedPages = 0
     var shmemCachedPages: Int?
+    /// REMAP and FORK: events seen, faults the fork server resolved for the child, whether
+    /// the region ended elsewhere, and the child's page mismatches (-1/-2: fork failed/killed).
+    var remapEvents = 0, forkEvents = 0, forkFaults = 0
+    var regionMoved = false
+    var moveErrno: Int32 = 0
+    var forkChildMismatches: Int?
 }
 
 /// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
 /// if the policy has one, the workload released at `resume`; torn down and verified.
 func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTraces, link: EmulatedLink,
                     reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil,
-                    source: PageSource? = nil, killSourceAfterS: Double? = nil, dropEvery: Int = 0) throws -> RestoreOutcome {
+                    source: PageSource? = nil, killSourceAfterS: Double? = nil, dropEvery: Int = 0,
+                    remapAfter: Int = 0, forkAfter: Int = 0) throws -> RestoreOutcome {
     let remote = source.flatMap { $0.kind == .memory ? nil : $0 }
     // A source may serve several restores (working-set-replay): count this one's share.
     let requests0 = remote?.requests.load(ordering: .relaxed) ?? 0
@@ -60,7 +67,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     var file: FileMapping?
     var cache: FileMapping?
     var stagingAnon: AnonymousMapping?
-    let region: UnsafeMutableRawPointer
+    var region: UnsafeMutableRawPointer
     var staging: UnsafeMutableRawPointer?
     switch config.resolve {
     case .continue:
@@ -94,6 +101,9 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     var features: Userfaultfd.Features = [.threadID, .eventRemove, .eventUnmap]
     if config.resolve == .continue { features.insert(.minorShmem) }
     if config.shmemRegion { features.insert(.missingShmem) }
+    // Followed, not just survived: a whole-region mremap and a fork of the restored process.
+    if remapAfter > 0 { features.insert(.eventRemap) }
+    if forkAfter > 0 { features.insert(.eventFork) }
     if config.resolve == .move { features.insert(.move) }
     let uffd = try Userfaultfd.Descriptor(features: features, nonBlocking: config.wait != .blocking)
     try uffd.register(region, length: length, mode: config.resolve == .continue ? .minor : .missing)
@@ -105,7 +115,8 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     if reapOrder != nil { cfg.pushOrder = [] }
     let engine = try FaultEngine(config: cfg, region: region, doorbell: doorbell.base, staging: staging,
                                  image: image, link: link, uffd: uffd, source: remote)
-    let workload = WorkloadRun(traces: traces, region: region, seed: image.seed, dropEvery: dropEvery)
+    let workload = WorkloadRun(traces: traces, region: region, seed: image.seed, dropEvery: dropEvery,
+                               remapAfter: remapAfter, forkAfter: forkAfter, expected: UnsafeRawPointer(image.base))
     workload.start()
     // The threads exist and wait: their tids attribute each fault (before any handler runs).
     engine.setWorkloadThreads(workload.tids)
@@ -146,7 +157,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
                 ? "the page source failed (\(reason)) \(Double((now - resume) / 1_000_000) / 1000) s after resume; the workload was released by unregistering the region"
                 : "the restore did not finish within \(deadlineS) s; the workload was released by unregistering the region"
             // Waiting threads are woken and fault normally from now on: never a hang.
-            try? uffd.unregister(region, length: length)
+            try? uffd.unregister(engine.region, length: length)
             unregistered = true
             break
         }
@@ -156,6 +167,11 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
         Clock.sleep(until: now + 20_000_000, spinNS: 0)
     }
     let w = workload.join()
+    engine.stopForkServers()
+    // The workload may have moved the region (REMAP): unregister and verify where it is now.
+    let original = region
+    region = engine.region
+    let moved = region != original
     engine.pusherStop.store(true, ordering: .releasing)
     pusher?.join()
     engine.deliveryStop.store(true, ordering: .releasing)
@@ -236,6 +252,15 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
             zero.deallocate()
         }
     }
+    out.remapEvents = engine.remapEvents.load(ordering: .relaxed)
+    out.forkEvents = engine.forkEvents.load(ordering: .relaxed)
+    out.forkFaults = engine.forkFaults.load(ordering: .relaxed)
+    out.regionMoved = moved
+    out.moveErrno = workload.moveErrno.load(ordering: .relaxed)
+    if forkAfter > 0 { out.forkChildMismatches = workload.forkResult.load(ordering: .relaxed) }
+    // The moved region is ours to unmap; the placeholder left at the old address goes with
+    // the original mapping.
+    if moved { munmap(region, length) }
     withExtendedLifetime((anon, file, cache, stagingAnon, doorbell)) {}
     return out
 }

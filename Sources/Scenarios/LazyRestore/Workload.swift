@@ -129,12 +129,27 @@ final class WorkloadRun: @unchecked Sendable {
     /// `dropEvery`-th op right after touching it (0: never).
     let dropEvery: Int
     let dropCount = Atomic<Int>(0)
+    /// Testing REMAP and FORK (one workload thread): after this many ops the thread moves the
+    /// whole region with mremap and goes on at the new address, or forks a child that compares
+    /// every 7th page with the source image (0: never).
+    let remapAfter: Int
+    let forkAfter: Int
+    let expected: UnsafeRawPointer?
+    /// Where the region is after a move (0: not moved), and an errno if the move failed.
+    let movedTo = Atomic<UInt>(0)
+    let moveErrno = Atomic<Int32>(0)
+    /// The forked child's mismatches (-1 fork failed, -2 killed by a signal); -3: no fork.
+    let forkResult = Atomic<Int>(-3)
     private var threads: [OSThread] = []
     private(set) var startNS: UInt64 = 0
 
-    init(traces: AccessTraces, region: UnsafeMutableRawPointer, seed: UInt64, dropEvery: Int = 0) {
+    init(traces: AccessTraces, region: UnsafeMutableRawPointer, seed: UInt64, dropEvery: Int = 0,
+         remapAfter: Int = 0, forkAfter: Int = 0, expected: UnsafeRawPointer? = nil) {
         self.traces = traces
         self.dropEvery = dropEvery
+        self.remapAfter = remapAfter
+        self.forkAfter = forkAfter
+        self.expected = expected
         tidStorage = .allocate(capacity: traces.threads)
         tidStorage.initialize(repeating: 0, count: traces.threads)
         regionAddress = UInt(bitPattern: region)
@@ -192,8 +207,9 @@ final class WorkloadRun: @unchecked Sendable {
         var blockedNS: UInt64 = 0
         var sum: UInt64 = 0
         let seed = self.seed
-        let base = regionAddress
+        var base = regionAddress
         let dropEvery = t == traces.threads - 1 ? self.dropEvery : 0
+        let remapAt = t == 0 ? remapAfter : 0, forkAt = t == 0 ? forkAfter : 0
         var drops = 0
         tidStorage[t] = memlab_gettid()
         ready.add(1, ordering: .releasing)
@@ -224,6 +240,20 @@ final class WorkloadRun: @unchecked Sendable {
                 // read while other threads' faults are in flight (mmap_changing → EAGAIN).
                 _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!, 4096, memlab_MADV_DONTNEED)
                 drops += 1
+            }
+            if remapAt > 0 && i + 1 == remapAt {
+                // The application moves its memory: a REMAP event; later faults arrive at the
+                // new address and the handler must follow.
+                if let moved = memlab_remap_away(UnsafeMutableRawPointer(bitPattern: base)!, traces.touched.count * 4096) {
+                    base = UInt(bitPattern: moved)
+                    movedTo.store(base, ordering: .releasing)
+                } else {
+                    moveErrno.store(Glibc.errno, ordering: .relaxed)
+                }
+            }
+            if forkAt > 0 && i + 1 == forkAt, let expected {
+                // A FORK event: the child reads pages the parent has and pages still missing.
+                forkResult.store(Int(memlab_fork_compare_pages(UnsafeRawPointer(bitPattern: base)!, expected, traces.touched.count, 7)), ordering: .relaxed)
             }
             if i == 0 {
                 let now = Clock.nanoseconds()
