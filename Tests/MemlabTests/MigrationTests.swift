@@ -301,15 +301,18 @@ extension KernelTests {
             var payload: [UInt8] = [1, 0, 0, 0] + Array(header.utf8)
             let n = UInt32(payload.count)
             payload = [0x4D, 0x4C, 1, 0, UInt8(n & 0xff), UInt8(n >> 8 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 24)] + payload
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            defer { close(fd) }
             var sa = sockaddr_in()
             sa.sin_family = sa_family_t(AF_INET)
             sa.sin_port = port.bigEndian
             sa.sin_addr.s_addr = inet_addr("127.0.0.1")
+            // A fresh socket per attempt: one whose connect was refused is not reused.
+            var fd: Int32 = -1
             let connected = waitFor(5) {
-                withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
+                if fd >= 0 { close(fd) }
+                fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                return withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } } == 0
             }
+            defer { close(fd) }
             #expect(connected)
             #expect(write(fd, payload, payload.count) == payload.count)
             var reply = [UInt8](repeating: 0, count: 4096)
@@ -321,7 +324,7 @@ extension KernelTests {
             let body = String(decoding: reply[8..<got], as: UTF8.self)
             if ignore {
                 #expect(reply[2] == 2, "expected WELCOME, got type \(reply[2]): \(body)")
-                close(fd)   // then the source vanishes: the destination fails, having warned
+                shutdown(fd, Int32(SHUT_RDWR))   // then the source vanishes: the destination fails, having warned
                 let out = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
                 let err = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
                 dst.waitUntilExit()

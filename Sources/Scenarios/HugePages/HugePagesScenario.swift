@@ -23,12 +23,18 @@ public struct HugePagesScenario: Scenario {
 
     /// One `mthp-<kB>k` kind per anonymous folio size this kernel offers (a
     /// hugepages-<size>kB directory with an `enabled` control), 2M excepted: that one is `thp`.
-    /// Built from sysfs, so every size the running kernel has can be asked for, and a size it
-    /// lacks is refused by name at parse time (exit 2, the offered sizes listed).
     static var mthpKinds: [String] {
         THP.anonymousSizes.filter { $0 != 2 << 20 }.map { "mthp-\($0 / 1024)k" }
     }
-    static var kinds: [String] { ["4k", "thp"] + mthpKinds + ["hugetlb-2m", "hugetlb-1g"] }
+    /// The names accepted: the sizes x86-64 kernels offer with 4K pages (16K–1M) and whatever
+    /// this kernel offers besides. A known size this kernel lacks is `skipped` with the reason
+    /// (probe), so one scenario file runs on older kernels too; a name no kernel has
+    /// (`mthp-3k`) is refused at parse time (exit 2).
+    static var mthpNames: [String] {
+        let standard = [16, 32, 64, 128, 256, 512, 1024].map { "mthp-\($0)k" }
+        return standard + mthpKinds.filter { !standard.contains($0) }
+    }
+    static var kinds: [String] { ["4k", "thp"] + mthpNames + ["hugetlb-2m", "hugetlb-1g"] }
 
     public let parameters: [ParameterSpec] = [
         ParameterSpec("kind", .choice(HugePagesScenario.kinds), default: .string("thp"), help: "page size asked for (fault, tlb): 4k, thp (2M), mthp-<kB>k for each anonymous mTHP size this kernel offers (here: \(HugePagesScenario.mthpKinds.isEmpty ? "none; mTHP needs 6.8+" : HugePagesScenario.mthpKinds.joined(separator: ", "))), hugetlb-2m, hugetlb-1g"),
