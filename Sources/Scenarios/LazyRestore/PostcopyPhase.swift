@@ -139,8 +139,11 @@ public final class PostcopyPhase {
         delivery?.join()
         if registered {
             if failedErrno == 0 {
+                // One doorbell per handler thread, rung through C: a Swift load whose value is
+                // unused is removed by whole-module optimisation, and then the handlers never
+                // hear the doorbell and the join hangs (release builds only).
                 for i in 0..<engine.config.handlerThreads {
-                    blackHole(doorbell.base.load(fromByteOffset: i * 4096, as: UInt8.self))
+                    memlab_ref_touch(doorbell.base + i * 4096, 1, 4096)
                 }
                 for h in handlers { h.join() }
             }
