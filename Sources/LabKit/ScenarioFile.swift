@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 import TOMLKit
 
@@ -19,14 +22,36 @@ public struct ScenarioFile: Sendable {
 
     public var entries: [Entry]
 
+    /// A scenario file is a page or two of TOML; anything much larger is not one.
+    public static let maxBytes = 1 << 20
+
     public static func load(path: String) throws(UsageError) -> ScenarioFile {
+        var st = stat()
+        if stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
+            throw UsageError("scenario file '\(path)' is not a regular file")
+        }
         guard let data = FileManager.default.contents(atPath: path) else {
             throw UsageError("cannot read scenario file '\(path)'")
         }
-        return try parse(String(decoding: data, as: UTF8.self), name: path)
+        return try parse(bytes: [UInt8](data), name: path)
+    }
+
+    /// Checks what the TOML parser cannot be trusted with — it reads a C string, so a NUL
+    /// would silently end the file there — then parses.
+    public static func parse(bytes: [UInt8], name: String = "scenario file") throws(UsageError) -> ScenarioFile {
+        if bytes.count > maxBytes { throw UsageError("\(name): \(bytes.count) bytes; a scenario file is at most \(maxBytes)") }
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw UsageError("\(name): not UTF-8 text")
+        }
+        return try parse(text, name: name)
     }
 
     public static func parse(_ text: String, name: String = "scenario file") throws(UsageError) -> ScenarioFile {
+        if let nul = text.utf8.firstIndex(of: 0) {
+            let line = text.utf8[..<nul].filter { $0 == 0x0A }.count + 1
+            throw UsageError("\(name): line \(line): a NUL byte (at byte \(text.utf8.distance(from: text.utf8.startIndex, to: nul))); a scenario file is text")
+        }
+        if text.utf8.count > maxBytes { throw UsageError("\(name): \(text.utf8.count) bytes; a scenario file is at most \(maxBytes)") }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)

@@ -59,58 +59,106 @@ public enum Sweep {
         let lowText = String(text[..<dots.lowerBound]).trimmingCharacters(in: " ")
         var rest = String(text[dots.upperBound...]).trimmingCharacters(in: " ")
         // The step: the last "x", "*" or "+" that follows the upper bound.
-        enum Step { case one, times(Double), plus(Double) }
+        enum Step { case one, times(Double), plus(String) }
         var step = Step.one
         if let i = rest.lastIndex(where: { $0 == "x" || $0 == "*" || $0 == "+" || $0 == "X" }), i != rest.startIndex {
             let op = rest[i]
             let amount = String(rest[rest.index(after: i)...]).trimmingCharacters(in: " ")
             rest = String(rest[..<i]).trimmingCharacters(in: " ")
             if op == "+" {
-                guard let v = number(amount, spec), v > 0 else { throw bad("has a step that is not a positive number") }
-                step = .plus(v)
+                step = .plus(amount)
             } else {
                 guard let v = Double(amount), v > 1, v.isFinite else { throw bad("has a factor that is not a number above 1") }
                 step = .times(v)
             }
         }
-        guard let lo = number(lowText, spec) else { throw bad("has a lower bound that is not a \(isInteger ? "whole number or size" : "number")") }
-        guard let hi = number(rest, spec) else { throw bad("has an upper bound that is not a \(isInteger ? "whole number or size" : "number")") }
-        guard lo <= hi else { throw bad("runs backwards (lower bound above upper bound)") }
-        var points: [Double] = []
-        switch step {
-        case .one:
-            guard isInteger else { throw bad("needs a step for a non-integer parameter") }
-            var v = lo
-            while v <= hi { points.append(v); v += 1; if points.count > maxPoints { break } }
-        case .plus(let s):
-            // Accumulate by index, not by repeated addition, so 0..1 +0.1 ends at 1.
-            var k = 0.0
-            while lo + k * s <= hi * (1 + 1e-12) + 1e-12 { points.append(lo + k * s); k += 1; if points.count > maxPoints { break } }
-        case .times(let f):
-            guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
-            var v = lo
-            while v <= hi * (1 + 1e-12) { points.append(v); v *= f; if points.count > maxPoints { break } }
-        }
-        if points.count > maxPoints { throw bad("expands to more than \(maxPoints) points") }
         var out: [ParamValue] = []
-        for p in points {
-            if isInteger {
-                out.append(try spec.accept(.int(Int(p.rounded()))))
-            } else {
-                // Keep decimal steps tidy: 0.30000000000000004 -> 0.3.
+        if isInteger {
+            // Integer parameters are swept in integer arithmetic: no rounding, and no bound
+            // near Int.max can overflow or trap.
+            guard let lo = integer(lowText, spec) else { throw bad("has a lower bound that is not a whole number or size") }
+            guard let hi = integer(rest, spec) else { throw bad("has an upper bound that is not a whole number or size") }
+            guard lo <= hi else { throw bad("runs backwards (lower bound above upper bound)") }
+            var points: [Int] = []
+            switch step {
+            case .one, .plus:
+                var by = 1
+                if case .plus(let amount) = step {
+                    guard let v = integer(amount, spec), v > 0 else { throw bad("has a step that is not a positive whole number or size") }
+                    by = v
+                }
+                // (hi - lo) / by + 1 points, counted before any is made; hi - lo fits a UInt.
+                let span = UInt(bitPattern: hi &- lo)
+                guard span / UInt(by) < UInt(maxPoints) else { throw bad("expands to more than \(maxPoints) points") }
+                var v = lo
+                while true {
+                    points.append(v)
+                    let (next, overflow) = v.addingReportingOverflow(by)
+                    if overflow || next > hi { break }
+                    v = next
+                }
+            case .times(let f):
+                guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
+                var v = Double(lo)
+                while v <= Double(hi) * (1 + 1e-12) {
+                    // A rounded point past Int.max (hi near it) is past the range: it ends it.
+                    guard let p = Int(exactly: v.rounded()), p <= hi else { break }
+                    if points.last != p { points.append(p) }
+                    if points.count > maxPoints { throw bad("expands to more than \(maxPoints) points") }
+                    v *= f
+                }
+            }
+            for p in points { out.append(try spec.accept(.int(p))) }
+        } else {
+            guard let lo = Double(lowText), lo.isFinite else { throw bad("has a lower bound that is not a number") }
+            guard let hi = Double(rest), hi.isFinite else { throw bad("has an upper bound that is not a number") }
+            guard lo <= hi else { throw bad("runs backwards (lower bound above upper bound)") }
+            var points: [Double] = []
+            switch step {
+            case .one:
+                throw bad("needs a step for a non-integer parameter")
+            case .plus(let amount):
+                guard let s = Double(amount), s.isFinite, s > 0 else { throw bad("has a step that is not a positive number") }
+                // Accumulate by index, not by repeated addition, so 0..1 +0.1 ends at 1. The
+                // count is bounded first: a step too small for the bounds is refused at once.
+                let count = ((hi - lo) / s).rounded(.down)
+                guard count.isFinite, count < Double(maxPoints) else { throw bad("expands to more than \(maxPoints) points") }
+                var k = 0.0
+                let top = hi + abs(hi) * 1e-12 + 1e-12
+                while lo + k * s <= top && points.count <= maxPoints { points.append(lo + k * s); k += 1 }
+            case .times(let f):
+                guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
+                var v = lo
+                while v <= hi * (1 + 1e-12) && v.isFinite && points.count <= maxPoints { points.append(v); v *= f }
+            }
+            if points.count > maxPoints { throw bad("expands to more than \(maxPoints) points") }
+            for p in points {
+                // Keep decimal steps tidy: 0.30000000000000004 -> 0.3 (where that stays finite).
                 let tidy = (p * 1e9).rounded() / 1e9
-                out.append(try spec.accept(.double(tidy)))
+                out.append(try spec.accept(.double(tidy.isFinite ? tidy : p)))
             }
         }
         return try distinct(out, spec)
     }
 
-    private static func number(_ text: String, _ spec: ParameterSpec) -> Double? {
-        switch spec.kind {
-        case .size: return parseSize(text).map(Double.init)
-        case .int: return Int(text).map(Double.init)
-        default: return Double(text).flatMap { $0.isFinite ? $0 : nil }
+    /// A whole number (or a size with K/M/G/T, for size parameters) as an Int, or nil.
+    private static func integer(_ text: String, _ spec: ParameterSpec) -> Int? {
+        if case .size = spec.kind { return parseSize(text) }
+        return Int(text)
+    }
+
+    /// The number of points of a sweep over `axes`, computed without overflow and without
+    /// building it; a product beyond `maxPoints` is an error.
+    public static func pointCount(_ axes: [SweepAxis]) throws(UsageError) -> Int {
+        var n = 1
+        for a in axes {
+            let (m, overflow) = n.multipliedReportingOverflow(by: a.values.count)
+            if overflow || m > maxPoints {
+                throw UsageError("the sweep over \(axes.map(\.parameter).joined(separator: " × ")) has more than \(maxPoints) points (\(axes.map { String($0.values.count) }.joined(separator: " × ")))")
+            }
+            n = m
         }
+        return n
     }
 
     /// The points of a sweep over `axes` (in order; the first axis varies slowest), each a
@@ -135,8 +183,8 @@ public enum Sweep {
     /// validated before anything runs. `group` names the sweep within the result document.
     public static func expand(_ scenario: any Scenario, variant: String, fixed: [String: ParamValue],
                               axes: [SweepAxis], group: Int) throws(UsageError) -> [(Params, SweepInfo?)] {
+        _ = try pointCount(axes)
         let points = product(axes)
-        if points.count > maxPoints { throw UsageError("the sweep has \(points.count) points; at most \(maxPoints)") }
         var out: [(Params, SweepInfo?)] = []
         for (i, point) in points.enumerated() {
             var overrides = fixed

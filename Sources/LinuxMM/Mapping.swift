@@ -90,6 +90,13 @@ public enum System {
     public static let pageSize: Int = Int(sysconf(Int32(_SC_PAGESIZE)))
     public static let onlineCPUs: Int = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
     public static var isRoot: Bool { geteuid() == 0 }
+    /// The CPUs online now (/sys/devices/system/cpu/online), which need not be 0..<onlineCPUs.
+    public static var onlineCPUSet: Set<Int> {
+        guard let text = ProcFile.readIfPresent("/sys/devices/system/cpu/online"), let cpus = try? CPUList.parse(text) else {
+            return Set(0..<max(onlineCPUs, 1))
+        }
+        return Set(cpus)
+    }
 }
 
 /// A mapping of a file or memfd (MAP_SHARED or MAP_PRIVATE), unmapped when released. The

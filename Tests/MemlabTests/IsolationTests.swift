@@ -58,7 +58,7 @@ extension KernelTests {
             (["run", "ksm", "--set", "mode=fast"], "is not one of the choices"),
             (["run", "ksm", "--set", "pages"], "expected NAME=VALUE"),
             (["run", "ksm", "--repeat", "0"], "--repeat must be"),
-            (["run", "ksm", "--cpus", "99"], "CPU 99 does not exist"),
+            (["run", "ksm", "--cpus", "99"], "CPU 99 is not online"),
             (["run", "ksm", "--node", "64"], "does not exist"),
             (["run", "selftest:oom", "--set", "oom_touch=8M"], "oom_touch > memory_limit"),
             (["suite", "nosuch"], "unknown suite"),

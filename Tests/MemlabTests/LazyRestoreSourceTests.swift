@@ -9,7 +9,10 @@ extension KernelTests {
         func run(_ sets: [String], expectOK: Bool = true) throws -> ([String: Any], Memlab.Output) {
             let dir = TempDir()
             let before = KnobSnapshot.take()
-            let out = try Memlab.run(["run", "lazy-restore", "--repeat", "1", "--quiet", "--json", dir.file("r.json")] + sets.flatMap { ["--set", $0] }, stateDir: dir.path)
+            // A later NAME=VALUE replaces an earlier one (memlab refuses a parameter given twice).
+            var merged: [String] = []
+            for s in sets { let name = s.prefix { $0 != "=" }; merged.removeAll { $0.prefix { $0 != "=" } == name }; merged.append(s) }
+            let out = try Memlab.run(["run", "lazy-restore", "--repeat", "1", "--quiet", "--json", dir.file("r.json")] + merged.flatMap { ["--set", $0] }, stateDir: dir.path)
             if expectOK { #expect(out.status == 0, "stderr: \(out.stderr)\nstdout: \(out.stdout)") }
             #expect(KnobSnapshot.take() == before, "knobs must be unchanged")
             return (try #require(runs(try loadJSON(dir.file("r.json"))).first), out)
