@@ -41,6 +41,12 @@ public struct TimeSeries: Sendable, Codable, Equatable {
         case name, unit, t, values
         case intervalS = "interval_s"
     }
+
+    /// The samples whose time and value are finite numbers.
+    func finite() -> TimeSeries {
+        let keep = t.indices.filter { $0 < values.count && t[$0].isFinite && values[$0].isFinite }
+        return TimeSeries(name: name, unit: unit, intervalS: intervalS.isFinite ? intervalS : 0, t: keep.map { t[$0] }, values: keep.map { values[$0] })
+    }
 }
 
 /// A latency distribution of one repetition: the value at each of a fixed grid of percentiles,

@@ -96,7 +96,43 @@ public struct ResultDocument: Sendable, Codable {
         guard doc.schema == schemaName else {
             throw UsageError("not a memlab result: schema is '\(doc.schema)', expected '\(schemaName)'")
         }
+        try doc.validate()
         return doc
+    }
+
+    /// What `report` and `compare` rely on beyond the types: numbers that are numbers, arrays
+    /// whose lengths agree, sweeps that name their parameters. A document memlab wrote always
+    /// passes; anything else is refused with the place it fails, never half-drawn or trapped on.
+    public func validate() throws(UsageError) {
+        func fail(_ i: Int, _ what: String) -> UsageError { UsageError("runs[\(i)]: \(what)") }
+        func finite(_ xs: [Double]) -> Bool { xs.allSatisfy(\.isFinite) }
+        if host.cpus < 0 || host.numaNodes < 0 || host.pageSize < 0 { throw UsageError("host: negative cpus, numa_nodes or page_size") }
+        for (i, r) in runs.enumerated() {
+            if r.repetitions < 0 || r.warmup < 0 { throw fail(i, "negative repetitions or warmup") }
+            if !r.durationS.isFinite { throw fail(i, "duration_s is not a number") }
+            for m in r.metrics {
+                let sm = m.summary
+                if m.samples.isEmpty { throw fail(i, "metric \(m.name) has no samples") }
+                if !finite(m.samples) || !finite([sm.median, sm.mean, sm.stddev, sm.min, sm.max]) {
+                    throw fail(i, "metric \(m.name) holds a value that is not a finite number")
+                }
+                if let ci = sm.ci95, ci.count != 2 || !finite(ci) { throw fail(i, "metric \(m.name): ci95 must be two finite numbers [low, high]") }
+            }
+            for t in r.timeseries where t.t.count != t.values.count || !finite(t.t) || !finite(t.values) || !t.intervalS.isFinite {
+                throw fail(i, "time series \(t.name): t and values must be finite numbers of the same length")
+            }
+            for d in r.distributions where d.percentiles.count != d.values.count || d.count < 0 || !finite(d.percentiles) || !finite(d.values) {
+                throw fail(i, "distribution \(d.name): percentiles and values must be finite numbers of the same length")
+            }
+            for c in r.checks where !c.expected.isFinite || !c.observed.isFinite {
+                throw fail(i, "check \(c.name): expected and observed must be finite numbers")
+            }
+            if let sw = r.sweep {
+                if sw.parameters.isEmpty { throw fail(i, "sweep.parameters is empty: a sweep names at least one parameter") }
+                if sw.parameters.contains(where: { $0.values.isEmpty }) { throw fail(i, "sweep: a parameter with no values") }
+                if sw.points < 1 || sw.point < 1 || sw.point > sw.points { throw fail(i, "sweep.point \(sw.point) is not within 1...points (\(sw.points))") }
+            }
+        }
     }
 }
 

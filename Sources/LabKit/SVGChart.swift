@@ -214,9 +214,10 @@ public enum SVGChart {
             } else {
                 if includeZero { lo = min(lo, 0); hi = max(hi, 0) }
                 if lo == hi { let d = lo == 0 ? 1 : abs(lo) * 0.1; lo -= d; hi += d }
-                let step = Scale.niceStep((hi - lo) / 5)
-                lo = floor(lo / step) * step
-                hi = ceil(hi / step) * step
+                // hi - lo overflows for data spanning most of the doubles: halve first.
+                let step = Scale.niceStep(hi / 5 - lo / 5)
+                let nlo = floor(lo / step) * step, nhi = ceil(hi / step) * step
+                if nlo.isFinite && nhi.isFinite { lo = nlo; hi = nhi }
             }
             self.low = lo
             self.high = hi
@@ -231,22 +232,31 @@ public enum SVGChart {
             return plotLow + (plotHigh - plotLow) * frac
         }
 
+        /// Tick positions, computed by index and bounded in number: no data (however extreme:
+        /// ±1.7e308, denormals) can make this loop long.
         func ticks() -> [Double] {
             if log {
                 var t: [Double] = []
-                var v = pow(10, floor(log10(low)))
-                let decades = log10(high / low)
-                while v <= high {
+                // At most one tick a decade; more than 12 decades: every k-th.
+                let firstDecade = max(floor(log10(low)), -307), lastDecade = min(floor(log10(high)), 308)
+                guard firstDecade.isFinite, lastDecade.isFinite, firstDecade <= lastDecade else { return [low, high] }
+                let decades = lastDecade - firstDecade
+                let every = max(1, (decades / 12).rounded(.up))
+                var d = firstDecade
+                while d <= lastDecade {
+                    let v = pow(10, d)
                     for m in decades <= 2 ? [1.0, 2.0, 5.0] : [1.0] where v * m >= low && v * m <= high { t.append(v * m) }
-                    v *= 10
+                    d += every
                 }
-                return t
+                return t.isEmpty ? [low, high] : t
             }
-            let step = Scale.niceStep((high - low) / 5)
-            var t: [Double] = []
-            var v = low
-            while v <= high + step * 1e-9 { t.append(abs(v) < step * 1e-9 ? 0 : v); v += step }
-            return t
+            let step = Scale.niceStep(high / 5 - low / 5)
+            let count = (high / step - low / step).rounded()
+            guard count.isFinite, count >= 0, count <= 50 else { return [low, high] }
+            return (0...Int(count)).map { i in
+                let v = low + Double(i) * step
+                return abs(v) < step * 1e-9 ? 0 : v
+            }
         }
 
         static func niceStep(_ raw: Double) -> Double {

@@ -7,10 +7,10 @@ extension RunResult {
         var r = RunResult(scenario: scenario, variant: variant, params: params, placement: placement,
                           status: output.status, reason: output.reason, settings: SettingsRecord(),
                           repetitions: output.status == .ok ? 1 : 0, warmup: 0)
-        r.metrics = Runner.aggregate([output])
-        r.timeseries = output.timeseries
-        r.checks = output.checks.map { var c = $0; c.repetition = 1; return c }
         r.notes = output.notes
+        r.metrics = Runner.aggregate([output], notes: &r.notes)
+        r.timeseries = output.timeseries.map { $0.finite() }
+        r.checks = output.checks.filter { $0.expected.isFinite && $0.observed.isFinite }.map { var c = $0; c.repetition = 1; return c }
         let disagreements = Set(r.checks.filter { !$0.agrees }.map(\.name))
         if !disagreements.isEmpty {
             r.notes.append("the kernel's figures disagree with the expected ones for: \(disagreements.sorted().joined(separator: ", ")) (see checks)")

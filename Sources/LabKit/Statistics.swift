@@ -53,15 +53,26 @@ public enum Statistics {
         let sorted = samples.sorted()
         let n = sorted.count
         let median = n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2
-        let mean = samples.reduce(0, +) / Double(n)
+        // Scaled by the largest magnitude, so samples near ±1.7e308 neither overflow the sum nor
+        // the squares; a spread beyond what a Double holds is clamped to the largest one.
+        let scale = max(abs(sorted[0]), abs(sorted[n - 1]), .leastNormalMagnitude)
+        var mean = samples.reduce(0, +) / Double(n)
+        if !mean.isFinite { mean = samples.reduce(0) { $0 + $1 / scale } / Double(n) * scale }
         guard n > 1 else {
             return Summary(median: median, mean: mean, stddev: 0, min: sorted[0], max: sorted[0], ci95: nil)
         }
-        let variance = samples.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(n - 1)
-        let stddev = variance.squareRoot()
-        let half = tQuantile975(degreesOfFreedom: n - 1) * stddev / Double(n).squareRoot()
+        var sd = (samples.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(n - 1)).squareRoot()
+        if !sd.isFinite {
+            sd = (samples.reduce(0) { $0 + ($1 / scale - mean / scale) * ($1 / scale - mean / scale) } / Double(n - 1)).squareRoot() * scale
+        }
+        let stddev = clamp(sd)
+        let half = clamp(tQuantile975(degreesOfFreedom: n - 1) * stddev / Double(n).squareRoot())
         return Summary(median: median, mean: mean, stddev: stddev, min: sorted[0], max: sorted[n - 1],
-                       ci95: [mean - half, mean + half])
+                       ci95: [clamp(mean - half), clamp(mean + half)])
+    }
+
+    static func clamp(_ v: Double) -> Double {
+        v.isNaN ? 0 : min(max(v, -.greatestFiniteMagnitude), .greatestFiniteMagnitude)
     }
 
     /// Two-sided 95% quantile of Student's t (t_{0.975, df}); exact table to 30, then the
