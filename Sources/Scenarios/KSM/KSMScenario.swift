@@ -156,7 +156,7 @@ public struct KSMScenario: Scenario {
             .init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing")),
             .init("ksm_merging_pages", .pages, try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")),
         ])
-        let baseline = try KSM.counters()
+        let baseline = try settledCounters(scans: scans, timeout: ctx.params.double("timeout_s"), ctx: ctx)
         let ksmd = KSM.ksmdPID()
         let cpuBefore = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
         let timeout = ctx.params.double("timeout_s")
@@ -201,6 +201,37 @@ public struct KSMScenario: Scenario {
         if ksmd == nil { ctx.note("ksmd thread not found in /proc: ksmd_cpu_time not measured") }
         return MergeOutcome(mergeTime: Double(lastChange - t0) / 1e9, ksmdCPU: cpu,
                             fullScans: (try scans.read()) - startScans, baseline: baseline)
+    }
+
+    /// The global counters to take deltas from, once ksmd has let go of the previous
+    /// repetition: a process that exits leaves its merged pages counted in pages_shared and
+    /// pages_sharing until ksmd next visits its mm and frees its rmap items. So wait until the
+    /// counters hold still — for two full scans while ksmd is scanning, or for a while with no
+    /// scan at all (ksmd sleeps once no mm is registered: nothing is left to let go of).
+    func settledCounters(scans: CounterFile, timeout: Double, ctx: RunContext) throws -> KSM.Counters {
+        let sleepMS = Double(ctx.params.int("sleep_millisecs"))
+        let idle = min(max(0.2, 5 * sleepMS / 1000), 2.0)
+        let t0 = Clock.nanoseconds()
+        var last = try KSM.counters()
+        var lastScan = try scans.read()
+        var scanAtChange = lastScan
+        var progress = t0
+        while true {
+            Clock.sleep(nanoseconds: 2_000_000)
+            let now = Clock.nanoseconds()
+            let c = try KSM.counters(), sc = try scans.read()
+            if c.pagesShared != last.pagesShared || c.pagesSharing != last.pagesSharing {
+                last = c
+                scanAtChange = sc
+                progress = now
+            }
+            if sc != lastScan { lastScan = sc; progress = now }
+            if sc >= scanAtChange + 2 || Double(now &- progress) / 1e9 >= idle { return c }
+            if Double(now &- t0) / 1e9 > timeout {
+                ctx.note("KSM's global counters did not settle within timeout_s before merging (another KSM user?): pages_shared and pages_sharing may count its pages too")
+                return c
+            }
+        }
     }
 
     /// Times one write per page: to merged pages (each a copy-on-write fault), to unmerged
