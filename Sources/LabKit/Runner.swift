@@ -38,6 +38,9 @@ public struct ChildSpec: Codable, Sendable {
     /// The runner's pid: a child whose parent is already gone when it starts (the runner
     /// was killed between spawn and PR_SET_PDEATHSIG) sees another parent and exits.
     public var runnerPID: Int32?
+    /// The runner's run-directory owner ("PID-START"): the child's files go under the
+    /// runner's directories, removed with them.
+    public var runOwner: String?
 }
 
 /// Runs scenarios: borrows their settings through the guard, runs each repetition in a child
@@ -53,17 +56,14 @@ public final class Runner {
         self.settingsGuard = settingsGuard
         self.registry = registry
         self.progress = progress
-        var template = Array("\(NSTemporaryDirectory())/memlab.XXXXXX".utf8CString)
-        guard let dir = mkdtemp(&template) else { throw SystemError.current("mkdtemp") }
-        self.workDirectory = String(cString: dir)
+        self.workDirectory = try RunDirectory.make()
     }
 
-    deinit {
-        for f in ProcFile.list(workDirectory) { unlink("\(workDirectory)/\(f)") }
-        rmdir(workDirectory)
-    }
+    deinit { RunDirectory.removeOwn() }
 
     public func execute(_ request: RunRequest) -> RunResult {
+        // memlab is stopping (a signal): start nothing new.
+        SignalCleanup.shared.checkpoint()
         let started = Clock.nanoseconds()
         var result = RunResult(scenario: request.scenario.id, variant: request.variant, params: request.params,
                                placement: request.placement, status: .ok, reason: nil,
@@ -158,10 +158,10 @@ public final class Runner {
             }
         }
         result.repetitions = outputs.count
-        result.metrics = Runner.aggregate(outputs)
-        result.timeseries = outputs.first?.timeseries ?? []
-        result.distributions = outputs.flatMap(\.distributions)
-        result.checks = outputs.flatMap(\.checks)
+        result.metrics = Runner.aggregate(outputs, notes: &result.notes)
+        result.timeseries = (outputs.first?.timeseries ?? []).map { $0.finite() }
+        result.distributions = outputs.flatMap(\.distributions).filter { $0.values.allSatisfy(\.isFinite) }
+        result.checks = outputs.flatMap(\.checks).filter { $0.expected.isFinite && $0.observed.isFinite }
         for note in outputs.flatMap(\.notes) where !result.notes.contains(note) { result.notes.append(note) }
         let disagreements = Set(result.checks.filter { !$0.agrees }.map(\.name))
         if !disagreements.isEmpty {
@@ -170,12 +170,18 @@ public final class Runner {
         return
     }
 
-    /// One metric per name, samples in repetition order.
-    static func aggregate(_ outputs: [RepetitionOutput]) -> [Metric] {
+    /// One metric per name, samples in repetition order. A value that is not a finite number
+    /// (a rate over a zero interval) is left out, and said so in `notes`: a document holds
+    /// only numbers.
+    static func aggregate(_ outputs: [RepetitionOutput], notes: inout [String]) -> [Metric] {
         var order: [String] = []
         var byName: [String: (MetricUnit, Better, [Double])] = [:]
-        for o in outputs {
+        for (i, o) in outputs.enumerated() {
             for m in o.metrics {
+                guard m.value.isFinite else {
+                    notes.append("\(m.name) of repetition \(i + 1) was \(m.value), not a number; left out")
+                    continue
+                }
                 if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m.unit, m.better, []) }
                 byName[m.name]!.2.append(m.value)
             }
@@ -220,7 +226,8 @@ public final class Runner {
 
         let spec = ChildSpec(scenario: s.id, variant: request.variant, params: request.params,
                              repetition: index, warmup: warmup, placement: request.placement,
-                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version, runnerPID: getpid())
+                             cgroupPath: cgroup?.path, cgroupVersion: cgroup?.version, runnerPID: getpid(),
+                             runOwner: RunDirectory.owner)
         let specPath = "\(workDirectory)/spec-\(index).json"
         let outPath = "\(workDirectory)/out-\(index).json"
         let logPath = "\(workDirectory)/log-\(index).txt"
@@ -235,6 +242,7 @@ public final class Runner {
         let oomBefore = (try? VMStat.current())?["oom_kill"] ?? 0
         let deadline = s.deadline(variant: request.variant, params: request.params)
         let pid: pid_t
+        SignalCleanup.shared.checkpoint()
         do {
             pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ["_child", specPath, outPath], outputPath: logPath)
         } catch {
@@ -242,7 +250,9 @@ public final class Runner {
             return failed
         }
         SignalCleanup.shared.setChild(pid)
+        settingsGuard.recordProcess(pid)
         let exit = ChildProcess.wait(pid, deadline: deadline)
+        settingsGuard.forgetProcess(pid)
         SignalCleanup.shared.setChild(0)
 
         let log = ProcFile.readIfPresent(logPath) ?? ""
@@ -307,6 +317,7 @@ public enum ChildMain {
             return finish(.failed, "cannot read child spec \(specPath)")
         }
         if let runner = spec.runnerPID, getppid() != runner { return 125 }
+        if let tag = spec.runOwner { RunDirectory.adopt(owner: tag) }
         guard let scenario = registry.scenario(spec.scenario) else {
             return finish(.failed, "unknown scenario \(spec.scenario)")
         }

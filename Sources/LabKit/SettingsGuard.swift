@@ -5,6 +5,23 @@ import Foundation
 import LinuxMM
 import Synchronization
 
+/// A process a memlab started (a repetition's child), recorded so that whoever restores a dead
+/// memlab's settings first makes sure it is gone: a child still holding a hugetlb page or a
+/// cgroup would make the restore fail half-way.
+public struct ProcessRecord: Codable, Sendable, Equatable {
+    public var pid: Int32
+    /// /proc/PID/stat start time, so a reused pid is never taken for it.
+    public var start: UInt64
+    public init(pid: Int32, start: UInt64) {
+        self.pid = pid
+        self.start = start
+    }
+    public var isAlive: Bool {
+        guard let stat = try? ProcStat.read(pid: pid) else { return false }
+        return stat.startTimeTicks == start && stat.state != "Z" && stat.state != "X"
+    }
+}
+
 /// The journal of borrowed machine-wide settings: written (and fsync'd) *before* the first
 /// change, so that whoever finds it after a crash knows what to give back.
 public struct Journal: Codable, Sendable, Equatable {
@@ -30,9 +47,14 @@ public struct Journal: Codable, Sendable, Equatable {
     /// cgroup v2 subtree_control files memlab wrote "+CONTROLLER" to ("path|memory"),
     /// given back with "-CONTROLLER" after the cgroups under them are removed.
     public var enabledControllers: [String]?
+    /// Children running when the journal was last written: killed and waited for before a
+    /// recovery restores anything.
+    public var processes: [ProcessRecord]?
+    /// Pids of earlier owners whose journal this one took over (their recovery failed).
+    public var adoptedFrom: [Int32]?
 
     enum CodingKeys: String, CodingKey {
-        case entries, command
+        case entries, command, processes
         case ownerPID = "owner_pid"
         case ownerStart = "owner_start"
         case createdDirectories = "created_directories"
@@ -40,13 +62,34 @@ public struct Journal: Codable, Sendable, Equatable {
         case zramDevices = "zram_devices"
         case swapAreas = "swap_areas"
         case enabledControllers = "enabled_controllers"
+        case adoptedFrom = "adopted_from"
     }
 
     public var ownerIsAlive: Bool {
         guard kill(ownerPID, 0) == 0 || errno == EPERM else { return false }
-        guard let stat = try? ProcStat.read(pid: ownerPID) else { return false }
-        // A zombie has exited: it will never restore anything.
-        return stat.startTimeTicks == ownerStart && stat.state != "Z" && stat.state != "X"
+        return ProcessRecord(pid: ownerPID, start: ownerStart).isAlive
+    }
+
+    /// Nothing to give back.
+    var isEmpty: Bool {
+        entries.isEmpty && createdDirectories.isEmpty && (createdFiles ?? []).isEmpty && (zramDevices ?? []).isEmpty
+            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty
+    }
+
+    /// A journal found on disk names paths that root will write or remove. One that asks for
+    /// anything outside what memlab borrows (knobs under /sys and /proc/sys, cgroups under
+    /// /sys/fs/cgroup, swap files beside the journal, zram devices) was not written by memlab
+    /// and is refused, not followed.
+    func untrustedPath(stateDirectory: String) -> String? {
+        func under(_ p: String, _ roots: [String]) -> Bool {
+            !p.contains("/../") && !p.hasSuffix("/..") && roots.contains { p.hasPrefix($0) }
+        }
+        if let e = entries.first(where: { !under($0.path, ["/sys/", "/proc/sys/"]) }) { return e.path }
+        if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) }) { return d }
+        if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
+        if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
+        if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) }) { return c }
+        return nil
     }
 }
 
@@ -59,21 +102,35 @@ public struct RestoreReport: Sendable {
 }
 
 /// Borrows machine-wide knobs and gives them back: journal first, restore always — on normal
-/// exit, on error, on SIGINT/SIGTERM (see SignalCleanup), and, after a SIGKILL, on the next
-/// memlab start (`recoverStale`). A flock keeps two memlab processes from changing knobs at
-/// once.
+/// exit, on error, on SIGINT/SIGTERM/SIGHUP (see SignalCleanup), and, after a SIGKILL, on the
+/// next memlab start (`recoverStale`). One flock, at a fixed path, keeps two memlab processes
+/// from changing knobs at once; every journal is registered in one fixed, root-only place, so
+/// the next start finds it whatever `$MEMLAB_STATE_DIR` the dead run had.
 public final class SettingsGuard: @unchecked Sendable {
     public let stateDirectory: String
     public var journalPath: String { "\(stateDirectory)/journal.json" }
-    /// The lock is machine-wide even when the journal's directory is not: the knobs it
-    /// protects are machine-wide, so two memlabs with different MEMLAB_STATE_DIRs must still
-    /// take turns (else one could journal the other's borrowed value as "original").
-    public var lockPath: String {
-        if let p = ProcessInfo.processInfo.environment["MEMLAB_LOCK_FILE"] { return p }
-        return ProcFile.exists("/run") ? "/run/memlab.lock" : "\(stateDirectory)/lock"
-    }
 
-    private let state: Mutex<Journal?> = Mutex(nil)
+    /// The lock is machine-wide and fixed: the knobs it protects are the machine's, so no
+    /// environment variable may give two memlabs two locks (one would journal the other's
+    /// borrowed value as "original").
+    public static var lockPath: String {
+        var st = stat()
+        return stat("/run", &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR ? "/run/memlab.lock" : "/var/lib/memlab/lock"
+    }
+    public var lockPath: String { Self.lockPath }
+
+    /// Where every journal is registered (one small file per journal naming its path): fixed,
+    /// root-only, on disk (swap files a dead run made outlive a reboot).
+    public static let registryDirectory = "/var/lib/memlab/journals"
+
+    private struct State {
+        var journal: Journal?
+        /// Set once memlab is stopping (a signal): nothing more may be borrowed.
+        var sealed: String?
+        /// Children running now; written into the journal with its next write.
+        var processes: [ProcessRecord] = []
+    }
+    private let state = Mutex(State())
     private let lockFD: Mutex<Int32> = Mutex(-1)
     private let command: String
 
@@ -82,8 +139,20 @@ public final class SettingsGuard: @unchecked Sendable {
     }
 
     public init(stateDirectory: String = SettingsGuard.defaultStateDirectory, command: String = CommandLine.arguments.joined(separator: " ")) {
-        self.stateDirectory = stateDirectory
+        self.stateDirectory = SettingsGuard.absolute(stateDirectory)
         self.command = command
+    }
+
+    /// The registry records absolute paths: a relative state directory is resolved against
+    /// the working directory now.
+    static func absolute(_ path: String) -> String {
+        var p = path.isEmpty ? "." : path
+        if !p.hasPrefix("/") { p = FileManager.default.currentDirectoryPath + "/" + p }
+        var parts: [Substring] = []
+        for c in p.split(separator: "/") where c != "." {
+            if c == ".." { if !parts.isEmpty { parts.removeLast() } } else { parts.append(c) }
+        }
+        return "/" + parts.joined(separator: "/")
     }
 
     // MARK: lock
@@ -103,16 +172,17 @@ public final class SettingsGuard: @unchecked Sendable {
     /// `wait: false` fails at once.
     public func acquireLock(wait: Bool, say: (String) -> Void) throws(LockError) {
         if lockFD.withLock({ $0 }) >= 0 { return }
-        do { try ensureStateDirectory() } catch { throw .system(error) }
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        if fd < 0 { throw .system(SystemError.current("open", path: lockPath)) }
+        let path = lockPath
+        do { try SettingsGuard.makeDirectory(AtomicFile.directory(of: path), mode: 0o755) } catch { throw .system(error) }
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if fd < 0 { throw .system(SystemError.current("open", path: path)) }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            let owner = (ProcFile.readIfPresent(lockPath) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            let owner = (ProcFile.readIfPresent(path) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
             let who = owner.isEmpty ? "unknown process" : owner
             if !wait { close(fd); throw .busy(owner: who) }
             say("memlab: waiting for the settings lock held by \(who)")
             while flock(fd, LOCK_EX) != 0 {
-                if errno != EINTR { close(fd); throw .system(SystemError.current("flock", path: lockPath)) }
+                if errno != EINTR { close(fd); throw .system(SystemError.current("flock", path: path)) }
             }
         }
         let info = "pid \(getpid()) (\(command))\n"
@@ -120,6 +190,8 @@ public final class SettingsGuard: @unchecked Sendable {
         _ = info.withCString { pwrite(fd, $0, strlen($0), 0) }
         lockFD.withLock { $0 = fd }
     }
+
+    public var holdsLock: Bool { lockFD.withLock { $0 } >= 0 }
 
     public func releaseLock() {
         lockFD.withLock { fd in
@@ -132,12 +204,12 @@ public final class SettingsGuard: @unchecked Sendable {
         }
     }
 
-    /// Creates the state directory and any missing parents (`$MEMLAB_STATE_DIR` may be nested).
-    private func ensureStateDirectory() throws(SystemError) {
-        var path = stateDirectory.hasPrefix("/") ? "" : "."
-        for part in stateDirectory.split(separator: "/", omittingEmptySubsequences: true) {
+    /// Creates a directory and any missing parents (`$MEMLAB_STATE_DIR` may be nested).
+    static func makeDirectory(_ dir: String, mode: mode_t) throws(SystemError) {
+        var path = dir.hasPrefix("/") ? "" : "."
+        for part in dir.split(separator: "/", omittingEmptySubsequences: true) {
             path += "/" + part
-            if mkdir(path, 0o755) != 0 && errno != EEXIST {
+            if mkdir(path, mode) != 0 && errno != EEXIST {
                 throw SystemError.current("mkdir", path: path)
             }
         }
@@ -145,61 +217,104 @@ public final class SettingsGuard: @unchecked Sendable {
 
     // MARK: borrowing
 
+    /// No more borrowing from now on: memlab is stopping. Whatever thread is borrowing at this
+    /// moment finishes first (the state lock), and every later attempt fails with `reason`.
+    public func seal(_ reason: String) {
+        state.withLock { $0.sealed = reason }
+    }
+
+    public var isSealed: Bool { state.withLock { $0.sealed != nil } }
+
+    /// The journal to extend: this run's, or a new one. A new one takes over a journal left in
+    /// this state directory by a dead memlab whose recovery failed (a cgroup was still busy),
+    /// so its original values are kept and given back with ours, never overwritten.
+    private func current(_ s: inout State) throws(SystemError) -> Journal {
+        if let reason = s.sealed { throw SystemError(errno: EINTR, call: "borrow a setting while memlab is stopping (\(reason))") }
+        if let j = s.journal { return j }
+        let start = (try? ProcStat.read(pid: getpid()))?.startTimeTicks ?? 0
+        var j = Journal(ownerPID: getpid(), ownerStart: start, command: command)
+        if let text = ProcFile.readIfPresent(journalPath), let old = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)),
+           old.ownerPID != getpid() {
+            if old.ownerIsAlive {
+                throw SystemError(errno: EBUSY, call: "\(journalPath) belongs to pid \(old.ownerPID) (\(old.command)), which is still running; use another MEMLAB_STATE_DIR", path: journalPath)
+            }
+            j.entries = old.entries
+            j.createdDirectories = old.createdDirectories
+            j.createdFiles = old.createdFiles
+            j.zramDevices = old.zramDevices
+            j.swapAreas = old.swapAreas
+            j.enabledControllers = old.enabledControllers
+            j.adoptedFrom = (old.adoptedFrom ?? []) + [old.ownerPID]
+        }
+        return j
+    }
+
+    /// Journals `change`, then (with the journal on disk) runs `act`.
+    private func borrow<T>(_ change: (inout Journal) -> Bool, _ act: (inout Journal) throws(SystemError) -> T) throws(SystemError) -> T {
+        try state.withLock { (s) throws(SystemError) -> T in
+            var j = try current(&s)
+            if change(&j) {
+                j.processes = s.processes.isEmpty ? nil : s.processes
+                try writeJournal(j)
+            }
+            s.journal = j
+            var after = j
+            defer { s.journal = after }
+            return try act(&after)
+        }
+    }
+
     /// Sets a knob, journaling its original value first. The value is read back: a kernel
     /// that silently ignores the write is an error, not a surprise in the numbers.
     public func set(_ knob: Knob, to value: String) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
-            let current = try knob.read()
-            var j = journal ?? newJournal()
+        let current = try knob.read()
+        try borrow({ j in
             if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
                 j.entries[i].value = value
-            } else {
-                if current == value { return }    // nothing to borrow
-                j.entries.append(.init(path: knob.path, original: current, value: value))
+                return true
             }
-            try writeJournal(j)
-            journal = j
+            if current == value { return false }    // nothing to borrow
+            j.entries.append(.init(path: knob.path, original: current, value: value))
+            return true
+        }, { (_) throws(SystemError) in
+            if current == value { return }
             try knob.write(value)
             let readBack = try knob.read()
             if readBack != value {
                 throw SystemError(errno: 0, call: "the kernel accepted '\(value)' but reads back '\(readBack)'" + (knob.path.contains("hugepages") ? ": the pool could not grow that far (not enough free, contiguous memory)" : ""), path: knob.path)
             }
-        }
+        })
     }
 
     /// Creates a directory (a memory cgroup) that restore will remove.
     public func createDirectory(_ path: String) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
-            var j = journal ?? newJournal()
-            j.createdDirectories.append(path)
-            try writeJournal(j)
-            journal = j
+        try borrow({ j in j.createdDirectories.append(path); return true }, { (_) throws(SystemError) in
             if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError.current("mkdir", path: path) }
-        }
+        })
     }
 
     /// cgroup v2: enables a controller for the children of a cgroup (writes "+NAME" to its
     /// cgroup.subtree_control), journaled first; restore writes "-NAME". Once per file per run.
     public func enableController(_ name: String, subtreeControl path: String) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
-            var j = journal ?? newJournal()
-            let entry = "\(path)|\(name)"
-            if (j.enabledControllers ?? []).contains(entry) { return }
+        let entry = "\(path)|\(name)"
+        var already = false
+        try borrow({ j in
+            if (j.enabledControllers ?? []).contains(entry) { already = true; return false }
             j.enabledControllers = (j.enabledControllers ?? []) + [entry]
-            try writeJournal(j)
-            journal = j
-            try ProcFile.write(path, "+\(name)")
-        }
+            return true
+        }, { (_) throws(SystemError) in
+            if !already { try ProcFile.write(path, "+\(name)") }
+        })
     }
 
     /// Removes a directory created by `createDirectory` now (and forgets it).
     public func removeDirectory(_ path: String) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
+        try state.withLock { (s) throws(SystemError) in
             if rmdir(path) != 0 && errno != ENOENT { throw SystemError.current("rmdir", path: path) }
-            guard var j = journal else { return }
+            guard var j = s.journal else { return }
             j.createdDirectories.removeAll { $0 == path }
             try writeJournal(j)
-            journal = j
+            s.journal = j
         }
     }
 
@@ -207,63 +322,80 @@ public final class SettingsGuard: @unchecked Sendable {
 
     /// Creates a file through `make` (a swap file), journaled first so restore unlinks it.
     public func createFile(_ path: String, _ make: (String) throws(SystemError) -> Void) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
-            var j = journal ?? newJournal()
-            j.createdFiles = (j.createdFiles ?? []) + [path]
-            try writeJournal(j)
-            journal = j
+        try borrow({ j in j.createdFiles = (j.createdFiles ?? []) + [path]; return true }, { (j) throws(SystemError) in
             do throws(SystemError) { try make(path) } catch {
                 // Someone else's file by that name: not ours to remove.
                 if error.errno == EEXIST {
                     j.createdFiles?.removeAll { $0 == path }
                     try? writeJournal(j)
-                    journal = j
                 }
                 throw error
             }
-        }
+        })
     }
 
     /// Adds a zram device (hot_add) and journals it at once; restore resets and removes it.
     /// (Its number is known only after hot_add: a crash in between leaves an empty device.)
     public func addZramDevice() throws(SystemError) -> Int {
-        try state.withLock { (journal) throws(SystemError) in
-            var j = journal ?? newJournal()
-            try writeJournal(j)
+        try borrow({ _ in true }, { (j) throws(SystemError) -> Int in
             let id = try Zram.hotAdd()
             j.zramDevices = (j.zramDevices ?? []) + [id]
             try writeJournal(j)
-            journal = j
             return id
-        }
+        })
     }
 
     /// swapon(2) of a file or device, journaled first so restore swaps it off.
     public func activateSwap(_ path: String, priority: Int = 32000) throws(SystemError) {
-        try state.withLock { (journal) throws(SystemError) in
-            var j = journal ?? newJournal()
-            j.swapAreas = (j.swapAreas ?? []) + [path]
-            try writeJournal(j)
-            journal = j
+        try borrow({ j in j.swapAreas = (j.swapAreas ?? []) + [path]; return true }, { (_) throws(SystemError) in
             try Swap.activate(path: path, priority: priority)
-        }
+        })
     }
 
     /// What the journal holds besides knobs, for a run's notes.
     public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
-        state.withLock { j in (j?.swapAreas ?? [], j?.createdFiles ?? [], j?.zramDevices ?? []) }
+        state.withLock { s in (s.journal?.swapAreas ?? [], s.journal?.createdFiles ?? [], s.journal?.zramDevices ?? []) }
     }
 
+    // MARK: children
+
+    /// Records a child this memlab started (in the journal's next write, or now if one is on
+    /// disk), so a recovery after a SIGKILL kills and waits for it before restoring.
+    public func recordProcess(_ pid: pid_t) {
+        guard let start = (try? ProcStat.read(pid: pid))?.startTimeTicks else { return }
+        state.withLock { s in
+            s.processes.append(ProcessRecord(pid: pid, start: start))
+            if var j = s.journal {
+                j.processes = s.processes
+                try? writeJournal(j)
+                s.journal = j
+            }
+        }
+    }
+
+    /// The child has been reaped: nothing to wait for (the journal drops it at its next write).
+    public func forgetProcess(_ pid: pid_t) {
+        state.withLock { s in s.processes.removeAll { $0.pid == pid } }
+    }
+
+    // MARK: restore
+
     /// Gives back everything borrowed, verifies each knob reads its original value, and
-    /// deletes the journal when all is back.
+    /// deletes the journal when all is back. What could not be given back stays journaled
+    /// (the next run or start retries it).
     @discardableResult
     public func restoreAll() -> RestoreReport {
-        state.withLock { journal in
-            guard let j = journal else { return RestoreReport() }
-            let report = SettingsGuard.restore(j)
+        state.withLock { s in
+            guard let j = s.journal else { return RestoreReport() }
+            let (report, remaining) = SettingsGuard.restoreKeepingFailures(j)
             if report.restored {
                 unlink(journalPath)
-                journal = nil
+                SettingsGuard.unregister(journalPath)
+                s.journal = nil
+            } else {
+                // The journal keeps exactly what is still borrowed, with its original values.
+                try? writeJournal(remaining)
+                s.journal = remaining
             }
             lastRestore.withLock { $0 = report }
             return report
@@ -277,90 +409,110 @@ public final class SettingsGuard: @unchecked Sendable {
 
     /// What has been changed so far (path -> from/to).
     public var changes: [String: SettingChange] {
-        state.withLock { j in
+        state.withLock { s in
             var out: [String: SettingChange] = [:]
-            for e in j?.entries ?? [] { out[e.path] = SettingChange(from: e.original, to: e.value) }
+            for e in s.journal?.entries ?? [] { out[e.path] = SettingChange(from: e.original, to: e.value) }
             return out
         }
     }
 
-    private func newJournal() -> Journal {
-        let start = (try? ProcStat.read(pid: getpid()))?.startTimeTicks ?? 0
-        return Journal(ownerPID: getpid(), ownerStart: start, command: command)
-    }
-
     private func writeJournal(_ j: Journal) throws(SystemError) {
-        try ensureStateDirectory()
+        try SettingsGuard.makeDirectory(stateDirectory, mode: 0o755)
         let data: Data
         do { data = try JSONEncoder().encode(j) } catch { throw SystemError(errno: EINVAL, call: "encode journal") }
-        try SettingsGuard.writeDurably(data, to: journalPath)
+        // Registered before the journal exists: a crash in between leaves an entry that
+        // points at nothing (pruned later), never a journal nobody can find.
+        SettingsGuard.register(journalPath)
+        try AtomicFile.write([UInt8](data), to: journalPath, mode: 0o600)
     }
 
-    /// tmp + fsync + rename + fsync(dir): the journal is either the old or the new one, never
-    /// half of one, even across a crash.
-    static func writeDurably(_ data: Data, to path: String) throws(SystemError) {
-        let tmp = path + ".tmp"
-        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        if fd < 0 { throw SystemError.current("open", path: tmp) }
-        let written = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        if written != data.count { close(fd); throw SystemError.current("write", path: tmp) }
-        if fsync(fd) != 0 { close(fd); throw SystemError.current("fsync", path: tmp) }
-        close(fd)
-        if rename(tmp, path) != 0 { throw SystemError.current("rename", path: path) }
-        let dir = String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
-        let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 { fsync(dfd); close(dfd) }
+    /// Restores a journal's entries in reverse order and reads each back. A value that reads
+    /// back wrong is written again for a short while (a hugetlb pool shrinks only as its
+    /// pages are freed by a process that is just exiting); a cgroup still busy is retried the
+    /// same way.
+    static func restore(_ j: Journal, patience: Double = 3) -> RestoreReport {
+        restoreKeepingFailures(j, patience: patience).report
     }
 
-    /// Restores a journal's entries in reverse order and reads each back.
-    static func restore(_ j: Journal) -> RestoreReport {
+    /// The same, and the journal of what is still to give back (empty when all is back).
+    static func restoreKeepingFailures(_ j: Journal, patience: Double = 3) -> (report: RestoreReport, remaining: Journal) {
         var report = RestoreReport()
+        var remaining = j
+        remaining.entries = []
+        remaining.createdDirectories = []
+        remaining.createdFiles = nil
+        remaining.zramDevices = nil
+        remaining.swapAreas = nil
+        remaining.enabledControllers = nil
+        let deadline = Clock.nanoseconds() &+ UInt64(patience * 1e9)
         for e in j.entries.reversed() {
             let knob = Knob(e.path)
             report.changed[e.path] = SettingChange(from: e.original, to: e.value)
             do {
-                let current = try knob.read()
-                if current != e.original {
-                    for v in knob.restoreSequence(to: e.original, current: current) { try knob.write(v) }
+                let first = try knob.read()
+                var current = first
+                while true {
+                    if current != e.original {
+                        for v in knob.restoreSequence(to: e.original, current: current) { try knob.write(v) }
+                    }
+                    current = try knob.read()
+                    if current == e.original || Clock.nanoseconds() > deadline { break }
+                    Clock.sleep(nanoseconds: 50_000_000)
                 }
-                let back = try knob.read()
-                if back == e.original {
-                    report.restoredLines.append("\(e.path): \(current) -> \(e.original)")
+                if current == e.original {
+                    report.restoredLines.append(first == e.original ? "\(e.path): \(e.original) (already)" : "\(e.path): \(first) -> \(e.original)")
                 } else {
-                    report.failures.append("\(e.path) reads '\(back)' after restoring '\(e.original)'")
+                    report.failures.append("\(e.path) reads '\(current)' after restoring '\(e.original)'")
+                    remaining.entries.insert(e, at: 0)
                 }
             } catch {
                 report.failures.append("\(e.path): \(error)")
+                remaining.entries.insert(e, at: 0)
             }
         }
         // Swap areas first (swapoff brings their pages back), then the devices and files
         // behind them.
+        var left: [String] = []
         for area in (j.swapAreas ?? []).reversed() {
             do {
                 try Swap.deactivate(path: area)
                 report.restoredLines.append("swapoff \(area)")
             } catch {
                 report.failures.append(error.description)
+                left.append(area)
+                remaining.swapAreas = [area] + (remaining.swapAreas ?? [])
             }
         }
         for id in (j.zramDevices ?? []).reversed() {
+            // A zram device still swapped on cannot be removed; its swapoff failure is reported.
+            if left.contains("/dev/zram\(id)") { remaining.zramDevices = [id] + (remaining.zramDevices ?? []); continue }
             do {
                 try Zram.hotRemove(id)
                 report.restoredLines.append("removed zram\(id)")
             } catch {
                 report.failures.append(error.description)
+                remaining.zramDevices = [id] + (remaining.zramDevices ?? [])
             }
         }
         for file in (j.createdFiles ?? []).reversed() {
+            if left.contains(file) { remaining.createdFiles = [file] + (remaining.createdFiles ?? []); continue }
             if unlink(file) != 0 && errno != ENOENT {
                 report.failures.append(SystemError.current("unlink", path: file).description)
+                remaining.createdFiles = [file] + (remaining.createdFiles ?? [])
             } else {
                 report.restoredLines.append("removed \(file)")
             }
         }
         for dir in j.createdDirectories.reversed() {
-            if rmdir(dir) != 0 && errno != ENOENT {
+            var rc = rmdir(dir)
+            // A cgroup is busy until the last task in it is gone.
+            while rc != 0 && errno == EBUSY && Clock.nanoseconds() < deadline {
+                Clock.sleep(nanoseconds: 50_000_000)
+                rc = rmdir(dir)
+            }
+            if rc != 0 && errno != ENOENT {
                 report.failures.append(SystemError.current("rmdir", path: dir).description)
+                remaining.createdDirectories.insert(dir, at: 0)
             } else {
                 report.restoredLines.append("removed \(dir)")
             }
@@ -374,9 +526,64 @@ public final class SettingsGuard: @unchecked Sendable {
                 report.restoredLines.append("\(parts[0]): -\(parts[1])")
             } catch {
                 report.failures.append(error.description)
+                remaining.enabledControllers = [entry] + (remaining.enabledControllers ?? [])
             }
         }
-        return report
+        return (report, remaining)
+    }
+
+    // MARK: the registry of journals
+
+    /// The registry file for a journal: its path's FNV-1a hash, so each journal has one.
+    static func registryEntry(_ journalPath: String) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in journalPath.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return "\(registryDirectory)/\(String(h, radix: 16)).path"
+    }
+
+    /// Records where a journal lives. Root only (the registry is root's); best effort: the
+    /// journal in the state directory is still found by a start with the same directory.
+    static func register(_ journalPath: String) {
+        guard geteuid() == 0 else { return }
+        let entry = registryEntry(journalPath)
+        if ProcFile.readIfPresent(entry) == journalPath + "\n" { return }
+        do {
+            try makeDirectory(registryDirectory, mode: 0o700)
+            chmod(registryDirectory, 0o700)
+            try AtomicFile.write(Array((journalPath + "\n").utf8), to: entry, mode: 0o600)
+        } catch {
+            writeStderr("memlab: warning: cannot register the journal \(journalPath) in \(registryDirectory): \(error)\n")
+        }
+    }
+
+    static func unregister(_ journalPath: String) {
+        guard geteuid() == 0 else { return }
+        unlink(registryEntry(journalPath))
+    }
+
+    /// Journal paths the registry names, if the registry is root's own (owned by root, not
+    /// writable by anyone else): a registry anyone could write to would let them choose what
+    /// root writes on the next start. Entries whose journal is gone are pruned.
+    static func registeredJournals() -> [String] {
+        var st = stat()
+        guard stat(registryDirectory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == 0, st.st_mode & 0o022 == 0 else { return [] }
+        var out: [String] = []
+        for name in ProcFile.list(registryDirectory).sorted() where name.hasSuffix(".path") {
+            let entry = "\(registryDirectory)/\(name)"
+            guard let text = ProcFile.readIfPresent(entry) else { continue }
+            let path = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard path.hasPrefix("/"), registryEntry(path) == entry else { unlink(entry); continue }
+            if !ProcFile.exists(path) { if geteuid() == 0 { unlink(entry) }; continue }
+            out.append(path)
+        }
+        return out
+    }
+
+    /// Every journal to look at: this state directory's and the registered ones.
+    func knownJournals() -> [String] {
+        var all = [journalPath]
+        for p in SettingsGuard.registeredJournals() where !all.contains(p) { all.append(p) }
+        return all
     }
 
     // MARK: recovery
@@ -388,29 +595,91 @@ public final class SettingsGuard: @unchecked Sendable {
         case unreadable(String)
     }
 
-    /// Whether a journal exists whose owner is gone (or which cannot be read): a cheap look,
-    /// without the lock, to decide whether recovery must wait for it.
-    public var hasStaleJournal: Bool {
-        guard ProcFile.exists(journalPath) else { return false }
-        guard let text = ProcFile.readIfPresent(journalPath),
-              let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else { return true }
-        return j.ownerPID != getpid() && !j.ownerIsAlive
+    /// What recovery did with one journal.
+    public struct Recovered {
+        public let journalPath: String
+        public let outcome: Recovery
     }
 
-    /// Finds a journal left by a memlab that died and restores it. Call with the lock held
-    /// (or after taking it without waiting): a live owner keeps its journal.
-    public func recoverStale() -> Recovery {
-        guard ProcFile.exists(journalPath) else { return .nothing }
-        guard let text = ProcFile.readIfPresent(journalPath) else {
-            return .unreadable("a settings journal exists at \(journalPath) but cannot be read; run `memlab restore` as root")
+    /// Whether some journal (this state directory's or a registered one) has an owner that is
+    /// gone, or cannot be read: a cheap look, without the lock, to decide whether recovery
+    /// must wait for it.
+    public var hasStaleJournal: Bool {
+        knownJournals().contains { path in
+            guard ProcFile.exists(path) else { return false }
+            guard let text = ProcFile.readIfPresent(path),
+                  let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else { return true }
+            return j.ownerPID != getpid() && !j.ownerIsAlive
+        }
+    }
+
+    /// Finds every journal left by a memlab that died — in this state directory or anywhere
+    /// the registry knows — and restores it: first its children are killed and waited for,
+    /// then every setting is given back and read back. A journal fully restored is removed;
+    /// one that is not stays (with its registry entry) for the next start, or for the next
+    /// run in that directory to take over. Call with the lock held: a live owner keeps its
+    /// journal.
+    public func recoverStale(retryingFailed: Bool = true) -> [Recovered] {
+        let failed = SettingsGuard.failedThisProcess.withLock { $0 }
+        return knownJournals().compactMap { path in
+            // One failed attempt per process is enough (the start's): a run retries it by
+            // taking the journal over.
+            if !retryingFailed && failed.contains(path) { return nil }
+            let outcome = SettingsGuard.recover(journalAt: path)
+            if case .nothing = outcome { return nil }
+            return Recovered(journalPath: path, outcome: outcome)
+        }
+    }
+
+    /// Journals this process tried to recover and could not restore fully.
+    static let failedThisProcess = Mutex<Set<String>>([])
+
+    static func recover(journalAt path: String) -> Recovery {
+        guard ProcFile.exists(path) else { return .nothing }
+        guard let text = ProcFile.readIfPresent(path) else {
+            return .unreadable("a settings journal exists at \(path) but cannot be read; run `memlab restore` as root")
         }
         guard let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else {
-            return .unreadable("the settings journal at \(journalPath) is malformed; inspect it and restore by hand, then remove it")
+            return .unreadable("the settings journal at \(path) is malformed; inspect it and restore by hand, then remove it")
         }
         if j.ownerPID == getpid() { return .nothing }
         if j.ownerIsAlive { return .ownerAlive(j) }
-        let report = SettingsGuard.restore(j)
-        if report.restored { unlink(journalPath) }
+        if geteuid() == 0 {
+            // root follows only a journal that root wrote and nobody else can change.
+            var st = stat()
+            if stat(path, &st) != 0 || st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+                return .unreadable("the settings journal at \(path) is not root's own (owner uid \(st.st_uid), mode \(String(st.st_mode & 0o777, radix: 8))); not following it — inspect and remove it")
+            }
+            if let bad = j.untrustedPath(stateDirectory: AtomicFile.directory(of: path)) {
+                return .unreadable("the settings journal at \(path) names \(bad), which memlab never borrows; not following it — inspect and remove it")
+            }
+        }
+        let leftovers = killAndWait(j.processes ?? [])
+        var (report, remaining) = restoreKeepingFailures(j)
+        for p in leftovers { report.failures.append("pid \(p.pid), a child of the dead memlab, was still running after SIGKILL") }
+        if report.restored {
+            unlink(path)
+            unregister(path)
+        } else {
+            // Kept, with what is still to give back (the dead owner stays its owner).
+            remaining.processes = leftovers.isEmpty ? nil : leftovers
+            if let data = try? JSONEncoder().encode(remaining) { try? AtomicFile.write([UInt8](data), to: path, mode: 0o600) }
+            failedThisProcess.withLock { _ = $0.insert(path) }
+        }
         return .restored(j, report)
+    }
+
+    /// SIGKILLs the processes still alive and waits (up to 10 s) until they are gone: their
+    /// memory (a hugetlb page, a cgroup's charge) must be freed before the restore. Returns
+    /// those still alive after that.
+    static func killAndWait(_ processes: [ProcessRecord]) -> [ProcessRecord] {
+        var alive = processes.filter(\.isAlive)
+        for p in alive { kill(p.pid, SIGKILL) }
+        let until = Clock.nanoseconds() &+ 10_000_000_000
+        while !alive.isEmpty && Clock.nanoseconds() < until {
+            Clock.sleep(nanoseconds: 10_000_000)
+            alive = alive.filter(\.isAlive)
+        }
+        return alive
     }
 }

@@ -6,17 +6,24 @@ import Foundation
 import LinuxMM
 import Synchronization
 
-/// On SIGINT, SIGTERM or SIGHUP: kill the running child, give back every borrowed setting,
-/// say so, and exit 128+signal. A C handler only writes the signal number to a pipe; a
-/// dedicated thread reads it and does the work, so it may take locks and do I/O. (The
-/// handler is installed with sigaction, so it works even when the shell started memlab with
-/// SIGINT ignored, as non-interactive shells do for background jobs.)
+/// On SIGINT, SIGTERM or SIGHUP: stop borrowing, kill the running child, give back every
+/// borrowed setting, remove the run's files, say so, and exit 128+signal. A C handler only
+/// writes the signal number to a pipe; a dedicated thread reads it and does the work, so it
+/// may take locks and do I/O. (The handler is installed with sigaction, so it works even when
+/// the shell started memlab with SIGINT ignored, as non-interactive shells do for background
+/// jobs.)
+///
+/// Order matters: the guard is sealed first, under its own lock, so a run that is borrowing
+/// right now finishes that one write and every later attempt fails — nothing is borrowed
+/// after the restore. Threads that reach a `checkpoint()` once memlab is stopping park there
+/// until the exit.
 public final class SignalCleanup: Sendable {
     public static let shared = SignalCleanup()
 
-    private let child = Atomic<Int32>(0)
+    private let child = Mutex<pid_t>(0)
     private let guardRef = Mutex<SettingsGuard?>(nil)
     private let installed = Atomic<Bool>(false)
+    private let stopping = Atomic<Int32>(0)
 
     public func install(settingsGuard: SettingsGuard) {
         guardRef.withLock { $0 = settingsGuard }
@@ -41,18 +48,40 @@ public final class SignalCleanup: Sendable {
         _ = signals.withUnsafeBufferPointer { memlab_install_signal_pipe(fds[1], $0.baseAddress, Int32($0.count)) }
     }
 
-    public func setChild(_ pid: pid_t) { child.store(pid, ordering: .sequentiallyConsistent) }
+    /// The signal memlab is stopping for, or 0.
+    public var stoppingSignal: Int32 { stopping.load(ordering: .acquiring) }
+
+    /// The running child, killed on a signal. A child registered once memlab is stopping is
+    /// killed at once (it was spawned in the instant before the runner noticed).
+    public func setChild(_ pid: pid_t) {
+        let late = child.withLock { c -> Bool in
+            c = pid
+            return stopping.load(ordering: .acquiring) != 0
+        }
+        if late && pid > 0 { kill(pid, SIGKILL) }
+    }
+
+    /// Where a thread that would start something new (a run, a child, a write) parks for good
+    /// once memlab is stopping: the signal thread exits the process.
+    public func checkpoint() {
+        guard stopping.load(ordering: .acquiring) != 0 else { return }
+        while true { pause() }
+    }
 
     private func handle(_ sig: Int32) {
-        let pid = child.load(ordering: .sequentiallyConsistent)
+        guard stopping.compareExchange(expected: 0, desired: sig, ordering: .acquiringAndReleasing).exchanged else { return }
+        let name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP"
+        let g = guardRef.withLock { $0 }
+        g?.seal("interrupted by \(name)")
+        let pid = child.withLock { $0 }
         if pid > 0 {
             kill(pid, SIGKILL)
             var status: Int32 = 0
+            // The runner's thread may reap it first: then ECHILD ends the wait.
             while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         }
-        let name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP"
         var message = "\nmemlab: interrupted by \(name)"
-        if let g = guardRef.withLock({ $0 }) {
+        if let g {
             // The run's own thread may have seen its child die (killed just now) and restored
             // first; then its report is the one to show.
             var report = g.restoreAll()
@@ -68,6 +97,7 @@ public final class SignalCleanup: Sendable {
                     + "\nrun `memlab restore` as root"
             }
         }
+        RunDirectory.removeOwn()
         writeStderr(message + "\n")
         _exit(128 + sig)
     }

@@ -18,6 +18,7 @@ struct Calibrate: ParsableCommand {
     var noSources = false
 
     func run() throws {
+        defer { RunDirectory.removeOwn() }
         guard (1...64).contains(sizeMB) else { throw UsageError("--size-mb must be 1...64") }
         let p = Scenarios.LazyRestoreScenario().probe(variant: "floors")
         if case .unusable(let reason) = p {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ArgumentParser
 import Foundation
 import LabKit
 import LinuxMM
@@ -9,30 +10,49 @@ import Scenarios
 /// What every command does first, and what run and suite share: the settings lock, recovery
 /// of a journal left by a memlab that died, executing requests, and writing the results.
 enum Session {
-    /// Restores a journal whose owner is dead, taking the settings lock for it (waiting, and
-    /// saying for whom, if another memlab holds it: knobs left changed must not wait for a
-    /// later start). Says what it did on stderr.
-    static func recoverStaleJournal(_ g: SettingsGuard, holdingLock: Bool) {
+    /// What every memlab start does first, before it even reads its arguments: removes the
+    /// files of runs whose runner is gone, and restores every journal whose owner is dead —
+    /// in this state directory or anywhere the registry knows — taking the settings lock for
+    /// it (waiting, and saying for whom, if another memlab holds it: knobs left changed must
+    /// not wait for a later start). Says what it did on stderr.
+    static func startup() {
+        RunDirectory.sweepStale()
+        recoverStaleJournals(SettingsGuard(), holdingLock: false)
+    }
+
+    /// Restores journals whose owner is dead; returns what was found (for `memlab restore`).
+    @discardableResult
+    static func recoverStaleJournals(_ g: SettingsGuard, holdingLock: Bool, quietWhenNothing: Bool = true) -> [SettingsGuard.Recovered] {
         guard System.isRoot else {
             if ProcFile.exists(g.journalPath) {
                 writeStderr("memlab: note: a settings journal exists at \(g.journalPath); run `memlab restore` as root\n")
             }
-            return
+            return []
         }
         if !holdingLock {
-            guard g.hasStaleJournal else { return }
-            do { try g.acquireLock(wait: true, say: { writeStderr($0 + " (to restore a dead memlab's settings)\n") }) } catch { return }
+            guard g.hasStaleJournal else { return [] }
+            do { try g.acquireLock(wait: true, say: { writeStderr($0 + " (to restore a dead memlab's settings)\n") }) } catch {
+                writeStderr("memlab: warning: a dead memlab's settings are left changed: \(error)\n")
+                return []
+            }
         }
         defer { if !holdingLock { g.releaseLock() } }
-        switch g.recoverStale() {
-        case .nothing, .ownerAlive: break
-        case .unreadable(let why): writeStderr("memlab: warning: \(why)\n")
-        case .restored(let j, let report):
-            var msg = "memlab: restored settings left changed by pid \(j.ownerPID) (\(j.command)), which is no longer running:\n"
-            msg += report.restoredLines.map { "  \($0)\n" }.joined()
-            if !report.restored { msg += "memlab: could NOT restore:\n" + report.failures.map { "  \($0)\n" }.joined() }
-            writeStderr(msg)
+        let found = g.recoverStale(retryingFailed: !holdingLock)
+        for r in found {
+            switch r.outcome {
+            case .nothing, .ownerAlive: break
+            case .unreadable(let why): writeStderr("memlab: warning: \(why)\n")
+            case .restored(let j, let report):
+                var msg = "memlab: restored settings left changed by pid \(j.ownerPID) (\(j.command)), which is no longer running (journal \(r.journalPath)):\n"
+                msg += report.restoredLines.map { "  \($0)\n" }.joined()
+                if !report.restored {
+                    msg += "memlab: could NOT restore (the journal stays at \(r.journalPath); the next memlab start retries it):\n"
+                        + report.failures.map { "  \($0)\n" }.joined()
+                }
+                writeStderr(msg)
+            }
         }
+        return found
     }
 
     /// nil when the lock is held; else the exit status to end with.
@@ -62,9 +82,10 @@ enum Session {
         let root = System.isRoot
         if root {
             if let status = takeLock(g, wait: !options.noWait) { return status }
-            recoverStaleJournal(g, holdingLock: true)
-            SignalCleanup.shared.install(settingsGuard: g)
+            recoverStaleJournals(g, holdingLock: true)
         }
+        // Also without root: Ctrl-C kills the child and removes the run's files.
+        SignalCleanup.shared.install(settingsGuard: g)
         defer { if root { g.releaseLock() } }
 
         let progress = ProgressLine(enabled: !options.quiet && isatty(2) == 1, requests: requests)
@@ -77,17 +98,30 @@ enum Session {
         }
         progress.finish()
 
+        SignalCleanup.shared.checkpoint()
         let doc = ResultDocument(tool: .init(name: "memlab", version: memlabVersion), startedAt: started,
                                  host: .current(), runs: runs)
         print(ResultTable.render(doc), terminator: "")
+        fflush(nil)
         let jsonPath = options.jsonPath ?? defaultResultPath(options.resultsDirectory, label: options.label)
-        try write(doc.jsonData(), to: jsonPath)
-        if !options.quiet { print("\nresult: \(jsonPath)") }
+        // A result that cannot go where it was asked goes to a fallback (printed), and the
+        // exit status says so: an experiment's numbers are never dropped.
+        var lost = false
+        do {
+            try ResultOutput.write(try doc.jsonData(), to: jsonPath, what: "the result document")
+            if !options.quiet { print("\nresult: \(jsonPath)") }
+        } catch { lost = true }
         if let csv = options.csvPath {
-            try write(Data(ResultTable.csv(doc).utf8), to: csv)
-            if !options.quiet { print("csv:    \(csv)") }
+            do {
+                try ResultOutput.write(Data(ResultTable.csv(doc).utf8), to: csv, what: "the CSV")
+                if !options.quiet { print("csv:    \(csv)") }
+            } catch { lost = true }
         }
-        if runs.contains(where: { $0.status == .failed }) { return ExitStatus.failed }
+        // A setting left changed is a failure whatever the measurements said (its journal
+        // stays; the next memlab start retries it).
+        let unrestored = runs.contains { !$0.settings.restored }
+        if unrestored { writeStderr("memlab: some settings could NOT be restored (see the notes); the journal stays at \(g.journalPath) and the next memlab start retries it\n") }
+        if lost || unrestored || runs.contains(where: { $0.status == .failed }) { return ExitStatus.failed }
         if runs.allSatisfy({ $0.status == .skipped }) { return ExitStatus.skipped }
         return ExitStatus.ok
     }
@@ -98,47 +132,14 @@ enum Session {
         return "\(dir)/\(stamp)-\(String(safe)).json"
     }
 
-    /// Fails before anything runs when an output file could not be written later.
-    static func checkWritable(_ path: String) throws {
-        let dir = (path as NSString).deletingLastPathComponent
-        let fm = FileManager.default
-        var isDir: ObjCBool = false
-        if !dir.isEmpty && !fm.fileExists(atPath: dir, isDirectory: &isDir) {
-            do { try fm.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
-                throw UsageError("cannot create directory \(dir) for \(path): \(error.localizedDescription)")
-            }
-            return
-        }
-        if !dir.isEmpty && !isDir.boolValue { throw UsageError("\(dir) is not a directory (for \(path))") }
-        if access(dir.isEmpty ? "." : dir, W_OK) != 0 { throw UsageError("cannot write into \(dir.isEmpty ? "." : dir) (for \(path))") }
-        if fm.fileExists(atPath: path) && access(path, W_OK) != 0 { throw UsageError("cannot overwrite \(path)") }
+    /// Fails (exit 2) before anything runs when an output file could not be written later.
+    static func checkWritable(_ path: String, what: String) throws {
+        try ResultOutput.check(path, what: what)
     }
 
-    static func write(_ data: Data, to path: String) throws {
-        let dir = (path as NSString).deletingLastPathComponent
-        if !dir.isEmpty { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) }
-        do {
-            try data.write(to: URL(fileURLWithPath: path))
-        } catch {
-            throw UsageError("cannot write \(path): \(error.localizedDescription)")
-        }
-    }
-
-    /// "0,2-3" -> [0, 2, 3], each an online CPU.
-    static func parseCPUList(_ text: String) throws(UsageError) -> [Int] {
-        var cpus: [Int] = []
-        for part in text.split(separator: ",") {
-            let bounds = part.split(separator: "-", maxSplits: 1)
-            guard let lo = Int(bounds[0]), let hi = Int(bounds.count == 2 ? bounds[1] : bounds[0]), lo >= 0, lo <= hi else {
-                throw UsageError("--cpus '\(text)': expected a list like 0 or 0,1 or 0-1")
-            }
-            cpus.append(contentsOf: lo...hi)
-        }
-        let online = System.onlineCPUs
-        if let bad = cpus.first(where: { $0 >= online }) {
-            throw UsageError("--cpus: CPU \(bad) does not exist; this machine has CPUs 0-\(online - 1)")
-        }
-        if cpus.isEmpty { throw UsageError("--cpus: empty list") }
-        return cpus
+    /// Writes an output a command was asked for (report, comparison, SVG): atomically, and on
+    /// failure to a printed fallback, exiting 1.
+    static func write(_ data: Data, to path: String, what: String = "the output") throws {
+        do { try ResultOutput.write(data, to: path, what: what) } catch { throw ExitCode(ExitStatus.failed) }
     }
 }

@@ -21,11 +21,13 @@ if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource"
     exit(PageServer.main(Array(CommandLine.arguments.dropFirst(2))))
 }
 
+// Any memlab that starts gives back what a dead memlab left changed, before anything else —
+// before its arguments are even read, so a typo, --help and --version restore too. `restore`
+// does the same and reports it itself.
+if CommandLine.arguments.dropFirst().first == "restore" { RunDirectory.sweepStale() } else { Session.startup() }
+
 do {
     var command = try Memlab.parseAsRoot()
-    // Any memlab that starts gives back what a dead memlab left changed, before anything else
-    // (also before a bad argument is reported); `restore` does the same and reports it itself.
-    if !(command is Restore) { Session.recoverStaleJournal(SettingsGuard(), holdingLock: false) }
     try command.run()
     exit(0)
 } catch let code as ExitCode {

@@ -9,12 +9,13 @@ import LinuxMM
 /// How a memlab memory cgroup is set up, against a fake cgroupfs in a temporary directory
 /// (the files the kernel would offer, as plain files): swap capped with the limit on v1 and
 /// v2, +memory delegated on v2 only when needed, and given back by the guard's restore.
-@Suite struct CgroupSetupTests {
+@Suite final class CgroupSetupTests {
     let root: String
     init() throws {
         root = NSTemporaryDirectory() + "memlab-cgtest-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: root + "/memlab-1", withIntermediateDirectories: true)
     }
+    deinit { try? FileManager.default.removeItem(atPath: root) }
     func put(_ rel: String, _ text: String = "") { FileManager.default.createFile(atPath: "\(root)/\(rel)", contents: Data(text.utf8)) }
     func get(_ rel: String) -> String { (try? String(contentsOfFile: "\(root)/\(rel)", encoding: .utf8)) ?? "(missing)" }
 

@@ -10,7 +10,9 @@ extension KernelTests {
         @Test func runsEveryModuleAndWritesAReport() throws {
             let dir = TempDir()
             let out = try Memlab.run(["suite", "quick", "--results-dir", dir.file("results")], stateDir: dir.path)
-            #expect(out.status == 0 || out.status == 3, "stderr: \(out.stderr)")
+            let failed = (try? loadJSON(dir.file("results/\((try? FileManager.default.contentsOfDirectory(atPath: dir.file("results")))?.first { $0.hasSuffix("-quick.json") } ?? "")")))
+                .map { runs($0).filter { $0["status"] as? String == "failed" }.map { "\($0["scenario"] ?? ""):\($0["variant"] ?? ""): \($0["reason"] ?? "")" } } ?? []
+            #expect(out.status == 0 || out.status == 3, "status \(out.status); failed runs: \(failed); stderr: \(out.stderr)")
             let files = try FileManager.default.contentsOfDirectory(atPath: dir.file("results"))
             let json = try #require(files.first { $0.hasSuffix("-quick.json") }, "\(files)")
             #expect(files.contains("report.html"))
@@ -22,6 +24,16 @@ extension KernelTests {
             let scenarios = try #require(try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [[String: Any]])
             for id in scenarios.compactMap({ $0["id"] as? String }) where id != "selftest" {
                 #expect(ran.contains(id), "module \(id) is not in the quick suite")
+            }
+            // Every variant of every module (the runner's failure drills aside) is exercised.
+            let variantsRun = Set(runs(doc).map { "\($0["scenario"] ?? ""):\($0["variant"] ?? "")" })
+            let drills: Set<String> = ["selftest:crash", "selftest:sigbus", "selftest:oom", "selftest:hang"]
+            for s in scenarios {
+                for v in (s["variants"] as? [[String: Any]]) ?? [] {
+                    let name = "\(s["id"] ?? ""):\(v["name"] ?? "")"
+                    if drills.contains(name) { continue }
+                    #expect(variantsRun.contains(name), "variant \(name) is not in the quick suite")
+                }
             }
             // Every run gave back what it borrowed (read back by the guard; a machine-wide
             // before/after snapshot would race with other memlab users of this machine).

@@ -28,7 +28,7 @@ enum Memlab {
         return env
     }
 
-    static func start(_ args: [String], stateDir: String, prefix: [String] = []) throws -> (Process, Pipe, Pipe) {
+    static func start(_ args: [String], stateDir: String, prefix: [String] = [], env extra: [String: String] = [:]) throws -> (Process, Pipe, Pipe) {
         let p = Process()
         if prefix.isEmpty {
             p.executableURL = URL(fileURLWithPath: binary)
@@ -37,7 +37,7 @@ enum Memlab {
             p.executableURL = URL(fileURLWithPath: prefix[0])
             p.arguments = Array(prefix.dropFirst()) + [binary] + args
         }
-        p.environment = environment(stateDir: stateDir)
+        p.environment = environment(stateDir: stateDir).merging(extra) { $1 }
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
@@ -46,8 +46,8 @@ enum Memlab {
     }
 
     @discardableResult
-    static func run(_ args: [String], stateDir: String, prefix: [String] = []) throws -> Output {
-        let (p, out, err) = try start(args, stateDir: stateDir, prefix: prefix)
+    static func run(_ args: [String], stateDir: String, prefix: [String] = [], env extra: [String: String] = [:]) throws -> Output {
+        let (p, out, err) = try start(args, stateDir: stateDir, prefix: prefix, env: extra)
         // Read before waiting: a full pipe would block the child.
         let o = out.fileHandleForReading.readDataToEndOfFile()
         let e = err.fileHandleForReading.readDataToEndOfFile()
@@ -151,4 +151,18 @@ func waitFor(_ seconds: Double, _ condition: () -> Bool) -> Bool {
         usleep(20_000)
     }
     return condition()
+}
+
+/// Run directories (`memlab-run-*`) and other files memlab may leave in the temporary
+/// directories: what a test expects to find empty after a run, a kill and the next start.
+func memlabLitter() -> [String] {
+    var out: [String] = []
+    for base in ["/tmp", "/var/tmp", "/dev/shm"] {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: base)) ?? []
+        where name.hasPrefix("memlab-run-") || name.hasPrefix("memlab-ps-") || name.hasPrefix("memlab-pagesource-")
+            || name.hasPrefix("memlab-lazy-") || name.hasPrefix("memlab.") || name.hasPrefix("memlab-child.") || name.hasPrefix("memlab-unsaved-") {
+            out.append("\(base)/\(name)")
+        }
+    }
+    return out.sorted()
 }

@@ -31,7 +31,10 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
 
 /// The experiment workflow end to end with the real binary: sweeps and their result layout,
 /// compare, the HTML report in a real browser, and progress. Uses the selftest scenario (no
-/// knob is borrowed) and result documents written by the test.
+/// knob is borrowed) and result documents written by the test. Under KernelTests with every
+/// other test that starts memlab: each start restores any dead memlab's journal it finds
+/// (machine-wide, through the registry), which a guard test running meanwhile must see itself.
+extension KernelTests {
 @Suite struct Workflow {
     @Test func commandLineSweepMakesOneFullRunPerPoint() throws {
         let dir = TempDir()
@@ -81,7 +84,7 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
             Metric(name: name, unit: unit, better: better, samples: samples, summary: Statistics.summarize(samples)!)
         }
         func run(_ variant: String, _ params: [String: ParamValue], _ metrics: [Metric], series: [TimeSeries] = [], sweep: SweepInfo? = nil) -> RunResult {
-            var r = RunResult(scenario: "synthetic", variant: variant, params: Params(params), placement: Placement(), status: .ok, reason: nil,
+            var r = RunResult(scenario: "synthetic", variant: variant, params: Params(params), placement: LabKit.Placement(), status: .ok, reason: nil,
                               settings: SettingsRecord(changed: ["/sys/kernel/mm/ksm/run": SettingChange(from: "0", to: "1")], restored: true),
                               repetitions: 3, warmup: 0, metrics: metrics, timeseries: series)
             r.sweep = sweep
@@ -257,4 +260,5 @@ func runProgram(_ path: String, _ args: [String], seconds: Double = 120, environ
         let (_, quiet) = try runProgram(scriptPath!, ["-qec", command + " --quiet", "/dev/null"], environment: env)
         #expect(!quiet.contains("elapsed"))
     }
+}
 }

@@ -143,7 +143,7 @@ extension Bench {
         guard let exe = candidates.first(where: { access($0, X_OK) == 0 }) else {
             return (nil, "stress-ng not installed (apt-get install -y stress-ng): comparison skipped")
         }
-        let log = "/tmp/memlab-stressng-\(getpid()).log"
+        let log = "\((try? RunDirectory.make()) ?? "/tmp")/stressng-\(getpid()).log"
         defer { unlink(log) }
         do {
             let pin = oneCPU ? ["--taskset", "\(NUMA.currentAffinity().first ?? 0)"] : []

@@ -78,8 +78,10 @@ final class PageSource: @unchecked Sendable {
 
     /// A snapshot file of `image` (the migration module's format v1), read back on demand with
     /// pread. `dropCache`: evict the file from the page cache first, so reads go to the disk.
-    static func file(image: PageImage, directory: String, dropCache: Bool) throws -> PageSource {
-        let path = "\(directory)/memlab-lazy-\(getpid())-\(Clock.nanoseconds()).snap"
+    static func file(image: PageImage, directory base: String, dropCache: Bool) throws -> PageSource {
+        // In the run's directory on that file system: removed with the run, also after a kill.
+        let directory = try RunDirectory.make(base: base)
+        let path = "\(directory)/lazy-\(getpid())-\(Clock.nanoseconds()).snap"
         let header = ImageHeader.local(regionBytes: image.pages * 4096, checksum: regionChecksum(image.base, length: image.pages * 4096))
         do { try Snapshot.write(path: path, header: header, data: image.base) } catch { unlink(path); throw ScenarioError.failed("snapshot file: \(error)") }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -117,15 +119,19 @@ final class PageSource: @unchecked Sendable {
     /// Starts `memlab _pagesource` serving `image` (regenerated there from its seed) and
     /// connects `channels` connections to it (one per handler thread and one for the pusher).
     static func process(kind: Kind, image: PageImage, channels count: Int, tcpAddress: String, timeoutS: Double,
-                        directory: String) throws -> PageSource {
+                        directory base: String) throws -> PageSource {
         let tag = "\(getpid())-\(Clock.nanoseconds() % 1_000_000_000)"
-        let ready = "\(directory)/memlab-pagesource-\(tag).ready"
-        let sock = kind == .unix ? "/tmp/memlab-ps-\(tag).sock" : nil
+        // The run's directories hold the ready file, the log and the socket: removed with the
+        // run, also after a kill. The socket's lives under /tmp, whose path fits sun_path.
+        let directory = try RunDirectory.make(base: base)
+        let ready = "\(directory)/pagesource-\(tag).ready"
+        let sock = kind == .unix ? "\(try RunDirectory.make(base: "/tmp"))/ps-\(tag).sock" : nil
         let listen = sock ?? tcpAddress
         let args = ["_pagesource", "kind=\(kind.rawValue)", "listen=\(listen)", "ready=\(ready)", "pages=\(image.pages)",
                     "seed=\(image.seed)", "zero_ratio=\(image.zeroRatio)", "parent=\(getpid())"]
-        let pid = try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: "\(directory)/memlab-pagesource-\(tag).log")
-        func abandon() { kill(pid, SIGKILL); var s: Int32 = 0; waitpid(pid, &s, 0); unlink(ready); if let sock { unlink(sock) } }
+        let logPath = "\(directory)/pagesource-\(tag).log"
+        let pid = try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: logPath)
+        func abandon() { kill(pid, SIGKILL); var s: Int32 = 0; waitpid(pid, &s, 0); unlink(ready); unlink(logPath); if let sock { unlink(sock) } }
         // The ready file: "pid port\n", written once the source listens.
         let start = Clock.nanoseconds()
         var port = 0
@@ -137,8 +143,9 @@ final class PageSource: @unchecked Sendable {
             }
             var s: Int32 = 0
             if waitpid(pid, &s, WNOHANG) == pid {
-                let log = (try? String(contentsOfFile: "\(directory)/memlab-pagesource-\(tag).log")) ?? ""
+                let log = (try? String(contentsOfFile: logPath)) ?? ""
                 unlink(ready)
+                unlink(logPath)
                 throw ScenarioError.failed("the source process exited before it listened: \(log.trimmingCharacters(in: .whitespacesAndNewlines))")
             }
             if Clock.seconds(since: start) > timeoutS { abandon(); throw ScenarioError.failed("the source process did not listen within \(timeoutS) s") }
@@ -164,7 +171,7 @@ final class PageSource: @unchecked Sendable {
         let s = PageSource(kind: kind, pages: image.pages, landing: try AnonymousMapping(length: image.pages * 4096, kind: .base),
                            channels: chans, pid: pid, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: sock,
                            label: "source process pid \(pid) over \(kind == .unix ? "Unix socket" : "TCP") \(address)")
-        s.logPath = "\(directory)/memlab-pagesource-\(tag).log"
+        s.logPath = logPath
         return s
     }
 

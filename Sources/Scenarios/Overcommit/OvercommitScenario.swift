@@ -291,7 +291,8 @@ public struct OvercommitScenario: Scenario {
 final class ScratchDirectory {
     let path: String
     init() throws(SystemError) {
-        var template = Array("/tmp/memlab-child.XXXXXX".utf8CString)
+        // Under the run's directory: removed with it, also after a kill.
+        var template = Array("\(try RunDirectory.make())/child.XXXXXX".utf8CString)
         guard let dir = mkdtemp(&template) else { throw SystemError.current("mkdtemp") }
         path = String(cString: dir)
     }
