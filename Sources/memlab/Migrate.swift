@@ -24,6 +24,42 @@ struct Migrate: ParsableCommand {
     )
 }
 
+/// Option ranges (docs/migration-protocol.md, "Command-line limits"). A value outside —
+/// NaN, infinite, negative, huge — is bad usage (exit 2): it must never reach a conversion
+/// to an integer or a timeval, where it would trap.
+enum NetLimits {
+    static let timeoutS = 0.0...Wire.maxTimeoutS          // lower bound open
+    static let delayMs = 0.0...60_000.0
+    static let bandwidthMbit = 0.1...1_000_000.0          // as migration:precopy's parameter
+    static let rttMs = 0.0...10_000.0
+    static let downtimeTargetMs = 0.001...100_000.0
+    static let maxRounds = 1...10_000
+    static let threads = 1...64
+    static let dirtyRate = 0...100_000_000
+    /// Region sizes (source --size, destination --max-region): page counts stay far inside
+    /// the protocol's 32-bit round counts.
+    static let maxRegionBytes = 1 << 40
+
+    static func check(_ name: String, _ v: Double, _ r: ClosedRange<Double>, lowerOpen: Bool = false, unit: String) throws {
+        guard v.isFinite, r.contains(v), !(lowerOpen && v == r.lowerBound) else {
+            let range = lowerOpen ? "\(formatNumber(r.lowerBound)) < value ≤ \(formatNumber(r.upperBound))" : "\(formatNumber(r.lowerBound))…\(formatNumber(r.upperBound))"
+            throw UsageError("--\(name) \(v): expected a number with \(range) \(unit)")
+        }
+    }
+
+    static func check(_ name: String, _ v: Int, _ r: ClosedRange<Int>) throws {
+        guard r.contains(v) else { throw UsageError("--\(name) \(v): expected \(r.lowerBound)…\(r.upperBound)") }
+    }
+
+    /// A size option: K/M/G/T suffixes, a whole number of pages, within `min…maxRegionBytes`.
+    static func size(_ name: String, _ text: String, atLeast min: Int) throws -> Int {
+        guard let b = parseSize(text), b >= min, b <= maxRegionBytes, b % System.pageSize == 0 else {
+            throw UsageError("--\(name) '\(text)': expected a size (K, M, G, T suffix) of whole \(System.pageSize)-byte pages, \(min)…\(maxRegionBytes) bytes")
+        }
+        return b
+    }
+}
+
 /// A failure the user must see as one line, with exit status 1.
 private func fail(_ text: String) -> ExitCode {
     writeStderr("memlab migrate: \(text)\n")
@@ -81,10 +117,15 @@ struct MigrateSource: ParsableCommand {
             }
             return fail(text)
         }
-        guard let bytes = parseSize(size), bytes >= 2 * System.pageSize else { throw UsageError("--size '\(size)' is not a size of at least two pages") }
-        guard bandwidthMbit > 0, maxRounds >= 1, threads >= 1, dirtyRate >= 0, timeout > 0, delayMs >= 0 else {
-            throw UsageError("--bandwidth-mbit, --max-rounds, --threads and --timeout must be positive; --dirty-rate and --delay-ms not negative")
-        }
+        let bytes = try NetLimits.size("size", size, atLeast: 2 * System.pageSize)
+        try NetLimits.check("bandwidth-mbit", bandwidthMbit, NetLimits.bandwidthMbit, unit: "Mbit/s")
+        if let rttMs { try NetLimits.check("rtt-ms", rttMs, NetLimits.rttMs, unit: "ms") }
+        try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
+        try NetLimits.check("downtime-target-ms", downtimeTargetMs, NetLimits.downtimeTargetMs, unit: "ms")
+        try NetLimits.check("timeout", timeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
+        try NetLimits.check("max-rounds", maxRounds, NetLimits.maxRounds)
+        try NetLimits.check("threads", threads, NetLimits.threads)
+        try NetLimits.check("dirty-rate", dirtyRate, NetLimits.dirtyRate)
         let wp = WriteProtectTracking.probe()
         guard wp.usable else { throw failed("dirty tracking unusable: \(wp.reason ?? "?")") }
         let page = System.pageSize
@@ -94,7 +135,8 @@ struct MigrateSource: ParsableCommand {
         let delayNS = UInt64(delayMs * 1e6)
         let fd: Int32
         do { fd = try WireSocket.connect(connect, timeoutS: timeout) } catch { throw failed(error.description) }
-        let conn = WireConnection(fd: fd, delayNS: delayNS, timeoutS: timeout)
+        let conn: WireConnection
+        do { conn = try WireConnection(fd: fd, delayNS: delayNS, timeoutS: timeout) } catch { close(fd); throw failed(error.description) }
         defer { conn.close() }
         let link: TCPLink
         do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw failed(error.description) }
@@ -145,16 +187,33 @@ struct MigrateDestination: ParsableCommand {
     @Option(help: "One-way delay added by memlab's delay stage to every message this side receives, ms.") var delayMs = 0.0
     @Option(help: "Seconds without a message from the source before giving up.") var timeout = 10.0
     @Option(help: "Seconds to wait for the source to connect.") var acceptTimeout = 60.0
+    @Option(help: "The largest image taken (K, M, G, T suffix); a bigger HELLO is refused before anything is allocated. Default: half of MemAvailable.") var maxRegion: String?
     @Flag(help: "Go on when this CPU lacks flags the source had (the guest may crash on an instruction it lacks).") var ignoreCPUFlags = false
     @Option(help: "Write what this side received and verified as a memlab.result/1 document to this file, also when the migration fails.") var json: String?
 
     var params: [String: ParamValue] {
-        ["listen": .string(listen), "delay_ms": .double(delayMs), "timeout_s": .double(timeout),
-         "accept_timeout_s": .double(acceptTimeout), "ignore_cpu_flags": .bool(ignoreCPUFlags)]
+        var p: [String: ParamValue] = ["listen": .string(listen), "delay_ms": .double(delayMs), "timeout_s": .double(timeout),
+                                       "accept_timeout_s": .double(acceptTimeout), "ignore_cpu_flags": .bool(ignoreCPUFlags)]
+        if let maxRegion { p["max_region"] = .int(parseSize(maxRegion) ?? 0) }
+        return p
+    }
+
+    /// The default cap: half of MemAvailable, in whole pages. The region is populated
+    /// (MADV_POPULATE_WRITE) before the first page arrives, so the cap is what a HELLO can make
+    /// resident; half leaves the rest to the page cache and everything else on the machine.
+    static func defaultMaxRegion() throws -> Int {
+        guard let info = try? MemInfo.current(), let avail = info["MemAvailable"], avail > 0 else {
+            throw UsageError("cannot read MemAvailable from /proc/meminfo: give --max-region")
+        }
+        let half = Int(clamping: avail / 2)
+        return min(half / System.pageSize * System.pageSize, NetLimits.maxRegionBytes)
     }
 
     func run() throws {
-        guard timeout > 0, acceptTimeout > 0, delayMs >= 0 else { throw UsageError("--timeout and --accept-timeout must be positive, --delay-ms not negative") }
+        try NetLimits.check("timeout", timeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
+        try NetLimits.check("accept-timeout", acceptTimeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
+        try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
+        let cap = try maxRegion.map { try NetLimits.size("max-region", $0, atLeast: System.pageSize) } ?? Self.defaultMaxRegion()
         let started = isoTimestamp()
         let startNS = Clock.nanoseconds()
         func failed(_ text: String) -> ExitCode {
@@ -168,17 +227,18 @@ struct MigrateDestination: ParsableCommand {
         }
         let listener: Int32
         do { listener = try WireSocket.listen(listen) } catch { throw failed(error.description) }
-        print("listening on \(listen)")
+        print("listening on \(listen); largest image taken: \(cap) bytes\(maxRegion == nil ? " (half of MemAvailable)" : "")")
         fflush(nil)
         let fd: Int32
         do { fd = try WireSocket.accept(listener, timeoutS: acceptTimeout) } catch { close(listener); throw failed(error.description) }
         close(listener)
         let accepted = Clock.nanoseconds()
-        let conn = WireConnection(fd: fd, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout)
+        let conn: WireConnection
+        do { conn = try WireConnection(fd: fd, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout) } catch { close(fd); throw failed(error.description) }
         defer { conn.close() }
         let r: MigrationDestination.Report
         do {
-            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags).serve(conn) { print($0); fflush(nil) }
+            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags, maxRegion: cap).serve(conn) { print($0); fflush(nil) }
         } catch {
             throw failed(error.description)
         }
@@ -245,7 +305,7 @@ struct MigrateSnapshot: ParsableCommand {
     @Option(help: "Region size (K, M, G suffix).") var size = "1M"
 
     func run() throws {
-        guard let bytes = parseSize(size), bytes >= System.pageSize else { throw UsageError("--size '\(size)' is not a size of at least one page") }
+        let bytes = try NetLimits.size("size", size, atLeast: System.pageSize)
         let region = try AnonymousMapping(length: bytes)
         fillRandom(region.base, length: region.length, seed: 0x736E_6170)
         let header = ImageHeader.local(regionBytes: region.length, checksum: regionChecksum(region.base, length: region.length))

@@ -84,18 +84,47 @@ public struct ImageHeader: Sendable, Equatable {
         """
     }
 
+    /// The keys, all required, no others (docs/migration-protocol.md, "Image header").
+    public static let keys: Set<String> = ["arch", "page_size", "cpu_model", "cpu_flags", "region_bytes", "checksum"]
+    /// Page sizes a header may name: powers of two in 512 B…1 GiB (arithmetic on page counts
+    /// and offsets stays far from overflow).
+    public static let pageSizes = 512...(1 << 30)
+    /// The largest image a header may describe (1 PiB): `16 + header + region_bytes` and every
+    /// page offset fit an Int with room to spare.
+    public static let maxRegionBytes = 1 << 50
+
     public static func parse(_ text: String) throws(ImageError) -> ImageHeader {
+        try parse(bytes: Array(text.utf8))
+    }
+
+    /// Parses header text from a peer or a file: bounded (`Snapshot.maxHeader`), every key
+    /// once, no control characters in a value (they would reach a terminal), numbers in range.
+    public static func parse<C: Collection>(bytes: C) throws(ImageError) -> ImageHeader where C.Element == UInt8 {
+        guard bytes.count <= Snapshot.maxHeader else { throw .malformed("header of \(bytes.count) bytes exceeds \(Snapshot.maxHeader)") }
         var kv: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            guard let eq = line.firstIndex(of: "=") else { throw .malformed("header line without '=': \(line.prefix(80))") }
-            kv[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        for line in bytes.split(separator: UInt8(ascii: "\n")) {
+            guard let eq = line.firstIndex(of: UInt8(ascii: "=")) else {
+                throw .malformed("header line without '=': \(PeerText.decode(line.prefix(80)))")
+            }
+            let key = String(decoding: line[..<eq], as: UTF8.self)
+            let value = line[line.index(after: eq)...]
+            guard keys.contains(key) else { throw .malformed("unknown header key '\(PeerText.decode(line[..<eq].prefix(80)))'") }
+            guard kv[key] == nil else { throw .malformed("header key \(key) given twice") }
+            // Tab is allowed (a CPU model string might hold one); other controls are not.
+            guard !value.contains(where: { ($0 < 0x20 && $0 != 0x09) || $0 == 0x7f }) else {
+                throw .malformed("header value of \(key) contains control characters")
+            }
+            kv[key] = String(decoding: value, as: UTF8.self)
         }
         func need(_ k: String) throws(ImageError) -> String {
             guard let v = kv[k] else { throw .malformed("header lacks \(k)") }
             return v
         }
-        guard let ps = Int(try need("page_size")), ps > 0 else { throw .malformed("page_size is not a positive integer") }
+        guard let ps = Int(try need("page_size")), pageSizes.contains(ps), ps & (ps - 1) == 0 else {
+            throw .malformed("page_size is not a power of two in \(pageSizes.lowerBound)…\(pageSizes.upperBound)")
+        }
         guard let rb = Int(try need("region_bytes")), rb > 0, rb % ps == 0 else { throw .malformed("region_bytes is not a positive multiple of page_size") }
+        guard rb <= maxRegionBytes else { throw .malformed("region_bytes \(rb) exceeds \(maxRegionBytes) (1 PiB)") }
         guard let sum = UInt64(try need("checksum"), radix: 16) else { throw .malformed("checksum is not hexadecimal") }
         let flags = try need("cpu_flags").split(separator: " ").map(String.init)
         return ImageHeader(arch: try need("arch"), pageSize: ps, cpu: CPUIdentity(model: try need("cpu_model"), flags: flags),
@@ -139,6 +168,10 @@ public enum ImageError: Error, CustomStringConvertible, Equatable {
         case .io(let s): return s
         }
     }
+    /// The reason without the "malformed snapshot" prefix (for a header that came in a HELLO).
+    public var detail: String {
+        switch self { case .malformed(let s), .truncated(let s), .io(let s): return s }
+    }
 }
 
 /// A memory image on disk (docs/migration-protocol.md, "Snapshot file"):
@@ -180,42 +213,107 @@ public enum Snapshot {
     }
 
     /// Reads and checks the header (and, with `verifyData`, that the data is all there and
-    /// matches its checksum). Never reads page data into memory unless asked to.
+    /// matches its checksum). Never reads page data into memory unless asked to, and then a
+    /// megabyte at a time.
     public static func readHeader(path: String, verifyData: Bool = true) throws(ImageError) -> ImageHeader {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { throw .io(SystemError.current("open", path: path).description) }
         defer { close(fd) }
         var st = stat()
         if fstat(fd, &st) != 0 { throw .io(SystemError.current("fstat", path: path).description) }
-        let size = Int(st.st_size)
+        return try inspect(FileBytes(fd: fd, path: path, size: Int(st.st_size)), verifyData: verifyData).header
+    }
+
+    /// Where a snapshot's bytes come from: a file, or (for the fuzzer) memory.
+    public protocol Bytes {
+        /// The file's size as the file system says (may exceed what `read` can deliver).
+        var size: Int { get }
+        /// Reads up to `count` bytes at `offset` into `into`; 0 at the end, < 0 on error.
+        func read(_ into: UnsafeMutableRawPointer, count: Int, offset: Int) -> Int
+        func ioError(_ call: String) -> ImageError
+    }
+
+    struct FileBytes: Bytes {
+        let fd: Int32, path: String, size: Int
+        func read(_ into: UnsafeMutableRawPointer, count: Int, offset: Int) -> Int {
+            while true {
+                let r = pread(fd, into, count, off_t(offset))
+                if r < 0 && errno == EINTR { continue }
+                return r
+            }
+        }
+        func ioError(_ call: String) -> ImageError { .io(SystemError.current(call, path: path).description) }
+    }
+
+    /// Memory standing for a file of `size` bytes whose first `data.count` bytes are `data`
+    /// (the rest cannot be read: a short read, reported as an I/O error).
+    public struct MemoryBytes: Bytes {
+        public let data: UnsafeRawBufferPointer
+        public let size: Int
+        public init(data: UnsafeRawBufferPointer, size: Int) { self.data = data; self.size = size }
+        public func read(_ into: UnsafeMutableRawPointer, count: Int, offset: Int) -> Int {
+            guard offset >= 0, offset < data.count, count > 0 else { return 0 }
+            let n = min(count, data.count - offset)
+            into.copyMemory(from: data.baseAddress! + offset, byteCount: n)
+            return n
+        }
+        public func ioError(_ call: String) -> ImageError { .io("\(call): the bytes end early") }
+    }
+
+    /// Every check `migrate check` makes, on any `Bytes`: prefix, header, length (no sum can
+    /// overflow: each is compared with what is left), and with `verifyData` the checksum.
+    public static func inspect<B: Bytes>(_ f: B, verifyData: Bool) throws(ImageError) -> (header: ImageHeader, dataOffset: Int) {
+        let size = f.size
         if size < 16 { throw .truncated("\(size) bytes, shorter than the 16-byte prefix") }
         var prefix = [UInt8](repeating: 0, count: 16)
-        if pread(fd, &prefix, 16, 0) != 16 { throw .io(SystemError.current("pread", path: path).description) }
+        if prefix.withUnsafeMutableBytes({ f.read($0.baseAddress!, count: 16, offset: 0) }) != 16 { throw f.ioError("pread") }
         if Array(prefix[0..<8]) != magic { throw .malformed("no MEMLABSN magic: not a memlab snapshot") }
         let ver = prefix[8..<12].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         if ver != version { throw .malformed("format version \(ver); this memlab reads version \(version)") }
         let n = Int(prefix[12..<16].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
         if n > maxHeader { throw .malformed("header length \(n) exceeds \(maxHeader)") }
-        if size < 16 + n { throw .truncated("header says \(n) bytes but the file ends after \(size - 16)") }
+        if size - 16 < n { throw .truncated("header says \(n) bytes but the file ends after \(size - 16)") }
         var text = [UInt8](repeating: 0, count: n)
-        if n > 0 && pread(fd, &text, n, 16) != n { throw .io(SystemError.current("pread", path: path).description) }
-        let header = try ImageHeader.parse(String(decoding: text, as: UTF8.self))
-        let expected = 16 + n + header.regionBytes
-        if size < expected { throw .truncated("\(size - 16 - n) of \(header.regionBytes) bytes of page data present") }
-        if size > expected { throw .malformed("\(size - expected) bytes after the page data") }
+        if n > 0 && text.withUnsafeMutableBytes({ f.read($0.baseAddress!, count: n, offset: 16) }) != n { throw f.ioError("pread") }
+        let header = try ImageHeader.parse(bytes: text)
+        let present = size - 16 - n   // ≥ 0 from the check above
+        if present < header.regionBytes { throw .truncated("\(present) of \(header.regionBytes) bytes of page data present") }
+        if present > header.regionBytes { throw .malformed("\(present - header.regionBytes) bytes after the page data") }
         if verifyData {
-            // Data starts at 16+n, not page aligned: read it through a buffer.
-            let buf = UnsafeMutableRawPointer.allocate(byteCount: header.regionBytes, alignment: 8)
+            // Data starts at 16+n, not page aligned: read it through a bounded buffer.
+            let chunk = 1 << 20
+            let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 8)
             defer { buf.deallocate() }
+            var sum = ChecksumStream()
             var done = 0
             while done < header.regionBytes {
-                let r = pread(fd, buf + done, header.regionBytes - done, off_t(16 + n + done))
-                if r <= 0 { throw .io(SystemError.current("pread", path: path).description) }
-                done += r
+                let want = min(chunk, header.regionBytes - done)
+                var got = 0
+                while got < want {
+                    let r = f.read(buf + got, count: want - got, offset: 16 + n + done + got)
+                    if r <= 0 { throw f.ioError("pread") }
+                    got += r
+                }
+                sum.add(buf, length: want)
+                done += want
             }
-            let sum = regionChecksum(buf, length: header.regionBytes)
-            if sum != header.checksum { throw .malformed("page data checksum \(String(sum, radix: 16)) differs from the header's \(String(header.checksum, radix: 16))") }
+            if sum.value != header.checksum { throw .malformed("page data checksum \(String(sum.value, radix: 16)) differs from the header's \(String(header.checksum, radix: 16))") }
         }
-        return header
+        return (header, 16 + n)
+    }
+}
+
+/// `regionChecksum` (FNV-1a over 64-bit words) fed in pieces; each piece a multiple of 8
+/// bytes (region sizes are multiples of the page size, the reader's chunks of 1 MiB).
+public struct ChecksumStream {
+    public private(set) var value: UInt64 = 0xcbf2_9ce4_8422_2325
+    public init() {}
+    public mutating func add(_ p: UnsafeRawPointer, length: Int) {
+        var h = value
+        for i in 0..<(length / 8) {
+            h ^= p.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)
+            h &*= 0x0000_0100_0000_01b3
+        }
+        value = h
     }
 }

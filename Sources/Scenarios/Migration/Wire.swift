@@ -17,6 +17,11 @@ public enum Wire {
     public static let magic: (UInt8, UInt8) = (0x4D, 0x4C)
     public static let maxPayload = 16 << 20
     public static let pagesPerFrame = 64
+    /// Payload bytes a connection's reader queues ahead of the protocol before it stops
+    /// reading (TCP flow control then holds the peer): a peer that sends faster than this side
+    /// handles its frames costs at most this much memory, not all it sends. It also bounds the
+    /// delay stage: bandwidth × one-way delay above it is held back by the sender.
+    public static let maxQueuedBytes = 128 << 20
 }
 
 public enum MessageType: UInt8, Sendable, CustomStringConvertible {
@@ -34,6 +39,7 @@ public enum MessageType: UInt8, Sendable, CustomStringConvertible {
 public struct Frame: Sendable {
     public let type: MessageType
     public let payload: [UInt8]
+    public init(type: MessageType, payload: [UInt8]) { self.type = type; self.payload = payload }
 }
 
 public enum WireError: Error, CustomStringConvertible, Equatable {
@@ -71,59 +77,81 @@ struct PayloadReader {
     let what: String
     init(_ f: Frame) { bytes = f.payload; what = f.type.description }
     mutating func u32() throws(WireError) -> UInt32 {
-        guard at + 4 <= bytes.count else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
+        guard bytes.count - at >= 4 else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
         var v: UInt32 = 0
         for i in 0..<4 { v |= UInt32(bytes[at + i]) << (8 * i) }
         at += 4
         return v
     }
     mutating func u64() throws(WireError) -> UInt64 {
-        guard at + 8 <= bytes.count else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
+        guard bytes.count - at >= 8 else { throw .malformed("\(what) payload ends early (\(bytes.count) bytes)") }
         var v: UInt64 = 0
         for i in 0..<8 { v |= UInt64(bytes[at + i]) << (8 * i) }
         at += 8
         return v
     }
-    mutating func rest() -> String { defer { at = bytes.count }; return String(decoding: bytes[at...], as: UTF8.self) }
     func end() throws(WireError) { if at != bytes.count { throw .malformed("\(what) payload has \(bytes.count - at) extra bytes") } }
 }
 
 /// One end of a migration connection. A reader thread takes frames off the socket as they
 /// arrive and stamps them; `receive` hands each out no earlier than its arrival plus the
 /// delay stage's one-way delay (memlab's stand-in for netem where the kernel has none), and
-/// no later than the deadline: a silent or dead peer is an error, never a hang.
+/// no later than the deadline: a silent or dead peer is an error, never a hang. The reader
+/// queues at most `Wire.maxQueuedBytes` of payload ahead of the protocol.
 public final class WireConnection: @unchecked Sendable {
+    private struct Queue {
+        var frames: [(UInt64, Result<Frame, WireError>)] = []
+        var bytes = 0
+        var readerWaiting = false
+    }
+
     public let fd: Int32
     public let delayNS: UInt64
     public let timeoutS: Double
-    private let queue = Mutex<[(UInt64, Result<Frame, WireError>)]>([])
+    private let queue = Mutex<Queue>(Queue())
     private let sem: UnsafeMutablePointer<sem_t>
+    /// Posted when the queue has room again (or the connection closes) for a waiting reader.
+    private let space: UnsafeMutablePointer<sem_t>
     private var reader: pthread_t?
     private let closedFlag = Atomic<Bool>(false)
     public private(set) var bytesSent = 0
 
-    public init(fd: Int32, delayNS: UInt64, timeoutS: Double) {
+    /// `timeoutS` must be a `Wire.validTimeout`, `delayNS` at most a minute: the CLI checks
+    /// both, and a bad value here is refused rather than turned into a trap or a hang.
+    public init(fd: Int32, delayNS: UInt64, timeoutS: Double) throws(WireError) {
+        guard Wire.validTimeout(timeoutS) else { throw .system("timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
+        guard delayNS <= 60_000_000_000 else { throw .system("delay stage of \(delayNS) ns exceeds 60 s") }
         self.fd = fd
         self.delayNS = delayNS
         self.timeoutS = timeoutS
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        var tv = timeval(tv_sec: Int(timeoutS), tv_usec: Int((timeoutS - Double(Int(timeoutS))) * 1e6))
+        var tv = Wire.timeval(seconds: timeoutS)
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         sem = .allocate(capacity: 1)
         sem_init(sem, 0, 0)
+        space = .allocate(capacity: 1)
+        sem_init(space, 0, 0)
         reader = startThread { [self] in self.readLoop() }
+        if reader == nil {
+            let e = SystemError(errno: EAGAIN, call: "pthread_create (connection reader)")
+            sem_destroy(sem); sem.deallocate(); sem_destroy(space); space.deallocate()
+            throw .system(e.description)
+        }
     }
 
     deinit {
         close()
         sem_destroy(sem)
         sem.deallocate()
+        sem_destroy(space)
+        space.deallocate()
     }
 
     public func close() {
         if closedFlag.exchange(true, ordering: .acquiringAndReleasing) { return }
         shutdown(fd, Int32(SHUT_RDWR))
+        sem_post(space)   // a reader waiting for room sees the close
         if let r = reader { pthread_join(r, nil) }
         Glibc.close(fd)
     }
@@ -139,41 +167,49 @@ public final class WireConnection: @unchecked Sendable {
         return done
     }
 
-    private func push(_ r: Result<Frame, WireError>) {
-        queue.withLock { $0.append((Clock.nanoseconds(), r)) }
+    /// Queues a frame; returns false when the connection closed while waiting for room.
+    private func push(_ r: Result<Frame, WireError>) -> Bool {
+        let size: Int
+        if case .success(let f) = r { size = f.payload.count } else { size = 0 }
+        let full = queue.withLock { q -> Bool in
+            q.frames.append((Clock.nanoseconds(), r))
+            q.bytes += size
+            if q.bytes > Wire.maxQueuedBytes { q.readerWaiting = true; return true }
+            return false
+        }
         sem_post(sem)
+        if full {
+            while sem_wait(space) != 0 && errno == EINTR {}
+            if closedFlag.load(ordering: .acquiring) { return false }
+        }
+        return true
     }
 
     private func readLoop() {
-        var header = [UInt8](repeating: 0, count: 8)
+        var header = [UInt8](repeating: 0, count: FrameHeader.size)
         while true {
-            let got = header.withUnsafeMutableBytes { readExactly($0.baseAddress!, 8) }
-            if got == 0 { push(.failure(.peerClosed("end of stream"))); return }
+            let got = header.withUnsafeMutableBytes { readExactly($0.baseAddress!, FrameHeader.size) }
+            if got == 0 { _ = push(.failure(.peerClosed("end of stream"))); return }
             if got < 0 {
                 let e = errno
-                push(.failure(closedFlag.load(ordering: .relaxed) ? .peerClosed("connection closed locally")
+                _ = push(.failure(closedFlag.load(ordering: .relaxed) ? .peerClosed("connection closed locally")
                     : .peerClosed("recv: \(SystemError(errno: e, call: "recv").description)")))
                 return
             }
-            if got < 8 { push(.failure(.malformed("connection closed in the middle of a frame header (\(got) of 8 bytes)"))); return }
-            guard header[0] == Wire.magic.0, header[1] == Wire.magic.1 else {
-                push(.failure(.malformed(String(format8: header)))); return
-            }
-            guard let type = MessageType(rawValue: header[2]) else {
-                push(.failure(.malformed("unknown message type \(header[2])"))); return
-            }
-            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
-            guard length <= Wire.maxPayload else {
-                push(.failure(.malformed("\(type) payload of \(length) bytes exceeds \(Wire.maxPayload)"))); return
+            if got < FrameHeader.size { _ = push(.failure(.malformed("connection closed in the middle of a frame header (\(got) of 8 bytes)"))); return }
+            let decoded = header.withUnsafeBytes { FrameHeader.decode($0) }
+            guard case .success(let (type, length)) = decoded else {
+                if case .failure(let e) = decoded { _ = push(.failure(e)) }
+                return
             }
             var payload = [UInt8](repeating: 0, count: length)
             if length > 0 {
                 let n = payload.withUnsafeMutableBytes { readExactly($0.baseAddress!, length) }
                 if n != length {
-                    push(.failure(.malformed("truncated \(type): connection closed after \(max(n, 0)) of \(length) payload bytes"))); return
+                    _ = push(.failure(.malformed("truncated \(type): connection closed after \(max(n, 0)) of \(length) payload bytes"))); return
                 }
             }
-            push(.success(Frame(type: type, payload: payload)))
+            if !push(.success(Frame(type: type, payload: payload))) { return }
         }
     }
 
@@ -181,22 +217,32 @@ public final class WireConnection: @unchecked Sendable {
     public func receive(waitingFor what: String) throws(WireError) -> Frame {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        let deadline = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 + timeoutS
-        ts.tv_sec = Int(deadline)
-        ts.tv_nsec = Int((deadline - Double(Int(deadline))) * 1e9)
+        // timeoutS ≤ a day (init): these conversions stay in range.
+        let whole = timeoutS.rounded(.down)
+        ts.tv_sec += Int(whole)
+        ts.tv_nsec += Int((timeoutS - whole) * 1e9)
+        if ts.tv_nsec >= 1_000_000_000 { ts.tv_sec += 1; ts.tv_nsec -= 1_000_000_000 }
         while sem_timedwait(sem, &ts) != 0 {
             if errno == EINTR { continue }
             throw .timeout("no message from the peer within \(timeoutS) s while waiting for \(what)")
         }
-        let (arrived, result) = queue.withLock { $0.removeFirst() }
-        if delayNS > 0 { Clock.sleep(until: arrived + delayNS) }
+        let (arrived, result) = queue.withLock { $0.frames.removeFirst() }
+        if case .success(let f) = result {
+            let wake = queue.withLock { q -> Bool in
+                q.bytes -= f.payload.count
+                if q.readerWaiting && q.bytes <= Wire.maxQueuedBytes { q.readerWaiting = false; return true }
+                return false
+            }
+            if wake { sem_post(space) }
+        }
+        if delayNS > 0 { Clock.sleep(until: arrived &+ delayNS) }
         switch result {
         case .success(let f):
-            if f.type == .error { throw .peerError(String(decoding: f.payload, as: UTF8.self)) }
+            if f.type == .error { throw .peerError(PeerText.decode(f.payload)) }
             return f
         case .failure(let e):
             // Keep the failure for any later receive too.
-            queue.withLock { $0.insert((arrived, .failure(e)), at: 0) }
+            queue.withLock { $0.frames.insert((arrived, .failure(e)), at: 0) }
             sem_post(sem)
             throw e
         }
@@ -212,11 +258,11 @@ public final class WireConnection: @unchecked Sendable {
 
     /// Writes a frame whole (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
     public func send(_ type: MessageType, _ payload: UnsafeRawPointer?, _ count: Int) throws(WireError) {
-        var header: [UInt8] = [Wire.magic.0, Wire.magic.1, type.rawValue, 0]
-        withUnsafeBytes(of: UInt32(count).littleEndian) { header += $0 }
+        guard count >= 0, count <= Wire.maxPayload else { throw .system("refusing to send a \(type) of \(count) bytes (limit \(Wire.maxPayload))") }
+        let header = FrameHeader.encode(type, length: count)
         var failure: WireError?
         header.withUnsafeBytes { h in
-            do throws(WireError) { try writeAll(h.baseAddress!, 8, type) } catch { failure = error }
+            do throws(WireError) { try writeAll(h.baseAddress!, FrameHeader.size, type) } catch { failure = error }
         }
         if let failure { throw failure }
         if count > 0, let p = payload { try writeAll(p, count, type) }
@@ -247,16 +293,8 @@ public final class WireConnection: @unchecked Sendable {
     /// the link is what failed, and waiting on it again would only delay the report.
     public func sendError(_ text: String) {
         let body = Array(text.utf8.prefix(4096))
-        var frame: [UInt8] = [Wire.magic.0, Wire.magic.1, MessageType.error.rawValue, 0]
-        withUnsafeBytes(of: UInt32(body.count).littleEndian) { frame += $0 }
-        frame += body
+        let frame = FrameHeader.encode(.error, length: body.count) + body
         _ = frame.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
-    }
-}
-
-extension String {
-    fileprivate init(format8 h: [UInt8]) {
-        self = "bad frame magic \(h.prefix(2).map { String($0, radix: 16) }.joined(separator: " ")) (expected 4d 4c): not a memlab migration peer"
     }
 }
 
@@ -289,6 +327,7 @@ public enum WireSocket {
 
     /// Accepts one connection within `timeoutS`.
     public static func accept(_ listener: Int32, timeoutS: Double) throws(WireError) -> Int32 {
+        guard Wire.validTimeout(timeoutS) else { throw .system("accept timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
         var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
         let start = Clock.nanoseconds()
         while true {
@@ -307,6 +346,7 @@ public enum WireSocket {
     /// Connects within `timeoutS`, retrying while the destination is not yet listening.
     public static func connect(_ address: String, timeoutS: Double) throws(WireError) -> Int32 {
         var sa = try parse(address)
+        guard Wire.validTimeout(timeoutS) else { throw .system("connect timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
         let start = Clock.nanoseconds()
         var last = ""
         while Clock.seconds(since: start) < timeoutS {
@@ -318,7 +358,7 @@ public enum WireSocket {
             var rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
             if rc != 0 && errno == EINPROGRESS {
                 var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                let left = max(1, Int32((timeoutS - Clock.seconds(since: start)) * 1000))
+                let left = Int32(max(1, min((timeoutS - Clock.seconds(since: start)) * 1000, Wire.maxTimeoutS * 1000)))
                 if poll(&p, 1, left) == 1 {
                     var err: Int32 = 0
                     var len = socklen_t(MemoryLayout<Int32>.size)
@@ -355,15 +395,7 @@ public final class TCPLink: PageLink {
         w.u32(Wire.protocolVersion)
         w.text(header.encode())
         try connection.send(.hello, w.bytes)
-        let f = try connection.receive(waitingFor: "WELCOME")
-        switch f.type {
-        case .welcome:
-            var r = PayloadReader(f)
-            let v = try r.u32()
-            if v != Wire.protocolVersion { throw .malformed("destination speaks protocol version \(v), we speak \(Wire.protocolVersion)") }
-        case .refuse: throw .refused(String(decoding: f.payload, as: UTF8.self))
-        default: throw .malformed("expected WELCOME or REFUSE, got \(f.type)")
-        }
+        try SourceReplies.welcome(try connection.receive(waitingFor: "WELCOME"))
     }
 
     deinit { buffer.deallocate() }
@@ -376,8 +408,7 @@ public final class TCPLink: PageLink {
             w.u64(UInt64(i))
             let s = Clock.nanoseconds()
             try connection.send(.ping, w.bytes)
-            let f = try connection.receive(waitingFor: "PONG")
-            guard f.type == .pong else { throw .malformed("expected PONG, got \(f.type)") }
+            try SourceReplies.pong(try connection.receive(waitingFor: "PONG"), nonce: UInt64(i))
             out.append(Double(Clock.nanoseconds() - s) / 1e9)
         }
         return out.sorted()
@@ -399,16 +430,9 @@ public final class TCPLink: PageLink {
 
     public func endRound(_ round: Int, pages: Int) throws {
         var w = PayloadWriter()
-        w.u32(UInt32(round)); w.u32(UInt32(pages))
+        w.u32(UInt32(clamping: round)); w.u32(UInt32(clamping: pages))
         try connection.send(.roundEnd, w.bytes)
-        let f = try connection.receive(waitingFor: "ROUND_ACK of round \(round)")
-        guard f.type == .roundAck else { throw WireError.malformed("expected ROUND_ACK, got \(f.type)") }
-        var r = PayloadReader(f)
-        let gotRound = try r.u32(), gotPages = try r.u32()
-        try r.end()
-        if gotRound != UInt32(round) || gotPages != UInt32(pages) {
-            throw WireError.mismatch("destination acknowledged round \(gotRound) with \(gotPages) pages; sent round \(round) with \(pages)")
-        }
+        try SourceReplies.roundAck(try connection.receive(waitingFor: "ROUND_ACK of round \(round)"), round: round, pages: pages)
     }
 
     public func finish(pages: Int) throws -> UInt64 {
@@ -417,10 +441,7 @@ public final class TCPLink: PageLink {
         try connection.send(.finish, w.bytes)
         let f = try connection.receive(waitingFor: "RESUMED")
         let at = Clock.nanoseconds()
-        guard f.type == .resumed else { throw WireError.malformed("expected RESUMED, got \(f.type)") }
-        var r = PayloadReader(f)
-        let got = try r.u64()
-        if got != UInt64(totalSent) { throw WireError.mismatch("destination received \(got) pages, source sent \(totalSent)") }
+        try SourceReplies.resumed(f, total: totalSent)
         return at
     }
 
@@ -428,10 +449,7 @@ public final class TCPLink: PageLink {
         var w = PayloadWriter()
         w.u64(checksum)
         try connection.send(.verify, w.bytes)
-        let f = try connection.receive(waitingFor: "VERIFIED")
-        guard f.type == .verified else { throw WireError.malformed("expected VERIFIED, got \(f.type)") }
-        var r = PayloadReader(f)
-        let sum = try r.u64()
+        let sum = try SourceReplies.verified(try connection.receive(waitingFor: "VERIFIED"))
         return CompletionVerdict(destinationChecksum: sum, mismatchedPages: nil)
     }
 }
@@ -450,12 +468,15 @@ public struct MigrationDestination {
     }
 
     public let ignoreCPUFlags: Bool
-    public init(ignoreCPUFlags: Bool) { self.ignoreCPUFlags = ignoreCPUFlags }
+    /// The largest image taken, bytes: a HELLO above it is refused before anything is mapped.
+    public let maxRegion: Int
+    public init(ignoreCPUFlags: Bool, maxRegion: Int) { self.ignoreCPUFlags = ignoreCPUFlags; self.maxRegion = maxRegion }
 
     public func serve(_ c: WireConnection, log: (String) -> Void) throws(WireError) -> Report {
+        var session = DestinationSession(local: .local(regionBytes: 0, checksum: 0), ignoreCPUFlags: ignoreCPUFlags, maxRegion: maxRegion)
         var report = Report()
         do {
-            return try serveInner(c, &report, log: log)
+            return try serveInner(c, &session, &report, log: log)
         } catch {
             // Tell the source why, if it is still there (a REFUSE already told it).
             if case .refused = error {} else { c.sendError(error.description) }
@@ -463,110 +484,49 @@ public struct MigrationDestination {
         }
     }
 
-    private func serveInner(_ c: WireConnection, _ report: inout Report, log: (String) -> Void) throws(WireError) -> Report {
-        let hello = try c.receive(waitingFor: "HELLO")
-        guard hello.type == .hello else { throw .malformed("expected HELLO, got \(hello.type)") }
-        var r = PayloadReader(hello)
-        let version = try r.u32()
-        if version != Wire.protocolVersion {
-            let why = "source speaks protocol version \(version); this destination speaks \(Wire.protocolVersion)"
-            try? c.send(.refuse, Array(why.utf8))
-            throw .refused(why)
+    private func serveInner(_ c: WireConnection, _ s: inout DestinationSession, _ report: inout Report,
+                            log: (String) -> Void) throws(WireError) -> Report {
+        switch try s.hello(try c.receive(waitingFor: "HELLO")) {
+        case .refuse(let reason, let toPeer):
+            try? c.send(.refuse, Array(toPeer.utf8))
+            throw .refused(reason)
+        case .accept(let header, let warning):
+            report.header = header
+            report.ignoredFlags = s.ignoredFlags
+            if let warning { log(warning) }
         }
-        let header: ImageHeader
-        do { header = try ImageHeader.parse(r.rest()) } catch { throw .malformed("HELLO header: \(error)") }
-        report.header = header
-        let local = ImageHeader.local(regionBytes: header.regionBytes, checksum: 0)
-        switch header.compatibility(with: local) {
-        case .compatible: break
-        case .incompatible(let why):
-            try? c.send(.refuse, Array(why.utf8))
-            throw .refused(why)
-        case .missingFlags(let flags):
-            let why = "this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))"
-            if !ignoreCPUFlags {
-                try? c.send(.refuse, Array((why + " (destination started without --ignore-cpu-flags)").utf8))
-                throw .refused(why)
-            }
-            report.ignoredFlags = flags
-            log("warning: \(why); going on because of --ignore-cpu-flags")
-        }
+        let bytes = s.pageCount * s.pageSize
         let region: AnonymousMapping
         do {
-            region = try AnonymousMapping(length: header.regionBytes)
+            region = try AnonymousMapping(length: bytes)
             try region.advise(MADV_POPULATE_WRITE_VALUE, name: "MADV_POPULATE_WRITE")
         } catch {
-            let why = "cannot allocate \(header.regionBytes) bytes: \(error)"
+            let why = "cannot allocate \(bytes) bytes: \(error)"
             try? c.send(.refuse, Array(why.utf8))
             throw .refused(why)
         }
         var w = PayloadWriter()
         w.u32(Wire.protocolVersion)
         try c.send(.welcome, w.bytes)
-        log("accepted a \(header.regionBytes)-byte image from a \(header.arch) source (\(header.cpu.model))")
+        if let h = report.header { log("accepted a \(h.regionBytes)-byte image from a \(h.arch) source (\(h.cpu.model))") }
 
-        let pageSize = header.pageSize
-        let pageCount = header.regionBytes / pageSize
-        var inRound = 0
-        var finished = false
         while true {
-            let f = try c.receive(waitingFor: finished ? "VERIFY" : "pages or the end of round \(report.rounds + 1)")
-            switch f.type {
-            case .ping:
-                try c.send(.pong, f.payload)
-            case .pages:
-                if finished { throw .malformed("PAGES after FINISH") }
-                let n = f.payload.count >= 4 ? Int(f.payload[0]) | Int(f.payload[1]) << 8 | Int(f.payload[2]) << 16 | Int(f.payload[3]) << 24 : -1
-                guard n > 0, n <= Wire.pagesPerFrame, f.payload.count == 4 + n * (8 + pageSize) else {
-                    throw .malformed("PAGES frame of \(f.payload.count) bytes does not hold \(n) pages of \(pageSize) bytes")
-                }
-                var bad: Int?
-                f.payload.withUnsafeBytes { b in
-                    for k in 0..<n {
-                        let idx = Int(UInt64(littleEndian: b.loadUnaligned(fromByteOffset: 4 + 8 * k, as: UInt64.self)))
-                        guard idx >= 0 && idx < pageCount else { bad = idx; return }
-                        memcpy(region.base + idx * pageSize, b.baseAddress! + 4 + 8 * n + k * pageSize, pageSize)
-                    }
-                }
-                if let idx = bad { throw .malformed("page index \(idx) outside the \(pageCount)-page region") }
-                inRound += n
-                report.pagesReceived += n
-                report.bytesReceived += f.payload.count + 8
-            case .roundEnd:
-                var rr = PayloadReader(f)
-                let round = try rr.u32(), pages = try rr.u32()
-                try rr.end()
-                if Int(pages) != inRound { throw .mismatch("round \(round): source says \(pages) pages, \(inRound) arrived") }
-                report.rounds = Int(round)
-                var a = PayloadWriter()
-                a.u32(round); a.u32(UInt32(inRound))
-                try c.send(.roundAck, a.bytes)
-                inRound = 0
-            case .finish:
-                var rr = PayloadReader(f)
-                let total = try rr.u64()
-                try rr.end()
-                if Int(total) != report.pagesReceived { throw .mismatch("source sent \(total) pages, \(report.pagesReceived) arrived") }
-                // Every page is in: the guest would resume here.
-                var a = PayloadWriter()
-                a.u64(UInt64(report.pagesReceived))
-                try c.send(.resumed, a.bytes)
-                finished = true
-            case .verify:
-                guard finished else { throw .malformed("VERIFY before FINISH") }
-                var rr = PayloadReader(f)
-                report.sourceChecksum = try rr.u64()
-                try rr.end()
-                report.checksum = regionChecksum(region.base, length: region.length)
-                var a = PayloadWriter()
-                a.u64(report.checksum)
-                try c.send(.verified, a.bytes)
-                if !report.verified {
-                    throw .mismatch("destination checksum \(String(report.checksum, radix: 16)) differs from the source's \(String(report.sourceChecksum, radix: 16))")
+            let f = try c.receive(waitingFor: s.phase == .finished ? "VERIFY" : "pages or the end of round \(s.rounds + 1)")
+            let step = try s.handle(f, region: region.base)
+            report.pagesReceived = s.pagesReceived
+            report.rounds = s.rounds
+            report.bytesReceived = s.bytesReceived
+            switch step {
+            case .none: break
+            case .reply(let type, let payload): try c.send(type, payload)
+            case .last(let type, let payload):
+                report.checksum = s.checksum
+                report.sourceChecksum = s.sourceChecksum
+                try c.send(type, payload)
+                if !s.verified {
+                    throw .mismatch("destination checksum \(String(s.checksum, radix: 16)) differs from the source's \(String(s.sourceChecksum, radix: 16))")
                 }
                 return report
-            default:
-                throw .malformed("unexpected \(f.type) from the source")
             }
         }
     }

@@ -1,0 +1,179 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The destination's side of the migration protocol as a state machine over frames: every
+/// check of what the source sends, against its HELLO, and the reply to each — but no socket,
+/// no clock and no mapping (the caller maps the region once the HELLO is accepted). Both
+/// `MigrationDestination.serve` and the fuzzer drive this same code.
+public struct DestinationSession: Sendable {
+    public enum Phase: Sendable, Equatable { case hello, pages, finished, done }
+
+    public enum HelloOutcome: Sendable, Equatable {
+        /// Take the image; `warning` when CPU flags are missing and ignored.
+        case accept(ImageHeader, warning: String?)
+        /// Answer REFUSE(`toPeer`) and fail with `reason`.
+        case refuse(reason: String, toPeer: String)
+    }
+
+    public enum Step: Sendable, Equatable {
+        case none
+        case reply(MessageType, [UInt8])
+        /// The reply to VERIFY; the migration is over (`verified` says how).
+        case last(MessageType, [UInt8])
+    }
+
+    /// This machine: its arch, page size and CPU (its `regionBytes` is not used).
+    public let local: ImageHeader
+    public let ignoreCPUFlags: Bool
+    /// The largest image this destination takes, bytes (`--max-region`).
+    public let maxRegion: Int
+
+    public private(set) var phase = Phase.hello
+    public private(set) var header: ImageHeader?
+    public private(set) var pageSize = 0
+    public private(set) var pageCount = 0
+    public private(set) var pagesReceived = 0
+    public private(set) var rounds = 0
+    public private(set) var bytesReceived = 0
+    public private(set) var inRound = 0
+    public private(set) var sourceChecksum: UInt64 = 0
+    public private(set) var checksum: UInt64 = 0
+    public private(set) var ignoredFlags: [String] = []
+    public var verified: Bool { phase == .done && checksum == sourceChecksum }
+
+    public init(local: ImageHeader, ignoreCPUFlags: Bool, maxRegion: Int) {
+        self.local = local
+        self.ignoreCPUFlags = ignoreCPUFlags
+        self.maxRegion = maxRegion
+    }
+
+    /// The first frame. Malformed (throws) or refused (returned) before anything is allocated.
+    public mutating func hello(_ f: Frame) throws(WireError) -> HelloOutcome {
+        guard phase == .hello else { throw .malformed("a second HELLO") }
+        guard f.type == .hello else { throw .malformed("expected HELLO, got \(f.type)") }
+        var r = PayloadReader(f)
+        let version = try r.u32()
+        if version != Wire.protocolVersion {
+            let why = "source speaks protocol version \(version); this destination speaks \(Wire.protocolVersion)"
+            return .refuse(reason: why, toPeer: why)
+        }
+        let text = f.payload.count - 4
+        guard text <= Snapshot.maxHeader else { throw .malformed("HELLO header of \(text) bytes exceeds \(Snapshot.maxHeader)") }
+        let h: ImageHeader
+        do { h = try ImageHeader.parse(bytes: f.payload[4...]) } catch { throw .malformed("HELLO header: \(error.detail)") }
+        var warning: String?
+        switch h.compatibility(with: local) {
+        case .compatible: break
+        case .incompatible(let why): return .refuse(reason: why, toPeer: why)
+        case .missingFlags(let flags):
+            let why = "this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))"
+            if !ignoreCPUFlags { return .refuse(reason: why, toPeer: why + " (destination started without --ignore-cpu-flags)") }
+            ignoredFlags = flags
+            warning = "warning: \(why); going on because of --ignore-cpu-flags"
+        }
+        // The cap comes before any mapping: a 60-byte HELLO must not make us commit memory.
+        if h.regionBytes > maxRegion {
+            let why = "the image is \(h.regionBytes) bytes; this destination takes at most \(maxRegion) bytes (--max-region)"
+            return .refuse(reason: why, toPeer: why)
+        }
+        let pages = h.regionBytes / h.pageSize
+        if pages > Int(UInt32.max) {
+            let why = "the image has \(pages) pages; the protocol counts pages of a round in 32 bits"
+            return .refuse(reason: why, toPeer: why)
+        }
+        header = h
+        pageSize = h.pageSize
+        pageCount = pages
+        phase = .pages
+        return .accept(h, warning: warning)
+    }
+
+    /// One frame after the HELLO, against `region` (`pageCount × pageSize` bytes, mapped by
+    /// the caller). Throws for anything the protocol does not allow at this point.
+    public mutating func handle(_ f: Frame, region: UnsafeMutableRawPointer) throws(WireError) -> Step {
+        guard phase == .pages || phase == .finished else {
+            throw .malformed(phase == .hello ? "\(f.type) before HELLO" : "\(f.type) after VERIFY")
+        }
+        switch f.type {
+        case .ping:
+            guard f.payload.count == 8 else { throw .malformed("PING payload of \(f.payload.count) bytes (a u64 nonce: 8)") }
+            return .reply(.pong, f.payload)
+        case .pages:
+            if phase == .finished { throw .malformed("PAGES after FINISH") }
+            try takePages(f.payload, region: region)
+            return .none
+        case .roundEnd:
+            if phase == .finished { throw .malformed("ROUND_END after FINISH") }
+            var r = PayloadReader(f)
+            let round = try r.u32(), pages = try r.u32()
+            try r.end()
+            // Rounds are numbered 1, 2, … with no gap: anything else is not our source.
+            guard UInt64(round) == UInt64(rounds) + 1 else { throw .malformed("ROUND_END of round \(round); expected round \(rounds + 1)") }
+            if UInt64(pages) != UInt64(inRound) { throw .mismatch("round \(round): source says \(pages) pages, \(inRound) arrived") }
+            rounds = Int(round)
+            var a = PayloadWriter()
+            a.u32(round); a.u32(pages)
+            inRound = 0
+            return .reply(.roundAck, a.bytes)
+        case .finish:
+            if phase == .finished { throw .malformed("a second FINISH") }
+            var r = PayloadReader(f)
+            let total = try r.u64()
+            try r.end()
+            // Compared as u64: a count ≥ 2^63 is a mismatch, not a trap.
+            if total != UInt64(pagesReceived) { throw .mismatch("source sent \(total) pages, \(pagesReceived) arrived") }
+            var a = PayloadWriter()
+            a.u64(UInt64(pagesReceived))
+            phase = .finished
+            inRound = 0
+            return .reply(.resumed, a.bytes)
+        case .verify:
+            guard phase == .finished else { throw .malformed("VERIFY before FINISH") }
+            var r = PayloadReader(f)
+            sourceChecksum = try r.u64()
+            try r.end()
+            checksum = regionChecksum(region, length: pageCount * pageSize)
+            var a = PayloadWriter()
+            a.u64(checksum)
+            phase = .done
+            return .last(.verified, a.bytes)
+        case .error:
+            throw .peerError(PeerText.decode(f.payload))
+        default:
+            throw .malformed("unexpected \(f.type) from the source")
+        }
+    }
+
+    /// PAGES: u32 n (1…64), n × u64 index, n × page. Every index is checked before any page
+    /// is copied, so a bad frame changes nothing.
+    private mutating func takePages(_ p: [UInt8], region: UnsafeMutableRawPointer) throws(WireError) {
+        guard p.count >= 4 else { throw .malformed("PAGES payload of \(p.count) bytes") }
+        let n = Int(UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24)
+        guard n >= 1, n <= Wire.pagesPerFrame else { throw .malformed("PAGES frame of \(n) pages (1…\(Wire.pagesPerFrame))") }
+        // n ≤ 64 and pageSize ≤ 1 GiB (ImageHeader.parse): no overflow.
+        guard p.count == 4 + n * (8 + pageSize) else {
+            throw .malformed("PAGES frame of \(p.count) bytes does not hold \(n) pages of \(pageSize) bytes")
+        }
+        // Within a round the source sends each dirty page once.
+        guard inRound + n <= pageCount else {
+            throw .malformed("more pages in round \(rounds + 1) (\(inRound + n)) than the region has (\(pageCount))")
+        }
+        let pages = UInt64(pageCount), size = pageSize
+        let bad: UInt64? = p.withUnsafeBytes { b -> UInt64? in
+            for k in 0..<n {
+                let idx = UInt64(littleEndian: b.loadUnaligned(fromByteOffset: 4 + 8 * k, as: UInt64.self))
+                if idx >= pages { return idx }
+            }
+            for k in 0..<n {
+                let idx = Int(UInt64(littleEndian: b.loadUnaligned(fromByteOffset: 4 + 8 * k, as: UInt64.self)))
+                memcpy(region + idx * size, b.baseAddress! + 4 + 8 * n + k * size, size)
+            }
+            return nil
+        }
+        if let idx = bad { throw .malformed("page index \(idx) outside the \(pageCount)-page region") }
+        inRound += n
+        pagesReceived += n
+        bytesReceived += p.count + 8
+    }
+}
