@@ -25,12 +25,16 @@ struct PageSourceCommand: ParsableCommand {
     @Option(help: "Image size (K, M, G suffix), as the restore's `size`.") var size = "64M"
     @Option(help: "Image seed, as the restore's `seed`.") var seed = 1
     @Option(help: "Fraction of zero pages, as the restore's `zero_ratio`.") var zeroRatio = 0.1
+    @Option(help: "Connections served at once (1…4096); one more gets an ERROR frame and is closed. A restore opens handler_threads + 1.") var maxConnections = 64
+    @Option(help: "Seconds a connection may go without a request before it gets an ERROR frame and is closed (0: never; at most 86400). Set it above the longest pause between a restore's faults.") var idleTimeout = 60.0
 
     func run() throws {
         let scenario = LazyRestoreScenario()
         guard case .int(let bytes) = try scenario.parse(parameter: "size", size) else { throw UsageError("--size: expected a size such as 64M") }
         guard case .int = try scenario.parse(parameter: "seed", String(seed)) else { throw UsageError("--seed: expected an integer") }
-        guard (0...1).contains(zeroRatio) else { throw UsageError("--zero-ratio must be within 0...1") }
+        guard zeroRatio.isFinite, (0...1).contains(zeroRatio) else { throw UsageError("--zero-ratio must be within 0...1") }
+        try NetLimits.check("max-connections", maxConnections, PageServerOptions.maxConnectionsRange)
+        try NetLimits.check("idle-timeout", idleTimeout, PageServerOptions.idleTimeoutRange, unit: "s (0: never)")
         do { _ = try WireSocket.parse(listen) } catch { throw UsageError("--listen '\(listen)': \(error) (expected IPv4:PORT)") }
         // It serves until killed: make sure the usual signals can (a parent may have left
         // them blocked in the mask this process inherited).
@@ -39,7 +43,8 @@ struct PageSourceCommand: ParsableCommand {
         for sig in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, sig) }
         sigprocmask(SIG_UNBLOCK, &set, nil)
         let status = PageServer.main(["kind=tcp", "listen=\(listen)", "pages=\(bytes / 4096)", "seed=\(seed)",
-                                      "zero_ratio=\(zeroRatio)", "announce=1"])
+                                      "zero_ratio=\(zeroRatio)", "announce=1", "max_connections=\(maxConnections)",
+                                      "idle_timeout=\(idleTimeout)"])
         throw ExitCode(status)
     }
 }

@@ -176,7 +176,8 @@ final class PageSource: @unchecked Sendable {
     }
 
     static func setTimeouts(_ fd: Int32, seconds: Double) {
-        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        // Never traps: NaN or ≤ 0 becomes 1 ms (0 would mean no deadline), huge becomes a day.
+        var tv = Wire.timeval(seconds: seconds)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
@@ -200,17 +201,36 @@ final class PageSource: @unchecked Sendable {
         return fd
     }
 
+    /// The source's first frame: its HELLO, checked against the image this run verifies
+    /// with, or its ERROR (a source at its connection cap says so instead of HELLO). Every
+    /// field is compared as the wire's integer: nothing a source sends can trap here.
     static func readHello(_ fd: Int32, pages: Int) throws {
-        var b = [UInt8](repeating: 0, count: 24)
-        let n = b.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, 24, Int32(MSG_WAITALL)) }
-        guard n == 24 else { throw SystemError(errno: n < 0 ? errno : ECONNRESET, call: "recv (HELLO from the page source)") }
-        guard b[0] == Wire.magic.0, b[1] == Wire.magic.1, b[2] == PageWire.hello, b[4] == 16 else { throw ScenarioError.failed("the page source's first frame is not a HELLO") }
-        let v = b.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self) }
-        let ps = b.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }
-        let np = b.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 16, as: UInt64.self) }
-        guard UInt32(littleEndian: v) == PageWire.version, UInt32(littleEndian: ps) == 4096, Int(UInt64(littleEndian: np)) == pages else {
-            throw ScenarioError.failed("the page source serves version \(v), page size \(ps), \(np) pages; expected v\(PageWire.version), 4096, \(pages)")
+        func recvAll(_ p: UnsafeMutableRawPointer, _ n: Int) -> Int {
+            var done = 0
+            while done < n {
+                let r = recv(fd, p + done, n - done, Int32(MSG_WAITALL))
+                if r < 0 { if errno == EINTR { continue }; return -1 }
+                if r == 0 { break }
+                done += r
+            }
+            return done
         }
+        var h = [UInt8](repeating: 0, count: 8)
+        let n = h.withUnsafeMutableBytes { recvAll($0.baseAddress!, 8) }
+        guard n == 8 else { throw SystemError(errno: n < 0 ? errno : ECONNRESET, call: "recv (HELLO from the page source)") }
+        let decoded = h.withUnsafeBytes { PageWire.header($0.baseAddress!) }
+        guard case .success(let (type, length)) = decoded else { throw ScenarioError.failed("the page source's first frame is not a HELLO") }
+        if type == PageWire.error {
+            // Bounded: the reason is for a person, not a 16 MiB allocation.
+            var text = [UInt8](repeating: 0, count: min(length, PeerText.limit))
+            let got = text.withUnsafeMutableBytes { $0.count == 0 ? 0 : recvAll($0.baseAddress!, $0.count) }
+            throw ScenarioError.failed("the page source refused the connection: \(PeerText.decode(text.prefix(max(got, 0))))")
+        }
+        guard type == PageWire.hello, length == PageWire.helloPayload else { throw ScenarioError.failed("the page source's first frame is not a HELLO") }
+        var b = [UInt8](repeating: 0, count: PageWire.helloPayload)
+        let m = b.withUnsafeMutableBytes { recvAll($0.baseAddress!, PageWire.helloPayload) }
+        guard m == PageWire.helloPayload else { throw SystemError(errno: m < 0 ? errno : ECONNRESET, call: "recv (HELLO from the page source)") }
+        if let e = b.withUnsafeBytes({ PageWire.checkHello($0, pages: pages) }) { throw ScenarioError.failed(e.reason) }
     }
 
     /// Kills the source process (if any) and shuts the connections; threads still using them
@@ -343,71 +363,177 @@ final class PageSource: @unchecked Sendable {
 /// `memlab _pagesource key=value …`: the source process. Regenerates the image from
 /// (pages, seed, zero_ratio), listens on a Unix socket path or a TCP address, writes
 /// "pid port\n" to `ready`, and serves every connection in its own thread: HELLO, then
-/// GET → DATA until the peer closes. Dies with its parent (PDEATHSIG) when started with
-/// parent=; `memlab pagesource` runs it standalone.
+/// GET → DATA until the peer closes. At most `max_connections` at once (one more gets ERROR
+/// and is closed); with `idle_timeout` a connection that sends no request for that long gets
+/// ERROR and is closed; each thread is joined once it ends. Dies with its parent
+/// (PDEATHSIG) when started with parent=; `memlab pagesource` runs it standalone.
 public enum PageServer {
+    /// A connection thread's stack: `serve` needs a few KiB; the default 8 MiB would be
+    /// address space held per connection.
+    static let threadStack = 512 << 10
+
     public static func main(_ arguments: [String]) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
-        var o: [String: String] = [:]
-        for a in arguments {
-            if let eq = a.firstIndex(of: "=") { o[String(a[..<eq])] = String(a[a.index(after: eq)...]) }
+        let o: PageServerOptions
+        switch PageServerOptions.parse(arguments) {
+        case .success(let v): o = v
+        case .failure(let e):
+            writeStderr("memlab _pagesource: \(e.reason)\nusage: memlab _pagesource \(PageServerOptions.usage)\n")
+            return 2
         }
         // A restore's own source process dies with the restore; `memlab pagesource` (no
         // parent=) lives until it is killed.
-        if o["parent"] != nil { _ = LinuxMMBridge.setParentDeathSignal(SIGKILL) }
-        guard let kind = o["kind"], let listen = o["listen"], let pages = Int(o["pages"] ?? ""), pages > 0,
-              let seed = UInt64(o["seed"] ?? ""), let zr = Double(o["zero_ratio"] ?? "") else {
-            writeStderr("memlab _pagesource: needs kind= listen= pages= seed= zero_ratio= [ready=] [parent=]\n")
-            return 2
-        }
-        if let p = o["parent"].flatMap({ Int32($0) }), getppid() != p { return 1 }
+        if o.parent != nil { _ = LinuxMMBridge.setParentDeathSignal(SIGKILL) }
+        if let p = o.parent, getppid() != p { return 1 }
         let image: PageImage
-        do { image = try PageImage(pages: pages, seed: seed, zeroRatio: zr) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
+        do { image = try PageImage(pages: o.pages, seed: o.seed, zeroRatio: o.zeroRatio) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
         let listener: Int32
         var port = 0
-        if kind == "unix" {
-            unlink(listen)
+        switch o.kind {
+        case .unix:
+            unlink(o.listen)
             listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var sa = PageSource.unixAddress(listen)
+            if listener < 0 { writeStderr("memlab _pagesource: \(SystemError.current("socket"))\n"); return 1 }
+            var sa = PageSource.unixAddress(o.listen)
             let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-            if listener < 0 || rc != 0 || Glibc.listen(listener, 64) != 0 { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: listen))\n"); return 1 }
-        } else {
+            if rc != 0 || Glibc.listen(listener, 64) != 0 { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: o.listen))\n"); return 1 }
+        case .tcp:
             do {
-                var sa = try WireSocket.parse(listen)
+                var sa = try WireSocket.parse(o.listen)
                 listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                if listener < 0 { writeStderr("memlab _pagesource: \(SystemError.current("socket"))\n"); return 1 }
                 var one: Int32 = 1
                 setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, 4)
                 var len = socklen_t(MemoryLayout<sockaddr_in>.size)
                 let ok = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                     bind(listener, $0, len) == 0 && Glibc.listen(listener, 64) == 0 && getsockname(listener, $0, &len) == 0 } }
-                if !ok { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: listen))\n"); return 1 }
+                if !ok { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: o.listen))\n"); return 1 }
                 port = Int(UInt16(bigEndian: sa.sin_port))
             } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
         }
-        if o["announce"] == "1" {
+        if o.announce {
             // `memlab pagesource`: say where it serves (a test or a user waits for this line).
-            let host = listen.lastIndex(of: ":").map { String(listen[..<$0]) } ?? listen
-            print("memlab pagesource: serving \(pages) pages (seed \(seed), zero_ratio \(zr)) on \(kind == "unix" ? listen : "\(host):\(port)")")
+            let host = o.listen.lastIndex(of: ":").map { String(o.listen[..<$0]) } ?? o.listen
+            print("memlab pagesource: serving \(o.pages) pages (seed \(o.seed), zero_ratio \(o.zeroRatio)) on \(o.kind == .unix ? o.listen : "\(host):\(port)")"
+                  + "; at most \(o.maxConnections) connections, idle timeout \(o.idleTimeoutS > 0 ? "\(o.idleTimeoutS) s" : "none")")
             fflush(nil)
         }
-        if let ready = o["ready"] {
+        if let ready = o.ready {
             let tmp = ready + ".tmp"
             let text = "\(getpid()) \(port)\n"
             let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             if fd >= 0 { _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }; close(fd); rename(tmp, ready) }
         }
-        let box = ImageBox(image: image)
-        while true {
-            let c = accept(listener, nil, nil)
-            if c < 0 { if errno == EINTR { continue }; return 1 }
-            if kind != "unix" { var one: Int32 = 1; setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) }
-            _ = OSThread { serve(c, box.image) }
-        }
+        return acceptLoop(listener, image: ImageBox(image: image), options: o)
     }
 
     final class ImageBox: @unchecked Sendable { let image: PageImage; init(image: PageImage) { self.image = image } }
 
-    static func serve(_ fd: Int32, _ image: PageImage) {
+    /// The connections being served: a count held against the cap, and the threads that have
+    /// ended and wait to be joined (a thread's stack is only given back by the join).
+    final class Connections: @unchecked Sendable {
+        private struct State { var active = 0; var ended: [pthread_t] = [] }
+        private let state = Mutex(State())
+
+        func admit(cap: Int) -> Bool {
+            state.withLock { s in
+                if s.active >= cap { return false }
+                s.active += 1
+                return true
+            }
+        }
+        /// A connection whose thread never started.
+        func release() { state.withLock { $0.active -= 1 } }
+        /// Called by a connection's thread as its last act.
+        func end(_ thread: pthread_t) { state.withLock { $0.active -= 1; $0.ended.append(thread) } }
+        /// Joins every thread that has ended.
+        func reap() {
+            let done = state.withLock { s -> [pthread_t] in defer { s.ended.removeAll() }; return s.ended }
+            for t in done { pthread_join(t, nil) }
+        }
+    }
+
+    static func acceptLoop(_ listener: Int32, image box: ImageBox, options o: PageServerOptions) -> Int32 {
+        let conns = Connections()
+        var warnedNS: UInt64 = 0
+        while true {
+            conns.reap()
+            // Wake at least once a second, so ended threads are joined without a new connection.
+            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            let r = poll(&p, 1, 1000)
+            if r < 0 { if errno == EINTR { continue }; writeStderr("memlab _pagesource: \(SystemError.current("poll"))\n"); return 1 }
+            if r == 0 { continue }
+            let c = accept(listener, nil, nil)
+            if c < 0 {
+                let e = errno
+                switch e {
+                case EINTR, EAGAIN, ECONNABORTED, EPROTO, EPERM, ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH:
+                    continue   // accept(2): the connection's own trouble, not the listener's
+                case EMFILE, ENFILE, ENOBUFS, ENOMEM:
+                    // Out of descriptors or memory: say so (once a minute), let connections end.
+                    if Clock.nanoseconds() &- warnedNS > 60_000_000_000 {
+                        warnedNS = Clock.nanoseconds()
+                        writeStderr("memlab _pagesource: \(SystemError(errno: e, call: "accept")); waiting for connections to end\n")
+                    }
+                    Clock.sleep(nanoseconds: 100_000_000)
+                    continue
+                default:
+                    writeStderr("memlab _pagesource: \(SystemError(errno: e, call: "accept"))\n")
+                    return 1
+                }
+            }
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            guard conns.admit(cap: o.maxConnections) else {
+                refuseConnection(c, "this page source serves at most \(o.maxConnections) connections at once (--max-connections); try again later")
+                continue
+            }
+            if o.kind == .tcp { var one: Int32 = 1; setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) }
+            if o.idleTimeoutS > 0 {
+                var tv = Wire.timeval(seconds: o.idleTimeoutS)
+                setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+                setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            }
+            let idle = o.idleTimeoutS
+            let rc = startConnectionThread {
+                serve(c, box.image, idleTimeoutS: idle)
+                conns.end(pthread_self())
+            }
+            if rc != 0 {
+                conns.release()
+                refuseConnection(c, "cannot start a thread for this connection: \(SystemError(errno: rc, call: "pthread_create"))")
+            }
+        }
+    }
+
+    /// ERROR(reason) and close, never blocking: the peer gets it instead of a HELLO.
+    static func refuseConnection(_ fd: Int32, _ text: String) {
+        let body = Array(text.utf8.prefix(4096))
+        var frame: [UInt8] = [Wire.magic.0, Wire.magic.1, PageWire.error, 0]
+        withUnsafeBytes(of: UInt32(body.count).littleEndian) { frame += $0 }
+        frame += body
+        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+        close(fd)
+    }
+
+    /// A joinable thread with a small stack; returns pthread_create's error (0: started).
+    static func startConnectionThread(_ body: @escaping @Sendable () -> Void) -> Int32 {
+        final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        pthread_attr_setstacksize(&attr, threadStack)
+        let box = Unmanaged.passRetained(Box(body))
+        var t = pthread_t()
+        let rc = pthread_create(&t, &attr, { arg in
+            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            b.body()
+            return nil
+        }, box.toOpaque())
+        if rc != 0 { box.release() }
+        return rc
+    }
+
+    static func serve(_ fd: Int32, _ image: PageImage, idleTimeoutS: Double) {
         defer { close(fd) }
         let head = UnsafeMutableRawPointer.allocate(byteCount: 16 + 12 + 8 * PageWire.maxRuns, alignment: 8)
         let iov = UnsafeMutablePointer<iovec>.allocate(capacity: PageWire.maxRuns + 1)
@@ -426,34 +552,38 @@ public enum PageServer {
             _ = t.withUnsafeBytes { send(fd, $0.baseAddress!, t.count, Int32(MSG_NOSIGNAL)) }
         }
         // HELLO.
-        frame(PageWire.hello, 16)
+        frame(PageWire.hello, PageWire.helloPayload)
         head.storeBytes(of: PageWire.version.littleEndian, toByteOffset: 8, as: UInt32.self)
         head.storeBytes(of: UInt32(4096).littleEndian, toByteOffset: 12, as: UInt32.self)
         head.storeBytes(of: UInt64(image.pages).littleEndian, toByteOffset: 16, as: UInt64.self)
         if send(fd, head, 24, Int32(MSG_NOSIGNAL)) != 24 { return }
         let req = head + 16
         while true {
-            if recv(fd, req, 8, Int32(MSG_WAITALL)) != 8 { return }
-            guard req.load(fromByteOffset: 0, as: UInt8.self) == Wire.magic.0, req.load(fromByteOffset: 1, as: UInt8.self) == Wire.magic.1,
-                  req.load(fromByteOffset: 2, as: UInt8.self) == PageWire.get else { refuse("expected a GET frame"); return }
-            let length = Int(UInt32(littleEndian: req.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
-            guard length >= 4, length <= 4 + 8 * PageWire.maxRuns, (length - 4) % 8 == 0 else { refuse("GET payload of \(length) bytes"); return }
-            if recv(fd, req + 8, length, Int32(MSG_WAITALL)) != length { return }
-            let n = Int(UInt32(littleEndian: req.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
-            guard n >= 1, 4 + 8 * n == length else { refuse("GET with \(n) runs in \(length) bytes"); return }
-            var total = 0
-            for k in 0..<n {
-                let first = Int(UInt32(littleEndian: req.loadUnaligned(fromByteOffset: 12 + 8 * k, as: UInt32.self)))
-                let count = Int(UInt32(littleEndian: req.loadUnaligned(fromByteOffset: 16 + 8 * k, as: UInt32.self)))
-                guard count > 0, first + count <= image.pages else { refuse("GET run \(first)+\(count) outside the image of \(image.pages) pages"); return }
-                total += count
-                iov[k + 1] = iovec(iov_base: image.base + first * 4096, iov_len: count * 4096)
+            let got = recv(fd, req, 8, Int32(MSG_WAITALL))
+            if got != 8 {
+                // SO_RCVTIMEO ran out: the idle deadline. (End of stream or a reset: just close.)
+                if got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && idleTimeoutS > 0 {
+                    refuse("no request for \(idleTimeoutS) s: closing the connection (--idle-timeout)")
+                }
+                return
             }
-            guard total <= PageWire.maxPages else { refuse("GET for \(total) pages (at most \(PageWire.maxPages))"); return }
+            let length: Int
+            switch PageWire.checkGetHeader(req) {
+            case .failure(let e): refuse(e.reason); return
+            case .success(let l): length = l
+            }
+            if recv(fd, req + 8, length, Int32(MSG_WAITALL)) != length { return }
+            let total: Int
+            switch PageWire.checkGet(req + 8, length: length, imagePages: image.pages, run: { k, first, count in
+                iov[k + 1] = iovec(iov_base: image.base + first * 4096, iov_len: count * 4096)
+            }) {
+            case .failure(let e): refuse(e.reason); return
+            case .success(let t): total = t
+            }
             // The answer's header goes in the first iovec, ahead of the page data.
             frame(PageWire.data, total * 4096)
             iov[0] = iovec(iov_base: head, iov_len: 8)
-            if !sendv(fd, iov, n + 1) { return }
+            if !sendv(fd, iov, (length - 4) / 8 + 1) { return }
         }
     }
 
