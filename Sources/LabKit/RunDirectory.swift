@@ -16,7 +16,7 @@ public enum RunDirectory {
 
     /// The runner the directories belong to: this process, or — in a repetition's child —
     /// the runner that started it (set from the child's spec).
-    private static let ownerTag = Mutex<String?>(nil)
+    private static let ownerTag = Lock<String?>(nil)
 
     public static var owner: String {
         ownerTag.withLock { tag in

@@ -130,8 +130,8 @@ public final class SettingsGuard: @unchecked Sendable {
         /// Children running now; written into the journal with its next write.
         var processes: [ProcessRecord] = []
     }
-    private let state = Mutex(State())
-    private let lockFD: Mutex<Int32> = Mutex(-1)
+    private let state = Lock(State())
+    private let lockFD: Lock<Int32> = Lock(-1)
     private let command: String
 
     public static var defaultStateDirectory: String {
@@ -405,7 +405,7 @@ public final class SettingsGuard: @unchecked Sendable {
     /// The most recent restore's report: a signal handler that finds nothing left to restore
     /// (the run's own restore got there first) can still say what was given back.
     public var lastRestoreReport: RestoreReport? { lastRestore.withLock { $0 } }
-    private let lastRestore = Mutex<RestoreReport?>(nil)
+    private let lastRestore = Lock<RestoreReport?>(nil)
 
     /// What has been changed so far (path -> from/to).
     public var changes: [String: SettingChange] {
@@ -632,7 +632,7 @@ public final class SettingsGuard: @unchecked Sendable {
     }
 
     /// Journals this process tried to recover and could not restore fully.
-    static let failedThisProcess = Mutex<Set<String>>([])
+    static let failedThisProcess = Lock<Set<String>>([])
 
     static func recover(journalAt path: String) -> Recovery {
         guard ProcFile.exists(path) else { return .nothing }

@@ -20,8 +20,8 @@ import Synchronization
 public final class SignalCleanup: Sendable {
     public static let shared = SignalCleanup()
 
-    private let child = Mutex<pid_t>(0)
-    private let guardRef = Mutex<SettingsGuard?>(nil)
+    private let child = Lock<pid_t>(0)
+    private let guardRef = Lock<SettingsGuard?>(nil)
     private let installed = Atomic<Bool>(false)
     private let stopping = Atomic<Int32>(0)
 

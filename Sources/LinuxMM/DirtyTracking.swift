@@ -151,7 +151,7 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
     public let length: Int
     private let uffd: Userfaultfd.Descriptor
     private let stopPipe: (Int32, Int32)
-    private let lock = Mutex<[Int]>([])
+    private let lock = Lock<[Int]>([])
     private let faults = Atomic<Int>(0)
     private let handlerDone = Atomic<Bool>(false)
     private var handler: pthread_t?

@@ -168,12 +168,12 @@ final class FaultEngine: Sendable {
     let dataAddress: UInt
     let source: PageSource?
     /// A readable reason for the first failure (set off the fast path, once).
-    let failureReason = Mutex<String?>(nil)
+    let failureReason = Lock<String?>(nil)
 
     let state: AtomicByteArray
     let transfers: AtomicByteArray
-    private let heap: Mutex<DeliveryHeap>
-    private let retries: Mutex<RetryRing>
+    private let heap: Lock<DeliveryHeap>
+    private let retries: Lock<RetryRing>
     /// Entries in `retries` (read without the lock to decide whether a wait may block).
     let retryPending = Atomic<Int>(0)
     /// Pages the application dropped (REMOVE/UNMAP) during the restore: left out of the
@@ -200,7 +200,7 @@ final class FaultEngine: Sendable {
     let forkEvents = Atomic<Int>(0)
     let forkFaults = Atomic<Int>(0)
     let forkStop = Atomic<Bool>(false)
-    let forkServers = Mutex<[OSThread]>([])
+    let forkServers = Lock<[OSThread]>([])
     /// Faults on a page the engine had installed whose mapping the application dropped
     /// since (served with a zero page).
     let droppedRefaults = Atomic<Int>(0)
@@ -234,7 +234,7 @@ final class FaultEngine: Sendable {
     let workloadThreadCount = Atomic<Int>(0)
     /// Remote faults per workload thread, summed from the handler threads' own counters as
     /// they leave.
-    let threadFaults = Mutex<[Int]>([Int](repeating: 0, count: FaultEngine.maxThreads + 1))
+    let threadFaults = Lock<[Int]>([Int](repeating: 0, count: FaultEngine.maxThreads + 1))
 
     init(config: RestoreConfig, region: UnsafeMutableRawPointer, doorbell: UnsafeMutableRawPointer,
          staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor,
@@ -251,8 +251,8 @@ final class FaultEngine: Sendable {
         stagingAddress = staging.map { UInt(bitPattern: $0) } ?? 0
         state = AtomicByteArray(count: pages)
         transfers = AtomicByteArray(count: pages)
-        heap = Mutex(DeliveryHeap(capacity: pages + 64))
-        retries = Mutex(RetryRing(capacity: pages + 64))
+        heap = Lock(DeliveryHeap(capacity: pages + 64))
+        retries = Lock(RetryRing(capacity: pages + 64))
         dropped = AtomicByteArray(count: pages)
         let tids = UnsafeMutablePointer<Int32>.allocate(capacity: FaultEngine.maxThreads)
         tids.initialize(repeating: 0, count: FaultEngine.maxThreads)

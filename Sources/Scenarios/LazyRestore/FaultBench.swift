@@ -75,7 +75,7 @@ extension Bench {
         let mode: Int32 = wait == .blocking ? 0 : wait == .poll ? 1 : wait == .epoll ? 3 : 2
         let fd = uffd.fd
         let src = UInt(bitPattern: image.base), dst = UInt(bitPattern: region.base)
-        let served = Mutex<Int>(0)
+        let served = Lock<Int>(0)
         let handler = OSThread {
             let n = memlab_ref_fault_handler(fd, UnsafeRawPointer(bitPattern: src), UnsafeMutableRawPointer(bitPattern: dst), length, mode)
             served.withLock { $0 = n }

@@ -19,7 +19,7 @@ final class EmulatedLink: Sendable {
         var bytes: UInt64 = 0
         var transfers: UInt64 = 0
     }
-    private let state = Mutex(State())
+    private let state = Lock(State())
 
     init(bytesPerSecond: Double, rttNS: UInt64, preempt: Bool) {
         self.bytesPerSecond = bytesPerSecond

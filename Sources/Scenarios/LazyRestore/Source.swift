@@ -40,7 +40,7 @@ final class PageSource: @unchecked Sendable {
 
     final class Channel: @unchecked Sendable {
         let fd: Int32
-        let lock = Mutex<Int>(0)
+        let lock = Lock<Int>(0)
         let request: UnsafeMutableRawPointer
         let pieces: UnsafeMutablePointer<UInt32>
         init(fd: Int32) {
