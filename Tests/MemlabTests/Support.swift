@@ -108,6 +108,10 @@ let hasMemoryCgroup: Bool = {
     }
 }()
 let hasSetpriv = FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+/// Set by scripts/sanitize: the memlab under test is built with this sanitizer. A few tests
+/// measure what the sanitizer itself changes (page faults and memory of its shadow, a strict
+/// overcommit mode its shadow reservation cannot pass) and skip, saying so.
+let sanitizer = ProcessInfo.processInfo.environment["MEMLAB_SANITIZER"]
 
 /// A scratch directory removed at the end of the test.
 final class TempDir {
