@@ -25,8 +25,11 @@ public final class SignalCleanup: Sendable {
     private let installed = Atomic<Bool>(false)
     private let stopping = Atomic<Int32>(0)
 
-    public func install(settingsGuard: SettingsGuard) {
-        guardRef.withLock { $0 = settingsGuard }
+    /// Installs the handler (once) and names the guard to restore, if any. Every command
+    /// installs it at start, so Ctrl-C ends any of them the same way — also one started from
+    /// a script whose shell left SIGINT ignored for background jobs.
+    public func install(settingsGuard: SettingsGuard?) {
+        if let settingsGuard { guardRef.withLock { $0 = settingsGuard } }
         guard !installed.exchange(true, ordering: .sequentiallyConsistent) else { return }
         var fds: [Int32] = [-1, -1]
         guard memlab_pipe2(&fds, O_CLOEXEC) == 0 else {

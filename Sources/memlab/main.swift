@@ -25,6 +25,9 @@ if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource"
 // before its arguments are even read, so a typo, --help and --version restore too. `restore`
 // does the same and reports it itself.
 if CommandLine.arguments.dropFirst().first == "restore" { RunDirectory.sweepStale() } else { Session.startup() }
+// SIGINT, SIGTERM and SIGHUP end every command the same way: the running child killed, what
+// was borrowed restored, the run's files removed, exit 128+signal.
+SignalCleanup.shared.install(settingsGuard: nil)
 
 do {
     var command = try Memlab.parseAsRoot()
