@@ -70,7 +70,8 @@ extension KernelTests {
 
         /// A worker touching twice its cgroup's limit is OOM-killed; the runner lives and
         /// reports the outcome as metrics; the cgroup is gone afterwards.
-        @Test(.enabled(if: hasMemoryCgroup, "no memory cgroup controller"))
+        @Test(.enabled(if: hasMemoryCgroup, "no memory cgroup controller"),
+              .enabled(if: sanitizer == nil, "checks how much the worker touched before the limit, and a sanitizer's shadow is charged to the cgroup too"))
         func oomKillInsideTheCgroupWhileTheRunnerLives() throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
@@ -100,7 +101,8 @@ extension KernelTests {
     /// afterwards.
     @Suite(.enabled(if: isRoot, "needs root"), .enabled(if: hasMemoryCgroup, "no memory cgroup controller"))
     struct OOMWithSwap {
-        @Test func oomKillWithSwapPresent() throws {
+        @Test(.enabled(if: sanitizer == nil, "checks how much the worker touched before the limit, and a sanitizer's shadow is charged to the cgroup too"))
+        func oomKillWithSwapPresent() throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
             let swapsBefore = swapAreaPaths()
@@ -135,7 +137,8 @@ extension KernelTests {
         /// Text compresses (ratio > 1), random does not (near 1, or rejected to the swap
         /// file); every page comes back intact; swap-in from zswap is timed per page; swap
         /// area and file are gone afterwards.
-        @Test func zswapCompressesTextButNotRandom() throws {
+        @Test(.enabled(if: sanitizer == nil, "counts swap-ins page by page, and a sanitizer's shadow of the region is paged out and in with it"))
+        func zswapCompressesTextButNotRandom() throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
             let swapsBefore = swapAreaPaths()
@@ -167,7 +170,8 @@ extension KernelTests {
 
         /// The same workload through the plain swap file and zram: the file is read from
         /// the device (swap cache emptied first); zram compresses; both leave nothing behind.
-        @Test func swapFileAndZramBackends() throws {
+        @Test(.enabled(if: sanitizer == nil, "counts swap-ins page by page, and a sanitizer's shadow of the region is paged out and in with it"))
+        func swapFileAndZramBackends() throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
             let file = try zswapRun(["backend=swapfile"], dir, name: "file")
