@@ -244,7 +244,7 @@ struct MigrateDestination: ParsableCommand {
         }
         let session = Clock.seconds(since: accepted)
         print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
-        if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(r.ignoredFlags.joined(separator: " "))") }
+        if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(CPUIdentity.list(r.ignoredFlags))") }
         print("verified: checksum \(String(r.checksum, radix: 16)) equals the source's")
         if let path = json {
             let ctx = RunContext(variant: "precopy-tcp-destination", params: Params(params), repetition: 1, isWarmup: false)
@@ -258,7 +258,7 @@ struct MigrateDestination: ParsableCommand {
             }
             ctx.check("destination_checksum", expected: Double(r.sourceChecksum >> 11), observed: Double(r.checksum >> 11), tolerance: 0,
                       describe: "checksum of the received region equals the source's at stop time (top 53 bits)")
-            if !r.ignoredFlags.isEmpty { ctx.note("CPU flags the source had and this machine lacks, ignored: \(r.ignoredFlags.joined(separator: " "))") }
+            if !r.ignoredFlags.isEmpty { ctx.note("CPU flags the source had and this machine lacks, ignored: \(CPUIdentity.list(r.ignoredFlags))") }
             ctx.note("delay stage \(delayMs) ms one way on this side's receive")
             try writeMigrateDocument(path, variant: "precopy-tcp-destination", params: params, output: ctx.output, started: started, startNS: startNS)
         }
@@ -288,9 +288,9 @@ struct MigrateCheck: ParsableCommand {
             throw ExitCode(ExitStatus.failed)
         case .missingFlags(let flags):
             if ignoreCPUFlags {
-                print("accepted with --ignore-cpu-flags: this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))")
+                print("accepted with --ignore-cpu-flags: this CPU lacks \(flags.count) flag(s) the source had: \(CPUIdentity.list(flags))")
             } else {
-                print("refused: this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))")
+                print("refused: this CPU lacks \(flags.count) flag(s) the source had: \(CPUIdentity.list(flags))")
                 throw ExitCode(ExitStatus.failed)
             }
         }

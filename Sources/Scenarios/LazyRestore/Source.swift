@@ -385,6 +385,14 @@ public enum PageServer {
         // parent=) lives until it is killed.
         if o.parent != nil { _ = LinuxMMBridge.setParentDeathSignal(SIGKILL) }
         if let p = o.parent, getppid() != p { return 1 }
+        // One malloc arena for every connection thread: each extra arena reserves 64 MiB of
+        // address space (up to 8 per CPU), which a source under an address-space limit
+        // cannot spare; its threads allocate only when a connection starts or is refused.
+        // (mallopt is in malloc.h, which the Glibc module leaves out: looked up by name.)
+        if let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "mallopt") {   // RTLD_DEFAULT
+            typealias Mallopt = @convention(c) (Int32, Int32) -> Int32
+            _ = unsafeBitCast(sym, to: Mallopt.self)(-8 /* M_ARENA_MAX */, 1)
+        }
         let image: PageImage
         do { image = try PageImage(pages: o.pages, seed: o.seed, zeroRatio: o.zeroRatio) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
         let listener: Int32

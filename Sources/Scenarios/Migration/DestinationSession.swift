@@ -67,7 +67,7 @@ public struct DestinationSession: Sendable {
         case .compatible: break
         case .incompatible(let why): return .refuse(reason: why, toPeer: why)
         case .missingFlags(let flags):
-            let why = "this CPU lacks \(flags.count) flag(s) the source had: \(flags.joined(separator: " "))"
+            let why = "this CPU lacks \(flags.count) flag(s) the source had: \(CPUIdentity.list(flags))"
             if !ignoreCPUFlags { return .refuse(reason: why, toPeer: why + " (destination started without --ignore-cpu-flags)") }
             ignoredFlags = flags
             warning = "warning: \(why); going on because of --ignore-cpu-flags"

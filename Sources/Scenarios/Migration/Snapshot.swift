@@ -36,6 +36,14 @@ public struct CPUIdentity: Sendable, Equatable {
         parse(cpuinfo: ProcFile.readIfPresent("/proc/cpuinfo") ?? "")
     }
 
+    /// A list of flags for a message: at most 2 KiB of them (a header from a peer may name
+    /// a megabyte of made-up flags), then how many there are in all.
+    public static func list(_ flags: [String]) -> String {
+        let all = flags.joined(separator: " ")
+        guard all.utf8.count > 2048 else { return all }
+        return String(decoding: all.utf8.prefix(2048), as: UTF8.self) + " … (\(flags.count) flags in all)"
+    }
+
     /// Flags this CPU (the source's) has that `destination` lacks, sorted.
     public func missing(on destination: CPUIdentity) -> [String] {
         Set(flags).subtracting(destination.flags).sorted()
@@ -126,6 +134,9 @@ public struct ImageHeader: Sendable, Equatable {
         guard let rb = Int(try need("region_bytes")), rb > 0, rb % ps == 0 else { throw .malformed("region_bytes is not a positive multiple of page_size") }
         guard rb <= maxRegionBytes else { throw .malformed("region_bytes \(rb) exceeds \(maxRegionBytes) (1 PiB)") }
         guard let sum = UInt64(try need("checksum"), radix: 16) else { throw .malformed("checksum is not hexadecimal") }
+        // Shown in messages (and REFUSEd with): a name, not a megabyte.
+        guard try need("arch").utf8.count <= 64 else { throw .malformed("arch longer than 64 bytes") }
+        guard try need("cpu_model").utf8.count <= 512 else { throw .malformed("cpu_model longer than 512 bytes") }
         let flags = try need("cpu_flags").split(separator: " ").map(String.init)
         return ImageHeader(arch: try need("arch"), pageSize: ps, cpu: CPUIdentity(model: try need("cpu_model"), flags: flags),
                            regionBytes: rb, checksum: sum)
