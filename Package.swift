@@ -7,6 +7,8 @@ let package = Package(
         .executable(name: "memlab", targets: ["memlab"]),
         .library(name: "LinuxMM", targets: ["LinuxMM"]),
         .library(name: "LabKit", targets: ["LabKit"]),
+        // libFuzzer targets (docs/reliability.md, "Fuzzing"); without -DFUZZING a replay driver.
+        .executable(name: "memlab-fuzz", targets: ["MemlabFuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -54,6 +56,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),

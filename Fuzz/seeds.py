@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of memlab-fuzz's targets into Fuzz/corpus/<target>/.
+
+Seeds are small, deterministic and named for what the replay test checks: `ok-*` must be
+accepted by its target, `bad-*` refused (docs/reliability.md, "Fuzzing"). Findings stored as
+regression seeds (`crash-*`, `bad-*` added by hand after a fix) are not touched here: run this
+after changing a format, then check `git status`.
+"""
+import os, struct, sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+def write(target, name, data):
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+def fnv(data):
+    h = 0xcbf29ce484222325
+    for i in range(0, len(data) // 8 * 8, 8):
+        h ^= struct.unpack_from("<Q", data, i)[0]
+        h = (h * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+# ---- migration: role byte, then frames (magic "ML", type, flags, u32 length, payload) ----
+def frame(t, p, flags=0):
+    return b"ML" + bytes([t, flags]) + struct.pack("<I", len(p)) + p
+
+HELLO, WELCOME, REFUSE, PAGES, ROUND_END, ROUND_ACK, FINISH, RESUMED, VERIFY, VERIFIED, ERROR, PING, PONG = range(1, 14)
+
+def header(region=16384, page=4096, flags="fpu sse2", arch="x86_64", model="seed", extra="", checksum="0"):
+    return (f"arch={arch}\npage_size={page}\ncpu_model={model}\ncpu_flags={flags}\n"
+            f"region_bytes={region}\nchecksum={checksum}\n{extra}").encode()
+
+def hello(version=1, **kw):
+    return frame(HELLO, struct.pack("<I", version) + header(**kw))
+
+def pages(idx, fill):
+    return frame(PAGES, struct.pack("<I", len(idx)) + b"".join(struct.pack("<Q", i) for i in idx)
+                 + b"".join(bytes([f]) * 4096 for f in fill))
+
+def u64(t, v): return frame(t, struct.pack("<Q", v))
+
+region = bytearray(16384)
+region[0:4096] = b"\x11" * 4096
+region[12288:16384] = b"\x33" * 4096
+region[4096:8192] = b"\x22" * 4096
+good_run = (frame(PING, struct.pack("<Q", 0)) + pages([0, 3], [0x11, 0x33])
+            + frame(ROUND_END, struct.pack("<II", 1, 2)) + pages([1], [0x22]) + u64(FINISH, 3)
+            + u64(VERIFY, fnv(bytes(region))))
+write("migration", "ok-dest-one-round-and-stop-copy", b"\x00" + hello() + good_run)
+write("migration", "ok-dest-ignored-cpu-flag", b"\x02" + hello(flags="fpu avx512f") + good_run)
+write("migration", "bad-dest-missing-cpu-flag", b"\x00" + hello(flags="fpu avx512f") + good_run)
+write("migration", "bad-dest-page-index-2pow63", b"\x00" + hello() + pages([1 << 63], [1]))
+write("migration", "bad-dest-finish-count-2pow64-1", b"\x00" + hello() + u64(FINISH, (1 << 64) - 1))
+write("migration", "bad-dest-round-skipped", b"\x00" + hello() + frame(ROUND_END, struct.pack("<II", 5, 0)))
+write("migration", "bad-dest-round-more-pages-than-region", b"\x00" + hello() + pages([0, 1, 2], [1, 1, 1]) + pages([0, 1], [1, 1]))
+write("migration", "bad-dest-verify-wrong-checksum", b"\x00" + hello() + u64(FINISH, 0) + u64(VERIFY, 1))
+write("migration", "bad-dest-over-cap", b"\x00" + hello(region=2 << 20))
+write("migration", "bad-dest-region-near-intmax", b"\x00" + hello(region=9223372036854771712))
+write("migration", "bad-dest-region-overflows-int", b"\x00" + hello(region=99999999999999999999))
+write("migration", "bad-dest-page-size-not-power-of-two", b"\x00" + hello(page=3000, region=6000))
+write("migration", "bad-dest-page-size-zero", b"\x00" + hello(page=0))
+write("migration", "bad-dest-version-2", b"\x00" + hello(version=2))
+write("migration", "bad-dest-duplicate-key", b"\x00" + hello(extra="arch=x86_64\n"))
+write("migration", "bad-dest-unknown-key", b"\x00" + hello(extra="colour=blue\n"))
+write("migration", "bad-dest-escape-in-model", b"\x00" + hello(model="\x1b[2Jgotcha"))
+write("migration", "bad-dest-ping-100-bytes", b"\x00" + hello() + frame(PING, b"\x00" * 100))
+write("migration", "bad-dest-error-with-escapes", b"\x00" + hello() + frame(ERROR, b"\x1b]0;owned\x07" + b"x" * 3000))
+write("migration", "bad-dest-truncated-pages", b"\x00" + hello() + b"ML\x04\x00\xff\xff\x00\x00abc")
+write("migration", "bad-dest-not-memlab", b"\x00GET / HTTP/1.0\r\n\r\n")
+write("migration", "bad-dest-reserved-flags", b"\x00" + frame(HELLO, struct.pack("<I", 1) + header(), flags=1))
+write("migration", "bad-dest-length-over-16MiB", b"\x00" + b"ML\x01\x00\x01\x00\x00\x01")
+write("migration", "bad-dest-pages-after-finish", b"\x00" + hello() + u64(FINISH, 0) + pages([0], [1]))
+
+acks = (frame(WELCOME, struct.pack("<I", 1)) + b"".join(u64(PONG, i) for i in range(5))
+        + frame(ROUND_ACK, struct.pack("<II", 1, 256)) + u64(RESUMED, 256) + u64(VERIFIED, 0x1234))
+write("migration", "ok-src-replies", b"\x01" + acks)
+write("migration", "bad-src-refused", b"\x01" + frame(REFUSE, b"this CPU lacks 1 flag(s) the source had: avx512f"))
+write("migration", "bad-src-pong-wrong-nonce", b"\x01" + frame(WELCOME, struct.pack("<I", 1)) + u64(PONG, 7))
+write("migration", "bad-src-resumed-2pow64-1", b"\x01" + acks.replace(u64(RESUMED, 256), u64(RESUMED, (1 << 64) - 1)))
+write("migration", "bad-src-welcome-long", b"\x01" + frame(WELCOME, struct.pack("<II", 1, 0)))
+
+# ---- pagewire: role byte (0 server, 1 client, 2 arguments), then fields ----
+def pframe(t, p): return b"ML" + bytes([t, 0]) + struct.pack("<I", len(p)) + p
+def get(runs): return pframe(0x21, struct.pack("<I", len(runs)) + b"".join(struct.pack("<II", a, b) for a, b in runs))
+
+write("pagewire", "ok-server-get", b"\x00" + struct.pack("<I", 4096) + get([(0, 2), (10, 5)]))
+write("pagewire", "ok-server-gets-to-the-last-page", b"\x00" + struct.pack("<I", 4096) + get([(4095, 1)]) + get([(0, 4096)]))
+write("pagewire", "bad-server-run-past-the-end", b"\x00" + struct.pack("<I", 4096) + get([(4095, 2)]))
+write("pagewire", "bad-server-run-u32-max", b"\x00" + struct.pack("<I", 4096) + get([(0xFFFFFFFF, 0xFFFFFFFF)]))
+write("pagewire", "bad-server-empty-run", b"\x00" + struct.pack("<I", 4096) + get([(0, 0)]))
+write("pagewire", "bad-server-more-than-4096-pages", b"\x00" + struct.pack("<I", 8192) + get([(0, 4096), (4096, 1)]))
+write("pagewire", "bad-server-count-mismatch", b"\x00" + struct.pack("<I", 4096) + pframe(0x21, struct.pack("<IIIII", 3, 0, 1, 1, 1)))
+write("pagewire", "bad-server-not-a-get", b"\x00" + struct.pack("<I", 4096) + pframe(0x22, b"\x00" * 12))
+write("pagewire", "bad-server-1001-runs", b"\x00" + struct.pack("<I", 4096) + get([(0, 1)] * 1001))
+hello_ok = pframe(0x20, struct.pack("<IIQ", 1, 4096, 4096))
+write("pagewire", "ok-client-hello", b"\x01" + struct.pack("<Q", 4096) + hello_ok)
+write("pagewire", "bad-client-hello-2pow64-1-pages", b"\x01" + struct.pack("<Q", 4096) + pframe(0x20, struct.pack("<IIQ", 1, 4096, (1 << 64) - 1)))
+write("pagewire", "bad-client-hello-other-size", b"\x01" + struct.pack("<Q", 8192) + hello_ok)
+write("pagewire", "bad-client-hello-version-2", b"\x01" + struct.pack("<Q", 4096) + pframe(0x20, struct.pack("<IIQ", 2, 4096, 4096)))
+write("pagewire", "bad-client-hello-long", b"\x01" + struct.pack("<Q", 4096) + pframe(0x20, struct.pack("<IIQQ", 1, 4096, 4096, 0)))
+write("pagewire", "bad-client-error-at-cap", b"\x01" + struct.pack("<Q", 4096) + pframe(11, b"this page source serves at most 64 connections at once"))
+def args(*a): return b"\x02" + b"\0".join(x.encode() for x in a)
+base = ["kind=tcp", "listen=127.0.0.1:0", "pages=4096", "seed=1", "zero_ratio=0.1"]
+write("pagewire", "ok-args-tcp", args(*base, "ready=/tmp/r", "parent=1", "announce=1", "max_connections=64", "idle_timeout=60"))
+write("pagewire", "ok-args-unix", args("kind=unix", "listen=/tmp/memlab-ps.sock", "pages=1", "seed=18446744073709551615", "zero_ratio=1"))
+write("pagewire", "bad-args-pages-overflow", args(*base[:2], "pages=99999999999999999999", *base[3:]))
+write("pagewire", "bad-args-pages-2pow62", args(*base[:2], "pages=4611686018427387904", *base[3:]))
+write("pagewire", "bad-args-zero-ratio-nan", args(*base[:4], "zero_ratio=nan"))
+write("pagewire", "bad-args-idle-inf", args(*base, "idle_timeout=inf"))
+write("pagewire", "bad-args-connections-0", args(*base, "max_connections=0"))
+write("pagewire", "bad-args-unknown", args(*base, "colour=blue"))
+write("pagewire", "bad-args-missing-seed", args(*base[:3], base[4]))
+write("pagewire", "bad-args-unix-path-too-long", args("kind=unix", "listen=/" + "x" * 200, *base[2:]))
+
+# ---- snapshot: u64 extra size, flags byte (bit 0: verify data), then the file ----
+def snap(hdr, data=b"", version=1, hlen=None, magic=b"MEMLABSN"):
+    return magic + struct.pack("<II", version, len(hdr) if hlen is None else hlen) + hdr + data
+
+data = bytes(range(256)) * 32  # 8192 bytes
+valid = snap(header(region=8192, checksum=format(fnv(data), "x")), data)
+write("snapshot", "ok-verified", struct.pack("<QB", 0, 1) + valid)
+write("snapshot", "ok-header-only-data-not-read", struct.pack("<QB", 8192, 0) + snap(header(region=8192)))
+write("snapshot", "bad-checksum", struct.pack("<QB", 0, 1) + snap(header(region=8192, checksum="1"), data))
+write("snapshot", "bad-truncated-data", struct.pack("<QB", 0, 0) + valid[:-4096])
+write("snapshot", "bad-bytes-after-data", struct.pack("<QB", 0, 0) + valid + b"\0")
+write("snapshot", "bad-region-near-intmax", struct.pack("<QB", (1 << 64) - 1, 0) + snap(header(region=9223372036854771712)))
+write("snapshot", "bad-region-overflows-int", struct.pack("<QB", 0, 0) + snap(header(region=99999999999999999999)))
+write("snapshot", "bad-header-length-u32-max", struct.pack("<QB", 0, 0) + snap(header(), hlen=0xFFFFFFFF))
+write("snapshot", "bad-header-longer-than-file", struct.pack("<QB", 0, 0) + snap(header(), hlen=5000))
+write("snapshot", "bad-magic", struct.pack("<QB", 0, 0) + snap(header(region=8192), data, magic=b"MEMLABSX"))
+write("snapshot", "bad-version", struct.pack("<QB", 0, 0) + snap(header(region=8192), data, version=2))
+write("snapshot", "bad-short-prefix", struct.pack("<QB", 0, 0) + b"MEMLABSN\x01")
+write("snapshot", "bad-page-size-not-power-of-two", struct.pack("<QB", 0, 0) + snap(header(region=6000, page=3000), b"\0" * 6000))
+write("snapshot", "bad-unknown-key", struct.pack("<QB", 0, 0) + snap(header(region=8192, extra="x=1\n"), data))
+write("snapshot", "bad-line-without-equals", struct.pack("<QB", 0, 0) + snap(header(region=8192, extra="junk\n"), data))
+write("snapshot", "bad-data-unreadable", struct.pack("<QB", 8192, 1) + snap(header(region=8192)))
+print("seeds written under", ROOT)
