@@ -52,6 +52,9 @@ public struct ScenarioFile: Sendable {
             throw UsageError("\(name): line \(line): a NUL byte (at byte \(text.utf8.distance(from: text.utf8.startIndex, to: nul))); a scenario file is text")
         }
         if text.utf8.count > maxBytes { throw UsageError("\(name): \(text.utf8.count) bytes; a scenario file is at most \(maxBytes)") }
+        do throws(TOMLPrecheck.Problem) { try TOMLPrecheck.check(text) } catch {
+            throw UsageError("\(name): line \(error.line), column \(error.column): \(error.what)")
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)

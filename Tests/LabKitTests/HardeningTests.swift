@@ -180,3 +180,17 @@ import LinuxMM
         #expect(try String(contentsOfFile: saved.path, encoding: .utf8) == "{}")
     }
 }
+
+/// Scenario files the bundled TOML parser (toml++ 3.4.0) would abort on — found by the `toml`
+/// fuzz target — are refused with a line and column instead; valid files that look alike pass.
+@Suite struct TOMLPrecheckTests {
+    @Test(arguments: ["[\n", "[[[1]]]", "[[=", "[ =", "scenario = \"ksm\"\n[ :\n", "g=[}", "a = [1, [2, }]]", "\u{FEFF}[:", "\u{3000}[:", "[é]"])
+    func inputsTheParserWouldAbortOnAreRefused(_ text: String) {
+        #expect(throws: UsageError.self) { try ScenarioFile.parse(text) }
+    }
+
+    @Test(arguments: ["a = [\n  [1],\n]\n", "[a]\n", "x = '''\n[\n'''\n", "[ \"q\" ]\n", "x = \"[\"\n", "x = [ # [\n 1 ]\n", "[[runs]]\nscenario = \"ksm\"\n", "t = { a = [1, 2] }\n"])
+    func lookalikesPassTheCheck(_ text: String) throws {
+        try TOMLPrecheck.check(text)
+    }
+}
