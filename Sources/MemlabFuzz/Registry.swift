@@ -19,6 +19,8 @@ let allTargets: [FuzzTarget] = [
     .migration,
     .pagewire,
     .snapshot,
+    .scenarioPlan,
+    .report,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.
