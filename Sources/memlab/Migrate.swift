@@ -214,6 +214,12 @@ struct MigrateDestination: ParsableCommand {
         try NetLimits.check("accept-timeout", acceptTimeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
         try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
         let cap = try maxRegion.map { try NetLimits.size("max-region", $0, atLeast: System.pageSize) } ?? Self.defaultMaxRegion()
+        // It waits for a source: let the usual signals end it, even when the mask it inherited
+        // blocks them (as `memlab pagesource` does).
+        var set = sigset_t()
+        sigemptyset(&set)
+        for sig in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, sig) }
+        sigprocmask(SIG_UNBLOCK, &set, nil)
         let started = isoTimestamp()
         let startNS = Clock.nanoseconds()
         func failed(_ text: String) -> ExitCode {

@@ -259,13 +259,17 @@ public final class WireConnection: @unchecked Sendable {
     /// Writes a frame whole (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
     public func send(_ type: MessageType, _ payload: UnsafeRawPointer?, _ count: Int) throws(WireError) {
         guard count >= 0, count <= Wire.maxPayload else { throw .system("refusing to send a \(type) of \(count) bytes (limit \(Wire.maxPayload))") }
-        let header = FrameHeader.encode(type, length: count)
+        var header = FrameHeader.encode(type, length: count)
+        // A small frame goes out in one write (one segment under TCP_NODELAY): a peer that
+        // reads a REFUSE with one recv gets its text too.
+        let joined = count > 0 && count <= 64 << 10 && payload != nil
+        if joined, let p = payload { header += UnsafeRawBufferPointer(start: p, count: count) }
         var failure: WireError?
         header.withUnsafeBytes { h in
-            do throws(WireError) { try writeAll(h.baseAddress!, FrameHeader.size, type) } catch { failure = error }
+            do throws(WireError) { try writeAll(h.baseAddress!, h.count, type) } catch { failure = error }
         }
         if let failure { throw failure }
-        if count > 0, let p = payload { try writeAll(p, count, type) }
+        if !joined, count > 0, let p = payload { try writeAll(p, count, type) }
         bytesSent += 8 + count
     }
 
