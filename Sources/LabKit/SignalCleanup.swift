@@ -49,6 +49,12 @@ public final class SignalCleanup: Sendable {
         thread.start()
         let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
         _ = signals.withUnsafeBufferPointer { memlab_install_signal_pipe(fds[1], $0.baseAddress, Int32($0.count)) }
+        // A parent (a test runner, a service manager) may have left them blocked in the mask
+        // memlab inherited: then no handler would ever run.
+        var set = sigset_t()
+        sigemptyset(&set)
+        for sig in signals { sigaddset(&set, sig) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
     }
 
     /// The signal memlab is stopping for, or 0.

@@ -320,7 +320,7 @@ final class PageSource: @unchecked Sendable {
         }
         let type = r.load(fromByteOffset: 2, as: UInt8.self)
         let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
-        if type == PageWire.error { throw SourceFailure(errno: EPROTO, what: "the page source answered ERROR") }
+        if type == PageWire.error { throw SourceFailure(errno: EPROTO, what: "the page source answered ERROR (memlab pagesource closes a connection idle past its --idle-timeout, and refuses one over --max-connections)") }
         guard type == PageWire.data, length == total * 4096 else {
             throw SourceFailure(errno: EPROTO, what: "the page source answered with a frame that is not the pages asked for")
         }
@@ -441,7 +441,7 @@ public enum PageServer {
     /// ended and wait to be joined (a thread's stack is only given back by the join).
     final class Connections: @unchecked Sendable {
         private struct State { var active = 0; var ended: [pthread_t] = [] }
-        private let state = Mutex(State())
+        private let state = Lock(State())
 
         func admit(cap: Int) -> Bool {
             state.withLock { s in

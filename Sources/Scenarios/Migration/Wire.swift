@@ -108,7 +108,7 @@ public final class WireConnection: @unchecked Sendable {
     public let fd: Int32
     public let delayNS: UInt64
     public let timeoutS: Double
-    private let queue = Mutex<Queue>(Queue())
+    private let queue = Lock<Queue>(Queue())
     private let sem: UnsafeMutablePointer<sem_t>
     /// Posted when the queue has room again (or the connection closes) for a waiting reader.
     private let space: UnsafeMutablePointer<sem_t>
