@@ -32,7 +32,11 @@ public final class AnonymousMapping: @unchecked Sendable {
     public let kind: PageKind
 
     public init(length: Int, kind: PageKind = .base, noReserve: Bool = false) throws(SystemError) {
-        precondition(length > 0, "mapping length must be positive")
+        // A length from outside (a peer's HELLO, a parameter) never traps here: refused.
+        let (padded, overflow) = length.addingReportingOverflow(2 * kind.alignment)
+        guard length > 0, !overflow, padded < Int.max / 2 else {
+            throw SystemError(errno: EINVAL, call: "mmap of \(length) bytes (\(kind.rawValue)): not a positive length a mapping can have")
+        }
         var flags = MAP_PRIVATE | MAP_ANONYMOUS
         if noReserve { flags |= memlab_MAP_NORESERVE }
         switch kind {

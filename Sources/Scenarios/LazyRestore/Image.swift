@@ -20,6 +20,10 @@ struct PageImage: @unchecked Sendable {
     let zero: UnsafeMutablePointer<UInt8>
 
     init(pages: Int, seed: UInt64, zeroRatio: Double) throws {
+        // Callers check their input; this is the last line that keeps a bad value from trapping.
+        guard pages > 0, pages <= Int.max / 4096, zeroRatio.isFinite, (0...1).contains(zeroRatio) else {
+            throw SystemError(errno: EINVAL, call: "an image of \(pages) pages with zero_ratio \(zeroRatio)")
+        }
         self.pages = pages
         self.seed = seed
         self.zeroRatio = zeroRatio
