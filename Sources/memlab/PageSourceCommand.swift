@@ -26,7 +26,7 @@ struct PageSourceCommand: ParsableCommand {
     @Option(help: "Image seed, as the restore's `seed`.") var seed = 1
     @Option(help: "Fraction of zero pages, as the restore's `zero_ratio`.") var zeroRatio = 0.1
     @Option(help: "Connections served at once (1…4096); one more gets an ERROR frame and is closed. A restore opens handler_threads + 1.") var maxConnections = 64
-    @Option(help: "Seconds a connection may go without a request before it gets an ERROR frame and is closed (0: never; at most 86400). Set it above the longest pause between a restore's faults.") var idleTimeout = 60.0
+    @Option(help: "Seconds a connection may go without a request before it gets an ERROR frame and is closed (0: never; at most 86400). Set it above the longest pause between a restore's faults.") var idleTimeout = 300.0
 
     func run() throws {
         let scenario = LazyRestoreScenario()
