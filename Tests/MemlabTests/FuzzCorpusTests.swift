@@ -9,7 +9,14 @@ import Testing
 /// Fuzz/corpus/<target>/ through its target, `ok-*` accepted, `bad-*` refused, nothing traps.
 @Suite struct FuzzCorpus {
     static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
-    static var fuzzBinary: String { (Memlab.binary as NSString).deletingLastPathComponent + "/memlab-fuzz" }
+    /// The replay driver beside the test bundle (built with the tests; MEMLAB_BIN may name a
+    /// release memlab elsewhere, built without it).
+    static var fuzzBinary: String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let exe = String(decoding: buf[0..<max(n, 0)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return (exe as NSString).deletingLastPathComponent + "/memlab-fuzz"
+    }
 
     static func run(_ args: [String]) throws -> (Int32, String) {
         let p = Process()

@@ -73,7 +73,7 @@ extension KernelTests {
         /// documents (a failed one too), which decode as ResultDocument.
         @Test func migrateJSONIsAResultDocument() throws {
             let dir = TempDir()
-            let port = "47218"
+            let port = "27218"
             let (dst, dstOut, _) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "10",
                                                      "--accept-timeout", "20", "--json", dir.file("dst.json")], stateDir: dir.path)
             defer { if dst.isRunning { dst.terminate() } }
@@ -101,7 +101,7 @@ extension KernelTests {
             #expect(drun.metric("pages_received")?.summary.median ?? 0 >= 1024)
 
             // Nobody listens: the source fails, and its document says so.
-            let refused = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:47219", "--size", "1M", "--timeout", "2",
+            let refused = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:27219", "--size", "1M", "--timeout", "2",
                                           "--json", dir.file("fail.json")], stateDir: dir.path)
             #expect(refused.status == 1)
             let f = try ResultDocument.decode(try Data(contentsOf: URL(fileURLWithPath: dir.file("fail.json"))))

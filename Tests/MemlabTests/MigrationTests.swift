@@ -190,7 +190,7 @@ extension KernelTests {
             let pair = try NamespacePair(rateMbit: 100, qdisc: qdisc)
             defer { pair.remove() }
             let dir = TempDir()
-            let port = "47213"
+            let port = "27213"
             let (dst, dstOut, _) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--delay-ms", "5", "--timeout", "10", "--accept-timeout", "30"],
                                                     stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
             defer { if dst.isRunning { dst.terminate() } }
@@ -220,7 +220,7 @@ extension KernelTests {
             let pair = try NamespacePair(rateMbit: 20)
             defer { pair.remove() }
             let dir = TempDir()
-            let port = "47214"
+            let port = "27214"
             let (dst, _, _) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "5"],
                                                stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
             defer { if dst.isRunning { dst.terminate() } }
@@ -244,9 +244,9 @@ extension KernelTests {
         @Test func malformedTruncatedAndSilentPeersFailInTime() throws {
             let dir = TempDir()
             // A source that sends a PAGES frame header promising 65535 bytes, then 3, then closes.
-            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:47215", "--timeout", "3"], stateDir: dir.path)
+            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:27215", "--timeout", "3"], stateDir: dir.path)
             usleep(300_000)
-            _ = try sh(["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/47215; printf 'ML\\x04\\x00\\xff\\xff\\x00\\x00abc' >&3; exec 3>&-"])
+            _ = try sh(["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/27215; printf 'ML\\x04\\x00\\xff\\xff\\x00\\x00abc' >&3; exec 3>&-"])
             _ = dstOut.fileHandleForReading.readDataToEndOfFile()
             let e1 = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             dst.waitUntilExit()
@@ -254,9 +254,9 @@ extension KernelTests {
             #expect(e1.contains("truncated PAGES") || e1.contains("expected HELLO"), "\(e1)")
 
             // Bytes that are not the protocol at all.
-            let (d2, o2, r2) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:47216", "--timeout", "3"], stateDir: dir.path)
+            let (d2, o2, r2) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:27216", "--timeout", "3"], stateDir: dir.path)
             usleep(300_000)
-            _ = try sh(["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/47216; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; sleep 1; exec 3>&-"])
+            _ = try sh(["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/27216; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; sleep 1; exec 3>&-"])
             _ = o2.fileHandleForReading.readDataToEndOfFile()
             let e2 = String(decoding: r2.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
             d2.waitUntilExit()
@@ -270,13 +270,13 @@ extension KernelTests {
             setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(4))
             var sa = sockaddr_in()
             sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = UInt16(47217).bigEndian
+            sa.sin_port = UInt16(27217).bigEndian
             sa.sin_addr.s_addr = inet_addr("127.0.0.1")
             let b = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
             #expect(b == 0)
             listen(listener, 1)
             let start = Date()
-            let silent = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:47217", "--size", "1M", "--timeout", "2"], stateDir: dir.path)
+            let silent = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:27217", "--size", "1M", "--timeout", "2"], stateDir: dir.path)
             let took = Date().timeIntervalSince(start)
             #expect(silent.status == 1)
             #expect(silent.stderr.contains("timeout"), "\(silent.stderr)")
@@ -288,7 +288,7 @@ extension KernelTests {
         @Test(arguments: [false, true])
         func destinationRefusesMissingCPUFlagsOverTCP(ignore: Bool) throws {
             let dir = TempDir()
-            let port: UInt16 = ignore ? 47219 : 47218
+            let port: UInt16 = ignore ? 27219 : 27218
             let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "2"]
                                                          + (ignore ? ["--ignore-cpu-flags"] : []), stateDir: dir.path)
             defer { if dst.isRunning { dst.terminate() } }
@@ -347,7 +347,7 @@ extension KernelTests {
             let pair = try NamespacePair(rateMbit: 20)
             defer { pair.remove() }
             let dir = TempDir()
-            let port = "47220"
+            let port = "27220"
             let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "3",
                                                           "--json", dir.file("dst.json")],
                                                          stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
@@ -378,7 +378,7 @@ extension KernelTests {
             let pair = try NamespacePair(rateMbit: 20)
             defer { pair.remove() }
             let dir = TempDir()
-            let port = "47221"
+            let port = "27221"
             let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "3"],
                                                          stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
             defer { if dst.isRunning { dst.terminate() } }
@@ -411,7 +411,7 @@ extension KernelTests {
             let pair = try NamespacePair(rateMbit: 200)
             defer { pair.remove() }
             let dir = TempDir()
-            let address = "\(NamespacePair.destinationAddress):47230"
+            let address = "\(NamespacePair.destinationAddress):27230"
             let (ps, _, _) = try Memlab.start(["pagesource", "--listen", address, "--size", "16M", "--seed", "5"],
                                               stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
             defer { kill(ps.processIdentifier, SIGKILL); ps.waitUntilExit() }

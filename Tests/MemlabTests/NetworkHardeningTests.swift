@@ -62,7 +62,7 @@ extension KernelTests {
         /// answers ERROR naming the index and exits 1, having been a process that exited.
         @Test func pageIndexAtOrAbove2pow63IsMalformed() throws {
             let dir = TempDir()
-            let d = try Destination(port: 47240, dir: dir)
+            let d = try Destination(port: 27240, dir: dir)
             let welcome = try #require(d.hello(region: "1048576"))
             #expect(welcome.type == 2, "expected WELCOME: \(String(decoding: welcome.payload, as: UTF8.self))")
             d.client.send(4, WireTestClient.le32(1) + WireTestClient.le64(1 << 63) + [UInt8](repeating: 7, count: Int(getpagesize())))
@@ -78,7 +78,7 @@ extension KernelTests {
         /// FINISH with a count ≥ 2^63 (`Int(UInt64)` trapped): ERROR and exit 1.
         @Test func finishCountAtOrAbove2pow63FailsTheMigration() throws {
             let dir = TempDir()
-            let d = try Destination(port: 47241, dir: dir)
+            let d = try Destination(port: 27241, dir: dir)
             #expect(d.hello(region: "1048576")?.type == 2)
             d.client.send(7, WireTestClient.le64(UInt64.max))
             let reply = d.client.readFrame()
@@ -92,10 +92,10 @@ extension KernelTests {
         /// with the reason (they used to be accepted: a skipped round, an oversized PING echoed,
         /// more pages in a round than the region holds).
         @Test(arguments: [
-            (UInt16(47242), "round", "ROUND_END of round 7; expected round 1"),
-            (UInt16(47243), "ping", "PING payload of 100 bytes"),
-            (UInt16(47244), "hello", "unexpected HELLO from the source"),
-            (UInt16(47245), "overfull", "more pages in round 1 (320) than the region has (256)"),
+            (UInt16(27242), "round", "ROUND_END of round 7; expected round 1"),
+            (UInt16(27243), "ping", "PING payload of 100 bytes"),
+            (UInt16(27244), "hello", "unexpected HELLO from the source"),
+            (UInt16(27245), "overfull", "more pages in round 1 (320) than the region has (256)"),
         ])
         func framesAreCheckedAgainstTheHello(port: UInt16, kind: String, reason: String) throws {
             let dir = TempDir()
@@ -127,7 +127,7 @@ extension KernelTests {
         /// is half of MemAvailable, said at start.
         @Test func helloAboveTheCapIsRefusedBeforeAnythingIsMapped() throws {
             let dir = TempDir()
-            let d = try Destination(port: 47246, ["--max-region", "64M"], dir: dir)
+            let d = try Destination(port: 27246, ["--max-region", "64M"], dir: dir)
             let r = try #require(d.hello(region: String(1 << 40)))
             let end = d.end()
             #expect(r.type == 3, "expected REFUSE")
@@ -138,7 +138,7 @@ extension KernelTests {
 
             let mem = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
             let totalKB = Int(mem.split(separator: "\n").first { $0.hasPrefix("MemTotal:") }?.split(separator: " ")[1] ?? "") ?? 0
-            let d2 = try Destination(port: 47247, dir: dir)
+            let d2 = try Destination(port: 27247, dir: dir)
             let big = String(totalKB * 1024 / 4096 * 4096)   // all of RAM: above half of MemAvailable
             let r2 = try #require(d2.hello(region: big))
             let end2 = d2.end()
@@ -150,9 +150,9 @@ extension KernelTests {
         /// region_bytes near Int.max or beyond it, page_size 0: malformed (ERROR, exit 1),
         /// never a trap in `16 + n + region_bytes` or in the mapping's rounding.
         @Test(arguments: [
-            (UInt16(47248), "9223372036854771712", "4096", "region_bytes 9223372036854771712 exceeds"),
-            (UInt16(47249), "99999999999999999999", "4096", "region_bytes is not a positive multiple"),
-            (UInt16(47250), "4096", "0", "page_size is not a power of two"),
+            (UInt16(27248), "9223372036854771712", "4096", "region_bytes 9223372036854771712 exceeds"),
+            (UInt16(27249), "99999999999999999999", "4096", "region_bytes is not a positive multiple"),
+            (UInt16(27250), "4096", "0", "page_size is not a power of two"),
         ])
         func hostileHeaderNumbersAreMalformed(port: UInt16, region: String, pageSize: String, reason: String) throws {
             let dir = TempDir()
@@ -168,7 +168,7 @@ extension KernelTests {
         /// with the control characters replaced (the whole text used to go to the terminal).
         @Test func peerTextIsBoundedAndHasNoControlCharacters() throws {
             let dir = TempDir()
-            let d = try Destination(port: 47251, dir: dir)
+            let d = try Destination(port: 27251, dir: dir)
             #expect(d.hello(region: "1048576")?.type == 2)
             let body = Array("\u{1b}]0;owned\u{07}\u{1b}[2J".utf8) + [UInt8](repeating: 0x41, count: 1 << 20)
             d.client.send(11, body)
@@ -185,7 +185,7 @@ extension KernelTests {
         /// queue everything it could read (bandwidth × delay: gigabytes on loopback).
         @Test func readerQueueIsBounded() throws {
             let dir = TempDir()
-            let d = try Destination(port: 47252, ["--delay-ms", "3000", "--timeout", "20", "--max-region", "4M"], dir: dir)
+            let d = try Destination(port: 27252, ["--delay-ms", "3000", "--timeout", "20", "--max-region", "4M"], dir: dir)
             d.client.setTimeout(8)
             #expect(d.hello(region: String(4 << 20))?.type == 2)
             d.client.setTimeout(0.3)

@@ -67,8 +67,8 @@ extension KernelTests {
         @Test(.enabled(if: hasPrlimit, "needs prlimit (util-linux)"))
         func survivesAThousandConnectionsUnderA1GiBAddressSpaceLimit() throws {
             let dir = TempDir()
-            let ps = try PageSourceProcess(port: 47260, [], dir: dir, prefix: ["/usr/bin/prlimit", "--as=1073741824", "--"])
-            let first = try #require(WireTestClient(port: 47260), "the page source never listened")
+            let ps = try PageSourceProcess(port: 27260, [], dir: dir, prefix: ["/usr/bin/prlimit", "--as=1073741824", "--"])
+            let first = try #require(WireTestClient(port: 27260), "the page source never listened")
             #expect(first.readFrame()?.type == 0x20)
             let reference = try #require(get(first, first: 5, count: 2))
             #expect(reference.count == 8192)
@@ -78,7 +78,7 @@ extension KernelTests {
             func cycles(_ n: Int) -> Int {
                 var served = 0
                 for _ in 0..<n {
-                    guard let c = WireTestClient(port: 47260, seconds: 1), let h = c.readFrame(), h.type == 0x20 else { break }
+                    guard let c = WireTestClient(port: 27260, seconds: 1), let h = c.readFrame(), h.type == 0x20 else { break }
                     served += 1
                 }
                 return served
@@ -91,7 +91,7 @@ extension KernelTests {
             let served = cycles(900)
             #expect(served == 900, "the page source stopped serving after \(100 + served) connections")
             #expect(ps.process.isRunning)
-            let c = try #require(WireTestClient(port: 47260))
+            let c = try #require(WireTestClient(port: 27260))
             #expect(c.readFrame()?.type == 0x20)
             #expect(get(c, first: 5, count: 2) == reference, "the same pages after 1000 connections")
             #expect(waitFor(5) { procStatus(ps.pid, "Threads") == base + 1 }, "threads: \(procStatus(ps.pid, "Threads") ?? -1), before: \(base)")
@@ -104,11 +104,11 @@ extension KernelTests {
         /// once one of the two ends, a new connection is served.
         @Test func capsConcurrentConnections() throws {
             let dir = TempDir()
-            let ps = try PageSourceProcess(port: 47261, ["--max-connections", "2"], dir: dir)
-            let a = try #require(WireTestClient(port: 47261))
-            let b = try #require(WireTestClient(port: 47261))
+            let ps = try PageSourceProcess(port: 27261, ["--max-connections", "2"], dir: dir)
+            let a = try #require(WireTestClient(port: 27261))
+            let b = try #require(WireTestClient(port: 27261))
             #expect(a.readFrame()?.type == 0x20 && b.readFrame()?.type == 0x20)
-            let c = try #require(WireTestClient(port: 47261))
+            let c = try #require(WireTestClient(port: 27261))
             let refused = c.readFrame()
             #expect(refused?.type == 11, "expected ERROR")
             let text = String(decoding: refused?.payload ?? [], as: UTF8.self)
@@ -117,7 +117,7 @@ extension KernelTests {
             #expect(get(b, first: 0, count: 1)?.count == 4096, "the two admitted connections are served")
             shutdown(a.fd, Int32(SHUT_RDWR))
             let served = waitFor(5) {
-                guard let d = WireTestClient(port: 47261), let f = d.readFrame() else { return false }
+                guard let d = WireTestClient(port: 27261), let f = d.readFrame() else { return false }
                 return f.type == 0x20
             }
             #expect(served, "a slot freed by a closed connection is given to a new one")
@@ -129,9 +129,9 @@ extension KernelTests {
         /// about a second; one that keeps asking is served throughout.
         @Test func closesIdleConnections() throws {
             let dir = TempDir()
-            let ps = try PageSourceProcess(port: 47262, ["--idle-timeout", "1"], dir: dir)
-            let idle = try #require(WireTestClient(port: 47262))
-            let busy = try #require(WireTestClient(port: 47262))
+            let ps = try PageSourceProcess(port: 27262, ["--idle-timeout", "1"], dir: dir)
+            let idle = try #require(WireTestClient(port: 27262))
+            let busy = try #require(WireTestClient(port: 27262))
             #expect(idle.readFrame()?.type == 0x20 && busy.readFrame()?.type == 0x20)
             let start = Date()
             var answered = 0
@@ -187,8 +187,8 @@ extension KernelTests {
         /// A source whose HELLO claims 2^64−1 pages (`Int(UInt64)` trapped in the restore), or
         /// that answers ERROR at connect: the restore fails with the source's words.
         @Test(.enabled(if: isRoot, "needs root: userfaultfd"), arguments: [
-            (UInt16(47263), "hello", "18446744073709551615 pages; expected v1, 4096, 4096"),
-            (UInt16(47264), "error", "the page source refused the connection: busy?[0m"),
+            (UInt16(27263), "hello", "18446744073709551615 pages; expected v1, 4096, 4096"),
+            (UInt16(27264), "error", "the page source refused the connection: busy?[0m"),
         ])
         func restoreRefusesAHostileSource(port: UInt16, kind: String, reason: String) throws {
             let first = kind == "hello"

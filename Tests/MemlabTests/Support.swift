@@ -48,11 +48,15 @@ enum Memlab {
     @discardableResult
     static func run(_ args: [String], stateDir: String, prefix: [String] = [], env extra: [String: String] = [:]) throws -> Output {
         let (p, out, err) = try start(args, stateDir: stateDir, prefix: prefix, env: extra)
-        // Read before waiting: a full pipe would block the child.
+        // Read both before waiting, at once: a child that fills one pipe while we wait on the
+        // other would block for ever.
+        let e = Box<Data>(Data())
+        let done = DispatchSemaphore(value: 0)
+        Thread { e.value = err.fileHandleForReading.readDataToEndOfFile(); done.signal() }.start()
         let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
+        done.wait()
         p.waitUntilExit()
-        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+        return Output(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e.value, as: UTF8.self))
     }
 }
 
@@ -169,4 +173,10 @@ func memlabLitter() -> [String] {
         }
     }
     return out.sorted()
+}
+
+/// A value one thread fills and another reads after a semaphore.
+final class Box<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
 }
