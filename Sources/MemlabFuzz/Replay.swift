@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import LabKit
+import LinuxMM
 
 /// The replay driver: every corpus file through its target, in a normal build (a regression
 /// test of each seed and each stored finding). A file named `ok-*` must be accepted, `bad-*`
@@ -47,15 +48,10 @@ enum Replay {
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
+    /// Through ProcFile.list, which reads each name where readdir put it (copying a dirent
+    /// whole reads past the end of readdir's buffer).
     static func entries(_ dir: String) -> [String] {
-        guard let d = opendir(dir) else { return [] }
-        defer { closedir(d) }
-        var out: [String] = []
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name != "." && name != ".." && !name.hasPrefix(".") { out.append(name) }
-        }
-        return out.sorted()
+        ProcFile.list(dir).filter { !$0.hasPrefix(".") }
     }
 
     static func files(_ path: String) -> [String] {
