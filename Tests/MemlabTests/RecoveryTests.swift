@@ -260,3 +260,41 @@ struct SplitMix {
         return UInt32(truncatingIfNeeded: z ^ (z >> 31))
     }
 }
+
+extension KernelTests {
+    /// A result that cannot be written where asked is never lost: a full disk used to replace
+    /// a valid result with truncated JSON. On a 64 KiB tmpfs (in a private mount namespace,
+    /// nothing machine-wide) with one page left: the probe before the run passes, the document
+    /// itself does not fit — the old file stays whole, the document goes to the fallback, and
+    /// memlab says where and exits 1.
+    @Suite(.enabled(if: isRoot, "needs root: mounts a tmpfs in a private mount namespace"),
+           .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/unshare"), "needs unshare(1) from util-linux"))
+    struct ResultsNeverLost {
+        @Test func aFullDiskKeepsTheOldResultAndSavesTheNewOneElsewhere() throws {
+            let dir = TempDir()
+            let mnt = dir.file("small")
+            try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+            let script = """
+                set -e
+                mount -t tmpfs -o size=64k tmpfs '\(mnt)'
+                printf '{"old": true}' > '\(mnt)/r.json'
+                dd if=/dev/zero of='\(mnt)/fill' bs=4096 count=14 status=none 2>/dev/null || true
+                set +e
+                '\(Memlab.binary)' run selftest:ok --set size=1M --repeat 60 --quiet --json '\(mnt)/r.json'
+                echo "status=$?"
+                echo "old=$(cat '\(mnt)/r.json')"
+                echo "left=$(ls -A '\(mnt)' | tr '\\n' ' ')"
+                """
+            let out = try Memlab.run([], stateDir: dir.path, prefix: ["/usr/bin/unshare", "-m", "/bin/sh", "-c", script, "sh"])
+            let text = out.stdout + out.stderr
+            #expect(text.contains("status=1"), "\(text)")
+            #expect(text.contains("old={\"old\": true}"), "the old result is whole: \(text)")
+            #expect(text.contains("left=fill r.json "), "no temporary file left behind: \(text)")
+            let saved = try #require(out.stderr.split(separator: "\n").first { $0.contains("it is saved at ") }.map { String($0.split(separator: " ").last!) },
+                                     "it says where: \(out.stderr)")
+            let doc = try loadJSON(saved)
+            #expect(runs(doc).count == 1 && runs(doc)[0]["repetitions"] as? Int == 60, "the whole document: \(saved)")
+            #expect(saved.hasPrefix(dir.path + "/unsaved/"), "\(saved)")
+        }
+    }
+}
