@@ -52,6 +52,9 @@ public struct Journal: Codable, Sendable, Equatable {
     public var processes: [ProcessRecord]?
     /// Pids of earlier owners whose journal this one took over (their recovery failed).
     public var adoptedFrom: [Int32]?
+    /// /proc/sys/kernel/random/boot_id when written: after a reboot the knobs, swap areas,
+    /// zram devices and cgroups it names went with the old boot, and only its files remain.
+    public var bootID: String?
 
     enum CodingKeys: String, CodingKey {
         case entries, command, processes
@@ -63,11 +66,22 @@ public struct Journal: Codable, Sendable, Equatable {
         case swapAreas = "swap_areas"
         case enabledControllers = "enabled_controllers"
         case adoptedFrom = "adopted_from"
+        case bootID = "boot_id"
     }
 
     public var ownerIsAlive: Bool {
         guard kill(ownerPID, 0) == 0 || errno == EPERM else { return false }
         return ProcessRecord(pid: ownerPID, start: ownerStart).isAlive
+    }
+
+    /// Written by this very process: same pid *and* start time (a pid alone recurs, e.g. as 1
+    /// in every container).
+    public var ownedByThisProcess: Bool {
+        ownerPID == getpid() && ownerStart == SettingsGuard.ownStart
+    }
+
+    public static var currentBootID: String? {
+        ProcFile.readIfPresent("/proc/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// Nothing to give back.
@@ -77,18 +91,22 @@ public struct Journal: Codable, Sendable, Equatable {
     }
 
     /// A journal found on disk names paths that root will write or remove. One that asks for
-    /// anything outside what memlab borrows (knobs under /sys and /proc/sys, cgroups under
-    /// /sys/fs/cgroup, swap files beside the journal, zram devices) was not written by memlab
-    /// and is refused, not followed.
+    /// anything outside what memlab borrows — the memory knobs (KSM, THP, hugetlb, khugepaged
+    /// under /sys/kernel/mm; vm sysctls; zswap's parameters; per-node hugetlb pools), its own
+    /// memlab-* cgroups and their parents' subtree_control, swap files beside the journal,
+    /// zram devices — was not written by memlab and is refused, not followed.
     func untrustedPath(stateDirectory: String) -> String? {
         func under(_ p: String, _ roots: [String]) -> Bool {
-            !p.contains("/../") && !p.hasSuffix("/..") && roots.contains { p.hasPrefix($0) }
+            !p.contains("/../") && !p.contains("/./") && !p.hasSuffix("/..") && roots.contains { p.hasPrefix($0) }
         }
-        if let e = entries.first(where: { !under($0.path, ["/sys/", "/proc/sys/"]) }) { return e.path }
-        if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) }) { return d }
+        let knobRoots = ["/sys/kernel/mm/", "/proc/sys/vm/", "/sys/module/zswap/parameters/", "/sys/devices/system/node/"]
+        if let e = entries.first(where: { !under($0.path, knobRoots) || ($0.path.hasPrefix("/sys/devices/system/node/") && !$0.path.contains("/hugepages/")) }) {
+            return e.path
+        }
+        if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-") }) { return d }
         if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
         if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
-        if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) }) { return c }
+        if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) || !$0.hasSuffix("/cgroup.subtree_control|memory") }) { return c }
         return nil
     }
 }
@@ -133,6 +151,54 @@ public final class SettingsGuard: @unchecked Sendable {
     private let state = Lock(State())
     private let lockFD: Lock<Int32> = Lock(-1)
     private let command: String
+
+    /// This process's start time (/proc/self/stat), what journals record beside the pid.
+    static let ownStart: UInt64 = (try? ProcStat.read(pid: getpid()))?.startTimeTicks ?? 0
+
+    /// A journal file as found: absent, or read and decoded, or not to be followed (and why).
+    enum JournalFile {
+        case absent
+        case loaded(Journal)
+        case unreadable(String)
+    }
+
+    /// Reads a journal without trusting it: no link is followed, a FIFO does not block, only
+    /// a regular file up to 1 MiB is read — from the descriptor that was checked, so it cannot
+    /// be swapped in between — and, as root, only one owned by root and writable by no one
+    /// else that names nothing memlab never borrows.
+    static func loadJournal(_ path: String) -> JournalFile {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT || errno == ENOTDIR { return .absent }
+            if errno == ELOOP { return .unreadable("the settings journal at \(path) is a symbolic link; not following it — inspect and remove it") }
+            return .unreadable("a settings journal exists at \(path) but cannot be opened (\(SystemError.current("open").errnoName)); run `memlab restore` as root")
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+            return .unreadable("the settings journal at \(path) is not a regular file; not following it — inspect and remove it")
+        }
+        if geteuid() == 0 && (st.st_uid != 0 || st.st_mode & 0o022 != 0) {
+            return .unreadable("the settings journal at \(path) is not root's own (owner uid \(st.st_uid), mode \(String(st.st_mode & 0o777, radix: 8))); not following it — inspect and remove it")
+        }
+        let limit = 1 << 20
+        guard st.st_size <= limit else { return .unreadable("the settings journal at \(path) is \(st.st_size) bytes; a journal is far smaller — inspect and remove it") }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size) + 1)
+        var got = 0
+        while got < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, $0.count - got) }
+            if n < 0 { if errno == EINTR { continue }; return .unreadable("cannot read the settings journal at \(path) (\(SystemError.current("read").errnoName))") }
+            if n == 0 { break }
+            got += n
+        }
+        guard got <= limit, let j = try? JSONDecoder().decode(Journal.self, from: Data(bytes[..<got])) else {
+            return .unreadable("the settings journal at \(path) is malformed; inspect it and restore by hand, then remove it")
+        }
+        if geteuid() == 0, let bad = j.untrustedPath(stateDirectory: AtomicFile.directory(of: path)) {
+            return .unreadable("the settings journal at \(path) names \(bad), which memlab never borrows; not following it — inspect and remove it")
+        }
+        return .loaded(j)
+    }
 
     public static var defaultStateDirectory: String {
         ProcessInfo.processInfo.environment["MEMLAB_STATE_DIR"] ?? "/var/lib/memlab"
@@ -231,10 +297,15 @@ public final class SettingsGuard: @unchecked Sendable {
     private func current(_ s: inout State) throws(SystemError) -> Journal {
         if let reason = s.sealed { throw SystemError(errno: EINTR, call: "borrow a setting while memlab is stopping (\(reason))") }
         if let j = s.journal { return j }
-        let start = (try? ProcStat.read(pid: getpid()))?.startTimeTicks ?? 0
-        var j = Journal(ownerPID: getpid(), ownerStart: start, command: command)
-        if let text = ProcFile.readIfPresent(journalPath), let old = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)),
-           old.ownerPID != getpid() {
+        var j = Journal(ownerPID: getpid(), ownerStart: SettingsGuard.ownStart, command: command)
+        j.bootID = Journal.currentBootID
+        switch SettingsGuard.loadJournal(journalPath) {
+        case .absent:
+            break
+        case .unreadable(let why):
+            // Never overwritten: it may be the only record of what some memlab changed.
+            throw SystemError(errno: EEXIST, call: "\(why) (memlab will not write over it)", path: journalPath)
+        case .loaded(let old) where !old.ownedByThisProcess:
             if old.ownerIsAlive {
                 throw SystemError(errno: EBUSY, call: "\(journalPath) belongs to pid \(old.ownerPID) (\(old.command)), which is still running; use another MEMLAB_STATE_DIR", path: journalPath)
             }
@@ -245,6 +316,12 @@ public final class SettingsGuard: @unchecked Sendable {
             j.swapAreas = old.swapAreas
             j.enabledControllers = old.enabledControllers
             j.adoptedFrom = (old.adoptedFrom ?? []) + [old.ownerPID]
+            if old.bootID != nil && old.bootID != j.bootID {
+                // From an earlier boot: only its files are still there to remove.
+                j.entries = []; j.createdDirectories = []; j.zramDevices = nil; j.swapAreas = nil; j.enabledControllers = nil
+            }
+        case .loaded:
+            break
         }
         return j
     }
@@ -564,7 +641,7 @@ public final class SettingsGuard: @unchecked Sendable {
     /// Journal paths the registry names, if the registry is root's own (owned by root, not
     /// writable by anyone else): a registry anyone could write to would let them choose what
     /// root writes on the next start. Entries whose journal is gone are pruned.
-    static func registeredJournals() -> [String] {
+    static func registeredJournals(prune: Bool) -> [String] {
         var st = stat()
         guard stat(registryDirectory, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == 0, st.st_mode & 0o022 == 0 else { return [] }
         var out: [String] = []
@@ -572,8 +649,10 @@ public final class SettingsGuard: @unchecked Sendable {
             let entry = "\(registryDirectory)/\(name)"
             guard let text = ProcFile.readIfPresent(entry) else { continue }
             let path = text.trimmingCharacters(in: .whitespacesAndNewlines)
-            guard path.hasPrefix("/"), registryEntry(path) == entry else { unlink(entry); continue }
-            if !ProcFile.exists(path) { if geteuid() == 0 { unlink(entry) }; continue }
+            // Pruned only under the settings lock: a journal is registered just before it is
+            // first written, and an unlocked start must not remove that entry meanwhile.
+            guard path.hasPrefix("/"), registryEntry(path) == entry else { if prune { unlink(entry) }; continue }
+            if !ProcFile.exists(path) { if prune && geteuid() == 0 { unlink(entry) }; continue }
             out.append(path)
         }
         return out
@@ -582,7 +661,7 @@ public final class SettingsGuard: @unchecked Sendable {
     /// Every journal to look at: this state directory's and the registered ones.
     func knownJournals() -> [String] {
         var all = [journalPath]
-        for p in SettingsGuard.registeredJournals() where !all.contains(p) { all.append(p) }
+        for p in SettingsGuard.registeredJournals(prune: holdsLock) where !all.contains(p) { all.append(p) }
         return all
     }
 
@@ -606,10 +685,11 @@ public final class SettingsGuard: @unchecked Sendable {
     /// must wait for it.
     public var hasStaleJournal: Bool {
         knownJournals().contains { path in
-            guard ProcFile.exists(path) else { return false }
-            guard let text = ProcFile.readIfPresent(path),
-                  let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else { return true }
-            return j.ownerPID != getpid() && !j.ownerIsAlive
+            switch SettingsGuard.loadJournal(path) {
+            case .absent: return false
+            case .unreadable: return true
+            case .loaded(let j): return !j.ownedByThisProcess && !j.ownerIsAlive
+            }
         }
     }
 
@@ -635,27 +715,26 @@ public final class SettingsGuard: @unchecked Sendable {
     static let failedThisProcess = Lock<Set<String>>([])
 
     static func recover(journalAt path: String) -> Recovery {
-        guard ProcFile.exists(path) else { return .nothing }
-        guard let text = ProcFile.readIfPresent(path) else {
-            return .unreadable("a settings journal exists at \(path) but cannot be read; run `memlab restore` as root")
+        let j: Journal
+        switch loadJournal(path) {
+        case .absent: return .nothing
+        case .unreadable(let why): return .unreadable(why)
+        case .loaded(let loaded): j = loaded
         }
-        guard let j = try? JSONDecoder().decode(Journal.self, from: Data(text.utf8)) else {
-            return .unreadable("the settings journal at \(path) is malformed; inspect it and restore by hand, then remove it")
-        }
-        if j.ownerPID == getpid() { return .nothing }
+        if j.ownedByThisProcess { return .nothing }
         if j.ownerIsAlive { return .ownerAlive(j) }
-        if geteuid() == 0 {
-            // root follows only a journal that root wrote and nobody else can change.
-            var st = stat()
-            if stat(path, &st) != 0 || st.st_uid != 0 || st.st_mode & 0o022 != 0 {
-                return .unreadable("the settings journal at \(path) is not root's own (owner uid \(st.st_uid), mode \(String(st.st_mode & 0o777, radix: 8))); not following it — inspect and remove it")
-            }
-            if let bad = j.untrustedPath(stateDirectory: AtomicFile.directory(of: path)) {
-                return .unreadable("the settings journal at \(path) names \(bad), which memlab never borrows; not following it — inspect and remove it")
-            }
+        var toRestore = j
+        var rebooted = false
+        if let boot = j.bootID, let now = Journal.currentBootID, boot != now {
+            // Written before a reboot: its knobs, swap areas, zram devices and cgroups went
+            // with that boot (zram0 now may be the system's own). Only its files remain.
+            rebooted = true
+            toRestore.entries = []; toRestore.createdDirectories = []; toRestore.zramDevices = nil
+            toRestore.swapAreas = nil; toRestore.enabledControllers = nil; toRestore.processes = nil
         }
-        let leftovers = killAndWait(j.processes ?? [])
-        var (report, remaining) = restoreKeepingFailures(j)
+        let leftovers = killAndWait(toRestore.processes ?? [])
+        var (report, remaining) = restoreKeepingFailures(toRestore)
+        if rebooted { report.restoredLines.insert("(written before the last reboot: knobs, swap areas, zram devices and cgroups went with it; only files were removed)", at: 0) }
         for p in leftovers { report.failures.append("pid \(p.pid), a child of the dead memlab, was still running after SIGKILL") }
         if report.restored {
             unlink(path)

@@ -31,8 +31,15 @@ enum Session {
         }
         if !holdingLock {
             guard g.hasStaleJournal else { return [] }
-            do { try g.acquireLock(wait: true, say: { writeStderr($0 + " (to restore a dead memlab's settings)\n") }) } catch {
-                writeStderr("memlab: warning: a dead memlab's settings are left changed: \(error)\n")
+            // Never wait here: every command (--help too) starts with this. While another
+            // memlab holds the lock, the journal waits for a later start (or that memlab's
+            // own next run), and this command goes on.
+            do { try g.acquireLock(wait: false, say: { _ in }) } catch {
+                if case .busy(let owner) = error {
+                    writeStderr("memlab: note: a dead memlab's settings journal waits to be restored; the settings lock is held by \(owner), so the next memlab start (or `memlab restore`) will do it\n")
+                } else {
+                    writeStderr("memlab: warning: a dead memlab's settings are left changed: \(error)\n")
+                }
                 return []
             }
         }
@@ -110,7 +117,13 @@ enum Session {
         do {
             try ResultOutput.write(try doc.jsonData(), to: jsonPath, what: "the result document")
             if !options.quiet { print("\nresult: \(jsonPath)") }
-        } catch { lost = true }
+        } catch let e as OutputError {
+            _ = e   // said on stderr, with where the document went
+            lost = true
+        } catch {
+            writeStderr("memlab: the result document could not be encoded: \(error)\n")
+            lost = true
+        }
         if let csv = options.csvPath {
             do {
                 try ResultOutput.write(Data(ResultTable.csv(doc).utf8), to: csv, what: "the CSV")
@@ -133,8 +146,8 @@ enum Session {
     }
 
     /// Fails (exit 2) before anything runs when an output file could not be written later.
-    static func checkWritable(_ path: String, what: String) throws {
-        try ResultOutput.check(path, what: what)
+    static func checkWritable(_ path: String, what: String, acceptDevice: Bool = false) throws {
+        try ResultOutput.check(path, what: what, acceptDevice: acceptDevice)
     }
 
     /// Writes an output a command was asked for (report, comparison, SVG): atomically, and on
