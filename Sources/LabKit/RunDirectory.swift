@@ -3,20 +3,22 @@ import Glibc
 #endif
 import Foundation
 import LinuxMM
-import Synchronization
 
 /// Every file a run makes for itself (the children's specs, outputs and logs, a page source's
 /// socket and log, a snapshot file) lives under one directory per run and file system:
-/// `BASE/memlab-run-PID-START`, named after the runner (its pid and /proc start time). The
-/// runner removes its directories when it ends, the signal path before it exits, and any
-/// memlab that starts removes those whose runner is gone (SIGKILL, power loss). Nothing is
-/// left behind.
+/// `BASE/memlab-run-PID-START.XXXXXX`, named after the runner (its pid and /proc start time)
+/// with a random suffix (mkdtemp), mode 0700, so nobody can guess the name ahead of a run or
+/// slip a file or a link into it. The runner removes its directories when it ends, the signal
+/// path before it exits, and any memlab that starts removes those whose runner is gone
+/// (SIGKILL, power loss). Nothing is left behind.
 public enum RunDirectory {
     static let prefix = "memlab-run-"
 
     /// The runner the directories belong to: this process, or — in a repetition's child —
     /// the runner that started it (set from the child's spec).
     private static let ownerTag = Lock<String?>(nil)
+    /// The directories made or found so far, by base.
+    private static let made = Lock<[String: String]>([:])
 
     public static var owner: String {
         ownerTag.withLock { tag in
@@ -43,23 +45,41 @@ public enum RunDirectory {
         return out
     }
 
-    /// This run's directory under `base` (default: the temporary directory), made on first use
-    /// (mode 0700: other users have no business in it).
+    /// This run's directory under `base` (default: the temporary directory): the one this
+    /// run already has there — ours by owner, uid and mode, never a look-alike someone else
+    /// made — or a new one.
     public static func make(base: String? = nil) throws(SystemError) -> String {
-        let dir = "\(base ?? bases[0])/\(prefix)\(owner)"
-        if mkdir(dir, 0o700) != 0 && errno != EEXIST { throw SystemError.current("mkdir", path: dir) }
-        var st = stat()
-        if lstat(dir, &st) != 0 { throw SystemError.current("lstat", path: dir) }
-        // Someone else's file by that name (a guess at our pid in /tmp) is not ours to use.
-        if (st.st_mode & S_IFMT) != S_IFDIR || st.st_uid != geteuid() {
-            throw SystemError(errno: EEXIST, call: "a run directory that is not ours", path: dir)
+        let b = base ?? bases[0]
+        let tag = owner
+        return try made.withLock { (m) throws(SystemError) -> String in
+            if let d = m[b], isOurs(d) { return d }
+            for name in ProcFile.list(b) where name.hasPrefix("\(prefix)\(tag).") && isOurs("\(b)/\(name)") {
+                m[b] = "\(b)/\(name)"
+                return "\(b)/\(name)"
+            }
+            var template = Array("\(b)/\(prefix)\(tag).XXXXXX".utf8CString)
+            guard let p = mkdtemp(&template) else { throw SystemError.current("mkdtemp", path: "\(b)/\(prefix)\(tag).XXXXXX") }
+            let d = String(cString: p)
+            m[b] = d
+            return d
         }
-        return dir
+    }
+
+    /// A real directory (not a link) of this user's, mode 0700.
+    static func isOurs(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR && st.st_uid == geteuid() && st.st_mode & 0o077 == 0
     }
 
     /// Removes this runner's directories (call as the runner ends).
     public static func removeOwn() {
-        for base in bases { removeTree("\(base)/\(prefix)\(owner)") }
+        let tag = owner
+        for base in bases {
+            for name in ProcFile.list(base) where name.hasPrefix("\(prefix)\(tag).") && isOurs("\(base)/\(name)") {
+                removeTree("\(base)/\(name)")
+            }
+        }
+        made.withLock { $0 = [:] }
     }
 
     /// Removes run directories whose runner is gone; returns what was removed.
@@ -68,12 +88,12 @@ public enum RunDirectory {
         var removed: [String] = []
         for base in bases {
             for name in ProcFile.list(base) where name.hasPrefix(prefix) {
-                guard let (pid, start) = parse(String(name.dropFirst(prefix.count))) else { continue }
+                let rest = name.dropFirst(prefix.count)
+                guard let dot = rest.lastIndex(of: "."), let (pid, start) = parse(String(rest[..<dot])) else { continue }
                 if ProcessRecord(pid: pid, start: start).isAlive { continue }
                 let path = "\(base)/\(name)"
-                var st = stat()
                 // Only real directories of our own user: never follow a link someone planted.
-                guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == geteuid() else { continue }
+                guard isOurs(path) else { continue }
                 removeTree(path)
                 if !ProcFile.exists(path) { removed.append(path) }
             }

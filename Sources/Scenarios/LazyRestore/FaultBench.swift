@@ -143,7 +143,10 @@ extension Bench {
         guard let exe = candidates.first(where: { access($0, X_OK) == 0 }) else {
             return (nil, "stress-ng not installed (apt-get install -y stress-ng): comparison skipped")
         }
-        let log = "\((try? RunDirectory.make()) ?? "/tmp")/stressng-\(getpid()).log"
+        // In the run's own directory only: a fixed name in /tmp is one anybody can plant a
+        // link at, and the spawn below opens it O_TRUNC as root.
+        guard let dir = try? RunDirectory.make() else { return (nil, "no run directory for stress-ng's log: comparison skipped") }
+        let log = "\(dir)/stressng-\(getpid()).log"
         defer { unlink(log) }
         do {
             let pin = oneCPU ? ["--taskset", "\(NUMA.currentAffinity().first ?? 0)"] : []
