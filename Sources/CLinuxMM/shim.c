@@ -156,6 +156,12 @@ int memlab_spawn_closefrom(posix_spawn_file_actions_t *actions, int low) {
 }
 
 int memlab_wifexited(int status) { return WIFEXITED(status); }
+int memlab_child_ended(pid_t pid, int block) {
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    if (waitid(P_PID, (id_t)pid, &info, WEXITED | WNOWAIT | (block ? 0 : WNOHANG)) != 0) return -1;
+    return info.si_pid == pid ? 1 : 0;
+}
 int memlab_wexitstatus(int status) { return WEXITSTATUS(status); }
 int memlab_wifsignaled(int status) { return WIFSIGNALED(status); }
 int memlab_wtermsig(int status) { return WTERMSIG(status); }

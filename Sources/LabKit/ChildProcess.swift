@@ -53,24 +53,32 @@ public enum ChildProcess {
         return pid
     }
 
-    /// Waits for `pid` until `deadline` seconds have passed, then kills it.
-    public static func wait(_ pid: pid_t, deadline: Double) -> ChildExit {
+    /// Waits for `pid` until `deadline` seconds have passed, then kills it. `exited` runs once
+    /// the child has ended but before it is reaped: while it is a zombie its pid cannot be
+    /// reused, so whoever may still signal that pid (the signal handler) can forget it safely.
+    public static func wait(_ pid: pid_t, deadline: Double, exited: () -> Void = {}) -> ChildExit {
         let start = Clock.nanoseconds()
         let pidfd = memlab_pidfd_open(pid)
         defer { if pidfd >= 0 { close(pidfd) } }
-        while true {
+        func reap() -> Int32 {
+            exited()
             var status: Int32 = 0
-            let rc = waitpid(pid, &status, WNOHANG)
-            if rc == pid {
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            return status
+        }
+        while true {
+            let rc = memlab_child_ended(pid, 0)
+            if rc == 1 {
+                let status = reap()
                 if memlab_wifexited(status) != 0 { return .exited(memlab_wexitstatus(status)) }
                 if memlab_wifsignaled(status) != 0 { return .signaled(memlab_wtermsig(status)) }
-                continue
+                return .exited(-1)
             }
-            if rc < 0 && errno != EINTR { return .exited(-1) }
+            if rc < 0 && errno != EINTR { exited(); return .exited(-1) }
             let elapsed = Clock.seconds(since: start)
             if elapsed >= deadline {
                 kill(pid, SIGKILL)
-                while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+                _ = reap()
                 return .timedOut(elapsed)
             }
             let remainingMS = Int32(min(100.0, (deadline - elapsed) * 1000).rounded(.up))

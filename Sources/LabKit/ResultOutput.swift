@@ -12,19 +12,25 @@ public enum ResultOutput {
     /// Fails (exit 2) before anything runs when `path` could not be written later: an empty
     /// name, a directory, a device, a read-only or full file system. Creates missing parent
     /// directories, as the write would.
-    public static func check(_ path: String, what: String) throws(UsageError) {
+    /// `acceptDevice`: a device or FIFO is fine (written through, e.g. `report -o /dev/stdout`);
+    /// without it — a run's result document — it is refused, since the document would be lost.
+    public static func check(_ path: String, what: String, acceptDevice: Bool = false) throws(UsageError) {
         if path.isEmpty { throw UsageError("\(what): an empty file name") }
         if path.hasSuffix("/") { throw UsageError("\(what) '\(path)' names a directory; name a file") }
         var st = stat()
+        var target = path
         if stat(path, &st) == 0 {
             if (st.st_mode & S_IFMT) == S_IFDIR { throw UsageError("\(what) '\(path)' is a directory; name a file") }
             if (st.st_mode & S_IFMT) != S_IFREG {
-                throw UsageError("\(what) '\(path)' is not a regular file (a result is written beside it, then renamed over it)")
+                if acceptDevice { return }
+                throw UsageError("\(what) '\(path)' is not a regular file (a result goes to a file, written beside it and renamed over it)")
             }
+            // Through a link, the probe goes where the file really is.
+            if let real = realpath(path, nil) { target = String(cString: real); free(real) }
         }
         do {
-            try makeParents(of: path)
-            try AtomicFile.probe(path)
+            try makeParents(of: target)
+            try AtomicFile.probe(target)
         } catch {
             throw UsageError("\(what) '\(path)' cannot be written: \(error)")
         }
@@ -65,7 +71,16 @@ public enum ResultOutput {
     /// Writes `data` to `path`; on failure saves it to a fallback, says where on stderr, and
     /// throws an error naming both (the caller exits 1: the user must notice). When nothing
     /// takes it, the data goes to standard output as a last resort.
+    /// Held while an output is written: the signal path takes it before it exits, so a
+    /// Ctrl-C during the write waits for the write to end (no half-written temporary file,
+    /// no document lost after every run finished).
+    public static let gate = Lock<Int>(0)
+
     public static func write(_ data: Data, to path: String, what: String) throws(OutputError) {
+        try gate.withLock { (_) throws(OutputError) in try writeUngated(data, to: path, what: what) }
+    }
+
+    static func writeUngated(_ data: Data, to path: String, what: String) throws(OutputError) {
         guard let saved = save(data, to: path) else {
             writeStderr("memlab: could not write \(what) to \(path) nor to any fallback directory; here it is on standard output:\n")
             FileHandle.standardOutput.write(data)

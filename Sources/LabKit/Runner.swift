@@ -251,9 +251,10 @@ public final class Runner {
         }
         SignalCleanup.shared.setChild(pid)
         settingsGuard.recordProcess(pid)
-        let exit = ChildProcess.wait(pid, deadline: deadline)
+        // Forgotten while still a zombie: until it is reaped its pid cannot be reused, so
+        // the signal handler never kills some other process by that number.
+        let exit = ChildProcess.wait(pid, deadline: deadline) { SignalCleanup.shared.setChild(0) }
         settingsGuard.forgetProcess(pid)
-        SignalCleanup.shared.setChild(0)
 
         let log = ProcFile.readIfPresent(logPath) ?? ""
         // The runtime's one-line reason ("Fatal error: Index out of range") if there is one,

@@ -82,12 +82,13 @@ public final class SignalCleanup: Sendable {
         let name = sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "SIGHUP"
         let g = guardRef.withLock { $0 }
         g?.seal("interrupted by \(name)")
-        let pid = child.withLock { $0 }
-        if pid > 0 {
-            kill(pid, SIGKILL)
-            var status: Int32 = 0
-            // The runner's thread may reap it first: then ECHILD ends the wait.
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // Killed and waited for without reaping (the runner's thread reaps it): the child is
+        // set only while it has not ended, so its pid is still its own.
+        child.withLock { pid in
+            if pid > 0 {
+                kill(pid, SIGKILL)
+                while memlab_child_ended(pid, 1) < 0 && errno == EINTR {}
+            }
         }
         var message = "\nmemlab: interrupted by \(name)"
         if let g {
@@ -107,7 +108,11 @@ public final class SignalCleanup: Sendable {
             }
         }
         RunDirectory.removeOwn()
-        writeStderr(message + "\n")
-        _exit(128 + sig)
+        // An output being written is finished first; none starts after (the gate is held
+        // through the exit).
+        ResultOutput.gate.withLock { _ in
+            writeStderr(message + "\n")
+            _exit(128 + sig)
+        }
     }
 }

@@ -241,6 +241,9 @@ int memlab_spawnattr_clean(posix_spawnattr_t *attr);
 int memlab_spawn_closefrom(posix_spawn_file_actions_t *actions, int low);
 // Wait-status macros are macros, not functions.
 int memlab_wifexited(int status);
+/// Whether child `pid` has ended, without reaping it (waitid WNOWAIT): 1 ended, 0 running,
+/// -1 error (errno). `block`: wait until it ends.
+int memlab_child_ended(pid_t pid, int block);
 int memlab_wexitstatus(int status);
 int memlab_wifsignaled(int status);
 int memlab_wtermsig(int status);
