@@ -30,6 +30,7 @@ public struct ScenarioFile: Sendable {
         if stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG {
             throw UsageError("scenario file '\(path)' is not a regular file")
         }
+        if st.st_size > maxBytes { throw UsageError("\(path): \(st.st_size) bytes; a scenario file is at most \(maxBytes)") }
         guard let data = FileManager.default.contents(atPath: path) else {
             throw UsageError("cannot read scenario file '\(path)'")
         }

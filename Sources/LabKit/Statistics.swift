@@ -52,7 +52,9 @@ public enum Statistics {
         guard !samples.isEmpty else { return nil }
         let sorted = samples.sorted()
         let n = sorted.count
-        let median = n % 2 == 1 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2
+        // Halves first: (a + b) / 2 overflows for two samples near 1.8e308; this is the same
+        // value otherwise (halving is exact).
+        let median = n % 2 == 1 ? sorted[n / 2] : sorted[n / 2 - 1] / 2 + sorted[n / 2] / 2
         // Scaled by the largest magnitude, so samples near ±1.7e308 neither overflow the sum nor
         // the squares; a spread beyond what a Double holds is clamped to the largest one.
         let scale = max(abs(sorted[0]), abs(sorted[n - 1]), .leastNormalMagnitude)

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 /// Sweeps: a parameter given several values expands into one run per value (per point of
 /// the product when several parameters are swept). Each point is a full run with its own
 /// repetitions; the result records where it sits in the sweep (`RunResult.sweep`), so
@@ -99,6 +102,7 @@ public enum Sweep {
                 }
             case .times(let f):
                 guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
+                try geometricStepsFit(Double(lo), Double(hi), f, bad)
                 var v = Double(lo)
                 while v <= Double(hi) * (1 + 1e-12) {
                     // A rounded point past Int.max (hi near it) is past the range: it ends it.
@@ -128,6 +132,7 @@ public enum Sweep {
                 while lo + k * s <= top && points.count <= maxPoints { points.append(lo + k * s); k += 1 }
             case .times(let f):
                 guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
+                try geometricStepsFit(lo, hi, f, bad)
                 var v = lo
                 while v <= hi * (1 + 1e-12) && v.isFinite && points.count <= maxPoints { points.append(v); v *= f }
             }
@@ -139,6 +144,13 @@ public enum Sweep {
             }
         }
         return try distinct(out, spec)
+    }
+
+    /// A geometric range is counted before it is walked: a factor barely above 1 (x1.0000000000000002)
+    /// would take ~10^15 steps per unit between equal rounded points.
+    private static func geometricStepsFit(_ lo: Double, _ hi: Double, _ f: Double, _ bad: (String) -> UsageError) throws(UsageError) {
+        let steps = (log(hi / lo) / log(f)).rounded(.up)
+        guard steps.isFinite, steps < Double(maxPoints) else { throw bad("expands to more than \(maxPoints) points") }
     }
 
     /// A whole number (or a size with K/M/G/T, for size parameters) as an Int, or nil.

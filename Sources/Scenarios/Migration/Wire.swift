@@ -97,13 +97,31 @@ struct PayloadReader {
 /// arrive and stamps them; `receive` hands each out no earlier than its arrival plus the
 /// delay stage's one-way delay (memlab's stand-in for netem where the kernel has none), and
 /// no later than the deadline: a silent or dead peer is an error, never a hang. The reader
-/// queues at most `Wire.maxQueuedBytes` of payload ahead of the protocol.
+/// queues at most `Wire.maxQueuedBytes` ahead of the protocol (payload plus 64 bytes a frame).
 public final class WireConnection: @unchecked Sendable {
+    /// A FIFO with a head index (taking the first is O(1): a flood of small frames must not
+    /// make each receive move the whole queue), compacted as it drains.
     private struct Queue {
         var frames: [(UInt64, Result<Frame, WireError>)] = []
+        var head = 0
         var bytes = 0
         var readerWaiting = false
+
+        mutating func append(_ e: (UInt64, Result<Frame, WireError>)) { frames.append(e) }
+        mutating func takeFirst() -> (UInt64, Result<Frame, WireError>) {
+            let e = frames[head]
+            head += 1
+            if head >= 1024 && head * 2 >= frames.count { frames.removeFirst(head); head = 0 }
+            return e
+        }
+        mutating func putBack(_ e: (UInt64, Result<Frame, WireError>)) {
+            if head > 0 { head -= 1; frames[head] = e } else { frames.insert(e, at: 0) }
+        }
     }
+
+    /// What a queued frame costs against `Wire.maxQueuedBytes`: its payload and its own keep,
+    /// so a flood of empty frames is bounded too.
+    static func queuedCost(_ payloadBytes: Int) -> Int { 64 + payloadBytes }
 
     public let fd: Int32
     public let delayNS: UInt64
@@ -170,9 +188,9 @@ public final class WireConnection: @unchecked Sendable {
     /// Queues a frame; returns false when the connection closed while waiting for room.
     private func push(_ r: Result<Frame, WireError>) -> Bool {
         let size: Int
-        if case .success(let f) = r { size = f.payload.count } else { size = 0 }
+        if case .success(let f) = r { size = Self.queuedCost(f.payload.count) } else { size = 0 }
         let full = queue.withLock { q -> Bool in
-            q.frames.append((Clock.nanoseconds(), r))
+            q.append((Clock.nanoseconds(), r))
             q.bytes += size
             if q.bytes > Wire.maxQueuedBytes { q.readerWaiting = true; return true }
             return false
@@ -226,10 +244,10 @@ public final class WireConnection: @unchecked Sendable {
             if errno == EINTR { continue }
             throw .timeout("no message from the peer within \(timeoutS) s while waiting for \(what)")
         }
-        let (arrived, result) = queue.withLock { $0.frames.removeFirst() }
+        let (arrived, result) = queue.withLock { $0.takeFirst() }
         if case .success(let f) = result {
             let wake = queue.withLock { q -> Bool in
-                q.bytes -= f.payload.count
+                q.bytes -= Self.queuedCost(f.payload.count)
                 if q.readerWaiting && q.bytes <= Wire.maxQueuedBytes { q.readerWaiting = false; return true }
                 return false
             }
@@ -242,7 +260,7 @@ public final class WireConnection: @unchecked Sendable {
             return f
         case .failure(let e):
             // Keep the failure for any later receive too.
-            queue.withLock { $0.frames.insert((arrived, .failure(e)), at: 0) }
+            queue.withLock { $0.putBack((arrived, .failure(e))) }
             sem_post(sem)
             throw e
         }
