@@ -26,11 +26,17 @@ extension HugePagesScenario {
 
         let t0 = Clock.nanoseconds()
         if p.string("method") == "madv_collapse" {
-            if madvise(m.base, m.length, memlab_MADV_COLLAPSE) != 0 {
+            // EAGAIN is transient (madvise(2): a resource briefly unavailable, e.g. a page
+            // locked by khugepaged or a huge page not yet compacted): try again, a few times,
+            // and count it; collapse_time includes the retries.
+            var again = 0
+            while madvise(m.base, m.length, memlab_MADV_COLLAPSE) != 0 {
                 let e = SystemError.current("madvise(MADV_COLLAPSE)")
                 if e.errno == EINVAL { throw ScenarioError.skipped("MADV_COLLAPSE is not supported by this kernel (needs 6.1+)") }
-                throw ScenarioError.failed("\(e)")
+                if e.errno == EAGAIN && again < 5 { again += 1; Clock.sleep(nanoseconds: 20_000_000); continue }
+                throw ScenarioError.failed("\(e)" + (again > 0 ? " (after \(again) EAGAIN)" : ""))
             }
+            if again > 0 { ctx.note("MADV_COLLAPSE answered EAGAIN \(again) time(s) before it succeeded; collapse_time includes the retries") }
         } else {
             let timeout = p.double("timeout_s")
             while try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0 < UInt64(size) {
