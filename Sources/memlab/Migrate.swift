@@ -118,6 +118,7 @@ struct MigrateSource: ParsableCommand {
             return fail(text)
         }
         let bytes = try NetLimits.size("size", size, atLeast: 2 * System.pageSize)
+        if let json { try Session.checkWritable(json, what: "--json") }
         try NetLimits.check("bandwidth-mbit", bandwidthMbit, NetLimits.bandwidthMbit, unit: "Mbit/s")
         if let rttMs { try NetLimits.check("rtt-ms", rttMs, NetLimits.rttMs, unit: "ms") }
         try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
@@ -212,6 +213,7 @@ struct MigrateDestination: ParsableCommand {
     func run() throws {
         try NetLimits.check("timeout", timeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
         try NetLimits.check("accept-timeout", acceptTimeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
+        if let json { try Session.checkWritable(json, what: "--json") }
         try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
         let cap = try maxRegion.map { try NetLimits.size("max-region", $0, atLeast: System.pageSize) } ?? Self.defaultMaxRegion()
         // It waits for a source: let the usual signals end it, even when the mask it inherited

@@ -78,6 +78,7 @@ struct Compare: ParsableCommand {
 
     func run() throws {
         guard files.count >= 2 else { throw UsageError("compare needs at least two result documents: BASELINE CANDIDATE [CANDIDATE ...]") }
+        if let json, json != "-" { try Session.checkWritable(json, what: "--json", acceptDevice: true) }
         let docs = try files.map { (f) throws(UsageError) in try ResultFiles.loadOne(f) }
         let report = Comparison.compare(baseline: (docs[0].name, docs[0].document),
                                         candidates: docs.dropFirst().map { ($0.name, $0.document) })
@@ -121,6 +122,7 @@ struct Report: ParsableCommand {
     var quiet = false
 
     func run() throws {
+        try Session.checkWritable(output, what: "--output", acceptDevice: true)
         let inputs = try ResultFiles.load(results)
         let html = HTMLReport.render(inputs)
         try Session.write(Data(html.utf8), to: output)

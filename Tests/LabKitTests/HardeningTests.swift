@@ -63,6 +63,15 @@ import LinuxMM
         #expect(throws: UsageError.self) { try Sweep.pointCount(Array(repeating: axis, count: 7)) }
     }
 
+    /// A factor barely above 1 used to walk ~10^15 steps between two equal rounded points.
+    @Test(.timeLimit(.minutes(1))) func geometricSweepsAreCountedBeforeTheyAreWalked() {
+        let t0 = Clock.nanoseconds()
+        #expect(throws: UsageError.self) { try Sweep.values("1..4 x1.0000000000000002", for: spec("pages")) }
+        #expect(throws: UsageError.self) { try Sweep.values("1M..2M x1.0000000001", for: spec("size")) }
+        #expect(throws: UsageError.self) { try Sweep.values("0.1..0.2 x1.0000000001", for: spec("ratio")) }
+        #expect(Clock.seconds(since: t0) < 1)
+    }
+
     @Test func aParameterGivenTwiceIsRefused() throws {
         #expect(throws: UsageError.self) { try RunPlan.parseSets(["pages=1", "pages=2"]) }
         #expect(try RunPlan.parseSets(["pages=1", "ratio=0.5"]).count == 2)
@@ -145,6 +154,26 @@ import LinuxMM
                 #expect(t.count <= 60, "\(lo)...\(hi) log \(log): \(t.count) ticks")
             }
         }
+    }
+}
+
+/// A journal is this process's only if pid *and* start time match: a pid recurs (1 in every
+/// container), and a dead run's journal with this process's pid used to be skipped as ours —
+/// its knobs then taken as "originals" by the new run.
+@Suite struct JournalOwnershipTests {
+    @Test func aJournalWithThisPidButAnotherStartIsNotOurs() {
+        var j = Journal(ownerPID: getpid(), ownerStart: SettingsGuard.ownStart, command: "this")
+        #expect(j.ownedByThisProcess && j.ownerIsAlive)
+        j.ownerStart &+= 1
+        #expect(!j.ownedByThisProcess, "another process that had this pid")
+        #expect(!j.ownerIsAlive, "and it is gone: its journal is to be recovered")
+    }
+
+    @Test func statisticsOfTwoHugeSamplesStayFinite() throws {
+        let s = try #require(Statistics.summarize([1.7e308, 1.7e308]))
+        #expect(s.median == 1.7e308 && s.mean.isFinite)
+        let e = try #require(Statistics.summarize([1.5, 2.5]))
+        #expect(e.median == 2.0)
     }
 }
 

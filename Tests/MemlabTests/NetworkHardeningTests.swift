@@ -213,6 +213,33 @@ extension KernelTests {
             #expect(hwm < 450 << 20, "peak RSS \(hwm >> 20) MiB")
         }
 
+        /// Empty frames cost nothing against a payload-only bound: a flood of 8-byte PINGs
+        /// without payload (each a queue entry) used to grow the reader's queue without limit,
+        /// and taking each from the front of an array made draining it quadratic. Each frame
+        /// now counts its keep too.
+        @Test func aFloodOfEmptyFramesIsBounded() throws {
+            let dir = TempDir()
+            let d = try Destination(port: 27253, ["--delay-ms", "3000", "--timeout", "20", "--max-region", "4M"], dir: dir)
+            d.client.setTimeout(8)
+            #expect(d.hello(region: String(4 << 20))?.type == 2)
+            d.client.setTimeout(0.3)
+            let block = [UInt8]((0..<8192).flatMap { _ in WireTestClient.frame(12, []) })   // 8192 empty PINGs
+            var frames = 0
+            let start = Date()
+            // At most 64M frames (512 MiB of headers) in at most 3 s.
+            while frames < 64 << 20 && Date().timeIntervalSince(start) < 3 {
+                let n = d.client.send(block)
+                frames += n / 8
+                if n < block.count { break }
+            }
+            let hwm = try #require(procStatus(d.process.processIdentifier, "VmHWM")) * 1024
+            kill(d.process.processIdentifier, SIGKILL)
+            _ = d.end()
+            // 128 MiB / 64 bytes a frame: about 2M frames queued, plus what the socket holds.
+            #expect(frames < 8 << 20, "the destination took \(frames) empty frames while its protocol slept")
+            #expect(hwm < 700 << 20, "peak RSS \(hwm >> 20) MiB")
+        }
+
         /// Numbers outside the documented ranges — 1e300, inf, nan, negative, huge — exit 2
         /// naming the option (`UInt64(delayMs * 1e6)` and `timeval(Int(timeoutS))` trapped).
         @Test(arguments: [

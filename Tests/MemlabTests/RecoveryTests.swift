@@ -165,7 +165,53 @@ extension KernelTests {
             #expect(out.status == 1)
             #expect(out.stderr.contains("never borrows"), "stderr: \(out.stderr)")
             #expect(readKnob(victim) == "keep")
+            // Nor does a run in that directory take it over (and give its "originals" back)
+            // or write over it: it refuses to borrow, and the journal stays as it was.
+            let before = KnobSnapshot.take()
+            let run = try Memlab.run(["run", "ksm:merge", "--set", "pages=512", "--repeat", "1", "--quiet", "--json", dir.file("r.json")], stateDir: dir.path)
+            #expect(run.status == 1, "stdout: \(run.stdout) stderr: \(run.stderr)")
+            #expect(run.stdout.contains("will not write over it"), "stdout: \(run.stdout)")
+            #expect(readKnob(victim) == "keep")
+            #expect((try? String(contentsOfFile: dir.file("journal.json"), encoding: .utf8))?.contains("forged") == true)
+            #expect(KnobSnapshot.take() == before)
             unlink(dir.file("journal.json"))
+        }
+
+        /// A journal is not followed through a link, and a FIFO in its place does not make
+        /// every memlab start hang.
+        @Test(.timeLimit(.minutes(1))) func aJournalThatIsALinkOrAFifoIsNotRead() throws {
+            let dir = TempDir()
+            symlink("/etc/hostname", dir.file("journal.json"))
+            let linked = try Memlab.run(["restore"], stateDir: dir.path)
+            #expect(linked.status == 1 && linked.stderr.contains("symbolic link"), "stderr: \(linked.stderr)")
+            unlink(dir.file("journal.json"))
+            mkfifo(dir.file("journal.json"), 0o600)
+            let fifo = try Memlab.run(["--version"], stateDir: dir.path)
+            #expect(fifo.status == 0, "stderr: \(fifo.stderr)")
+            #expect(fifo.stderr.contains("not a regular file"), "stderr: \(fifo.stderr)")
+            unlink(dir.file("journal.json"))
+        }
+
+        /// As root, an output that names a device or a link is written through it, never
+        /// replaced: renaming a temporary file over /dev/null would replace it for the machine.
+        @Test func outputsToDevicesAndLinksAreWrittenThrough() throws {
+            let dir = TempDir()
+            _ = try Memlab.run(["run", "selftest:ok", "--set", "size=1M", "--repeat", "1", "--quiet", "--json", dir.file("r.json")], stateDir: dir.path)
+            for args in [["report", dir.file("r.json"), "-o", "/dev/null"], ["compare", dir.file("r.json"), dir.file("r.json"), "--json", "/dev/null"]] {
+                let out = try Memlab.run(args, stateDir: dir.path)
+                #expect(out.status == 0, "\(args): \(out.stderr)")
+                var st = stat()
+                #expect(lstat("/dev/null", &st) == 0 && (st.st_mode & S_IFMT) == S_IFCHR, "/dev/null must stay a device")
+            }
+            symlink(dir.file("real.html"), dir.file("link.html"))
+            let viaLink = try Memlab.run(["report", dir.file("r.json"), "-o", dir.file("link.html")], stateDir: dir.path)
+            #expect(viaLink.status == 0, "stderr: \(viaLink.stderr)")
+            var st = stat()
+            #expect(lstat(dir.file("link.html"), &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK, "the link stays a link")
+            #expect((try? String(contentsOfFile: dir.file("real.html"), encoding: .utf8))?.contains("<html") == true, "the file it names holds the report")
+            // A run's document must land in a file: a device is refused before the run.
+            let run = try Memlab.run(["run", "selftest:ok", "--repeat", "1", "--json", "/dev/null"], stateDir: dir.path)
+            #expect(run.status == 2, "stderr: \(run.stderr)")
         }
 
         /// Every command restores a dead memlab's settings first — also --version, --help and
