@@ -40,6 +40,7 @@ public enum Sweep {
     }
 
     private static func distinct(_ values: [ParamValue], _ spec: ParameterSpec) throws(UsageError) -> [ParamValue] {
+        if values.isEmpty { throw UsageError("parameter '\(spec.name)': the sweep has no value") }
         if values.count > maxPoints { throw UsageError("parameter '\(spec.name)': \(values.count) values; a sweep may have at most \(maxPoints)") }
         var seen = Set<ParamValue>()
         for v in values where !seen.insert(v).inserted {
@@ -103,11 +104,14 @@ public enum Sweep {
             case .times(let f):
                 guard lo > 0 else { throw bad("is geometric but starts at zero or below") }
                 try geometricStepsFit(Double(lo), Double(hi), f, bad)
-                var v = Double(lo)
+                // The first point is LO itself, exactly (a Double holds integers only to 2^53:
+                // near Int.max, Double(LO) rounds up past it).
+                points.append(lo)
+                var v = Double(lo) * f
                 while v <= Double(hi) * (1 + 1e-12) {
                     // A rounded point past Int.max (hi near it) is past the range: it ends it.
                     guard let p = Int(exactly: v.rounded()), p <= hi else { break }
-                    if points.last != p { points.append(p) }
+                    if p > points.last! { points.append(p) }
                     if points.count > maxPoints { throw bad("expands to more than \(maxPoints) points") }
                     v *= f
                 }

@@ -42,6 +42,9 @@ import LinuxMM
                 == [.int(9_223_372_036_854_775_805), .int(9_223_372_036_854_775_806), .int(Int.max)])
         #expect(try Sweep.values("1..9223372036854775807 x4611686018427387904", for: big) == [.int(1), .int(4_611_686_018_427_387_904)])
         #expect(throws: UsageError.self) { try Sweep.values("0..9223372036854775807", for: big) }
+        // Found by the toml fuzz target: Double(LO) rounded up past Int.max, so the sweep had
+        // no point at all and the plan was silently empty.
+        #expect(try Sweep.values("9223372036854775806..9223372036854775807 x1.5", for: big) == [.int(9_223_372_036_854_775_806)])
     }
 
     @Test func doubleSweepsWithExtremeBoundsAreRefused() throws {
