@@ -189,6 +189,10 @@ final class FaultEngine: Sendable {
     let events = Atomic<Int>(0)
     let eexist = Atomic<Int>(0)
     let eagain = Atomic<Int>(0)
+    /// Installs that met ENOENT because the region moved (mremap) under them: retried at the
+    /// new base. Only while REMAP events are followed; otherwise ENOENT fails the run.
+    let movedUnderInstall = Atomic<Int>(0)
+    let followsRemap: Bool
     /// Pages whose install was deferred to the retry ring (EAGAIN), and retries that met
     /// EAGAIN again.
     let deferredPages = Atomic<Int>(0)
@@ -247,6 +251,7 @@ final class FaultEngine: Sendable {
         self.link = link
         self.uffd = uffd
         regionBase = Atomic(UInt(bitPattern: region))
+        followsRemap = uffd.features.contains(.eventRemap)
         doorbellAddress = UInt(bitPattern: doorbell)
         stagingAddress = staging.map { UInt(bitPattern: $0) } ?? 0
         state = AtomicByteArray(count: pages)
@@ -343,7 +348,7 @@ final class FaultEngine: Sendable {
     /// there already (EEXIST) is then woken explicitly, since that ioctl woke nobody.
     func install(first: Int, count: Int, wake wakeNow: Bool = false) -> Int {
         let len = count * 4096
-        let dst = address(first)
+        var dst = address(first)
         let dontWake = !wakeNow
         var done = 0
         while done < len {
@@ -364,6 +369,16 @@ final class FaultEngine: Sendable {
                 }
                 done += n == 0 ? len - done : n
             } catch {
+                if error.errno == ENOENT && followsRemap {
+                    // The region moved (mremap) after `dst` was computed: the old range has
+                    // no mapping. With the new base, install there; if the REMAP event was
+                    // read but its handler has not published the base yet, defer like EAGAIN.
+                    done += n
+                    let now = address(first)
+                    if now != dst { dst = now; continue }
+                    movedUnderInstall.add(1, ordering: .relaxed)
+                    return done / 4096
+                }
                 if error.errno == EAGAIN {
                     eagain.add(1, ordering: .relaxed)
                     done += n
@@ -458,8 +473,11 @@ final class FaultEngine: Sendable {
             default: try uffd.zeropage(address(page), length: 4096)
             }
         } catch {
-            if error.errno == EAGAIN {
-                eagain.add(1, ordering: .relaxed)
+            let moved = error.errno == ENOENT && followsRemap
+            if error.errno == EAGAIN || moved {
+                // EAGAIN: an event is pending. ENOENT while remaps are followed: the region
+                // moved under this install (see `install`); the retry uses the new base.
+                if moved { movedUnderInstall.add(1, ordering: .relaxed) } else { eagain.add(1, ordering: .relaxed) }
                 deferInstall(Retry(first: Int32(page), count: 1, faultTime: 0, kind: refault ? Retry.zeroRefault : Retry.zero))
                 return
             }
@@ -779,11 +797,18 @@ final class FaultEngine: Sendable {
                 return
             }
             let now = Clock.nanoseconds()
+            // The region's address when each fault was raised: a REMAP in this batch moves it
+            // for the messages after it. The REMAPs themselves are published first, so the
+            // installs for faults raised before the move already go to where the region is now.
+            var regionAddress = self.regionAddress
+            for i in 0..<n where buffer[i].event == UInt32(memlab_UFFD_EVENT_REMAP) { handleEvent(buffer[i]) }
             for i in 0..<n {
                 let m = buffer[i]
+                if m.event == UInt32(memlab_UFFD_EVENT_REMAP) {
+                    if UInt(m.address) == regionAddress && Int(m.len) == pages * 4096 { regionAddress = UInt(m.end) }
+                    continue
+                }
                 if m.event != UInt32(memlab_UFFD_EVENT_PAGEFAULT) { handleEvent(m); continue }
-                // Read per message: a REMAP event earlier in this batch may have moved it.
-                let regionAddress = self.regionAddress
                 let regionEnd = regionAddress + UInt(pages * 4096)
                 let a = UInt(m.address)
                 if a >= regionAddress && a < regionEnd {

@@ -12,6 +12,8 @@ struct RestoreOutcome {
     var bytes: UInt64 = 0
     var remote = 0, joined = 0, prefetchServed = 0, local = 0, messages = 0
     var eexist = 0, eagain = 0, ioctls = 0, wakes = 0
+    /// Installs that found the region moved away under them (ENOENT) and were retried at its new address.
+    var movedUnderInstall = 0
     var duplicates = 0
     var mismatched = 0
     var touchedNotInstalled = 0
@@ -197,6 +199,7 @@ func performRestore(config: RestoreConfig, image: PageImage, traces: AccessTrace
     out.messages = engine.messages.load(ordering: .relaxed)
     out.eexist = engine.eexist.load(ordering: .relaxed)
     out.eagain = engine.eagain.load(ordering: .relaxed)
+    out.movedUnderInstall = engine.movedUnderInstall.load(ordering: .relaxed)
     out.ioctls = engine.ioctls.load(ordering: .relaxed)
     out.wakes = engine.wakes.load(ordering: .relaxed)
     out.downtimeNS = released &- resume
