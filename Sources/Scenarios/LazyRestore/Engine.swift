@@ -308,7 +308,7 @@ final class FaultEngine: Sendable {
         failureReason.withLock { r in
             if r == nil {
                 r = "a fault at 0x\(String(address, radix: 16)) lies outside the restored region "
-                    + "(0x\(String(regionAddress, radix: 16)), \(pages) pages): the workload moved or grew it (mremap), which this engine does not follow"
+                    + "(0x\(String(regionAddress, radix: 16)), \(pages) pages): the workload moved part of it or grew it (mremap; only a move of the whole region is followed), or registered more memory"
             }
         }
         _ = failureErrno.compareExchange(expected: 0, desired: EFAULT, ordering: .relaxed)
@@ -818,8 +818,8 @@ final class FaultEngine: Sendable {
                     // The doorbell: the owner asks this thread to leave.
                     doorbell = a & ~UInt(4095)
                 } else {
-                    // Neither the region nor a doorbell: the workload moved the region
-                    // (mremap; REMAP events are not followed) or registered more. Fail the run
+                    // Neither the region nor a doorbell: the workload moved part of the region
+                    // or grew it (a whole-region move is followed above) or registered more. Fail the run
                     // with the reason; the owner then unregisters, which releases the thread.
                     failOutside(a)
                 }
