@@ -91,18 +91,14 @@ public struct Journal: Codable, Sendable, Equatable {
     }
 
     /// A journal found on disk names paths that root will write or remove. One that asks for
-    /// anything outside what memlab borrows — the memory knobs (KSM, THP, hugetlb, khugepaged
-    /// under /sys/kernel/mm; vm sysctls; zswap's parameters; per-node hugetlb pools), its own
+    /// anything outside what memlab borrows — the knobs of `WatchedSettings`, its own
     /// memlab-* cgroups and their parents' subtree_control, swap files beside the journal,
     /// zram devices — was not written by memlab and is refused, not followed.
     func untrustedPath(stateDirectory: String) -> String? {
         func under(_ p: String, _ roots: [String]) -> Bool {
             !p.contains("/../") && !p.contains("/./") && !p.hasSuffix("/..") && roots.contains { p.hasPrefix($0) }
         }
-        let knobRoots = ["/sys/kernel/mm/", "/proc/sys/vm/", "/sys/module/zswap/parameters/", "/sys/devices/system/node/"]
-        if let e = entries.first(where: { !under($0.path, knobRoots) || ($0.path.hasPrefix("/sys/devices/system/node/") && !$0.path.contains("/hugepages/")) }) {
-            return e.path
-        }
+        if let e = entries.first(where: { !WatchedSettings.watches($0.path) }) { return e.path }
         if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-") }) { return d }
         if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
         if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
@@ -344,6 +340,11 @@ public final class SettingsGuard: @unchecked Sendable {
     /// Sets a knob, journaling its original value first. The value is read back: a kernel
     /// that silently ignores the write is an error, not a surprise in the numbers.
     public func set(_ knob: Knob, to value: String) throws(SystemError) {
+        // The one list: a knob outside it would be restored by this run but refused by the
+        // next start's recovery (and missed by every before/after check).
+        guard WatchedSettings.watches(knob.path) else {
+            throw SystemError(errno: EPERM, call: "borrowing a setting memlab does not watch (add it to WatchedSettings)", path: knob.path)
+        }
         let current = try knob.read()
         try borrow({ j in
             if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
@@ -656,6 +657,18 @@ public final class SettingsGuard: @unchecked Sendable {
             out.append(path)
         }
         return out
+    }
+
+    /// Whether the registry has an entry whose journal is gone: a run killed between
+    /// registering its journal and first writing it (or between removing it and its entry).
+    /// Nothing is borrowed, but the entry is litter that only a start holding the lock may prune.
+    public static var hasDanglingRegistration: Bool {
+        for name in ProcFile.list(registryDirectory) where name.hasSuffix(".path") {
+            guard let text = ProcFile.readIfPresent("\(registryDirectory)/\(name)") else { continue }
+            let path = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            if !path.hasPrefix("/") || !ProcFile.exists(path) { return true }
+        }
+        return false
     }
 
     /// Every journal to look at: this state directory's and the registered ones.

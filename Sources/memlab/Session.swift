@@ -30,11 +30,15 @@ enum Session {
             return []
         }
         if !holdingLock {
-            guard g.hasStaleJournal else { return [] }
+            let stale = g.hasStaleJournal
+            // A registry entry whose journal is gone (a run killed between registering and
+            // writing it) borrows nothing: it is pruned when the lock is free, silently.
+            guard stale || SettingsGuard.hasDanglingRegistration else { return [] }
             // Never wait here: every command (--help too) starts with this. While another
             // memlab holds the lock, the journal waits for a later start (or that memlab's
             // own next run), and this command goes on.
             do { try g.acquireLock(wait: false, say: { _ in }) } catch {
+                if !stale { return [] }
                 if case .busy(let owner) = error {
                     writeStderr("memlab: note: a dead memlab's settings journal waits to be restored; the settings lock is held by \(owner), so the next memlab start (or `memlab restore`) will do it\n")
                 } else {

@@ -67,6 +67,22 @@ extension KernelTests {
             #expect(KnobSnapshot.take() == before)
         }
 
+        /// A run killed between registering its journal and first writing it leaves a registry
+        /// entry that names no journal (found by the kill trials: a SIGKILLed tmem:zswap run).
+        /// Nothing is borrowed, but the next start must prune it, not leave it forever.
+        @Test func aRegistrationWithoutItsJournalIsPrunedByTheNextStart() throws {
+            let dir = TempDir()
+            let registry = "/var/lib/memlab/journals"
+            try FileManager.default.createDirectory(atPath: registry, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            let entry = "\(registry)/0123456789abcdef.path"
+            try (dir.file("never-written/journal.json") + "\n").write(toFile: entry, atomically: false, encoding: .utf8)
+            defer { unlink(entry) }
+            let out = try Memlab.run(["list"], stateDir: dir.path)
+            #expect(out.status == 0)
+            #expect(!FileManager.default.fileExists(atPath: entry), "the dangling entry must be pruned")
+            #expect(!out.stderr.contains("waits to be restored"), "nothing was borrowed: nothing to say\n\(out.stderr)")
+        }
+
         /// Two runs with MEMLAB_LOCK_FILE pointed at different files used to interleave (one
         /// restored the other's borrowed value as its "original"): the lock is fixed now.
         @Test func theLockCannotBeSplitByTheEnvironment() throws {
