@@ -55,6 +55,23 @@ struct Probe: ParsableCommand {
     }
 }
 
+struct Settings: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print every machine-wide memory setting memlab may borrow, and what a run may leave behind.",
+        discussion: """
+        One name=value a line: each knob memlab may borrow (KSM, THP and khugepaged, hugetlb pools, overcommit \
+        and vm sysctls, zswap), then swap areas, KSM's shared pages, hugetlb pages in use, memlab's memory \
+        cgroups, zram devices and network namespaces, temporary files and registered settings journals. \
+        Taken before and after a run (or a test suite) and compared, it shows anything left changed. \
+        Read only: unlike every other command, it does not restore a dead memlab's settings first, so the \
+        picture is the machine as it is.
+        """)
+
+    func run() throws {
+        for line in WatchedSettings.snapshot() { print(line) }
+    }
+}
+
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run scenarios: NAME[:VARIANT] or a scenario file (FILE.toml).",

@@ -23,8 +23,12 @@ if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource"
 
 // Any memlab that starts gives back what a dead memlab left changed, before anything else —
 // before its arguments are even read, so a typo, --help and --version restore too. `restore`
-// does the same and reports it itself.
-if CommandLine.arguments.dropFirst().first == "restore" { RunDirectory.sweepStale() } else { Session.startup() }
+// does the same and reports it itself; `settings` shows the machine as it is, changing nothing.
+switch CommandLine.arguments.dropFirst().first {
+case "restore": RunDirectory.sweepStale()
+case "settings": break
+default: Session.startup()
+}
 // SIGINT, SIGTERM and SIGHUP end every command the same way: the running child killed, what
 // was borrowed restored, the run's files removed, exit 128+signal.
 SignalCleanup.shared.install(settingsGuard: nil)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import LabKit
 import Testing
 
 /// Runs the real memlab binary, as a user would. The binary sits beside the test bundle in
@@ -63,43 +64,26 @@ enum Memlab {
 /// The machine-wide settings memlab may borrow, read directly from the kernel: a test takes
 /// one before and compares after, so "the machine reads exactly as before" is asserted, not
 /// assumed.
+/// The machine's memory settings and what runs may leave, as `memlab settings` prints them
+/// (LabKit's `WatchedSettings`: the one list). Without temporary files, journals and hugetlb
+/// pages in use: tests outside the serialized kernel suite may hold those for a moment while a
+/// test compares; `scripts/test` compares the whole picture before and after the suite.
 struct KnobSnapshot: Equatable, CustomStringConvertible {
-    var values: [String: String]
-
-    static let paths: [String] = {
-        var p = ["run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "merge_across_nodes",
-                 "max_page_sharing", "smart_scan"].map { "/sys/kernel/mm/ksm/\($0)" }
-        p += ["enabled", "defrag", "use_zero_page", "shmem_enabled"].map { "/sys/kernel/mm/transparent_hugepage/\($0)" }
-        p += ["nr_hugepages", "nr_overcommit_hugepages", "overcommit_memory", "overcommit_ratio",
-              "overcommit_kbytes", "swappiness", "page-cluster"].map { "/proc/sys/vm/\($0)" }
-        p += ["enabled", "compressor", "max_pool_percent"].map { "/sys/module/zswap/parameters/\($0)" }
-        p += ["defrag", "pages_to_scan", "scan_sleep_millisecs", "alloc_sleep_millisecs", "max_ptes_none"]
-            .map { "/sys/kernel/mm/transparent_hugepage/khugepaged/\($0)" }
-        let fm = FileManager.default
-        for d in ((try? fm.contentsOfDirectory(atPath: "/sys/kernel/mm/transparent_hugepage")) ?? []) where d.hasPrefix("hugepages-") {
-            p.append("/sys/kernel/mm/transparent_hugepage/\(d)/enabled")
-        }
-        for d in ((try? fm.contentsOfDirectory(atPath: "/sys/kernel/mm/hugepages")) ?? []) {
-            p.append("/sys/kernel/mm/hugepages/\(d)/nr_hugepages")
-            p.append("/sys/kernel/mm/hugepages/\(d)/nr_overcommit_hugepages")
-        }
-        return p
-    }()
-
-    static func take() -> KnobSnapshot {
+    var lines: [String]
+    /// name → value (for the lines whose name appears once: knobs and counts).
+    var values: [String: String] {
         var v: [String: String] = [:]
-        for path in paths {
-            if let s = try? String(contentsOfFile: path, encoding: .utf8) { v[path] = s.trimmingCharacters(in: .whitespacesAndNewlines) }
-        }
-        v["ksm_pages_shared"] = (try? String(contentsOfFile: "/sys/kernel/mm/ksm/pages_shared", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
-        v["swaps"] = (try? String(contentsOfFile: "/proc/swaps", encoding: .utf8)).map { String($0.split(separator: "\n").count) }
-        v["zram_devices"] = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []).filter { $0.hasPrefix("zram") }.sorted().joined(separator: ",")
-        let cgroups = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/memory")) ?? []
-        v["memlab_cgroups"] = cgroups.filter { $0.hasPrefix("memlab") }.sorted().joined(separator: ",")
-        return KnobSnapshot(values: v)
+        for l in lines { if let eq = l.firstIndex(of: "=") { v[String(l[..<eq])] = String(l[l.index(after: eq)...]) } }
+        return v
     }
 
-    var description: String { values.keys.sorted().map { "\($0)=\(values[$0]!)" }.joined(separator: "\n") }
+    static let momentary = ["leftover_file=", "registered_journal=", "journal=", "hugetlb_in_use="]
+
+    static func take() -> KnobSnapshot {
+        KnobSnapshot(lines: WatchedSettings.snapshot().filter { l in !momentary.contains { l.hasPrefix($0) } })
+    }
+
+    var description: String { lines.joined(separator: "\n") }
 }
 
 let isRoot = geteuid() == 0
