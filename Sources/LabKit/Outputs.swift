@@ -1,6 +1,6 @@
 import Histogram
 
-/// A value's unit, as RESULTS.md names them.
+/// A value's unit, as docs/results-format.md names them.
 public enum MetricUnit: String, Sendable, Codable {
     case s, ns, bytes, pages, count, ratio, percent
     case bytesPerSecond = "bytes/s"

@@ -5,7 +5,7 @@ public enum RunStatus: String, Sendable, Codable {
     case ok, skipped, failed
 }
 
-/// The result document (design/RESULTS.md), schema memlab.result/1. Field names are the
+/// The result document (docs/results-format.md), schema memlab.result/1. Field names are the
 /// contract with compare, report and users' scripts: keep them.
 public struct ResultDocument: Sendable, Codable {
     public static let schemaName = "memlab.result/1"

@@ -34,7 +34,7 @@ extension MigrationScenario {
         ctx.note("dirty tracking: \(tracker.mechanism); post-copy: lazy-restore's fault engine, policy \(p.string("postcopy_policy")), queue \(p.string("queue")), UFFDIO_COPY from the paused source")
     }
 
-    /// Records a hybrid outcome with the pre-copy and post-copy names (RESULTS.md, QEMU).
+    /// Records a hybrid outcome with the pre-copy and post-copy names (docs/results-format.md, QEMU).
     public static func record(_ out: HybridOutcome, model: LinkModel, pageSize: Int, pages: Int, ctx: RunContext) {
         let pc = out.postcopy
         let postPages = pc.installedPending

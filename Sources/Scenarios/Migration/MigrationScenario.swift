@@ -101,7 +101,7 @@ public struct MigrationScenario: Scenario {
         }
     }
 
-    /// Records an outcome with the names RESULTS.md and QEMU use; shared with `memlab migrate`.
+    /// Records an outcome with the names docs/results-format.md and QEMU use; shared with `memlab migrate`.
     public static func record(_ out: PrecopyOutcome, model: LinkModel, pageSize: Int, pages: Int,
                               tracker: DirtyTracker?, ctx: RunContext) {
         ctx.record("total_time", out.totalTime, .s, better: .lower)
