@@ -719,10 +719,27 @@ public final class SettingsGuard: @unchecked Sendable {
             // taking the journal over.
             if !retryingFailed && failed.contains(path) { return nil }
             let outcome = SettingsGuard.recover(journalAt: path)
+            if case .ownerAlive = outcome {} else { SettingsGuard.removeJournalTemporaries(beside: path) }
             if case .nothing = outcome { return nil }
             return Recovered(journalPath: path, outcome: outcome)
         }
     }
+
+    /// The temporary files of journal writes that never reached their rename (a SIGKILL
+    /// between AtomicFile's write and rename) in the journal's directory. Only with the lock
+    /// held: a live run writes its journal that way.
+    static func journalTemporaries(beside journalPath: String) -> [String] {
+        let dir = AtomicFile.directory(of: journalPath)
+        let prefix = ".\(AtomicFile.basename(of: journalPath)).memlab-"
+        return ProcFile.list(dir).filter { $0.hasPrefix(prefix) }.map { "\(dir)/\($0)" }
+    }
+
+    static func removeJournalTemporaries(beside journalPath: String) {
+        for f in journalTemporaries(beside: journalPath) { unlink(f) }
+    }
+
+    /// Whether this state directory holds a journal write's leftover temporary file.
+    public var hasJournalTemporaries: Bool { !SettingsGuard.journalTemporaries(beside: journalPath).isEmpty }
 
     /// Journals this process tried to recover and could not restore fully.
     static let failedThisProcess = Lock<Set<String>>([])

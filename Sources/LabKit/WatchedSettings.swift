@@ -90,6 +90,7 @@ public enum WatchedSettings {
         for name in ProcFile.list(SettingsGuard.registryDirectory).sorted() { lines.append("registered_journal=\(name)") }
         let journal = SettingsGuard(command: "").journalPath
         if ProcFile.exists(journal) { lines.append("journal=\(journal)") }
+        for f in SettingsGuard.journalTemporaries(beside: journal) { lines.append("leftover_file=\(f)") }
         return lines
     }
 

@@ -33,7 +33,8 @@ enum Session {
             let stale = g.hasStaleJournal
             // A registry entry whose journal is gone (a run killed between registering and
             // writing it) borrows nothing: it is pruned when the lock is free, silently.
-            guard stale || SettingsGuard.hasDanglingRegistration else { return [] }
+            // So is the temporary file of a journal write a SIGKILL cut short.
+            guard stale || SettingsGuard.hasDanglingRegistration || g.hasJournalTemporaries else { return [] }
             // Never wait here: every command (--help too) starts with this. While another
             // memlab holds the lock, the journal waits for a later start (or that memlab's
             // own next run), and this command goes on.

@@ -83,6 +83,17 @@ extension KernelTests {
             #expect(!out.stderr.contains("waits to be restored"), "nothing was borrowed: nothing to say\n\(out.stderr)")
         }
 
+        /// A SIGKILL between a journal's write and its rename leaves the temporary file (found
+        /// by the kill trials: a `tmem:zswap` run with zram). The next start removes it.
+        @Test func aJournalWriteCutShortLeavesNoTemporaryFile() throws {
+            let dir = TempDir()
+            let stray = dir.file(".journal.json.memlab-AbC123")
+            try "{\"entries\":[".write(toFile: stray, atomically: false, encoding: .utf8)
+            let out = try Memlab.run(["list"], stateDir: dir.path)
+            #expect(out.status == 0)
+            #expect(!FileManager.default.fileExists(atPath: stray), "the cut-short write's temporary file must be removed")
+        }
+
         /// Two runs with MEMLAB_LOCK_FILE pointed at different files used to interleave (one
         /// restored the other's borrowed value as its "original"): the lock is fixed now.
         @Test func theLockCannotBeSplitByTheEnvironment() throws {
