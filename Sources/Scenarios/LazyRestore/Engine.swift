@@ -374,9 +374,9 @@ final class FaultEngine: Sendable {
                     // no mapping. With the new base, install there; if the REMAP event was
                     // read but its handler has not published the base yet, defer like EAGAIN.
                     done += n
+                    movedUnderInstall.add(1, ordering: .relaxed)
                     let now = address(first)
                     if now != dst { dst = now; continue }
-                    movedUnderInstall.add(1, ordering: .relaxed)
                     return done / 4096
                 }
                 if error.errno == EAGAIN {

@@ -293,7 +293,7 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("deferred_installs", Double(r.deferredPages), .pages, better: .none)
         ctx.record("remove_events", Double(r.removeEvents), .count, better: .none)
         ctx.record("unmap_events", Double(r.unmapEvents), .count, better: .none)
-        if r.movedUnderInstall > 0 { ctx.note("\(r.movedUnderInstall) installs met ENOENT: the region moved (mremap) between the engine reading its address and the ioctl; each was retried at the new address") }
+        if r.movedUnderInstall > 0 { ctx.note("\(r.movedUnderInstall) installs met ENOENT: the region moved (mremap) between the engine reading its address and the ioctl; each was retried there (at once, or after the REMAP event was handled)") }
         if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.deferredPages) pages deferred and retried after the next read") }
         if p.int("remap_after") > 0 {
             ctx.record("remap_events", Double(r.remapEvents), .count, better: .none)
