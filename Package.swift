@@ -1,6 +1,11 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// The scenarios' hot loops (touch, pointer chase, timed writes, the fault engine) are measured
+// code: always optimised, also in debug builds, so a debug test run measures the kernel and
+// not Swift's -Onone. `memlab bench` compares them with C.
+let measured: [SwiftSetting] = [.unsafeFlags(["-O"])]
+
 let package = Package(
     name: "memlab",
     products: [
@@ -38,25 +43,39 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // What moves pages, for lazy restore and migration alike: the frame codec and sockets,
+        // the image header, snapshot and checksum, the emulated link, and the userfaultfd
+        // fault engine. Neither feature depends on the other; both stand on this.
+        .target(name: "Transfer", dependencies: ["LinuxMM", "CLinuxMM"], swiftSettings: measured),
+        // The measured loops every scenario shares (touch, pointer chase, fill patterns) and
+        // `memlab bench`'s comparison of them with C.
+        .target(name: "Workloads", dependencies: ["LinuxMM", "CLinuxMM"], swiftSettings: measured),
+        .target(
+            name: "LazyRestore",
+            dependencies: ["Transfer", "Workloads", "LinuxMM", "LabKit", "CLinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")],
+            swiftSettings: measured
+        ),
+        .target(
+            name: "Migration",
+            dependencies: ["Transfer", "Workloads", "LinuxMM", "LabKit", "CLinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")],
+            swiftSettings: measured
+        ),
         .target(
             name: "Scenarios",
             dependencies: [
-                "LinuxMM", "LabKit", "CLinuxMM",
+                "LinuxMM", "LabKit", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
-            // The scenarios' hot loops (touch, pointer chase, timed writes) are measured code:
-            // always optimised, also in debug builds, so a debug test run measures the kernel
-            // and not Swift's -Onone. `memlab bench` compares them with C.
-            swiftSettings: [.unsafeFlags(["-O"])]
+            swiftSettings: measured
         ),
         .executableTarget(
             name: "memlab",
             dependencies: [
-                "LinuxMM", "LabKit", "Scenarios", "CLinuxMM",
+                "LinuxMM", "LabKit", "Scenarios", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios"]),
+        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "Transfer", "Workloads", "LazyRestore", "Migration"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),

@@ -98,3 +98,14 @@ public enum Faults {
         return u.ru_minflt
     }
 }
+
+/// The huge page sizes of this kernel.
+public enum HugePageSize {
+    /// A PMD-mapped (transparent) huge page: hpage_pmd_size, 2 MiB on x86-64 and on arm64
+    /// with 4K pages (512 MiB with 64K pages).
+    public static let pmd: Int = {
+        if let t = ProcFile.readIfPresent("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"),
+           let n = Int(String(t.filter { $0.isNumber })), n > 0 { return n }
+        return 2 << 20
+    }()
+}

@@ -30,3 +30,40 @@ public final class Lock<Value>: @unchecked Sendable {
         return try body(&value)
     }
 }
+
+/// A counting POSIX semaphore with a deadline. `@unchecked Sendable`: the sem_t is only ever
+/// touched through sem_* calls, which are thread-safe, and it is freed by this type alone.
+public final class Semaphore: @unchecked Sendable {
+    private let sem: UnsafeMutablePointer<sem_t>
+
+    public init(_ value: UInt32 = 0) {
+        sem = .allocate(capacity: 1)
+        sem_init(sem, 0, value)
+    }
+
+    deinit {
+        sem_destroy(sem)
+        sem.deallocate()
+    }
+
+    public func post() { sem_post(sem) }
+
+    /// Waits (EINTR retried).
+    public func wait() { while sem_wait(sem) != 0 && errno == EINTR {} }
+
+    /// Waits at most `seconds` (≤ a day; callers check); false when the time ran out.
+    public func wait(seconds: Double) -> Bool {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let s = seconds.isFinite ? min(max(seconds, 0), 86_400) : 86_400
+        let whole = s.rounded(.down)
+        ts.tv_sec += Int(whole)
+        ts.tv_nsec += Int((s - whole) * 1e9)
+        if ts.tv_nsec >= 1_000_000_000 { ts.tv_sec += 1; ts.tv_nsec -= 1_000_000_000 }
+        while sem_timedwait(sem, &ts) != 0 {
+            if errno == EINTR { continue }
+            return false
+        }
+        return true
+    }
+}

@@ -79,11 +79,13 @@ public final class AnonymousMapping: @unchecked Sendable {
         }
     }
 
-    /// Writes one byte in every base page: the first-touch fault for each.
-    public func touch(stride: Int = PageKind.base.alignment) {
+    /// Writes one byte in every base page of the first `bytes` (all by default): the
+    /// first-touch fault for each.
+    public func touch(stride: Int = PageKind.base.alignment, bytes: Int? = nil) {
         var offset = 0
         let p = base.assumingMemoryBound(to: UInt8.self)
-        while offset < length {
+        let end = min(bytes ?? length, length)
+        while offset < end {
             p[offset] = 1
             offset += stride
         }

@@ -1,4 +1,6 @@
 import LabKit
+import LazyRestore
+import Migration
 
 /// Every scenario memlab knows. The order is the order of `memlab list`.
 public let allScenarios = Registry([

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import LabKit
 import Scenarios
+import LazyRestore
 
 /// `memlab calibrate`: this machine's floors for lazy restore, measured now, with the floor a
 /// remote figure should be read against.
@@ -20,7 +21,7 @@ struct Calibrate: ParsableCommand {
     func run() throws {
         defer { RunDirectory.removeOwn() }
         guard (1...64).contains(sizeMB) else { throw UsageError("--size-mb must be 1...64") }
-        let p = Scenarios.LazyRestoreScenario().probe(variant: "floors")
+        let p = LazyRestore.LazyRestoreScenario().probe(variant: "floors")
         if case .unusable(let reason) = p {
             writeStderr("memlab calibrate: skipped: \(reason)\n")
             throw ExitCode(ExitStatus.skipped)

@@ -5,7 +5,10 @@ import ArgumentParser
 import Foundation
 import LabKit
 import LinuxMM
+import Workloads
 import Scenarios
+import LazyRestore
+import Workloads
 
 struct List: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List scenarios and their variants, one line each.")

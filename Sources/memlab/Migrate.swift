@@ -6,6 +6,8 @@ import Foundation
 import LabKit
 import LinuxMM
 import Scenarios
+import Transfer
+import Migration
 
 /// Two-process (two-host) pre-copy migration and the snapshot CPU-flag check. The protocol and
 /// the snapshot format are in docs/migration-protocol.md.
@@ -28,7 +30,7 @@ struct Migrate: ParsableCommand {
 /// NaN, infinite, negative, huge — is bad usage (exit 2): it must never reach a conversion
 /// to an integer or a timeval, where it would trap.
 enum NetLimits {
-    static let timeoutS = 0.0...Wire.maxTimeoutS          // lower bound open
+    static let timeoutS = 0.0...Deadline.maxS          // lower bound open
     static let delayMs = 0.0...60_000.0
     static let bandwidthMbit = 0.1...1_000_000.0          // as migration:precopy's parameter
     static let rttMs = 0.0...10_000.0
@@ -134,10 +136,10 @@ struct MigrateSource: ParsableCommand {
         fillRandom(region.base, length: region.length, seed: 0x6D69_6772)
 
         let delayNS = UInt64(delayMs * 1e6)
-        let fd: Int32
-        do { fd = try WireSocket.connect(connect, timeoutS: timeout) } catch { throw failed(error.description) }
+        let socket: Socket
+        do { socket = try Socket.connect(try SocketAddress.tcp(connect), timeoutS: timeout) } catch { throw failed(error.description) }
         let conn: WireConnection
-        do { conn = try WireConnection(fd: fd, delayNS: delayNS, timeoutS: timeout) } catch { close(fd); throw failed(error.description) }
+        do { conn = try WireConnection(socket: socket, delayNS: delayNS, timeoutS: timeout) } catch { throw failed(error.description) }
         defer { conn.close() }
         let link: TCPLink
         do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw failed(error.description) }
@@ -233,16 +235,16 @@ struct MigrateDestination: ParsableCommand {
             }
             return fail(text)
         }
-        let listener: Int32
-        do { listener = try WireSocket.listen(listen) } catch { throw failed(error.description) }
+        let listener: Listener
+        do { listener = try Listener.listen(try SocketAddress.tcp(listen), backlog: 1) } catch { throw failed(error.description) }
         print("listening on \(listen); largest image taken: \(cap) bytes\(maxRegion == nil ? " (half of MemAvailable)" : "")")
         fflush(nil)
-        let fd: Int32
-        do { fd = try WireSocket.accept(listener, timeoutS: acceptTimeout) } catch { close(listener); throw failed(error.description) }
-        close(listener)
+        let socket: Socket
+        do { socket = try listener.accept(timeoutS: acceptTimeout, waitingFor: "source") } catch { throw failed(error.description) }
+        listener.socket.close()
         let accepted = Clock.nanoseconds()
         let conn: WireConnection
-        do { conn = try WireConnection(fd: fd, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout) } catch { close(fd); throw failed(error.description) }
+        do { conn = try WireConnection(socket: socket, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout) } catch { throw failed(error.description) }
         defer { conn.close() }
         let r: MigrationDestination.Report
         do {

@@ -4,6 +4,8 @@ import Glibc
 import ArgumentParser
 import LabKit
 import Scenarios
+import Transfer
+import LazyRestore
 
 /// `memlab pagesource`: the lazy-restore page source as a command of its own, so a restore on
 /// one host (`lazy-restore:restore source=tcp source_address=HOST:PORT`) can fetch its pages
@@ -35,7 +37,7 @@ struct PageSourceCommand: ParsableCommand {
         guard zeroRatio.isFinite, (0...1).contains(zeroRatio) else { throw UsageError("--zero-ratio must be within 0...1") }
         try NetLimits.check("max-connections", maxConnections, PageServerOptions.maxConnectionsRange)
         try NetLimits.check("idle-timeout", idleTimeout, PageServerOptions.idleTimeoutRange, unit: "s (0: never)")
-        do { _ = try WireSocket.parse(listen) } catch { throw UsageError("--listen '\(listen)': \(error) (expected IPv4:PORT)") }
+        do { _ = try SocketAddress.tcp(listen) } catch { throw UsageError("--listen '\(listen)': \(error) (expected IPv4:PORT)") }
         // It serves until killed: make sure the usual signals can (a parent may have left
         // them blocked in the mask this process inherited).
         var set = sigset_t()

@@ -4,6 +4,7 @@ import Glibc
 import ArgumentParser
 import LabKit
 import Scenarios
+import LazyRestore
 
 // A repetition's child process: memlab re-executing itself (see LabKit.Runner). It skips
 // argument parsing and the settings guard entirely: children never touch knobs.

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import Scenarios
+import Transfer
+import Migration
 
 /// The migration protocol as a destination or a source receives it: a byte stream cut into
 /// frames by `FrameHeader.decode` (what `WireConnection`'s reader does), then
@@ -35,9 +37,9 @@ enum MigrationFuzz {
         var out: [Frame] = []
         while let h = r.take(FrameHeader.size) {
             guard case .success(let (type, length)) = FrameHeader.decode(h) else { break }
-            fuzzInvariant(length >= 0 && length <= Wire.maxPayload, "decoded length \(length) out of range")
-            guard let p = r.take(length) else { break }
-            out.append(Frame(type: type, payload: Array(p)))
+            fuzzInvariant(length >= 0 && length <= FrameHeader.maxPayload, "decoded length \(length) out of range")
+            guard let t = MessageType(rawValue: type), let p = r.take(length) else { break }
+            out.append(Frame(type: t, payload: Array(p)))
         }
         return out
     }

@@ -2,6 +2,9 @@
 import Glibc
 #endif
 import Scenarios
+import LinuxMM
+import Transfer
+import LazyRestore
 
 /// The lazy-restore page protocol (docs/lazy-restore-protocol.md) and the page source's
 /// arguments:
@@ -37,7 +40,7 @@ enum PageWireFuzz {
             fuzzInvariant(length >= 4 && length <= 4 + 8 * PageWire.maxRuns, "GET length \(length) passed the header check")
             guard let p = r.take(length) else { return false }
             var runs = 0, sum = 0
-            let result = PageWire.checkGet(p.baseAddress!, length: length, imagePages: pages) { k, first, count in
+            let result = PageWire.checkGet(p.baseAddress!, length: length, imagePages: pages, pageSize: System.pageSize) { k, first, count in
                 // The server points an iovec at image.base + first × 4096 for count pages.
                 fuzzInvariant(k == runs && count > 0 && first >= 0 && first + count <= pages,
                               "run \(k): \(first)+\(count) handed out for an image of \(pages) pages")
@@ -45,7 +48,7 @@ enum PageWireFuzz {
                 sum += count
             }
             guard case .success(let total) = result else { return false }
-            fuzzInvariant(total == sum && total <= PageWire.maxPages && runs == (length - 4) / 8, "GET total \(total) of \(runs) runs")
+            fuzzInvariant(total == sum && total <= PageWire.maxPages(pageSize: System.pageSize) && runs == (length - 4) / 8, "GET total \(total) of \(runs) runs")
             gets += 1
         }
         return gets > 0
@@ -54,14 +57,14 @@ enum PageWireFuzz {
     static func client(_ r: inout FuzzBytes) -> Bool {
         let pages = Int(clamping: r.u64())
         guard let h = r.take(8) else { return false }
-        guard case .success(let (type, length)) = PageWire.header(h.baseAddress!) else { return false }
+        guard case .success(let (type, length)) = FrameHeader.decode(h.baseAddress!) else { return false }
         let rest = r.rest()
         if type == PageWire.error {
             _ = PeerText.decode(UnsafeRawBufferPointer(rebasing: rest.prefix(min(length, PeerText.limit))))
             return false
         }
         guard type == PageWire.hello, length == PageWire.helloPayload, rest.count >= PageWire.helloPayload else { return false }
-        return PageWire.checkHello(UnsafeRawBufferPointer(rebasing: rest.prefix(PageWire.helloPayload)), pages: pages) == nil
+        return PageWire.checkHello(UnsafeRawBufferPointer(rebasing: rest.prefix(PageWire.helloPayload)), pages: pages, pageSize: System.pageSize) == nil
     }
 
     static func options(_ r: inout FuzzBytes) -> Bool {
@@ -72,7 +75,7 @@ enum PageWireFuzz {
             fuzzInvariant((1...PageServerOptions.maxPages).contains(o.pages), "pages=\(o.pages) accepted")
             fuzzInvariant(o.zeroRatio.isFinite && (0...1).contains(o.zeroRatio), "zero_ratio=\(o.zeroRatio) accepted")
             fuzzInvariant(PageServerOptions.maxConnectionsRange.contains(o.maxConnections), "max_connections=\(o.maxConnections) accepted")
-            fuzzInvariant(o.idleTimeoutS.isFinite && o.idleTimeoutS >= 0 && o.idleTimeoutS <= Wire.maxTimeoutS, "idle_timeout=\(o.idleTimeoutS) accepted")
+            fuzzInvariant(o.idleTimeoutS.isFinite && o.idleTimeoutS >= 0 && o.idleTimeoutS <= Deadline.maxS, "idle_timeout=\(o.idleTimeoutS) accepted")
             return true
         }
     }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Scenarios
+import Transfer
 
 /// A snapshot file as `memlab migrate check` reads it: `Snapshot.inspect` (prefix, header
 /// text through `ImageHeader.parse`, lengths against the file size, the streamed checksum)

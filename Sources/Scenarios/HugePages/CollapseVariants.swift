@@ -4,6 +4,7 @@ import Glibc
 import CLinuxMM
 import LabKit
 import LinuxMM
+import Workloads
 
 extension HugePagesScenario {
     /// A 2M-aligned region faulted as 4K pages (MADV_NOHUGEPAGE), then made eligible

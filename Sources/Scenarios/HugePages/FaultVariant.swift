@@ -4,6 +4,7 @@ import Glibc
 import Histogram
 import LabKit
 import LinuxMM
+import Workloads
 
 extension HugePagesScenario {
     /// First touch of a fresh region. Two regions of the same size: one touched by the plain

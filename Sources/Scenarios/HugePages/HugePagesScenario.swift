@@ -3,6 +3,7 @@ import Glibc
 #endif
 import LabKit
 import LinuxMM
+import Workloads
 
 /// Huge pages: what each page size costs to fault and how far it reaches before the TLB gives
 /// out (THP, mTHP sizes, hugetlb 2M/1G), what MADV_COLLAPSE and khugepaged really do, how

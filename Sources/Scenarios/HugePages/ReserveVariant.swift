@@ -4,6 +4,7 @@ import Glibc
 import CLinuxMM
 import LabKit
 import LinuxMM
+import Workloads
 
 extension HugePagesScenario {
     /// The hugetlb pool's promises (Documentation/admin-guide/mm/hugetlbpage.rst): a shared or

@@ -1,5 +1,6 @@
 import LabKit
 import LinuxMM
+import Workloads
 
 extension HugePagesScenario {
     /// ns per dependent load for working sets from 16K up to max_working_set, ×4 each step:

@@ -5,6 +5,7 @@ import CLinuxMM
 import Histogram
 import LabKit
 import LinuxMM
+import Workloads
 
 /// tmem's living heir: zswap (a compressed cache in front of swap), against a plain swap
 /// file and zram; and the virtualization question — how many guests fit in a memory limit

@@ -4,6 +4,7 @@ import Glibc
 import CLinuxMM
 import LabKit
 import LinuxMM
+import Workloads
 
 /// Worker processes a scenario's child starts beside itself (inside its memory cgroup): a
 /// memory hog for the OOM experiment, a "guest" with a memory image for the density

@@ -4,6 +4,7 @@ import Glibc
 import Histogram
 import LabKit
 import LinuxMM
+import Transfer
 
 extension MigrationScenario {
     /// hybrid and postcopy: the same source region, workload and link as precopy; see
@@ -23,7 +24,7 @@ extension MigrationScenario {
         let threads = p.int("threads")
         let workload = DirtyWorkload(base: source.base, pages: pages, hotPages: hot, rate: rate, threads: threads)
         let rounds = ctx.variant == "postcopy" ? 0 : p.int("precopy_rounds")
-        let engine = HybridEngine(model: model, precopyRounds: rounds, policy: p.string("postcopy_policy"),
+        let engine = HybridEngine(model: model, precopyRounds: rounds, policy: EngineConfig.Policy(rawValue: p.string("postcopy_policy")) ?? .backgroundPush,
                                   preempt: p.string("queue") == "preempt", drainAfter: p.double("drain_after_s"),
                                   deadline: max(p.double("timeout_s") - 5, 1))
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
@@ -58,20 +59,20 @@ extension MigrationScenario {
         ctx.record("postcopy_pages", Double(postPages), .pages, better: .none)
         ctx.record("postcopy_bytes", Double(pc.bytes), .bytes, better: .none)
         ctx.record("postcopy_time", out.postcopyTime, .s, better: .lower)
-        ctx.record("postcopy_requests", Double(pc.remoteFaults), .count, better: .lower)
-        ctx.record("faults_served_by_prefetch", Double(pc.prefetchServedFaults), .count, better: .none)
-        ctx.record("faults_joined", Double(pc.joinedFaults), .count, better: .none)
-        ctx.record("pages_pushed", Double(pc.pushedPages), .pages, better: .none)
+        ctx.record("postcopy_requests", Double(pc.engine.remoteFaults), .count, better: .lower)
+        ctx.record("faults_served_by_prefetch", Double(pc.engine.prefetchServedFaults), .count, better: .none)
+        ctx.record("faults_joined", Double(pc.engine.joinedFaults), .count, better: .none)
+        ctx.record("pages_pushed", Double(pc.engine.pushedPages), .pages, better: .none)
         ctx.record("duplicate_transfers", Double(pc.duplicates), .count, better: .lower)
-        if !pc.faultLatencyNS.isEmpty {
+        if !pc.engine.faultLatencyNS.isEmpty {
             var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
-            for v in pc.faultLatencyNS { _ = h.record(max(v, 1)) }
+            for v in pc.engine.faultLatencyNS { _ = h.record(max(v, 1)) }
             ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
             ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
             ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
             ctx.recordDistribution("fault_latency", h)
         }
-        ctx.record("handler_cpu_time", pc.handlerCPU, .s, better: .lower)
+        ctx.record("handler_cpu_time", pc.engine.handlerCPUSeconds, .s, better: .lower)
         ctx.record("workload_write_rate", out.sourceWriteRate, .pagesPerSecond, better: .none)
         ctx.record("destination_write_rate", out.destinationWriteRate, .pagesPerSecond, better: .higher)
         let predictedPre = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.pagesSent * pageSize) }
@@ -97,7 +98,7 @@ extension MigrationScenario {
         ctx.check("postcopy_pages_outside_switch_set", expected: 0, observed: Double(pc.transferredOutsidePending), tolerance: 0,
                   describe: "pages already at the destination that post-copy sent again")
         if let d = out.drainStartedAfter {
-            ctx.note("on-demand: \(pc.remoteFaults) pages faulted in; the rest was drained by a linear push from \(formatNumber(d)) s after the resume")
+            ctx.note("on-demand: \(pc.engine.remoteFaults) pages faulted in; the rest was drained by a linear push from \(formatNumber(d)) s after the resume")
         }
     }
 }

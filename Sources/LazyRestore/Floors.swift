@@ -5,6 +5,8 @@ import CLinuxMM
 import Histogram
 import LabKit
 import LinuxMM
+import Workloads
+import Transfer
 
 /// One floor of this machine, measured in this run.
 public struct Floor: Sendable {
@@ -49,11 +51,10 @@ public enum Calibration {
 
         // 3. The local fault round trip per wait mode: instant link, on demand, one thread.
         let image = try PageImage(pages: min(pages, 8192), seed: 3, zeroRatio: 0)
-        defer { image.release() }
-        let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
+                let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
                                   writeRatio: 0, zipfSkew: 1, seed: 3, image: image)
         defer { traces.release() }
-        func roundTrip(_ c: RestoreConfig, _ source: PageSource?, _ label: String) throws -> (Double, Double) {
+        func roundTrip(_ c: EngineConfig, _ source: PageSource?, _ label: String) throws -> (Double, Double) {
             let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                        reapOrder: nil, deadlineS: 30, source: source)
             if let f = r.failed { throw ScenarioError.failed("floor (\(label)): \(f)") }
@@ -61,8 +62,8 @@ public enum Calibration {
             for v in r.workload.firstTouchNS { _ = h.record(max(v, 1)) }
             return (Double(h.valueAtPercentile(50)), Double(h.valueAtPercentile(99)))
         }
-        for mode in RestoreConfig.WaitMode.allCases {
-            var c = RestoreConfig()
+        for mode in EngineConfig.WaitMode.allCases {
+            var c = EngineConfig()
             c.wait = mode
             let (p50, p99) = try roundTrip(c, nil, mode.rawValue)
             add("fault_round_trip_\(mode.rawValue)", p50, .ns, .lower, "median local fault round trip, handler waiting by \(mode.rawValue) (the workload's first touch → installed and woken)")
@@ -82,7 +83,7 @@ public enum Calibration {
                 do {
                     let s = try PageSource.process(kind: kind, image: image, channels: 2, tcpAddress: "127.0.0.1:0", timeoutS: 10, directory: "/tmp")
                     defer { s.stop() }
-                    let (p50, _) = try roundTrip(RestoreConfig(), s, kind.rawValue)
+                    let (p50, _) = try roundTrip(EngineConfig(), s, kind.rawValue)
                     add("fault_round_trip_\(kind.rawValue)_source", p50, .ns, .lower, "median fault round trip with pages from a source process over \(kind == .unix ? "a Unix socket" : "loopback TCP") (blocking wait, no link model)")
                 } catch {
                     notes.append("fault round trip with a \(kind.rawValue) source not measured: \(error)")
@@ -127,18 +128,17 @@ extension Calibration {
     /// one repetition (well under 0.3 s): first-touch fault and UFFDIO_COPY per page over 4M,
     /// the local fault round trip for `wait` over 1024 faults, and (`tcp`) the loopback TCP
     /// round trip over 200 pings. Names: `floor_*`, ns.
-    static func quick(wait: RestoreConfig.WaitMode, tcp: Bool) throws -> [Floor] {
+    static func quick(wait: EngineConfig.WaitMode, tcp: Bool) throws -> [Floor] {
         var out: [Floor] = []
         func add(_ n: String, _ v: Double, _ h: String) { out.append(Floor(name: n, value: v, unit: .ns, better: .none, help: h)) }
         let size = 4 << 20
         add("floor_first_touch", try firstTouchNS(size: size).ns, "kernel first-touch fault of a 4K anonymous page")
         add("floor_copy_page", try copyPageNS(size: size).ns, "one UFFDIO_COPY of one 4K page, no waiter")
         let image = try PageImage(pages: 1024, seed: 5, zeroRatio: 0)
-        defer { image.release() }
-        let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
+                let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
                                   writeRatio: 0, zipfSkew: 1, seed: 5, image: image)
         defer { traces.release() }
-        var c = RestoreConfig()
+        var c = EngineConfig()
         c.wait = wait
         let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                    reapOrder: nil, deadlineS: 10)
@@ -164,55 +164,28 @@ extension LazyRestoreScenario {
 
 /// Median round trip of `rounds` 8-byte messages over a loopback TCP connection (ns).
 func loopbackTCPRoundTrip(rounds: Int) -> Double? {
-    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard listener >= 0 else { return nil }
-    defer { close(listener) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &addr) { ap in
-        ap.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
-            bind(listener, sp, len) == 0 && listen(listener, 1) == 0 && getsockname(listener, sp, &len) == 0
-        }
-    }
-    guard ok else { return nil }
-    let port = addr.sin_port
-    let server = OSThread {
-        let c = accept(listener, nil, nil)
-        guard c >= 0 else { return }
-        var one: Int32 = 1
-        setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(4))
+    guard let listener = try? Listener.listen(.tcp(host: "127.0.0.1", port: 0), backlog: 1) else { return nil }
+    guard let server = try? OSThread(body: {
+        guard let c = try? listener.accept(timeoutS: 10) else { return }
+        c.setNoDelay()
         var buf: UInt64 = 0
         for _ in 0..<rounds {
-            if recv(c, &buf, 8, Int32(MSG_WAITALL)) != 8 { break }
-            if send(c, &buf, 8, 0) != 8 { break }
+            if recv(c.fd, &buf, 8, Int32(MSG_WAITALL)) != 8 { break }
+            if send(c.fd, &buf, 8, 0) != 8 { break }
         }
-        close(c)
-    }
-    let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard c >= 0 else { server.join(); return nil }
-    defer { close(c) }
-    var to = sockaddr_in()
-    to.sin_family = sa_family_t(AF_INET)
-    to.sin_addr.s_addr = inet_addr("127.0.0.1")
-    to.sin_port = port
-    let connected = withUnsafePointer(to: &to) { ap in
-        ap.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(c, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-    }
-    guard connected else { server.join(); return nil }
-    var one: Int32 = 1
-    setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(4))
+    }) else { return nil }
+    defer { server.join() }
+    guard let c = try? Socket.connect(.tcp(host: "127.0.0.1", port: listener.port), timeoutS: 10) else { return nil }
+    c.setNoDelay()
     var samples: [UInt64] = []
     samples.reserveCapacity(rounds)
     var buf: UInt64 = 7
     for _ in 0..<rounds {
         let t = Clock.nanoseconds()
-        if send(c, &buf, 8, 0) != 8 || recv(c, &buf, 8, Int32(MSG_WAITALL)) != 8 { break }
+        if send(c.fd, &buf, 8, 0) != 8 || recv(c.fd, &buf, 8, Int32(MSG_WAITALL)) != 8 { break }
         samples.append(Clock.nanoseconds() - t)
     }
-    server.join()
+    c.close()
     guard !samples.isEmpty else { return nil }
     samples.sort()
     return Double(samples[samples.count / 2])

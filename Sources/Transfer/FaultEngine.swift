@@ -5,35 +5,36 @@ import CLinuxMM
 import LinuxMM
 import Synchronization
 
-/// How a restore moves pages. Everything the fault path needs is decided here, before the
-/// handler threads start.
-struct RestoreConfig: Sendable {
-    enum Policy: String, Sendable, CaseIterable {
+/// How the fault engine moves pages. Everything the fault path needs is decided here, before
+/// the handler threads start.
+public struct EngineConfig: Sendable {
+    public enum Policy: String, Sendable, CaseIterable {
         case onDemand = "on-demand", faultAround = "fault-around", faultAroundAdaptive = "fault-around-adaptive"
         case backgroundPush = "background-push", bubble, workingSetReplay = "working-set-replay", huge
     }
-    enum Resolve: String, Sendable { case copy, move, `continue` }
-    enum WaitMode: String, Sendable, CaseIterable { case blocking, poll, epoll, busy }
+    public enum Resolve: String, Sendable, CaseIterable { case copy, move, `continue` }
+    public enum WaitMode: String, Sendable, CaseIterable { case blocking, poll, epoll, busy }
 
-    var policy: Policy = .onDemand
-    var resolve: Resolve = .copy
+    public var policy: Policy = .onDemand
+    public var resolve: Resolve = .copy
     /// resolve=copy into a memfd (shmem) region in MISSING mode instead of anonymous memory.
-    var shmemRegion = false
-    var wait: WaitMode = .blocking
-    var handlerThreads = 1
-    var batch = 64
+    public var shmemRegion = false
+    public var wait: WaitMode = .blocking
+    public var handlerThreads = 1
+    public var batch = 64
     /// Fault-around window (fixed), and the adaptive window's ceiling, in pages.
-    var windowPages = 16
-    var maxWindowPages = 512
-    var pushChunkPages = 16
-    var pushWindowBytes = 1 << 20
+    public var windowPages = 16
+    public var maxWindowPages = 512
+    public var pushChunkPages = 16
+    public var pushWindowBytes = 1 << 20
     /// Known-zero pages resolved locally with UFFDIO_ZEROPAGE (else transferred like any page).
-    var zeropage = true
-    var spinNS: UInt64 = 5_000
+    public var zeropage = true
+    public var spinNS: UInt64 = 5_000
     /// working-set-replay, concurrent mode: the pusher installs these pages first, in order.
-    var pushOrder: [Int32] = []
+    public var pushOrder: [Int32] = []
     /// Whether a background pusher runs.
-    var pusher: Bool { policy == .backgroundPush || policy == .bubble || (policy == .workingSetReplay && !pushOrder.isEmpty) }
+    public var pusher: Bool { policy == .backgroundPush || policy == .bubble || (policy == .workingSetReplay && !pushOrder.isEmpty) }
+    public init() {}
 }
 
 /// Per-page state. Claiming (missing → in flight) is a compare-exchange, so a page is sent
@@ -50,16 +51,35 @@ enum PageState {
 
 /// A transfer that has been scheduled on the link: pages [first, first+count) arrive at
 /// `arrival`; `faultTime` is when the handler read the fault that asked for them (0: a push).
-struct Delivery {
-    var arrival: UInt64
-    var first: Int32
-    var count: Int32
-    var faultTime: UInt64
+public struct Delivery: Sendable {
+    public var arrival: UInt64
+    public var first: Int32
+    public var count: Int32
+    public var faultTime: UInt64
+}
+
+/// Why a page source could not deliver, without allocating on the fault path: an errno and a
+/// fixed text.
+public struct FetchFailure: Error, Sendable {
+    public let errno: Int32
+    public let what: StaticString
+    public init(errno: Int32, what: StaticString) { self.errno = errno; self.what = what }
+}
+
+/// Where the engine's pages come from when they are not in its own copy of the image: a
+/// source process, a remote server, a snapshot file (lazy restore's `PageSource`). `fetch`
+/// brings the pages of `runs[0..<count]` into `landing` (laid out like the image); it is
+/// called on the fault path and must not allocate. Channel `k` is used by one thread at a
+/// time: handler `k`, and the pusher on channel `handlerThreads`.
+public protocol PageFetcher: AnyObject, Sendable {
+    var landing: UnsafeMutableRawPointer { get }
+    var label: String { get }
+    func fetch(channel: Int, runs: UnsafePointer<Delivery>, count: Int) throws(FetchFailure)
 }
 
 /// A min-heap on arrival over preallocated storage (each page is claimed once, so `pages`
-/// deliveries bound it).
-struct DeliveryHeap: @unchecked Sendable {
+/// deliveries bound it). Used only under the engine's lock; frees its own storage.
+final class DeliveryHeap {
     let items: UnsafeMutablePointer<Delivery>
     let capacity: Int
     var count = 0
@@ -68,10 +88,11 @@ struct DeliveryHeap: @unchecked Sendable {
         self.capacity = capacity
         items = .allocate(capacity: capacity)
     }
+    deinit { items.deallocate() }
 
     @inline(__always) var earliest: UInt64? { count > 0 ? items[0].arrival : nil }
 
-    @inline(__always) mutating func push(_ d: Delivery) {
+    @inline(__always) func push(_ d: Delivery) {
         precondition(count < capacity, "delivery heap overflow")
         var i = count
         count += 1
@@ -84,7 +105,7 @@ struct DeliveryHeap: @unchecked Sendable {
         }
     }
 
-    @inline(__always) mutating func pop() -> Delivery {
+    @inline(__always) func pop() -> Delivery {
         let top = items[0]
         count -= 1
         if count > 0 {
@@ -117,8 +138,9 @@ struct Retry {
 }
 
 /// A FIFO of retries over preallocated storage. Pages in it are claimed (in flight), each
-/// page at most once, so `pages` entries bound it.
-struct RetryRing: @unchecked Sendable {
+/// page at most once, so `pages` entries bound it. Used only under the engine's lock; frees
+/// its own storage.
+final class RetryRing {
     let items: UnsafeMutablePointer<Retry>
     let capacity: Int
     var head = 0
@@ -128,14 +150,15 @@ struct RetryRing: @unchecked Sendable {
         self.capacity = max(capacity, 1)
         items = .allocate(capacity: self.capacity)
     }
+    deinit { items.deallocate() }
 
-    @inline(__always) mutating func push(_ r: Retry) {
+    @inline(__always) func push(_ r: Retry) {
         precondition(count < capacity, "retry ring overflow")
         items[(head + count) % capacity] = r
         count += 1
     }
 
-    @inline(__always) mutating func pop() -> Retry? {
+    @inline(__always) func pop() -> Retry? {
         if count == 0 { return nil }
         let r = items[head]
         head = (head + 1) % capacity
@@ -150,15 +173,27 @@ struct RetryRing: @unchecked Sendable {
 /// thread waits for arrivals that lie in the future; an optional pusher sends pages nobody
 /// asked for yet. The fault path allocates nothing: buffers are made before the threads
 /// start and the shared state is atomics and mutex-guarded preallocated storage.
-final class FaultEngine: Sendable {
-    let config: RestoreConfig
+///
+/// Its life, the same for a lazy restore and a post-copy phase: `init` (allocations, not
+/// downtime), `start` (registers the region and the doorbells, starts the threads), then
+/// optionally `startPusher` / `prefetchBlocking`; `fail` records why it cannot go on, and
+/// `releaseRegion` lets a waiting workload go; `stop` ends every thread (one doorbell per
+/// handler, rung one way) and returns the `Counters`.
+public final class FaultEngine: Sendable {
+    public let config: EngineConfig
     let uffd: Userfaultfd.Descriptor
     let link: EmulatedLink
     let image: PageImage
-    let pages: Int
+    public let pages: Int
+    public let pageSize: Int
+    /// Pages of a PMD-sized huge page (the `huge` policy's window).
+    let hugePages: Int
     /// Where the region is now: the workload may move it whole (mremap; a REMAP event).
-    let regionBase: Atomic<UInt>
+    private let regionBase: Atomic<UInt>
     @inline(__always) var regionAddress: UInt { regionBase.load(ordering: .acquiring) }
+    /// One doorbell page per handler thread: `stop` touches them, each handler leaves after
+    /// answering one.
+    private let doorbells: AnonymousMapping
     let doorbellAddress: UInt
     /// resolve=move: an anonymous copy of the image the pages are moved out of;
     /// resolve=continue: a second mapping of the memfd (the page cache) the data lands in.
@@ -166,102 +201,113 @@ final class FaultEngine: Sendable {
     /// Where installs copy from: the image itself (source memory), or the landing buffer a
     /// real page source fetches into (then `source` is set and every transfer goes through it).
     let dataAddress: UInt
-    let source: PageSource?
-    /// A readable reason for the first failure (set off the fast path, once).
-    let failureReason = Lock<String?>(nil)
+    let source: (any PageFetcher)?
+    /// The first failure: errno (read on the fast path) and a readable reason (set once,
+    /// off the fast path).
+    private let failureErrno = Atomic<Int32>(0)
+    private let failureReason = Lock<String?>(nil)
 
     let state: AtomicByteArray
     let transfers: AtomicByteArray
     private let heap: Lock<DeliveryHeap>
     private let retries: Lock<RetryRing>
     /// Entries in `retries` (read without the lock to decide whether a wait may block).
-    let retryPending = Atomic<Int>(0)
+    private let retryPending = Atomic<Int>(0)
     /// Pages the application dropped (REMOVE/UNMAP) during the restore: left out of the
     /// content check (they read as zero, or as whatever the application wrote since).
     let dropped: AtomicByteArray
-    let eventFD: Int32
+    private let eventFD: Int32
 
-    let remoteFaults = Atomic<Int>(0)
-    let joinedFaults = Atomic<Int>(0)
-    let prefetchFaults = Atomic<Int>(0)
-    let localFaults = Atomic<Int>(0)
-    let messages = Atomic<Int>(0)
-    let events = Atomic<Int>(0)
-    let eexist = Atomic<Int>(0)
-    let eagain = Atomic<Int>(0)
+    private let remoteFaults = Atomic<Int>(0)
+    private let joinedFaults = Atomic<Int>(0)
+    private let prefetchFaults = Atomic<Int>(0)
+    private let localFaults = Atomic<Int>(0)
+    private let messages = Atomic<Int>(0)
+    private let events = Atomic<Int>(0)
+    private let eexist = Atomic<Int>(0)
+    private let eagain = Atomic<Int>(0)
     /// Installs that met ENOENT because the region moved (mremap) under them: retried at the
     /// new base. Only while REMAP events are followed; otherwise ENOENT fails the run.
-    let movedUnderInstall = Atomic<Int>(0)
-    let followsRemap: Bool
+    private let movedUnderInstall = Atomic<Int>(0)
+    private let followsRemap: Bool
     /// Pages whose install was deferred to the retry ring (EAGAIN), and retries that met
     /// EAGAIN again.
-    let deferredPages = Atomic<Int>(0)
-    let removeEvents = Atomic<Int>(0)
-    let unmapEvents = Atomic<Int>(0)
+    private let deferredPages = Atomic<Int>(0)
+    private let removeEvents = Atomic<Int>(0)
+    private let unmapEvents = Atomic<Int>(0)
     /// REMAP: the region moved whole; FORK: a child shares the registration (its own
     /// userfaultfd, served by a fork server thread from the destination's image copy).
-    let remapEvents = Atomic<Int>(0)
-    let forkEvents = Atomic<Int>(0)
-    let forkFaults = Atomic<Int>(0)
-    let forkStop = Atomic<Bool>(false)
-    let forkServers = Lock<[OSThread]>([])
+    private let remapEvents = Atomic<Int>(0)
+    private let forkEvents = Atomic<Int>(0)
+    private let forkFaults = Atomic<Int>(0)
+    private let forkStop = Atomic<Bool>(false)
+    private let forkServers = Lock<[OSThread]>([])
     /// Faults on a page the engine had installed whose mapping the application dropped
     /// since (served with a zero page).
-    let droppedRefaults = Atomic<Int>(0)
-    let ioctls = Atomic<Int>(0)
-    let wakes = Atomic<Int>(0)
-    let claimed = Atomic<Int>(0)
-    let pushedPages = Atomic<Int>(0)
-    let handlerCPU = Atomic<UInt64>(0)
-    let failureErrno = Atomic<Int32>(0)
-    let stopping = Atomic<Bool>(false)
-    let pusherStop = Atomic<Bool>(false)
-    let deliveryStop = Atomic<Bool>(false)
-    let fullyInstalledAt = Atomic<UInt64>(0)
+    private let droppedRefaults = Atomic<Int>(0)
+    private let ioctls = Atomic<Int>(0)
+    private let wakes = Atomic<Int>(0)
+    private let claimed = Atomic<Int>(0)
+    private let pushedPages = Atomic<Int>(0)
+    private let handlerCPU = Atomic<UInt64>(0)
+    private let pusherStop = Atomic<Bool>(false)
+    private let deliveryStop = Atomic<Bool>(false)
+    private let fullyInstalledAt = Atomic<UInt64>(0)
+    /// Handlers that left on an error of their own before their doorbell (see `stop`).
+    private let earlyExits = Atomic<Int>(0)
 
     // Policy state.
-    let adaptiveWindow = Atomic<Int>(1)
-    let adaptiveNext = Atomic<Int>(-1)
-    let pushCursor = Atomic<Int>(0)
-    let pivot = Atomic<Int>(-1)
+    private let adaptiveWindow = Atomic<Int>(1)
+    private let adaptiveNext = Atomic<Int>(-1)
+    private let pushCursor = Atomic<Int>(0)
+    private let pivot = Atomic<Int>(-1)
 
     /// Handler-side latency of each remote fault (read → installed and woken), ns.
-    let faultLatency: AppendLog
+    private let faultLatency: AppendLog
     /// Pages in the order their first fault reached the handler (working-set recording).
-    let faultOrder: AppendLog
+    private let faultOrder: AppendLog
 
     /// The workload threads' tids (UFFD_FEATURE_THREAD_ID attributes each fault to one),
     /// set before the handler threads start; slot `maxThreads` counts unattributed faults.
-    static let maxThreads = 64
-    private let workloadTIDsAddress: UInt
-    @inline(__always) var workloadTIDs: UnsafeMutablePointer<Int32> { UnsafeMutablePointer(bitPattern: workloadTIDsAddress)! }
-    let workloadThreadCount = Atomic<Int>(0)
+    public static let maxThreads = 64
+    private let workloadTIDs: AtomicInt32Array
+    private let workloadThreadCount = Atomic<Int>(0)
     /// Remote faults per workload thread, summed from the handler threads' own counters as
     /// they leave.
-    let threadFaults = Lock<[Int]>([Int](repeating: 0, count: FaultEngine.maxThreads + 1))
+    private let threadFaults = Lock<[Int]>([Int](repeating: 0, count: FaultEngine.maxThreads + 1))
 
-    init(config: RestoreConfig, region: UnsafeMutableRawPointer, doorbell: UnsafeMutableRawPointer,
-         staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor,
-         source: PageSource? = nil) throws {
+    /// The threads, once started (`start`, `startPusher`); joined by `stop`.
+    private struct Threads { var handlers: [OSThread] = []; var delivery: OSThread?; var pusher: OSThread?; var regionRegistered = false; var stopped = false }
+    private let threads = Lock(Threads())
+    private let registerMode: Userfaultfd.RegisterMode
+
+    /// - region: the destination mapping (`image.bytes` long), registered by `start` in
+    ///   `mode`; staging: see `stagingAddress`; source: a page source, or nil to copy from
+    ///   `image` itself.
+    public init(config: EngineConfig, region: UnsafeMutableRawPointer, mode: Userfaultfd.RegisterMode = .missing,
+                staging: UnsafeMutableRawPointer?, image: PageImage, link: EmulatedLink, uffd: Userfaultfd.Descriptor,
+                source: (any PageFetcher)? = nil) throws {
         self.config = config
-        self.source = source.flatMap { $0.kind == .memory ? nil : $0 }
-        dataAddress = UInt(bitPattern: self.source?.landing.base ?? image.base)
+        self.source = source
+        dataAddress = UInt(bitPattern: source?.landing ?? image.base)
         self.image = image
         self.pages = image.pages
+        self.pageSize = image.pageSize
+        self.hugePages = max(1, HugePageSize.pmd / image.pageSize)
         self.link = link
         self.uffd = uffd
+        registerMode = mode
         regionBase = Atomic(UInt(bitPattern: region))
         followsRemap = uffd.features.contains(.eventRemap)
-        doorbellAddress = UInt(bitPattern: doorbell)
+        doorbells = try AnonymousMapping(length: max(config.handlerThreads, 1) * image.pageSize, kind: .base)
+        doorbellAddress = UInt(bitPattern: doorbells.base)
         stagingAddress = staging.map { UInt(bitPattern: $0) } ?? 0
         state = AtomicByteArray(count: pages)
         transfers = AtomicByteArray(count: pages)
         heap = Lock(DeliveryHeap(capacity: pages + 64))
         retries = Lock(RetryRing(capacity: pages + 64))
         dropped = AtomicByteArray(count: pages)
-        let tids = UnsafeMutablePointer<Int32>.allocate(capacity: FaultEngine.maxThreads)
-        tids.initialize(repeating: 0, count: FaultEngine.maxThreads)
-        workloadTIDsAddress = UInt(bitPattern: tids)
+        workloadTIDs = AtomicInt32Array(count: FaultEngine.maxThreads)
         eventFD = memlab_eventfd()
         if eventFD < 0 { throw SystemError.current("eventfd") }
         faultLatency = AppendLog(capacity: pages + 1024)
@@ -270,58 +316,189 @@ final class FaultEngine: Sendable {
     }
 
     deinit {
+        _ = stop()
         close(eventFD)
-        state.deallocate()
-        transfers.deallocate()
-        heap.withLock { $0.items.deallocate() }
-        retries.withLock { $0.items.deallocate() }
-        dropped.deallocate()
-        workloadTIDs.deallocate()
     }
 
-    /// Records the workload threads' tids (call before the handler threads start).
-    func setWorkloadThreads(_ tids: [Int32]) {
-        let n = min(tids.count, FaultEngine.maxThreads)
-        for i in 0..<n { workloadTIDs[i] = tids[i] }
+    /// Pages already at the destination before the start (post-copy: what pre-copy sent):
+    /// never fetched; a fault on one only wakes. Call before `start`.
+    public func markPresent(_ isPresent: (Int) -> Bool) {
+        var present = 0
+        for p in 0..<pages where isPresent(p) {
+            state.store(p, PageState.installedLocal)
+            present += 1
+        }
+        claimed.store(present, ordering: .relaxed)
+        if present == pages { fullyInstalledAt.store(Clock.nanoseconds(), ordering: .relaxed) }
+    }
+
+    /// Registers the region and the doorbells and starts the handler and delivery threads.
+    /// `workloadThreads`: the tids faults are attributed to (the workload's threads exist by
+    /// now and wait). On an error nothing stays started or registered.
+    public func start(workloadThreads: [Int32] = []) throws {
+        let n = min(workloadThreads.count, FaultEngine.maxThreads)
+        for i in 0..<n { workloadTIDs.store(i, workloadThreads[i]) }
         workloadThreadCount.store(n, ordering: .releasing)
+        try threads.withLock { t in
+            try uffd.register(UnsafeMutableRawPointer(bitPattern: regionAddress)!, length: pages * pageSize, mode: registerMode)
+            t.regionRegistered = true
+            try uffd.register(doorbells.base, length: doorbells.length, mode: .missing)
+            for i in 0..<config.handlerThreads { t.handlers.append(try OSThread { [self] in handlerLoop(channel: i) }) }
+            t.delivery = try OSThread { [self] in deliveryLoop() }
+        }
     }
 
-    /// The slot of the workload thread with `tid` (`maxThreads`: not one of them, or the
-    /// kernel did not report the tid).
+    /// Starts the pusher: the policy's own push, or (on-demand) a linear push of whatever is
+    /// still missing. No-op if one runs.
+    public func startPusher() throws {
+        try threads.withLock { t in
+            guard t.pusher == nil, !t.stopped else { return }
+            t.pusher = try OSThread { [self] in pusherLoop() }
+        }
+    }
+
+    /// Unregisters the region (at its address now): threads waiting on a fault there are
+    /// woken and fault normally from now on. After a failure, so the workload is never left
+    /// hanging; `stop` does it too.
+    public func releaseRegion() {
+        threads.withLock { t in
+            guard t.regionRegistered else { return }
+            try? uffd.unregister(UnsafeMutableRawPointer(bitPattern: regionAddress)!, length: pages * pageSize)
+            t.regionRegistered = false
+        }
+    }
+
+    /// Ends every thread the engine started — the pusher, the fork servers, the delivery
+    /// thread, then each handler through its doorbell — unregisters what it registered, and
+    /// returns what it counted. Call after the workload stopped touching the region (or
+    /// after `releaseRegion`). Later calls return the same counters and stop nothing.
+    public func stop() -> Counters {
+        let t = threads.withLock { t -> Threads in defer { t.stopped = true; t.handlers = []; t.delivery = nil; t.pusher = nil }; return t }
+        if !t.stopped {
+            pusherStop.store(true, ordering: .releasing)
+            t.pusher?.join()
+            stopForkServers()
+            deliveryStop.store(true, ordering: .releasing)
+            ringDelivery()
+            t.delivery?.join()
+            // One doorbell per handler, rung through C: a Swift load whose value is unused is
+            // removed by whole-module optimisation (then no handler hears it and the join
+            // hangs). A handler that left early on an error filled a doorbell from the top on
+            // its way out, so every touch here is answered or does not fault at all.
+            if !t.handlers.isEmpty {
+                for i in 0..<t.handlers.count { memlab_ref_touch(doorbells.base + i * pageSize, 1, pageSize) }
+                for h in t.handlers { h.join() }
+                try? uffd.unregister(doorbells.base, length: doorbells.length)
+            }
+            releaseRegion()
+        }
+        return counters()
+    }
+
+    /// Ring one bell from the top for a handler that leaves before its doorbell: `stop`'s
+    /// touch of that page then finds it present (or, already waiting on it, is woken).
+    private func fillDoorbellOnEarlyExit() {
+        let k = config.handlerThreads - 1 - earlyExits.wrappingAdd(1, ordering: .relaxed).oldValue
+        guard k >= 0 else { return }
+        try? uffd.zeropage(doorbells.base + k * pageSize, length: pageSize)
+    }
+
+    /// Every counter, as one plain value (read after `stop` for final figures).
+    public func counters() -> Counters {
+        var c = Counters()
+        c.remoteFaults = remoteFaults.load(ordering: .relaxed)
+        c.joinedFaults = joinedFaults.load(ordering: .relaxed)
+        c.prefetchServedFaults = prefetchFaults.load(ordering: .relaxed)
+        c.localFaults = localFaults.load(ordering: .relaxed)
+        c.messages = messages.load(ordering: .relaxed)
+        c.events = events.load(ordering: .relaxed)
+        c.eexist = eexist.load(ordering: .relaxed)
+        c.eagain = eagain.load(ordering: .relaxed)
+        c.movedUnderInstall = movedUnderInstall.load(ordering: .relaxed)
+        c.deferredPages = deferredPages.load(ordering: .relaxed)
+        c.removeEvents = removeEvents.load(ordering: .relaxed)
+        c.unmapEvents = unmapEvents.load(ordering: .relaxed)
+        c.remapEvents = remapEvents.load(ordering: .relaxed)
+        c.forkEvents = forkEvents.load(ordering: .relaxed)
+        c.forkFaults = forkFaults.load(ordering: .relaxed)
+        c.droppedRefaults = droppedRefaults.load(ordering: .relaxed)
+        c.ioctls = ioctls.load(ordering: .relaxed)
+        c.wakes = wakes.load(ordering: .relaxed)
+        c.claimedPages = claimed.load(ordering: .relaxed)
+        c.pushedPages = pushedPages.load(ordering: .relaxed)
+        c.handlerCPUSeconds = Double(handlerCPU.load(ordering: .relaxed)) / 1e9
+        c.fullyInstalledAt = fullyInstalledAt.load(ordering: .relaxed)
+        let tf = threadFaults.withLock { $0 }
+        c.faultsPerThread = Array(tf[0..<FaultEngine.maxThreads])
+        c.faultsUnattributed = tf[FaultEngine.maxThreads]
+        c.faultLatencyNS = faultLatency.values
+        c.faultOrder = faultOrder.values.map { Int32(truncatingIfNeeded: $0) }
+        c.failure = failure
+        c.regionAddress = regionAddress
+        return c
+    }
+
+    /// What became of page `p` (after `stop`).
+    public func page(_ p: Int) -> PageRecord {
+        let s = state.load(p)
+        let how: PageRecord.Installed?
+        switch s {
+        case PageState.installedFault: how = .byFault
+        case PageState.installedPrefetch: how = .byPush
+        case PageState.installedLocal: how = .locally
+        default: how = nil
+        }
+        return PageRecord(installed: how, transfers: Int(transfers.load(p)), dropped: dropped.load(p) != 0)
+    }
+
+    /// Every pending page is installed.
+    public var isComplete: Bool { fullyInstalledAt.load(ordering: .relaxed) != 0 }
+
+    /// The first failure, if any.
+    public var failure: Failure? {
+        let e = failureErrno.load(ordering: .relaxed)
+        guard e != 0 else { return nil }
+        return Failure(errno: e, reason: failureReason.withLock { $0 } ?? SystemError(errno: e, call: "fault engine").description)
+    }
+
+    /// Records why the engine cannot go on (the first reason wins): a dead source, an
+    /// injected failure, the owner's deadline. Threads keep serving what they can; the owner
+    /// releases the region and stops.
+    public func fail(errno: Int32, reason: String) {
+        failureReason.withLock { if $0 == nil { $0 = reason } }
+        _ = failureErrno.compareExchange(expected: 0, desired: errno == 0 ? EIO : errno, ordering: .relaxed)
+    }
+
+    /// The workload threads' slot for `tid` (`maxThreads`: not one of them, or the kernel
+    /// did not report the tid).
     @inline(__always)
     func threadSlot(_ tid: UInt32) -> Int {
         let n = workloadThreadCount.load(ordering: .relaxed)
         var i = 0
-        while i < n { if UInt32(bitPattern: workloadTIDs[i]) == tid { return i }; i += 1 }
+        while i < n { if UInt32(bitPattern: workloadTIDs.load(i)) == tid { return i }; i += 1 }
         return FaultEngine.maxThreads
     }
 
-    @inline(__always) var region: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: regionAddress)! }
-    @inline(__always) func address(_ page: Int) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: regionAddress + UInt(page) * 4096)! }
+    /// Where the region is now (it moves with a whole-region mremap).
+    public var region: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: regionAddress)! }
+    @inline(__always) func address(_ page: Int) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: regionAddress + UInt(page) * UInt(pageSize))! }
 
+    /// A failed call on the fault path (an errno, no allocation until the run is over).
     func fail(_ e: SystemError) {
+        failureReason.withLock { if $0 == nil { $0 = e.description } }
         _ = failureErrno.compareExchange(expected: 0, desired: e.errno == 0 ? EIO : e.errno, ordering: .relaxed)
     }
 
     /// A fault outside every range this engine serves (allocates; the run is over).
     func failOutside(_ address: UInt) {
-        failureReason.withLock { r in
-            if r == nil {
-                r = "a fault at 0x\(String(address, radix: 16)) lies outside the restored region "
-                    + "(0x\(String(regionAddress, radix: 16)), \(pages) pages): the workload moved part of it or grew it (mremap; only a move of the whole region is followed), or registered more memory"
-            }
-        }
-        _ = failureErrno.compareExchange(expected: 0, desired: EFAULT, ordering: .relaxed)
+        fail(errno: EFAULT, reason: "a fault at 0x\(String(address, radix: 16)) lies outside the restored region "
+            + "(0x\(String(regionAddress, radix: 16)), \(pages) pages): the workload moved part of it or grew it (mremap; only a move of the whole region is followed), or registered more memory")
     }
 
     /// A page source failed: the errno, and a reason naming the source (allocates; the run
     /// is over anyway).
-    func fail(_ e: SourceFailure) {
-        let label = source?.label ?? "page source"
-        failureReason.withLock { r in
-            if r == nil { r = "\(label): \(e.what) (\(String(cString: strerror(e.errno))))" }
-        }
-        _ = failureErrno.compareExchange(expected: 0, desired: e.errno == 0 ? EIO : e.errno, ordering: .relaxed)
+    func fail(_ e: FetchFailure) {
+        fail(errno: e.errno, reason: "\(source?.label ?? "page source"): \(e.what) (\(String(cString: strerror(e.errno))))")
     }
 
     /// Fetches the runs from the real source, if there is one. Returns false on failure
@@ -329,7 +506,7 @@ final class FaultEngine: Sendable {
     @inline(__always)
     func fetch(channel: Int, _ runs: UnsafePointer<Delivery>, _ n: Int) -> Bool {
         guard let source else { return true }
-        do throws(SourceFailure) { try source.fetch(channel: channel, runs: runs, count: n) } catch { fail(error); return false }
+        do throws(FetchFailure) { try source.fetch(channel: channel, runs: runs, count: n) } catch { fail(error); return false }
         return true
     }
 
@@ -347,7 +524,7 @@ final class FaultEngine: Sendable {
     /// DONTWAKE plus WAKE: what a single-run delivery, the usual fault, needs); a page found
     /// there already (EEXIST) is then woken explicitly, since that ioctl woke nobody.
     func install(first: Int, count: Int, wake wakeNow: Bool = false) -> Int {
-        let len = count * 4096
+        let len = count * pageSize
         var dst = address(first)
         let dontWake = !wakeNow
         var done = 0
@@ -357,14 +534,14 @@ final class FaultEngine: Sendable {
                 ioctls.add(1, ordering: .relaxed)
                 switch config.resolve {
                 case .copy:
-                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * 4096 + done), length: len - done, dontWake: dontWake, copied: &n)
+                    try uffd.copy(to: dst + done, from: UnsafeRawPointer(data + first * pageSize + done), length: len - done, dontWake: dontWake, copied: &n)
                 case .move:
-                    let src = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
+                    let src = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * pageSize + done))!
                     try uffd.move(to: dst + done, from: src, length: len - done, dontWake: dontWake, moved: &n)
                 case .continue:
                     // The data lands in the page cache (the second mapping), then is mapped.
-                    let cache = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * 4096 + done))!
-                    memcpy(cache, data + first * 4096 + done, len - done)
+                    let cache = UnsafeMutableRawPointer(bitPattern: stagingAddress + UInt(first * pageSize + done))!
+                    memcpy(cache, data + first * pageSize + done, len - done)
                     try uffd.continue(dst + done, length: len - done, dontWake: dontWake, mapped: &n)
                 }
                 done += n == 0 ? len - done : n
@@ -377,26 +554,26 @@ final class FaultEngine: Sendable {
                     movedUnderInstall.add(1, ordering: .relaxed)
                     let now = address(first)
                     if now != dst { dst = now; continue }
-                    return done / 4096
+                    return done / pageSize
                 }
                 if error.errno == EAGAIN {
                     eagain.add(1, ordering: .relaxed)
                     done += n
-                    return done / 4096
+                    return done / pageSize
                 }
                 if error.errno == EEXIST {
                     done += n
-                    if len - done > 4096 {
+                    if len - done > pageSize {
                         // Page by page, so only the page that is there already is skipped.
                         var off = done
                         while off < len {
-                            if install(first: first + off / 4096, count: 1, wake: wakeNow) == 0 { return off / 4096 }
-                            off += 4096
+                            if install(first: first + off / pageSize, count: 1, wake: wakeNow) == 0 { return off / pageSize }
+                            off += pageSize
                         }
                         return count
                     }
                     eexist.add(1, ordering: .relaxed)
-                    if wakeNow { wake(first: first + done / 4096, count: 1) }
+                    if wakeNow { wake(first: first + done / pageSize, count: 1) }
                     return count
                 }
                 fail(error)
@@ -447,7 +624,7 @@ final class FaultEngine: Sendable {
     @inline(__always)
     func wake(first: Int, count: Int) {
         wakes.add(1, ordering: .relaxed)
-        do throws(SystemError) { try uffd.wake(address(first), length: count * 4096) } catch { fail(error) }
+        do throws(SystemError) { try uffd.wake(address(first), length: count * pageSize) } catch { fail(error) }
     }
 
     @inline(__always)
@@ -469,8 +646,8 @@ final class FaultEngine: Sendable {
         do throws(SystemError) {
             ioctls.add(1, ordering: .relaxed)
             switch config.resolve {
-            case .continue: try uffd.continue(address(page), length: 4096)
-            default: try uffd.zeropage(address(page), length: 4096)
+            case .continue: try uffd.continue(address(page), length: pageSize)
+            default: try uffd.zeropage(address(page), length: pageSize)
             }
         } catch {
             let moved = error.errno == ENOENT && followsRemap
@@ -531,7 +708,7 @@ final class FaultEngine: Sendable {
         if n == 0 { return }
         for i in 0..<n { transfers.increment(Int(list[i])) }
         let now = Clock.nanoseconds()
-        var arrival = link.isInstant ? now : link.schedule(bytes: n * 4096, urgent: urgent, now: now)
+        var arrival = link.isInstant ? now : link.schedule(bytes: n * pageSize, urgent: urgent, now: now)
         var runs = 0
         var start = 0
         for i in 1...n {
@@ -642,8 +819,8 @@ final class FaultEngine: Sendable {
             hi = min(pages, page + w)
             adaptiveNext.store(hi, ordering: .relaxed)
         case .huge:
-            lo = page / 512 * 512
-            hi = min(pages, lo + 512)
+            lo = page / hugePages * hugePages
+            hi = min(pages, lo + hugePages)
         case .backgroundPush:
             pushCursor.store(page + 1, ordering: .relaxed)
         case .bubble:
@@ -667,15 +844,15 @@ final class FaultEngine: Sendable {
         if m.event == UInt32(memlab_UFFD_EVENT_FORK) { startForkServer(fd: m.ufd); return }
         let start = Int(m.address), end = Int(m.end)
         let base = Int(regionAddress)
-        guard end > base, start < base + pages * 4096 else { return }
+        guard end > base, start < base + pages * pageSize else { return }
         if m.event == UInt32(memlab_UFFD_EVENT_REMOVE) || m.event == UInt32(memlab_UFFD_EVENT_UNMAP) {
             if m.event == UInt32(memlab_UFFD_EVENT_REMOVE) { removeEvents.add(1, ordering: .relaxed) } else { unmapEvents.add(1, ordering: .relaxed) }
             // The range was dropped by the application: later faults there are zero pages.
             // Missing pages become `removed` (never transferred); installed ones stay, and a
             // fault on one finds it dropped; pages in flight are installed as planned (the
             // kernel zaps after this event is read, so they may land before or after).
-            var p = max(0, (start - base) / 4096)
-            let last = min(pages, (end - base + 4095) / 4096)
+            var p = max(0, (start - base) / pageSize)
+            let last = min(pages, (end - base + pageSize - 1) / pageSize)
             while p < last {
                 dropped.store(p, 1)
                 _ = state.compareExchange(p, expected: PageState.missing, desired: PageState.removed)
@@ -689,9 +866,9 @@ final class FaultEngine: Sendable {
     /// else changes); a move of part of it, or a resize, fails the run with the reason.
     func handleRemap(from: UInt, to: UInt, length: Int) {
         let base = regionAddress
-        guard from < base + UInt(pages * 4096), from + UInt(length) > base else { return }
+        guard from < base + UInt(pages * pageSize), from + UInt(length) > base else { return }
         remapEvents.add(1, ordering: .relaxed)
-        if from == base && length == pages * 4096 {
+        if from == base && length == pages * pageSize {
             regionBase.store(to, ordering: .releasing)
             return
         }
@@ -712,35 +889,40 @@ final class FaultEngine: Sendable {
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         let child = Userfaultfd.Descriptor(adopting: fd, features: uffd.features)
         let base = regionAddress
-        let t = OSThread { [self] in forkServerLoop(child, base: base) }
-        forkServers.withLock { $0.append(t) }
+        do throws(SystemError) {
+            let t = try OSThread { [self] in forkServerLoop(child, base: base) }
+            forkServers.withLock { $0.append(t) }
+        } catch {
+            // No thread for the child: its faults would hang it. The run fails with why.
+            fail(error)
+        }
     }
 
     func forkServerLoop(_ child: Userfaultfd.Descriptor, base: UInt) {
         let buffer = UnsafeMutablePointer<Userfaultfd.Message>.allocate(capacity: 64)
         defer { buffer.deallocate() }
-        let end = base + UInt(pages * 4096)
+        let end = base + UInt(pages * pageSize)
         while !forkStop.load(ordering: .acquiring) {
             guard (try? child.poll(timeoutNanoseconds: 20_000_000)) == true else { continue }
             guard let n = try? child.read(into: buffer, max: 64) else { return }
             // Readable but nothing to read: the child is gone; do not spin until the stop.
             if n == 0 { Clock.sleep(nanoseconds: 2_000_000); continue }
             for i in 0..<n where buffer[i].event == UInt32(memlab_UFFD_EVENT_PAGEFAULT) {
-                let a = UInt(buffer[i].address) & ~UInt(4095)
+                let a = UInt(buffer[i].address) & ~UInt(pageSize - 1)
                 guard a >= base && a < end else { continue }
-                let page = Int((a - base) / 4096)
+                let page = Int((a - base) / UInt(pageSize))
                 do throws(SystemError) {
-                    try child.copy(to: UnsafeMutableRawPointer(bitPattern: a)!, from: UnsafeRawPointer(image.base + page * 4096), length: 4096)
+                    try child.copy(to: UnsafeMutableRawPointer(bitPattern: a)!, from: UnsafeRawPointer(image.base + page * pageSize), length: pageSize)
                     forkFaults.add(1, ordering: .relaxed)
                 } catch {
-                    if error.errno == EEXIST { try? child.wake(UnsafeMutableRawPointer(bitPattern: a)!, length: 4096) }
+                    if error.errno == EEXIST { try? child.wake(UnsafeMutableRawPointer(bitPattern: a)!, length: pageSize) }
                 }
             }
         }
     }
 
     /// Ends the fork servers (their children have exited: the workload waited for them).
-    func stopForkServers() {
+    private func stopForkServers() {
         forkStop.store(true, ordering: .releasing)
         let ts = forkServers.withLock { t in defer { t = [] }; return t }
         for t in ts { t.join() }
@@ -758,7 +940,7 @@ final class FaultEngine: Sendable {
         let cpu0 = memlab_thread_cpu_ns()
         let batch = min(max(config.batch, 1), 64)
         let buffer = UnsafeMutablePointer<Userfaultfd.Message>.allocate(capacity: 64)
-        let capacity = max(config.maxWindowPages, config.windowPages, 512) + 1
+        let capacity = max(config.maxWindowPages, config.windowPages, hugePages) + 1
         let list = UnsafeMutablePointer<Int32>.allocate(capacity: capacity)
         let scratch = UnsafeMutablePointer<Delivery>.allocate(capacity: capacity)
         let retryBuf = UnsafeMutablePointer<Retry>.allocate(capacity: 64)
@@ -794,6 +976,7 @@ final class FaultEngine: Sendable {
                 }
             } catch {
                 fail(error)
+                fillDoorbellOnEarlyExit()
                 return
             }
             let now = Clock.nanoseconds()
@@ -805,18 +988,18 @@ final class FaultEngine: Sendable {
             for i in 0..<n {
                 let m = buffer[i]
                 if m.event == UInt32(memlab_UFFD_EVENT_REMAP) {
-                    if UInt(m.address) == regionAddress && Int(m.len) == pages * 4096 { regionAddress = UInt(m.end) }
+                    if UInt(m.address) == regionAddress && Int(m.len) == pages * pageSize { regionAddress = UInt(m.end) }
                     continue
                 }
                 if m.event != UInt32(memlab_UFFD_EVENT_PAGEFAULT) { handleEvent(m); continue }
-                let regionEnd = regionAddress + UInt(pages * 4096)
+                let regionEnd = regionAddress + UInt(pages * pageSize)
                 let a = UInt(m.address)
                 if a >= regionAddress && a < regionEnd {
-                    handleFault(page: Int((a - regionAddress) / 4096), time: now, tid: m.ptid, list: list, scratch: scratch,
+                    handleFault(page: Int((a - regionAddress) / UInt(pageSize)), time: now, tid: m.ptid, list: list, scratch: scratch,
                                 threadCounts: threadCounts, channel: channel)
-                } else if a >= doorbellAddress && a < doorbellAddress + UInt(config.handlerThreads * 4096) {
+                } else if a >= doorbellAddress && a < doorbellAddress + UInt(config.handlerThreads * pageSize) {
                     // The doorbell: the owner asks this thread to leave.
-                    doorbell = a & ~UInt(4095)
+                    doorbell = a & ~UInt(pageSize - 1)
                 } else {
                     // Neither the region nor a doorbell: the workload moved part of the region
                     // or grew it (a whole-region move is followed above) or registered more. Fail the run
@@ -827,7 +1010,7 @@ final class FaultEngine: Sendable {
             drainRetries(retryBuf, scratch, capacity: 64)
             if doorbell != 0 {
                 do throws(SystemError) {
-                    try uffd.zeropage(UnsafeMutableRawPointer(bitPattern: doorbell)!, length: 4096)
+                    try uffd.zeropage(UnsafeMutableRawPointer(bitPattern: doorbell)!, length: pageSize)
                     exit = true
                 } catch {
                     if error.errno == EEXIST { exit = true } else if error.errno != EAGAIN { fail(error); exit = true }
@@ -980,7 +1163,7 @@ final class FaultEngine: Sendable {
     var pusherChannel: Int { config.handlerThreads }
 
     /// REAP: installs `order` before the workload resumes — one bulk transfer, batched COPYs.
-    func prefetchBlocking(_ order: [Int32]) {
+    public func prefetchBlocking(_ order: [Int32]) {
         var sorted = order
         sorted.sort()
         let list = UnsafeMutablePointer<Int32>.allocate(capacity: max(sorted.count, 1))
@@ -991,7 +1174,7 @@ final class FaultEngine: Sendable {
         if n == 0 { return }
         for i in 0..<n { transfers.increment(Int(list[i])) }
         let now = Clock.nanoseconds()
-        let arrival = link.isInstant ? now : link.schedule(bytes: n * 4096, urgent: false, now: now)
+        let arrival = link.isInstant ? now : link.schedule(bytes: n * pageSize, urgent: false, now: now)
         var runs = 0, start = 0
         for i in 1...n where i == n || list[i] != list[i - 1] + 1 {
             scratch[runs] = Delivery(arrival: arrival, first: list[start], count: Int32(i - start), faultTime: 0)
@@ -1015,4 +1198,83 @@ func sortInt32(_ a: UnsafeMutablePointer<Int32>, _ n: Int) {
         a[j + 1] = v
         i += 1
     }
+}
+
+extension FaultEngine {
+    /// Why the engine stopped serving: the kernel's (or the source's) errno and a reason.
+    public struct Failure: Error, Sendable, Equatable, CustomStringConvertible {
+        public let errno: Int32
+        public let reason: String
+        public var description: String { reason }
+    }
+
+    /// Everything the engine counted, as one plain value.
+    public struct Counters: Sendable, Equatable {
+        /// Faults by how they were served: a transfer of their own, joined to one in flight,
+        /// on a page a push had in flight, or locally (known zero, already there, dropped).
+        public var remoteFaults = 0, joinedFaults = 0, prefetchServedFaults = 0, localFaults = 0
+        /// uffd messages and non-fault events read.
+        public var messages = 0, events = 0
+        /// Installs that found the page there (EEXIST), met mmap_changing (EAGAIN), or found
+        /// the region moved under them (ENOENT, retried at the new address).
+        public var eexist = 0, eagain = 0, movedUnderInstall = 0
+        /// Pages whose install waited in the retry ring.
+        public var deferredPages = 0
+        public var removeEvents = 0, unmapEvents = 0, remapEvents = 0, forkEvents = 0
+        /// Faults of a forked child served by its fork server; faults on pages the
+        /// application dropped after their install.
+        public var forkFaults = 0, droppedRefaults = 0
+        public var ioctls = 0, wakes = 0
+        /// Pages claimed (transferred or installed locally), and those claimed by the pusher.
+        public var claimedPages = 0, pushedPages = 0
+        /// CPU time of the engine's threads.
+        public var handlerCPUSeconds = 0.0
+        /// CLOCK_MONOTONIC ns when the last page was installed (0: never).
+        public var fullyInstalledAt: UInt64 = 0
+        /// Remote faults per workload thread (UFFD_FEATURE_THREAD_ID), by the order of the
+        /// tids given to `start`, and those whose tid was none of them.
+        public var faultsPerThread: [Int] = []
+        public var faultsUnattributed = 0
+        /// Handler-side latency of each remote fault (read → installed and woken), ns.
+        public var faultLatencyNS: [UInt64] = []
+        /// Pages in the order their first fault reached a handler.
+        public var faultOrder: [Int32] = []
+        public var failure: Failure?
+        /// Where the region ended (a whole-region mremap moves it).
+        public var regionAddress: UInt = 0
+        public init() {}
+    }
+
+    /// One page after the engine stopped.
+    public struct PageRecord: Sendable, Equatable {
+        public enum Installed: Sendable { case byFault, byPush, locally }
+        /// How the engine installed it (nil: never, or still in flight when it stopped).
+        public var installed: Installed?
+        /// Times it was sent over the link (more than 1: a duplicate).
+        public var transfers: Int
+        /// The application dropped it (MADV_DONTNEED, munmap) during the run.
+        public var dropped: Bool
+    }
+
+    /// Wakes the delivery thread (it re-reads its stop flag, or an earlier arrival).
+    func ringDelivery() {
+        var one: UInt64 = 1
+        _ = Glibc.write(eventFD, &one, 8)
+    }
+}
+
+/// A fixed array of Int32 atomics (the workload's tids: written before the handlers start,
+/// read on the fault path). Frees its own storage.
+final class AtomicInt32Array: @unchecked Sendable {
+    // @unchecked: a raw pointer whose elements are accessed only through `Atomic`.
+    private let p: UnsafeMutablePointer<Atomic<Int32>>
+    let count: Int
+    init(count: Int) {
+        self.count = count
+        p = .allocate(capacity: max(count, 1))
+        for i in 0..<count { (p + i).initialize(to: Atomic(0)) }
+    }
+    deinit { p.deinitialize(count: count); p.deallocate() }
+    @inline(__always) func load(_ i: Int) -> Int32 { p[i].load(ordering: .relaxed) }
+    @inline(__always) func store(_ i: Int, _ v: Int32) { p[i].store(v, ordering: .relaxed) }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import LabKit
 import LinuxMM
+import Transfer
 
 /// Live migration, pre-copy: a workload dirties pages at a chosen rate while its memory goes
 /// over an emulated link in rounds; the dirty pages come from the kernel (userfaultfd
@@ -30,7 +31,7 @@ public struct MigrationScenario: Scenario {
         ParameterSpec("max_rounds", .int(1...10_000), default: .int(30), help: "stop-and-copy after this many rounds even if not converged"),
         ParameterSpec("tracking", .choice(MigrationScenario.trackings), default: .string("wp-async"), help: "dirty tracking: wp-async (uffd WP_ASYNC + PAGEMAP_SCAN), wp-sync (uffd WP with a handler thread; counts write faults), soft-dirty (clear_refs; where the kernel has it)"),
         ParameterSpec("precopy_rounds", .int(0...10_000), default: .int(2), help: "hybrid: pre-copy rounds before the switch to post-copy (0: pure post-copy)"),
-        ParameterSpec("postcopy_policy", .choice(PostcopyPhase.policies), default: .string("background-push"), help: "hybrid/postcopy: how the missing pages move: " + PostcopyPhase.policies.joined(separator: ", ")),
+        ParameterSpec("postcopy_policy", .choice(PostcopyPhase.policies.map(\.rawValue)), default: .string("background-push"), help: "hybrid/postcopy: how the missing pages move: " + PostcopyPhase.policies.map(\.rawValue).joined(separator: ", ")),
         ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("preempt"), help: "hybrid/postcopy: fifo: a faulting page queues behind pushed pages; preempt: it goes first (QEMU's preempt channel)"),
         ParameterSpec("drain_after_s", .double(0...3600), default: .double(0.5), help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)"),
         ParameterSpec("written_fraction", .double(0.0001...1), default: .double(0.1), help: "dirty-scan: fraction of pages written per step"),
@@ -147,7 +148,7 @@ public struct MigrationScenario: Scenario {
         let region = try AnonymousMapping(length: p.int("size"))
         let pages = region.length / page
         // Half the pages populated, half never touched: WP_UNPOPULATED must see both.
-        touchPages(region.base, length: region.length / 2, stride: page)
+        region.touch(stride: page, bytes: region.length / 2)
         let tracker = try makeTracker(p.string("tracking"), base: region.base, length: region.length)
         defer { tracker.close() }
         try tracker.protectAll()

@@ -3,6 +3,8 @@ import Glibc
 #endif
 import CLinuxMM
 import LinuxMM
+import Workloads
+import Transfer
 import Synchronization
 
 /// The access traces of a restore's workload, generated before anything is timed: one per
@@ -169,9 +171,9 @@ final class WorkloadRun: @unchecked Sendable {
     var tids: [Int32] { (0..<traces.threads).map { tidStorage[$0] } }
 
     /// Starts the threads; they wait for `release()`.
-    func start() {
+    func start() throws {
         for t in 0..<traces.threads {
-            threads.append(OSThread { [self] in self.body(t) })
+            threads.append(try OSThread { [self] in self.body(t) })
         }
         while ready.load(ordering: .acquiring) < traces.threads { sched_yield() }
     }

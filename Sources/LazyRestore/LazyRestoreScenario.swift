@@ -5,6 +5,7 @@ import CLinuxMM
 import Histogram
 import LabKit
 import LinuxMM
+import Transfer
 
 /// Lazy restore / post-copy over userfaultfd: the destination is this (child) process, whose
 /// region is registered with userfaultfd and filled on demand by memlab's fault engine; only
@@ -20,7 +21,7 @@ public struct LazyRestoreScenario: Scenario {
         Variant("floors", "this machine's floors: first-touch fault, UFFDIO_COPY per page and bulk, local fault round trip per wait mode, loopback TCP RTT"),
     ]
 
-    static let policies = RestoreConfig.Policy.allCases.map(\.rawValue)
+    static let policies = EngineConfig.Policy.allCases.map(\.rawValue)
 
     public let parameters: [ParameterSpec] = [
         ParameterSpec("size", .size((1 << 20)...(16 << 30)), default: .int(64 << 20), help: "bytes of the restored region"),
@@ -121,7 +122,7 @@ public struct LazyRestoreScenario: Scenario {
         let remote = params.string("source_address")
         if !remote.isEmpty {
             if params.string("source") != "tcp" { throw UsageError("source_address is used only with source=tcp") }
-            do { _ = try WireSocket.parse(remote) } catch { throw UsageError("source_address '\(remote)': \(error) (expected IPv4:PORT, e.g. 10.0.0.2:7070)") }
+            do { _ = try SocketAddress.tcp(remote) } catch { throw UsageError("source_address '\(remote)': \(error) (expected IPv4:PORT, e.g. 10.0.0.2:7070)") }
             if params.double("kill_source_after_s") > 0 { throw UsageError("kill_source_after_s kills a source process of ours; with source_address the source is not ours") }
         }
 
@@ -129,12 +130,12 @@ public struct LazyRestoreScenario: Scenario {
 
     public func deadline(variant: String, params: Params) -> Double { params.double("source_deadline_s") * 3 + 60 }
 
-    func config(_ p: Params) -> RestoreConfig {
-        var c = RestoreConfig()
-        c.policy = RestoreConfig.Policy(rawValue: p.string("policy"))!
-        c.resolve = RestoreConfig.Resolve(rawValue: p.string("resolve"))!
+    func config(_ p: Params) -> EngineConfig {
+        var c = EngineConfig()
+        c.policy = EngineConfig.Policy(rawValue: p.string("policy"))!
+        c.resolve = EngineConfig.Resolve(rawValue: p.string("resolve"))!
         c.shmemRegion = p.string("region") == "memfd"
-        c.wait = RestoreConfig.WaitMode(rawValue: p.string("wait"))!
+        c.wait = EngineConfig.WaitMode(rawValue: p.string("wait"))!
         c.handlerThreads = p.int("handler_threads")
         c.batch = p.int("batch")
         c.windowPages = p.int("window_pages")
@@ -176,8 +177,7 @@ public struct LazyRestoreScenario: Scenario {
         // A new image per repetition, except from a remote source: it serves one image.
         let seed = UInt64(p.int("seed")) &+ (p.string("source_address").isEmpty ? UInt64(ctx.repetition) &* 7919 : 0)
         let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
-        defer { image.release() }
-        let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!
+                let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!
         let trace = pattern == .trace ? try TraceFile.load(p.string("trace_file"), pages: pages) : []
         let threads = p.int("threads")
         let traces = AccessTraces(pattern: pattern, pages: pages,
@@ -208,10 +208,10 @@ public struct LazyRestoreScenario: Scenario {
             first.policy = .onDemand
             let rec = try performRestore(config: first, image: image, traces: traces, link: link(p), reapOrder: nil, deadlineS: deadlineS, source: source)
             if let f = rec.failed { throw ScenarioError.failed("first (recording) restore: \(f)") }
-            ctx.record("first_restore_remote_faults", Double(rec.remote), .count, better: .none)
+            ctx.record("first_restore_remote_faults", Double(rec.engine.remoteFaults), .count, better: .none)
             ctx.record("first_restore_total_time", Double(rec.workload.endNS - rec.workload.startNS) / 1e9, .s, better: .none)
-            ctx.record("recorded_working_set", Double(rec.faultOrder.count), .pages, better: .none)
-            if p.string("replay_mode") == "before" { reap = rec.faultOrder } else { cfg.pushOrder = rec.faultOrder }
+            ctx.record("recorded_working_set", Double(rec.engine.faultOrder.count), .pages, better: .none)
+            if p.string("replay_mode") == "before" { reap = rec.engine.faultOrder } else { cfg.pushOrder = rec.engine.faultOrder }
         }
 
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
@@ -232,7 +232,7 @@ public struct LazyRestoreScenario: Scenario {
         let resident = try AnonymousMapping(length: pages * 4096, kind: .base)
         memcpy(resident.base, image.base, pages * 4096)
         let baseline = WorkloadRun(traces: traces, region: resident.base, seed: seed)
-        baseline.start()
+        try baseline.start()
         baseline.release(at: Clock.nanoseconds())
         let b = baseline.join()
 
@@ -242,15 +242,15 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("time_to_first_response", Double(w.firstResponseNS &- w.startNS) / 1e9, .s, better: .lower)
         if let full = r.fullyInstalledS { ctx.record("time_to_full_restore", full, .s, better: .lower) }
         ctx.record("bytes_transferred", Double(r.bytes), .bytes, better: .lower)
-        ctx.record("postcopy_requests", Double(r.remote), .count, better: .lower)
-        ctx.record("faults_remote", Double(r.remote), .count, better: .lower)
-        ctx.record("faults_local", Double(r.local), .count, better: .none)
-        ctx.record("faults_served_by_prefetch", Double(r.prefetchServed), .count, better: .none)
-        ctx.record("faults_joined", Double(r.joined), .count, better: .none)
-        ctx.record("fault_messages", Double(r.messages), .count, better: .none)
+        ctx.record("postcopy_requests", Double(r.engine.remoteFaults), .count, better: .lower)
+        ctx.record("faults_remote", Double(r.engine.remoteFaults), .count, better: .lower)
+        ctx.record("faults_local", Double(r.engine.localFaults), .count, better: .none)
+        ctx.record("faults_served_by_prefetch", Double(r.engine.prefetchServedFaults), .count, better: .none)
+        ctx.record("faults_joined", Double(r.engine.joinedFaults), .count, better: .none)
+        ctx.record("fault_messages", Double(r.engine.messages), .count, better: .none)
         var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
-        for v in r.faultLatency { _ = h.record(max(v, 1)) }
-        if !r.faultLatency.isEmpty {
+        for v in r.engine.faultLatencyNS { _ = h.record(max(v, 1)) }
+        if !r.engine.faultLatencyNS.isEmpty {
             ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
             ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
             ctx.record("fault_latency_p999", Double(h.valueAtPercentile(99.9)), .ns, better: .lower)
@@ -278,9 +278,9 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("ops_per_second", w.opsPerSecond, .count, better: .higher)
         ctx.record("resident_ops_per_second", b.opsPerSecond, .count, better: .higher)
         ctx.record("slowdown", w.opsPerSecond > 0 ? b.opsPerSecond / w.opsPerSecond : 0, .ratio, better: .lower)
-        ctx.record("handler_cpu_time", r.handlerCPU, .s, better: .lower)
-        ctx.record("uffd_ioctls", Double(r.ioctls), .count, better: .none)
-        ctx.record("uffd_wakes", Double(r.wakes), .count, better: .none)
+        ctx.record("handler_cpu_time", r.engine.handlerCPUSeconds, .s, better: .lower)
+        ctx.record("uffd_ioctls", Double(r.engine.ioctls), .count, better: .none)
+        ctx.record("uffd_wakes", Double(r.engine.wakes), .count, better: .none)
         if let source {
             ctx.record("source_requests", Double(r.sourceRequests), .count, better: .none)
             ctx.record("source_bytes_received", Double(r.sourceBytes), .bytes, better: .none)
@@ -289,34 +289,34 @@ public struct LazyRestoreScenario: Scenario {
                       describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × 4096 (each page fetched once)")
             ctx.note("pages came from the \(source.label); the destination's own copy of the image served only the zero-page map and the verification")
         }
-        ctx.record("uffd_eagain", Double(r.eagain), .count, better: .none)
-        ctx.record("deferred_installs", Double(r.deferredPages), .pages, better: .none)
-        ctx.record("remove_events", Double(r.removeEvents), .count, better: .none)
-        ctx.record("unmap_events", Double(r.unmapEvents), .count, better: .none)
-        if r.movedUnderInstall > 0 { ctx.note("\(r.movedUnderInstall) installs met ENOENT: the region moved (mremap) between the engine reading its address and the ioctl; each was retried there (at once, or after the REMAP event was handled)") }
-        if r.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.deferredPages) pages deferred and retried after the next read") }
+        ctx.record("uffd_eagain", Double(r.engine.eagain), .count, better: .none)
+        ctx.record("deferred_installs", Double(r.engine.deferredPages), .pages, better: .none)
+        ctx.record("remove_events", Double(r.engine.removeEvents), .count, better: .none)
+        ctx.record("unmap_events", Double(r.engine.unmapEvents), .count, better: .none)
+        if r.engine.movedUnderInstall > 0 { ctx.note("\(r.engine.movedUnderInstall) installs met ENOENT: the region moved (mremap) between the engine reading its address and the ioctl; each was retried there (at once, or after the REMAP event was handled)") }
+        if r.engine.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.engine.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.engine.deferredPages) pages deferred and retried after the next read") }
         if p.int("remap_after") > 0 {
-            ctx.record("remap_events", Double(r.remapEvents), .count, better: .none)
+            ctx.record("remap_events", Double(r.engine.remapEvents), .count, better: .none)
             if r.moveErrno != 0 { throw ScenarioError.failed("the workload's mremap failed: \(SystemError(errno: r.moveErrno, call: "mremap"))") }
-            ctx.check("region_moved_and_followed", expected: 1, observed: Double(r.remapEvents), tolerance: 0,
+            ctx.check("region_moved_and_followed", expected: 1, observed: Double(r.engine.remapEvents), tolerance: 0,
                       describe: "the workload's mremap of the whole region reached the handler as one REMAP event (installs and faults then use the new address)")
             ctx.check("region_ended_at_new_address", expected: 1, observed: r.regionMoved ? 1 : 0, tolerance: 0,
                       describe: "contents were verified at the address the region was moved to")
         }
         if p.int("fork_after") > 0 {
-            ctx.record("fork_events", Double(r.forkEvents), .count, better: .none)
-            ctx.record("fork_faults", Double(r.forkFaults), .count, better: .none)
+            ctx.record("fork_events", Double(r.engine.forkEvents), .count, better: .none)
+            ctx.record("fork_faults", Double(r.engine.forkFaults), .count, better: .none)
             let mismatches = r.forkChildMismatches ?? -3
             if mismatches < 0 { throw ScenarioError.failed(mismatches == -2 ? "the forked child was killed by a signal" : "the workload could not fork (\(mismatches))") }
-            ctx.check("fork_event_seen", expected: 1, observed: Double(r.forkEvents), tolerance: 0, describe: "the workload's fork reached the handler as one FORK event")
+            ctx.check("fork_event_seen", expected: 1, observed: Double(r.engine.forkEvents), tolerance: 0, describe: "the workload's fork reached the handler as one FORK event")
             ctx.check("fork_child_contents_match", expected: 0, observed: Double(mismatches), tolerance: 0,
                       describe: "pages (every 7th) that differ from the source in the forked child, whose missing pages the fork server filled")
         }
         if p.int("drop_every") > 0 {
             ctx.record("workload_drops", Double(r.workload.drops), .count, better: .none)
             ctx.record("dropped_pages", Double(r.droppedPages), .pages, better: .none)
-            ctx.record("dropped_refaults", Double(r.droppedRefaults), .count, better: .none)
-            ctx.check("remove_events_seen", expected: Double(r.workload.drops), observed: Double(r.removeEvents), tolerance: 0,
+            ctx.record("dropped_refaults", Double(r.engine.droppedRefaults), .count, better: .none)
+            ctx.check("remove_events_seen", expected: Double(r.workload.drops), observed: Double(r.engine.removeEvents), tolerance: 0,
                       describe: "each MADV_DONTNEED of the workload reached the handler as one REMOVE event")
             if p.double("write_ratio") == 0 && cfg.policy == .onDemand && p.string("workload") == "sequential" {
                 ctx.check("dropped_pages_read_zero", expected: 0, observed: Double(r.droppedNonZero), tolerance: 0,
@@ -332,7 +332,7 @@ public struct LazyRestoreScenario: Scenario {
             ctx.record("faults_per_thread_min", Double(mn), .count, better: .none)
             ctx.record("faults_thread_imbalance", mean > 0 ? Double(mx) / mean : 0, .ratio, better: .none)
             ctx.record("faults_unattributed", Double(r.faultsUnattributed), .count, better: .lower)
-            ctx.check("faults_per_thread_sum", expected: Double(r.remote), observed: Double(r.faultsPerThread.reduce(0, +) + r.faultsUnattributed), tolerance: 0,
+            ctx.check("faults_per_thread_sum", expected: Double(r.engine.remoteFaults), observed: Double(r.faultsPerThread.reduce(0, +) + r.faultsUnattributed), tolerance: 0,
                       describe: "remote faults attributed to workload threads (by ptid) plus unattributed = remote faults")
         }
         if reap != nil {
@@ -350,7 +350,7 @@ public struct LazyRestoreScenario: Scenario {
         ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
                   describe: "pages the workload touched that the engine never installed")
         if cfg.policy == .onDemand && p.int("threads") == 1 && p.int("drop_every") == 0 {
-            ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.remote + r.local), tolerance: 0,
+            ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.engine.remoteFaults + r.engine.localFaults), tolerance: 0,
                       describe: "on-demand, one thread: remote + local (zero) faults = distinct pages touched")
         }
         let against: String

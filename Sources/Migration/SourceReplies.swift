@@ -1,3 +1,4 @@
+import Transfer
 /// The source's checks of what the destination answers, one per message, socket-free (the
 /// fuzzer runs them too). Each throws unless the frame is exactly the answer expected.
 public enum SourceReplies {

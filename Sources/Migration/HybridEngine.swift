@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CLinuxMM
 import LinuxMM
+import Transfer
 
 /// What a hybrid (or pure post-copy) migration measured.
 public struct HybridOutcome: Sendable {
@@ -38,20 +39,20 @@ public struct HybridOutcome: Sendable {
 /// post-copy), then the workload is stopped at the source; the switch drops the pages dirtied
 /// since their last send from the destination (MADV_DONTNEED: they read as missing), registers
 /// the destination region with userfaultfd, and resumes the workload there. Its faults are
-/// served by the lazy-restore fault engine (PostcopyPhase) over an EmulatedLink with the same
+/// served by the Transfer layer's fault engine (PostcopyPhase) over an EmulatedLink with the same
 /// bandwidth and RTT as the pre-copy link, with the chosen policy. The source stays paused;
 /// its memory is what the engine copies from and what the destination is compared with.
 public struct HybridEngine {
     public let model: LinkModel
     public let precopyRounds: Int
-    public let policy: String
+    public let policy: EngineConfig.Policy
     public let preempt: Bool
     /// on-demand: start a linear drain this long after the resume (else the migration would
     /// never end for pages the workload does not touch).
     public let drainAfter: Double
     public let deadline: Double
 
-    public init(model: LinkModel, precopyRounds: Int, policy: String, preempt: Bool, drainAfter: Double, deadline: Double) {
+    public init(model: LinkModel, precopyRounds: Int, policy: EngineConfig.Policy, preempt: Bool, drainAfter: Double, deadline: Double) {
         self.model = model
         self.precopyRounds = precopyRounds
         self.policy = policy
@@ -142,16 +143,16 @@ public struct HybridEngine {
             let now = Clock.nanoseconds()
             if phase.failed { failure = "the fault engine failed"; break }
             if now > end { failure = "post-copy did not complete within \(deadline) s"; break }
-            if policy == "on-demand" && out.drainStartedAfter == nil && now >= tResume + UInt64(drainAfter * 1e9) {
+            if policy == .onDemand && out.drainStartedAfter == nil && now >= tResume + UInt64(drainAfter * 1e9) {
                 out.drainStartedAfter = Double(now - tResume) / 1e9
-                phase.startPusher()
+                try phase.startPusher()
             }
             Clock.sleep(until: now + 200_000, spinNS: 0)
         }
         dst.stop()
         out.postcopy = phase.finish()
-        if let f = failure ?? out.postcopy.failure { throw SystemError(errno: EIO, call: "hybrid migration: \(f)") }
-        let done = out.postcopy.completedAt
+        if let f = failure ?? out.postcopy.engine.failure?.reason { throw SystemError(errno: EIO, call: "hybrid migration: \(f)") }
+        let done = out.postcopy.engine.fullyInstalledAt
         out.totalTime = Double(done - t0) / 1e9
         out.postcopyTime = done > tResume ? Double(done - tResume) / 1e9 : 0
         out.syncTime = Double(syncNS) / 1e9

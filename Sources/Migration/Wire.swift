@@ -4,18 +4,12 @@ import Glibc
 import LinuxMM
 import Synchronization
 import CLinuxMM
+import Transfer
 
-/// The migration protocol (docs/migration-protocol.md): frames over one TCP connection.
-///
-///     0  2  magic "ML"
-///     2  1  type (MessageType)
-///     3  1  flags (0)
-///     4  4  payload length, little-endian (at most maxPayload)
-///     8  …  payload
+/// The migration protocol (docs/migration-protocol.md): Transfer's frames (`FrameHeader`)
+/// over one TCP connection, with the message types below.
 public enum Wire {
     public static let protocolVersion: UInt32 = 1
-    public static let magic: (UInt8, UInt8) = (0x4D, 0x4C)
-    public static let maxPayload = 16 << 20
     public static let pagesPerFrame = 64
     /// Payload bytes a connection's reader queues ahead of the protocol before it stops
     /// reading (TCP flow control then holds the peer): a peer that sends faster than this side
@@ -43,7 +37,10 @@ public struct Frame: Sendable {
 }
 
 public enum WireError: Error, CustomStringConvertible, Equatable {
-    case system(String)
+    /// A call the kernel refused, with its errno.
+    case system(SystemError)
+    /// An argument this side was given that it cannot use (a timeout out of range).
+    case invalid(String)
     case timeout(String)
     case peerClosed(String)
     case malformed(String)
@@ -52,13 +49,23 @@ public enum WireError: Error, CustomStringConvertible, Equatable {
     case mismatch(String)
     public var description: String {
         switch self {
-        case .system(let s): return s
+        case .system(let e): return e.description
+        case .invalid(let s): return s
         case .timeout(let s): return "timeout: \(s)"
         case .peerClosed(let s): return "peer closed the connection: \(s)"
         case .malformed(let s): return "malformed message: \(s)"
         case .refused(let s): return "refused: \(s)"
         case .peerError(let s): return "the other side failed: \(s)"
         case .mismatch(let s): return "verification failed: \(s)"
+        }
+    }
+
+    /// A socket's failure in the protocol's terms: errno kept.
+    public init(_ e: SocketError) {
+        switch e {
+        case .system(let s): self = .system(s)
+        case .timeout(let s): self = .timeout(s)
+        case .address(let s): self = .invalid(s)
         }
     }
 }
@@ -98,7 +105,7 @@ struct PayloadReader {
 /// delay stage's one-way delay (memlab's stand-in for netem where the kernel has none), and
 /// no later than the deadline: a silent or dead peer is an error, never a hang. The reader
 /// queues at most `Wire.maxQueuedBytes` ahead of the protocol (payload plus 64 bytes a frame).
-public final class WireConnection: @unchecked Sendable {
+public final class WireConnection: Sendable {
     /// A FIFO with a head index (taking the first is O(1): a flood of small frames must not
     /// make each receive move the whole queue), compacted as it drains.
     private struct Queue {
@@ -123,55 +130,47 @@ public final class WireConnection: @unchecked Sendable {
     /// so a flood of empty frames is bounded too.
     static func queuedCost(_ payloadBytes: Int) -> Int { 64 + payloadBytes }
 
-    public let fd: Int32
+    public let socket: Socket
+    public var fd: Int32 { socket.fd }
     public let delayNS: UInt64
     public let timeoutS: Double
     private let queue = Lock<Queue>(Queue())
-    private let sem: UnsafeMutablePointer<sem_t>
+    /// Posted once per queued frame.
+    private let arrived = Semaphore()
     /// Posted when the queue has room again (or the connection closes) for a waiting reader.
-    private let space: UnsafeMutablePointer<sem_t>
-    private var reader: pthread_t?
+    private let space = Semaphore()
+    private let reader = Lock<OSThread?>(nil)
     private let closedFlag = Atomic<Bool>(false)
-    public private(set) var bytesSent = 0
+    private let sent = Atomic<Int>(0)
+    public var bytesSent: Int { sent.load(ordering: .relaxed) }
 
-    /// `timeoutS` must be a `Wire.validTimeout`, `delayNS` at most a minute: the CLI checks
+    /// `timeoutS` must be a `Deadline.valid` one, `delayNS` at most a minute: the CLI checks
     /// both, and a bad value here is refused rather than turned into a trap or a hang.
-    public init(fd: Int32, delayNS: UInt64, timeoutS: Double) throws(WireError) {
-        guard Wire.validTimeout(timeoutS) else { throw .system("timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
-        guard delayNS <= 60_000_000_000 else { throw .system("delay stage of \(delayNS) ns exceeds 60 s") }
-        self.fd = fd
+    public init(socket: Socket, delayNS: UInt64, timeoutS: Double) throws(WireError) {
+        guard Deadline.valid(timeoutS) else { throw .invalid("timeout \(timeoutS) s is outside 0 < t ≤ \(Deadline.maxS)") }
+        guard delayNS <= 60_000_000_000 else { throw .invalid("delay stage of \(delayNS) ns exceeds 60 s") }
+        self.socket = socket
         self.delayNS = delayNS
         self.timeoutS = timeoutS
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        var tv = Wire.timeval(seconds: timeoutS)
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        sem = .allocate(capacity: 1)
-        sem_init(sem, 0, 0)
-        space = .allocate(capacity: 1)
-        sem_init(space, 0, 0)
-        reader = startThread { [self] in self.readLoop() }
-        if reader == nil {
-            let e = SystemError(errno: EAGAIN, call: "pthread_create (connection reader)")
-            sem_destroy(sem); sem.deallocate(); sem_destroy(space); space.deallocate()
-            throw .system(e.description)
+        socket.setNoDelay()
+        socket.setTimeouts(seconds: timeoutS, receive: false)
+        do throws(SystemError) {
+            let t = try OSThread { [self] in self.readLoop() }
+            reader.withLock { $0 = t }
+        } catch {
+            throw .system(SystemError(errno: error.errno, call: "pthread_create (connection reader)"))
         }
     }
 
-    deinit {
-        close()
-        sem_destroy(sem)
-        sem.deallocate()
-        sem_destroy(space)
-        space.deallocate()
-    }
+    deinit { close() }
 
+    /// Ends the connection: the reader is stopped and joined, the socket closed (once).
     public func close() {
         if closedFlag.exchange(true, ordering: .acquiringAndReleasing) { return }
-        shutdown(fd, Int32(SHUT_RDWR))
-        sem_post(space)   // a reader waiting for room sees the close
-        if let r = reader { pthread_join(r, nil) }
-        Glibc.close(fd)
+        socket.shutdown()
+        space.post()   // a reader waiting for room sees the close
+        reader.withLock { $0 }?.join()
+        socket.close()
     }
 
     private func readExactly(_ p: UnsafeMutableRawPointer, _ n: Int) -> Int {
@@ -195,9 +194,9 @@ public final class WireConnection: @unchecked Sendable {
             if q.bytes > Wire.maxQueuedBytes { q.readerWaiting = true; return true }
             return false
         }
-        sem_post(sem)
+        arrived.post()
         if full {
-            while sem_wait(space) != 0 && errno == EINTR {}
+            space.wait()
             if closedFlag.load(ordering: .acquiring) { return false }
         }
         return true
@@ -215,10 +214,13 @@ public final class WireConnection: @unchecked Sendable {
                 return
             }
             if got < FrameHeader.size { _ = push(.failure(.malformed("connection closed in the middle of a frame header (\(got) of 8 bytes)"))); return }
-            let decoded = header.withUnsafeBytes { FrameHeader.decode($0) }
-            guard case .success(let (type, length)) = decoded else {
-                if case .failure(let e) = decoded { _ = push(.failure(e)) }
-                return
+            let type: MessageType, length: Int
+            switch header.withUnsafeBytes({ FrameHeader.decode($0) }) {
+            case .failure(let e): _ = push(.failure(.malformed(e.description))); return
+            case .success(let (t, l)):
+                guard let m = MessageType(rawValue: t) else { _ = push(.failure(.malformed("unknown message type \(t)"))); return }
+                type = m
+                length = l
             }
             var payload = [UInt8](repeating: 0, count: length)
             if length > 0 {
@@ -233,35 +235,27 @@ public final class WireConnection: @unchecked Sendable {
 
     /// The next frame, after the delay stage; `.timeout` when none arrives in `timeoutS`.
     public func receive(waitingFor what: String) throws(WireError) -> Frame {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        // timeoutS ≤ a day (init): these conversions stay in range.
-        let whole = timeoutS.rounded(.down)
-        ts.tv_sec += Int(whole)
-        ts.tv_nsec += Int((timeoutS - whole) * 1e9)
-        if ts.tv_nsec >= 1_000_000_000 { ts.tv_sec += 1; ts.tv_nsec -= 1_000_000_000 }
-        while sem_timedwait(sem, &ts) != 0 {
-            if errno == EINTR { continue }
+        guard arrived.wait(seconds: timeoutS) else {
             throw .timeout("no message from the peer within \(timeoutS) s while waiting for \(what)")
         }
-        let (arrived, result) = queue.withLock { $0.takeFirst() }
+        let (arrivedAt, result) = queue.withLock { $0.takeFirst() }
         if case .success(let f) = result {
             let wake = queue.withLock { q -> Bool in
                 q.bytes -= Self.queuedCost(f.payload.count)
                 if q.readerWaiting && q.bytes <= Wire.maxQueuedBytes { q.readerWaiting = false; return true }
                 return false
             }
-            if wake { sem_post(space) }
+            if wake { space.post() }
         }
-        if delayNS > 0 { Clock.sleep(until: arrived &+ delayNS) }
+        if delayNS > 0 { Clock.sleep(until: arrivedAt &+ delayNS) }
         switch result {
         case .success(let f):
             if f.type == .error { throw .peerError(PeerText.decode(f.payload)) }
             return f
         case .failure(let e):
             // Keep the failure for any later receive too.
-            queue.withLock { $0.putBack((arrived, .failure(e))) }
-            sem_post(sem)
+            queue.withLock { $0.putBack((arrivedAt, .failure(e))) }
+            arrived.post()
             throw e
         }
     }
@@ -276,8 +270,8 @@ public final class WireConnection: @unchecked Sendable {
 
     /// Writes a frame whole (MSG_NOSIGNAL: a dead peer is an error, not SIGPIPE).
     public func send(_ type: MessageType, _ payload: UnsafeRawPointer?, _ count: Int) throws(WireError) {
-        guard count >= 0, count <= Wire.maxPayload else { throw .system("refusing to send a \(type) of \(count) bytes (limit \(Wire.maxPayload))") }
-        var header = FrameHeader.encode(type, length: count)
+        guard count >= 0, count <= FrameHeader.maxPayload else { throw .invalid("refusing to send a \(type) of \(count) bytes (limit \(FrameHeader.maxPayload))") }
+        var header = FrameHeader.encode(type.rawValue, length: count)
         // A small frame goes out in one write (one segment under TCP_NODELAY): a peer that
         // reads a REFUSE with one recv gets its text too.
         let joined = count > 0 && count <= 64 << 10 && payload != nil
@@ -288,7 +282,7 @@ public final class WireConnection: @unchecked Sendable {
         }
         if let failure { throw failure }
         if !joined, count > 0, let p = payload { try writeAll(p, count, type) }
-        bytesSent += 8 + count
+        sent.add(8 + count, ordering: .relaxed)
     }
 
     private func writeAll(_ p: UnsafeRawPointer, _ n: Int, _ type: MessageType) throws(WireError) {
@@ -313,92 +307,7 @@ public final class WireConnection: @unchecked Sendable {
 
     /// Tells the peer why this side gives up — best effort, never blocking: after a timeout
     /// the link is what failed, and waiting on it again would only delay the report.
-    public func sendError(_ text: String) {
-        let body = Array(text.utf8.prefix(4096))
-        let frame = FrameHeader.encode(.error, length: body.count) + body
-        _ = frame.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
-    }
-}
-
-/// Socket set-up: an IPv4 address "A.B.C.D:PORT".
-public enum WireSocket {
-    public static func parse(_ address: String) throws(WireError) -> sockaddr_in {
-        guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]) else {
-            throw .system("address '\(address)' is not IPv4:PORT")
-        }
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = port.bigEndian
-        let host = String(address[..<colon])
-        if inet_pton(AF_INET, host, &sa.sin_addr) != 1 { throw .system("'\(host)' is not an IPv4 address") }
-        return sa
-    }
-
-    /// Listens on `address`; returns the listening socket.
-    public static func listen(_ address: String) throws(WireError) -> Int32 {
-        var sa = try parse(address)
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw .system(SystemError.current("socket").description) }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        if rc != 0 { let e = SystemError.current("bind", path: address); Glibc.close(fd); throw .system(e.description) }
-        if Glibc.listen(fd, 1) != 0 { let e = SystemError.current("listen", path: address); Glibc.close(fd); throw .system(e.description) }
-        return fd
-    }
-
-    /// Accepts one connection within `timeoutS`.
-    public static func accept(_ listener: Int32, timeoutS: Double) throws(WireError) -> Int32 {
-        guard Wire.validTimeout(timeoutS) else { throw .system("accept timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
-        var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-        let start = Clock.nanoseconds()
-        while true {
-            let left = timeoutS - Clock.seconds(since: start)
-            if left <= 0 { throw .timeout("no source connected within \(timeoutS) s") }
-            let r = poll(&p, 1, Int32(min(left * 1000, 1000).rounded(.up)))
-            if r < 0 && errno != EINTR { throw .system(SystemError.current("poll").description) }
-            if r > 0 { break }
-        }
-        let fd = Glibc.accept(listener, nil, nil)
-        if fd < 0 { throw .system(SystemError.current("accept").description) }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        return fd
-    }
-
-    /// Connects within `timeoutS`, retrying while the destination is not yet listening.
-    public static func connect(_ address: String, timeoutS: Double) throws(WireError) -> Int32 {
-        var sa = try parse(address)
-        guard Wire.validTimeout(timeoutS) else { throw .system("connect timeout \(timeoutS) s is outside 0 < t ≤ \(Wire.maxTimeoutS)") }
-        let start = Clock.nanoseconds()
-        var last = ""
-        while Clock.seconds(since: start) < timeoutS {
-            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            if fd < 0 { throw .system(SystemError.current("socket").description) }
-            // Non-blocking connect bounded by poll: an unreachable host is an error in time.
-            let flags = fcntl(fd, F_GETFL)
-            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-            var rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-            if rc != 0 && errno == EINPROGRESS {
-                var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                let left = Int32(max(1, min((timeoutS - Clock.seconds(since: start)) * 1000, Wire.maxTimeoutS * 1000)))
-                if poll(&p, 1, left) == 1 {
-                    var err: Int32 = 0
-                    var len = socklen_t(MemoryLayout<Int32>.size)
-                    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
-                    rc = err == 0 ? 0 : -1
-                    errno = err
-                } else { errno = ETIMEDOUT }
-            }
-            if rc == 0 {
-                _ = fcntl(fd, F_SETFL, flags)
-                return fd
-            }
-            last = SystemError.current("connect", path: address).description
-            Glibc.close(fd)
-            Clock.sleep(nanoseconds: 50_000_000)
-        }
-        throw .timeout("could not connect to \(address) within \(timeoutS) s (\(last))")
-    }
+    public func sendError(_ text: String) { socket.sendTextFrame(MessageType.error.rawValue, text) }
 }
 
 /// The source's side: pre-copy's `PageLink` over a `WireConnection`.

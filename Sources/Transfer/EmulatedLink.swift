@@ -7,10 +7,10 @@ import Synchronization
 /// until then. With `preempt` off, urgent pages (a thread is faulting) queue behind every bulk
 /// byte already sent (one shared FIFO, like a single TCP stream); with it on, they go out
 /// ahead of queued bulk data, which is pushed back (QEMU's postcopy-preempt channel).
-final class EmulatedLink: Sendable {
-    let bytesPerSecond: Double   // 0 = unlimited
-    let rttNS: UInt64
-    let preempt: Bool
+public final class EmulatedLink: Sendable {
+    public let bytesPerSecond: Double   // 0 = unlimited
+    public let rttNS: UInt64
+    public let preempt: Bool
 
     private struct State {
         var sharedBusy: UInt64 = 0   // FIFO: when the single queue drains
@@ -21,23 +21,23 @@ final class EmulatedLink: Sendable {
     }
     private let state = Lock(State())
 
-    init(bytesPerSecond: Double, rttNS: UInt64, preempt: Bool) {
+    public init(bytesPerSecond: Double, rttNS: UInt64, preempt: Bool) {
         self.bytesPerSecond = bytesPerSecond
         self.rttNS = rttNS
         self.preempt = preempt
     }
 
-    var isInstant: Bool { bytesPerSecond == 0 && rttNS == 0 }
+    public var isInstant: Bool { bytesPerSecond == 0 && rttNS == 0 }
 
     @inline(__always)
-    func transmitNS(_ bytes: Int) -> UInt64 {
+    public func transmitNS(_ bytes: Int) -> UInt64 {
         bytesPerSecond > 0 ? UInt64(Double(bytes) * 1e9 / bytesPerSecond) : 0
     }
 
     /// Arrival time of `bytes` asked for at `now`. Urgent transfers are requests: half an RTT
     /// for the request to reach the source first. Bulk transfers are pushed unasked.
     @inline(__always)
-    func schedule(bytes: Int, urgent: Bool, now: UInt64) -> UInt64 {
+    public func schedule(bytes: Int, urgent: Bool, now: UInt64) -> UInt64 {
         let half = rttNS / 2
         let tx = transmitNS(bytes)
         return state.withLock { s in
@@ -65,13 +65,13 @@ final class EmulatedLink: Sendable {
     /// How far ahead of `now` the bulk queue is booked (ns): a pusher keeps this under its
     /// window so it never floods the link far beyond what a socket buffer would hold.
     @inline(__always)
-    func bulkBacklog(now: UInt64) -> UInt64 {
+    public func bulkBacklog(now: UInt64) -> UInt64 {
         state.withLock { s in
             let busy = preempt ? s.bulkBusy : s.sharedBusy
             return busy > now ? busy - now : 0
         }
     }
 
-    var bytesTransferred: UInt64 { state.withLock { $0.bytes } }
-    var transfers: UInt64 { state.withLock { $0.transfers } }
+    public var bytesTransferred: UInt64 { state.withLock { $0.bytes } }
+    public var transfers: UInt64 { state.withLock { $0.transfers } }
 }

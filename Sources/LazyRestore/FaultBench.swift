@@ -5,6 +5,8 @@ import CLinuxMM
 import Histogram
 import LabKit
 import LinuxMM
+import Workloads
+import Transfer
 import Synchronization
 
 /// `memlab bench`, fault section: memlab's fault engine against CLinuxMM's minimal C handler
@@ -25,8 +27,8 @@ extension Bench {
     }
 
     /// Median fault round trip (first touch → installed and woken) with memlab's engine.
-    static func memlabRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: RestoreConfig.WaitMode) throws -> Double {
-        var c = RestoreConfig()
+    static func memlabRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: EngineConfig.WaitMode) throws -> Double {
+        var c = EngineConfig()
         c.wait = wait
         let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                    reapOrder: nil, deadlineS: 30)
@@ -37,9 +39,9 @@ extension Bench {
     /// Faults resolved per second by memlab's engine: every operation of the sequential
     /// first-touch workload is one fault, so this is its measured rate (median of `rounds`),
     /// not a figure derived from the latency.
-    static func memlabFaultRate(wait: RestoreConfig.WaitMode, oneCPU: Bool = false, rounds: Int = 3) throws -> Double {
+    static func memlabFaultRate(wait: EngineConfig.WaitMode, oneCPU: Bool = false, rounds: Int = 3) throws -> Double {
         let (image, traces) = try faultImage(pages: 4096)
-        defer { image.release(); traces.release() }
+        defer { traces.release() }
         // One CPU: handler and workload threads (created below) inherit this thread's
         // affinity, so a fault is served without a cross-CPU wake-up.
         let saved = NUMA.currentAffinity()
@@ -47,7 +49,7 @@ extension Bench {
         defer { if oneCPU { try? NUMA.setAffinity(cpus: saved) } }
         var rates: [Double] = []
         for _ in 0..<max(1, rounds) {
-            var c = RestoreConfig()
+            var c = EngineConfig()
             c.wait = wait
             let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                        reapOrder: nil, deadlineS: 30)
@@ -59,13 +61,13 @@ extension Bench {
 
     /// The measured fault rate for the blocking and the busy-polling handler.
     public static func memlabFaultRates() -> [(wait: String, faultsPerSecond: Double)] {
-        var out = [RestoreConfig.WaitMode.blocking, .busy].compactMap { w in (try? memlabFaultRate(wait: w)).map { (w.rawValue, $0) } }
+        var out = [EngineConfig.WaitMode.blocking, .busy].compactMap { w in (try? memlabFaultRate(wait: w)).map { (w.rawValue, $0) } }
         if let r = try? memlabFaultRate(wait: .blocking, oneCPU: true) { out.append(("blocking on one CPU", r)) }
         return out
     }
 
     /// The same with the C reference handler on its own thread.
-    static func cRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: RestoreConfig.WaitMode) throws -> Double {
+    static func cRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: EngineConfig.WaitMode) throws -> Double {
         let length = image.pages * 4096
         let region = try AnonymousMapping(length: length, kind: .base)
         let doorbell = try AnonymousMapping(length: 4096, kind: .base)
@@ -76,12 +78,12 @@ extension Bench {
         let fd = uffd.fd
         let src = UInt(bitPattern: image.base), dst = UInt(bitPattern: region.base)
         let served = Lock<Int>(0)
-        let handler = OSThread {
+        let handler = try OSThread {
             let n = memlab_ref_fault_handler(fd, UnsafeRawPointer(bitPattern: src), UnsafeMutableRawPointer(bitPattern: dst), length, mode)
             served.withLock { $0 = n }
         }
         let w = WorkloadRun(traces: traces, region: region.base, seed: image.seed)
-        w.start()
+        try w.start()
         w.release(at: Clock.nanoseconds())
         let out = w.join()
         memlab_ref_touch(doorbell.base, 1, 4096) // through C: never optimized away
@@ -98,7 +100,7 @@ extension Bench {
     /// prefetch: one run, batched UFFDIO_COPY with DONTWAKE) against C-speed 2M ioctls.
     static func memlabBulk(_ image: PageImage, _ traces: AccessTraces) throws -> Double {
         let order = (0..<image.pages).map { Int32($0) }
-        let r = try performRestore(config: RestoreConfig(), image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
+        let r = try performRestore(config: EngineConfig(), image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                    reapOrder: order, deadlineS: 30)
         if let f = r.failed { throw ScenarioError.failed("bench (bulk): \(f)") }
         guard let s = r.fullyInstalledS else { throw ScenarioError.failed("bench (bulk): not fully installed") }
@@ -122,15 +124,15 @@ extension Bench {
     public static func faultRows(rounds: Int = 7, sizeMB: Int = 64) throws -> [Row] {
         guard Userfaultfd.probe().usable else { return [] }
         let (image, traces) = try faultImage(pages: 4096)
-        defer { image.release(); traces.release() }
+        defer { traces.release() }
         var rows: [Row] = []
-        for wait in RestoreConfig.WaitMode.allCases {
+        for wait in EngineConfig.WaitMode.allCases {
             rows.append(try compare("fault round trip, \(wait.rawValue)", unit: "ns/fault", rounds: rounds,
                                     swift: { try memlabRoundTrip(image, traces, wait: wait) },
                                     c: { try cRoundTrip(image, traces, wait: wait) }))
         }
         let (big, bigTraces) = try faultImage(pages: (min(sizeMB, 256) << 20) / 4096)
-        defer { big.release(); bigTraces.release() }
+        defer { bigTraces.release() }
         prewarm(length: big.pages * 4096, kind: .base)
         rows.append(try compare("bulk install, batched UFFDIO_COPY", unit: "ns/page", rounds: rounds,
                                 swift: { try memlabBulk(big, bigTraces) }, c: { try rawBulk(big) }))

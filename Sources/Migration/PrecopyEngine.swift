@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import LinuxMM
+import Transfer
 import CLinuxMM
 
 /// A link's figures and the model pre-copy decides with: sending `b` bytes takes `b / bandwidth`

@@ -14,13 +14,13 @@ public enum Bench {
         public var ratio: Double { swiftNS / cNS }
     }
 
-    static func median(_ xs: [Double]) -> Double {
+    public static func median(_ xs: [Double]) -> Double {
         let s = xs.sorted()
         return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
 
     /// Alternates the two bodies `rounds` times; each returns nanoseconds per unit.
-    static func compare(_ name: String, unit: String, rounds: Int, swift: () throws -> Double, c: () throws -> Double) rethrows -> Row {
+    public static func compare(_ name: String, unit: String, rounds: Int, swift: () throws -> Double, c: () throws -> Double) rethrows -> Row {
         var a: [Double] = [], b: [Double] = []
         for r in 0..<rounds {
             if r % 2 == 0 { a.append(try swift()); b.append(try c()) } else { b.append(try c()); a.append(try swift()) }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Transfer
 
 /// The destination's side of the migration protocol as a state machine over frames: every
 /// check of what the source sends, against its HELLO, and the reply to each — but no socket,

@@ -3,22 +3,8 @@ import Glibc
 #endif
 import CLinuxMM
 import LinuxMM
+import Transfer
 import Synchronization
-
-/// Starts a dedicated OS thread (not a task: the workload and the link must not share a
-/// cooperative pool with anything).
-func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t? {
-    final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-    let box = Unmanaged.passRetained(Box(body))
-    var t = pthread_t()
-    let rc = pthread_create(&t, nil, { arg in
-        let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-        b.body()
-        return nil
-    }, box.toOpaque())
-    if rc != 0 { box.release(); return nil }
-    return t
-}
 
 /// The guest of a migration: threads writing pages of a region at a chosen rate (pages per
 /// second over all threads), uniformly at random over the first `hotPages` pages. Each write
@@ -26,6 +12,8 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t? {
 /// `stop()` is the "pause the vCPUs" of pre-copy's stop-and-copy: it returns once every
 /// thread has stopped writing.
 public final class DirtyWorkload: @unchecked Sendable {
+    // @unchecked: `start`, `stop` and the vars are the owner's, called from one thread; the
+    // writer threads read only constants and atomics.
     public let base: UnsafeMutableRawPointer
     public let pages: Int
     public let hotPages: Int
@@ -39,7 +27,7 @@ public final class DirtyWorkload: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
     private let stoppedThreads = Atomic<Int>(0)
     private let writeCount = Atomic<Int>(0)
-    private var handles: [pthread_t] = []
+    private var handles: [OSThread] = []
     private var startedAt: UInt64 = 0
     public private(set) var stoppedAt: UInt64 = 0
 
@@ -61,11 +49,12 @@ public final class DirtyWorkload: @unchecked Sendable {
         guard rate > 0 else { return }  // idle: nothing runs
         for t in 0..<threads {
             let s = seed &+ UInt64(t) &* 0x9E37_79B9_7F4A_7C15
-            guard let h = startThread({ [self] in self.loop(seed: s, thread: t) }) else {
+            do throws(SystemError) {
+                handles.append(try OSThread { [self] in self.loop(seed: s, thread: t) })
+            } catch {
                 _ = stop()
-                throw SystemError(errno: EAGAIN, call: "pthread_create(workload thread \(t))")
+                throw SystemError(errno: error.errno, call: "pthread_create(workload thread \(t))")
             }
-            handles.append(h)
         }
     }
 
@@ -110,7 +99,7 @@ public final class DirtyWorkload: @unchecked Sendable {
     @discardableResult
     public func stop() -> UInt64 {
         stopFlag.store(true, ordering: .releasing)
-        for h in handles { pthread_join(h, nil) }
+        for h in handles { h.join() }
         handles.removeAll()
         stoppedAt = Clock.nanoseconds()
         return stoppedAt
@@ -132,16 +121,4 @@ public func fillRandom(_ base: UnsafeMutableRawPointer, length: Int, seed: UInt6
         x ^= x << 13; x ^= x >> 7; x ^= x << 17
         words[i] = x
     }
-}
-
-/// FNV-1a over 64-bit words, per page combined in order: a checksum of a region that both
-/// ends of a migration compute the same way.
-public func regionChecksum(_ base: UnsafeRawPointer, length: Int) -> UInt64 {
-    let words = base.assumingMemoryBound(to: UInt64.self)
-    var h: UInt64 = 0xcbf2_9ce4_8422_2325
-    for i in 0..<(length / 8) {
-        h ^= words[i]
-        h &*= 0x0000_0100_0000_01b3
-    }
-    return h
 }

@@ -4,47 +4,47 @@ import Glibc
 import CLinuxMM
 import LabKit
 import LinuxMM
+import Transfer
 import Synchronization
 
-/// The lazy-restore page protocol (docs/lazy-restore-protocol.md): the migration protocol's
-/// frame header ("ML", type, flags, little-endian payload length; docs/migration-protocol.md),
-/// with three message types of its own. Encoded and decoded here over preallocated buffers,
-/// not with `WireConnection` (a reader thread and an array per frame): the fault path
-/// allocates nothing.
+/// The lazy-restore page protocol (docs/lazy-restore-protocol.md): Transfer's frames
+/// (`FrameHeader`: "ML", type, flags, little-endian payload length) with three message types
+/// of its own. Encoded and decoded over preallocated buffers, not with a reader thread and an
+/// array per frame: the fault path allocates nothing.
 public enum PageWire {
     public static let version: UInt32 = 1
-    /// Source → destination on connect: u32 version, u32 page size, u64 pages.
+    /// Source → destination on connect: u32 version, u32 page size (the kernel's), u64 pages.
     public static let hello: UInt8 = 0x20
     /// Destination → source: u32 n, then n × (u32 first page, u32 pages).
     public static let get: UInt8 = 0x21
-    /// Source → destination: the pages asked for, in request order (pages × 4096 bytes).
+    /// Source → destination: the pages asked for, in request order (pages × page size).
     public static let data: UInt8 = 0x22
     /// Either way: UTF-8 text, then the sender closes (the migration protocol's ERROR).
     public static let error: UInt8 = 11
     public static let maxRuns = 1000
-    public static let maxPages = 4096   // 16 MiB: the migration protocol's payload limit
-}
-
-/// A failure on the fault path, without allocating: an errno and a fixed text.
-struct SourceFailure: Error {
-    let errno: Int32
-    let what: StaticString
+    /// Pages one GET may ask for: a DATA payload stays within `FrameHeader.maxPayload`.
+    public static func maxPages(pageSize: Int) -> Int { FrameHeader.maxPayload / pageSize }
 }
 
 /// Where page data comes from when `source` is not `memory`: a source process over a Unix
 /// socket or TCP, or a snapshot file read with pread. Fetched pages land in `landing` (laid
 /// out like the image) and are installed from there; the destination's own copy of the image
 /// is then used only for the zero-page map and for verification.
-final class PageSource: @unchecked Sendable {
+final class PageSource: PageFetcher, @unchecked Sendable {
+    // @unchecked: all stored properties are constants or atomics except `logPath`, set once
+    // by `process` before the source is shared; each channel is used under its own lock.
     enum Kind: String, Sendable { case memory, unix, tcp, file }
 
+    /// One connection and its preallocated request buffers. `@unchecked Sendable`: the
+    /// buffers are used only under `lock` (one fetch at a time) and freed by this type.
     final class Channel: @unchecked Sendable {
-        let fd: Int32
+        let socket: Socket
+        var fd: Int32 { socket.fd }
         let lock = Lock<Int>(0)
         let request: UnsafeMutableRawPointer
         let pieces: UnsafeMutablePointer<UInt32>
-        init(fd: Int32) {
-            self.fd = fd
+        init(_ socket: Socket) {
+            self.socket = socket
             request = .allocate(byteCount: 12 + 8 * PageWire.maxRuns, alignment: 8)
             pieces = .allocate(capacity: 2 * PageWire.maxRuns)
         }
@@ -53,7 +53,9 @@ final class PageSource: @unchecked Sendable {
 
     let kind: Kind
     let pages: Int
-    let landing: AnonymousMapping
+    let pageSize: Int
+    let landingMapping: AnonymousMapping
+    var landing: UnsafeMutableRawPointer { landingMapping.base }
     let channels: [Channel]
     let pid: pid_t
     let fileFD: Int32
@@ -68,9 +70,10 @@ final class PageSource: @unchecked Sendable {
     private let stopped = Atomic<Bool>(false)
     private let reaped = Atomic<Bool>(false)
 
-    private init(kind: Kind, pages: Int, landing: AnonymousMapping, channels: [Channel], pid: pid_t, fileFD: Int32,
-                 filePath: String?, dataOffset: Int, socketPath: String?, label: String) {
-        self.kind = kind; self.pages = pages; self.landing = landing; self.channels = channels; self.pid = pid
+    private init(kind: Kind, image: PageImage, channels: [Channel], pid: pid_t, fileFD: Int32,
+                 filePath: String?, dataOffset: Int, socketPath: String?, label: String) throws {
+        self.kind = kind; self.pages = image.pages; self.pageSize = image.pageSize; self.channels = channels; self.pid = pid
+        self.landingMapping = try AnonymousMapping(length: image.bytes, kind: .base)
         self.fileFD = fileFD; self.filePath = filePath; self.dataOffset = dataOffset; self.socketPath = socketPath; self.label = label
     }
 
@@ -82,14 +85,13 @@ final class PageSource: @unchecked Sendable {
         // In the run's directory on that file system: removed with the run, also after a kill.
         let directory = try RunDirectory.make(base: base)
         let path = "\(directory)/lazy-\(getpid())-\(Clock.nanoseconds()).snap"
-        let header = ImageHeader.local(regionBytes: image.pages * 4096, checksum: regionChecksum(image.base, length: image.pages * 4096))
+        let header = ImageHeader.local(regionBytes: image.bytes, checksum: regionChecksum(image.base, length: image.bytes))
         do { try Snapshot.write(path: path, header: header, data: image.base) } catch { unlink(path); throw ScenarioError.failed("snapshot file: \(error)") }
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { let e = SystemError.current("open", path: path); unlink(path); throw e }
         if dropCache { _ = fdatasync(fd); _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) }
         let offset = 16 + Array(header.encode().utf8).count
-        return PageSource(kind: .file, pages: image.pages, landing: try AnonymousMapping(length: image.pages * 4096, kind: .base),
-                          channels: [], pid: 0, fileFD: fd, filePath: path, dataOffset: offset, socketPath: nil,
+        return try PageSource(kind: .file, image: image, channels: [], pid: 0, fileFD: fd, filePath: path, dataOffset: offset, socketPath: nil,
                           label: "snapshot file \(path)")
     }
 
@@ -97,22 +99,11 @@ final class PageSource: @unchecked Sendable {
     /// another host): the same protocol and fault path as `process`, no process of ours. The
     /// source must serve the image this run verifies against (same pages, seed, zero ratio).
     static func remote(address: String, image: PageImage, channels count: Int, timeoutS: Double) throws -> PageSource {
-        var chans: [Channel] = []
-        do {
-            for _ in 0..<max(count, 1) {
-                let fd = try WireSocket.connect(address, timeoutS: timeoutS)
-                setTimeouts(fd, seconds: timeoutS)
-                var one: Int32 = 1
-                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4)
-                chans.append(Channel(fd: fd))
-                try readHello(fd, pages: image.pages)
-            }
-        } catch {
-            for c in chans { close(c.fd) }
+        let chans: [Channel]
+        do { chans = try connect(count, to: try SocketAddress.tcp(address), image: image, timeoutS: timeoutS) } catch {
             throw ScenarioError.failed("page source tcp \(address): \(error)")
         }
-        return PageSource(kind: .tcp, pages: image.pages, landing: try AnonymousMapping(length: image.pages * 4096, kind: .base),
-                          channels: chans, pid: 0, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: nil,
+        return try PageSource(kind: .tcp, image: image, channels: chans, pid: 0, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: nil,
                           label: "remote page source over TCP \(address)")
     }
 
@@ -154,57 +145,38 @@ final class PageSource: @unchecked Sendable {
         unlink(ready)
         var address = listen
         if kind == .tcp, let colon = tcpAddress.lastIndex(of: ":") { address = String(tcpAddress[..<colon]) + ":\(port)" }
-        var chans: [Channel] = []
+        let chans: [Channel]
         do {
-            for _ in 0..<max(count, 1) {
-                let fd = kind == .unix ? try unixConnect(address) : try WireSocket.connect(address, timeoutS: timeoutS)
-                setTimeouts(fd, seconds: timeoutS)
-                if kind == .tcp { var one: Int32 = 1; setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) }
-                chans.append(Channel(fd: fd))
-                try readHello(fd, pages: image.pages)
-            }
+            let to = kind == .unix ? try SocketAddress.unixPath(address) : try SocketAddress.tcp(address)
+            chans = try connect(count, to: to, image: image, timeoutS: timeoutS)
         } catch {
-            for c in chans { close(c.fd) }
             abandon()
             throw ScenarioError.failed("page source \(kind.rawValue) \(address): \(error)")
         }
-        let s = PageSource(kind: kind, pages: image.pages, landing: try AnonymousMapping(length: image.pages * 4096, kind: .base),
-                           channels: chans, pid: pid, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: sock,
+        let s = try PageSource(kind: kind, image: image, channels: chans, pid: pid, fileFD: -1, filePath: nil, dataOffset: 0, socketPath: sock,
                            label: "source process pid \(pid) over \(kind == .unix ? "Unix socket" : "TCP") \(address)")
         s.logPath = logPath
         return s
     }
 
-    static func setTimeouts(_ fd: Int32, seconds: Double) {
-        // Never traps: NaN or ≤ 0 becomes 1 ms (0 would mean no deadline), huge becomes a day.
-        var tv = Wire.timeval(seconds: seconds)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
-
-    static func unixAddress(_ path: String) -> sockaddr_un {
-        var sa = sockaddr_un()
-        sa.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &sa.sun_path) { b in
-            let u = Array(path.utf8.prefix(b.count - 1))
-            for (i, c) in u.enumerated() { b[i] = c }
+    /// `count` connections (at least one) to a page source at `address`, each past its
+    /// HELLO: one per handler thread and one for the pusher.
+    static func connect(_ count: Int, to address: SocketAddress, image: PageImage, timeoutS: Double) throws -> [Channel] {
+        var chans: [Channel] = []
+        for _ in 0..<max(count, 1) {
+            let socket = try Socket.connect(address, timeoutS: timeoutS)
+            socket.setTimeouts(seconds: timeoutS)
+            socket.setNoDelay()
+            chans.append(Channel(socket))
+            try readHello(socket.fd, pages: image.pages, pageSize: image.pageSize)
         }
-        return sa
-    }
-
-    static func unixConnect(_ path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw SystemError.current("socket") }
-        var sa = unixAddress(path)
-        let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        if rc != 0 { let e = SystemError.current("connect", path: path); close(fd); throw e }
-        return fd
+        return chans
     }
 
     /// The source's first frame: its HELLO, checked against the image this run verifies
     /// with, or its ERROR (a source at its connection cap says so instead of HELLO). Every
     /// field is compared as the wire's integer: nothing a source sends can trap here.
-    static func readHello(_ fd: Int32, pages: Int) throws {
+    static func readHello(_ fd: Int32, pages: Int, pageSize: Int) throws {
         func recvAll(_ p: UnsafeMutableRawPointer, _ n: Int) -> Int {
             var done = 0
             while done < n {
@@ -218,7 +190,7 @@ final class PageSource: @unchecked Sendable {
         var h = [UInt8](repeating: 0, count: 8)
         let n = h.withUnsafeMutableBytes { recvAll($0.baseAddress!, 8) }
         guard n == 8 else { throw SystemError(errno: n < 0 ? errno : ECONNRESET, call: "recv (HELLO from the page source)") }
-        let decoded = h.withUnsafeBytes { PageWire.header($0.baseAddress!) }
+        let decoded = h.withUnsafeBytes { FrameHeader.decode($0.baseAddress!) }
         guard case .success(let (type, length)) = decoded else { throw ScenarioError.failed("the page source's first frame is not a HELLO") }
         if type == PageWire.error {
             // Bounded: the reason is for a person, not a 16 MiB allocation.
@@ -230,14 +202,14 @@ final class PageSource: @unchecked Sendable {
         var b = [UInt8](repeating: 0, count: PageWire.helloPayload)
         let m = b.withUnsafeMutableBytes { recvAll($0.baseAddress!, PageWire.helloPayload) }
         guard m == PageWire.helloPayload else { throw SystemError(errno: m < 0 ? errno : ECONNRESET, call: "recv (HELLO from the page source)") }
-        if let e = b.withUnsafeBytes({ PageWire.checkHello($0, pages: pages) }) { throw ScenarioError.failed(e.reason) }
+        if let e = b.withUnsafeBytes({ PageWire.checkHello($0, pages: pages, pageSize: pageSize) }) { throw ScenarioError.failed(e.reason) }
     }
 
     /// Kills the source process (if any) and shuts the connections; threads still using them
     /// get errors, not a reused descriptor.
     func stop() {
         if stopped.exchange(true, ordering: .acquiringAndReleasing) { return }
-        for c in channels { shutdown(c.fd, Int32(SHUT_RDWR)) }
+        for c in channels { c.socket.shutdown() }
         if pid > 0 && !reaped.exchange(true, ordering: .acquiringAndReleasing) { kill(pid, SIGKILL); var s: Int32 = 0; _ = waitpid(pid, &s, 0) }
         if let socketPath { unlink(socketPath) }
         if let filePath { unlink(filePath) }
@@ -250,7 +222,7 @@ final class PageSource: @unchecked Sendable {
         var s: Int32 = 0
         if waitpid(pid, &s, WNOHANG) == pid {
             reaped.store(true, ordering: .relaxed)
-            for c in channels { shutdown(c.fd, Int32(SHUT_RDWR)) }
+            for c in channels { c.socket.shutdown() }
             if memlab_wifsignaled(s) != 0 { return "the \(label) was killed by \(ChildProcess.signalName(memlab_wtermsig(s)))" }
             return "the \(label) exited with status \(memlab_wexitstatus(s))"
         }
@@ -259,22 +231,24 @@ final class PageSource: @unchecked Sendable {
 
     // MARK: the fault path
 
+    var maxPagesPerGet: Int { PageWire.maxPages(pageSize: pageSize) }
+
     /// Fetches the pages of `runs[0..<count]` into `landing`. No allocation; a channel is one
     /// connection, used by one thread at a time (its lock is uncontended in the engine).
     @inline(__always)
-    func fetch(channel: Int, runs: UnsafePointer<Delivery>, count: Int) throws(SourceFailure) {
+    func fetch(channel: Int, runs: UnsafePointer<Delivery>, count: Int) throws(FetchFailure) {
         let t0 = Clock.nanoseconds()
         defer { fetchNS.add(Clock.nanoseconds() &- t0, ordering: .relaxed) }
         requests.add(1, ordering: .relaxed)
         if kind == .file {
             for i in 0..<count {
-                let len = Int(runs[i].count) * 4096
-                let off = Int(runs[i].first) * 4096
+                let len = Int(runs[i].count) * pageSize
+                let off = Int(runs[i].first) * pageSize
                 var done = 0
                 while done < len {
-                    let r = pread(fileFD, landing.base + off + done, len - done, off_t(dataOffset + off + done))
-                    if r < 0 { if errno == EINTR { continue }; throw SourceFailure(errno: errno, what: "pread from the snapshot file failed") }
-                    if r == 0 { throw SourceFailure(errno: EIO, what: "the snapshot file ends early") }
+                    let r = pread(fileFD, landing + off + done, len - done, off_t(dataOffset + off + done))
+                    if r < 0 { if errno == EINTR { continue }; throw FetchFailure(errno: errno, what: "pread from the snapshot file failed") }
+                    if r == 0 { throw FetchFailure(errno: EIO, what: "the snapshot file ends early") }
                     done += r
                 }
                 bytesReceived.add(len, ordering: .relaxed)
@@ -282,13 +256,13 @@ final class PageSource: @unchecked Sendable {
             return
         }
         let ch = channels[channel % channels.count]
-        try ch.lock.withLock { (_: inout Int) throws(SourceFailure) in
+        try ch.lock.withLock { (_: inout Int) throws(FetchFailure) in
             var i = 0, off = 0
             while i < count {
                 var n = 0, total = 0
-                while i < count && n < PageWire.maxRuns && total < PageWire.maxPages {
+                while i < count && n < PageWire.maxRuns && total < maxPagesPerGet {
                     let remaining = Int(runs[i].count) - off
-                    let take = min(remaining, PageWire.maxPages - total)
+                    let take = min(remaining, maxPagesPerGet - total)
                     ch.pieces[2 * n] = UInt32(Int(runs[i].first) + off)
                     ch.pieces[2 * n + 1] = UInt32(take)
                     n += 1; total += take
@@ -300,13 +274,9 @@ final class PageSource: @unchecked Sendable {
     }
 
     @inline(__always)
-    private func exchange(_ ch: Channel, _ n: Int, _ total: Int) throws(SourceFailure) {
+    private func exchange(_ ch: Channel, _ n: Int, _ total: Int) throws(FetchFailure) {
         let r = ch.request
-        r.storeBytes(of: Wire.magic.0, toByteOffset: 0, as: UInt8.self)
-        r.storeBytes(of: Wire.magic.1, toByteOffset: 1, as: UInt8.self)
-        r.storeBytes(of: PageWire.get, toByteOffset: 2, as: UInt8.self)
-        r.storeBytes(of: 0, toByteOffset: 3, as: UInt8.self)
-        r.storeBytes(of: UInt32(4 + 8 * n).littleEndian, toByteOffset: 4, as: UInt32.self)
+        FrameHeader.encode(PageWire.get, length: 4 + 8 * n, into: r)
         r.storeBytes(of: UInt32(n).littleEndian, toByteOffset: 8, as: UInt32.self)
         for k in 0..<n {
             r.storeBytes(of: ch.pieces[2 * k].littleEndian, toByteOffset: 12 + 8 * k, as: UInt32.self)
@@ -315,46 +285,44 @@ final class PageSource: @unchecked Sendable {
         try sendAll(ch.fd, r, 12 + 8 * n)
         // The answer's header, then the pages straight into the landing buffer.
         try recvAll(ch.fd, r, 8)
-        guard r.load(fromByteOffset: 0, as: UInt8.self) == Wire.magic.0, r.load(fromByteOffset: 1, as: UInt8.self) == Wire.magic.1 else {
-            throw SourceFailure(errno: EPROTO, what: "the page source sent a frame without the ML magic")
+        guard case .success(let (type, length)) = FrameHeader.decode(UnsafeRawPointer(r)) else {
+            throw FetchFailure(errno: EPROTO, what: "the page source sent a malformed frame header (magic, flags or length)")
         }
-        let type = r.load(fromByteOffset: 2, as: UInt8.self)
-        let length = Int(UInt32(littleEndian: r.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
-        if type == PageWire.error { throw SourceFailure(errno: EPROTO, what: "the page source answered ERROR (memlab pagesource closes a connection idle past its --idle-timeout, and refuses one over --max-connections)") }
-        guard type == PageWire.data, length == total * 4096 else {
-            throw SourceFailure(errno: EPROTO, what: "the page source answered with a frame that is not the pages asked for")
+        if type == PageWire.error { throw FetchFailure(errno: EPROTO, what: "the page source answered ERROR (memlab pagesource closes a connection idle past its --idle-timeout, and refuses one over --max-connections)") }
+        guard type == PageWire.data, length == total * pageSize else {
+            throw FetchFailure(errno: EPROTO, what: "the page source answered with a frame that is not the pages asked for")
         }
         for k in 0..<n {
-            try recvAll(ch.fd, landing.base + Int(ch.pieces[2 * k]) * 4096, Int(ch.pieces[2 * k + 1]) * 4096)
+            try recvAll(ch.fd, landing + Int(ch.pieces[2 * k]) * pageSize, Int(ch.pieces[2 * k + 1]) * pageSize)
         }
         bytesReceived.add(length, ordering: .relaxed)
     }
 
     @inline(__always)
-    private func sendAll(_ fd: Int32, _ p: UnsafeRawPointer, _ len: Int) throws(SourceFailure) {
+    private func sendAll(_ fd: Int32, _ p: UnsafeRawPointer, _ len: Int) throws(FetchFailure) {
         var done = 0
         while done < len {
             let w = send(fd, p + done, len - done, Int32(MSG_NOSIGNAL))
             if w < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN { throw SourceFailure(errno: ETIMEDOUT, what: "the page source took no request within the deadline") }
-                throw SourceFailure(errno: errno, what: "sending a request to the page source failed")
+                if errno == EAGAIN { throw FetchFailure(errno: ETIMEDOUT, what: "the page source took no request within the deadline") }
+                throw FetchFailure(errno: errno, what: "sending a request to the page source failed")
             }
             done += w
         }
     }
 
     @inline(__always)
-    private func recvAll(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ len: Int) throws(SourceFailure) {
+    private func recvAll(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ len: Int) throws(FetchFailure) {
         var done = 0
         while done < len {
             let r = recv(fd, p + done, len - done, Int32(MSG_WAITALL))
             if r < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN { throw SourceFailure(errno: ETIMEDOUT, what: "no answer from the page source within the deadline") }
-                throw SourceFailure(errno: errno, what: "receiving pages from the page source failed")
+                if errno == EAGAIN { throw FetchFailure(errno: ETIMEDOUT, what: "no answer from the page source within the deadline") }
+                throw FetchFailure(errno: errno, what: "receiving pages from the page source failed")
             }
-            if r == 0 { throw SourceFailure(errno: ECONNRESET, what: "the page source closed the connection (end of stream) while pages were asked for") }
+            if r == 0 { throw FetchFailure(errno: ECONNRESET, what: "the page source closed the connection (end of stream) while pages were asked for") }
             done += r
         }
     }
@@ -395,30 +363,11 @@ public enum PageServer {
         }
         let image: PageImage
         do { image = try PageImage(pages: o.pages, seed: o.seed, zeroRatio: o.zeroRatio) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
-        let listener: Int32
-        var port = 0
-        switch o.kind {
-        case .unix:
-            unlink(o.listen)
-            listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            if listener < 0 { writeStderr("memlab _pagesource: \(SystemError.current("socket"))\n"); return 1 }
-            var sa = PageSource.unixAddress(o.listen)
-            let rc = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-            if rc != 0 || Glibc.listen(listener, 64) != 0 { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: o.listen))\n"); return 1 }
-        case .tcp:
-            do {
-                var sa = try WireSocket.parse(o.listen)
-                listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-                if listener < 0 { writeStderr("memlab _pagesource: \(SystemError.current("socket"))\n"); return 1 }
-                var one: Int32 = 1
-                setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, 4)
-                var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-                let ok = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    bind(listener, $0, len) == 0 && Glibc.listen(listener, 64) == 0 && getsockname(listener, $0, &len) == 0 } }
-                if !ok { writeStderr("memlab _pagesource: \(SystemError.current("bind", path: o.listen))\n"); return 1 }
-                port = Int(UInt16(bigEndian: sa.sin_port))
-            } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
-        }
+        let listener: Listener
+        do {
+            listener = try Listener.listen(o.kind == .unix ? try SocketAddress.unixPath(o.listen) : try SocketAddress.tcp(o.listen))
+        } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
+        let port = Int(listener.port)
         if o.announce {
             // `memlab pagesource`: say where it serves (a test or a user waits for this line).
             let host = o.listen.lastIndex(of: ":").map { String(o.listen[..<$0]) } ?? o.listen
@@ -432,137 +381,112 @@ public enum PageServer {
             let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             if fd >= 0 { _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }; close(fd); rename(tmp, ready) }
         }
-        return acceptLoop(listener, image: ImageBox(image: image), options: o)
+        return acceptLoop(listener, image: image, options: o)
     }
-
-    final class ImageBox: @unchecked Sendable { let image: PageImage; init(image: PageImage) { self.image = image } }
 
     /// The connections being served: a count held against the cap, and the threads that have
     /// ended and wait to be joined (a thread's stack is only given back by the join).
-    final class Connections: @unchecked Sendable {
-        private struct State { var active = 0; var ended: [pthread_t] = [] }
+    final class Connections: Sendable {
+        private struct State { var active = 0; var next = 0; var running: [Int: OSThread] = [:]; var ended: [Int] = [] }
         private let state = Lock(State())
 
-        func admit(cap: Int) -> Bool {
+        /// A slot under the cap, or nil.
+        func admit(cap: Int) -> Int? {
             state.withLock { s in
-                if s.active >= cap { return false }
+                if s.active >= cap { return nil }
                 s.active += 1
-                return true
+                s.next += 1
+                return s.next
             }
         }
+        /// The thread serving `id`; one that already ended is joined at the next `reap`.
+        func started(_ id: Int, _ t: OSThread) { state.withLock { $0.running[id] = t } }
         /// A connection whose thread never started.
         func release() { state.withLock { $0.active -= 1 } }
         /// Called by a connection's thread as its last act.
-        func end(_ thread: pthread_t) { state.withLock { $0.active -= 1; $0.ended.append(thread) } }
+        func end(_ id: Int) { state.withLock { $0.active -= 1; $0.ended.append(id) } }
         /// Joins every thread that has ended.
         func reap() {
-            let done = state.withLock { s -> [pthread_t] in defer { s.ended.removeAll() }; return s.ended }
-            for t in done { pthread_join(t, nil) }
+            let done = state.withLock { s -> [OSThread] in
+                var out: [OSThread] = []
+                var later: [Int] = []
+                for id in s.ended {
+                    // A thread can end before `started` has recorded it: joined next time.
+                    if let t = s.running.removeValue(forKey: id) { out.append(t) } else { later.append(id) }
+                }
+                s.ended = later
+                return out
+            }
+            for t in done { t.join() }
         }
     }
 
-    static func acceptLoop(_ listener: Int32, image box: ImageBox, options o: PageServerOptions) -> Int32 {
+    static func acceptLoop(_ listener: Listener, image: PageImage, options o: PageServerOptions) -> Int32 {
         let conns = Connections()
         var warnedNS: UInt64 = 0
         while true {
             conns.reap()
             // Wake at least once a second, so ended threads are joined without a new connection.
-            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-            let r = poll(&p, 1, 1000)
-            if r < 0 { if errno == EINTR { continue }; writeStderr("memlab _pagesource: \(SystemError.current("poll"))\n"); return 1 }
-            if r == 0 { continue }
-            let c = accept(listener, nil, nil)
-            if c < 0 {
-                let e = errno
-                switch e {
+            let readable: Bool
+            do { readable = try listener.waitReadable(timeoutMS: 1000) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
+            if !readable { continue }
+            let c: Socket
+            switch listener.acceptNow() {
+            case .success(let s): c = s
+            case .failure(let e):
+                switch e.errno {
                 case EINTR, EAGAIN, ECONNABORTED, EPROTO, EPERM, ENETDOWN, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH:
                     continue   // accept(2): the connection's own trouble, not the listener's
                 case EMFILE, ENFILE, ENOBUFS, ENOMEM:
                     // Out of descriptors or memory: say so (once a minute), let connections end.
                     if Clock.nanoseconds() &- warnedNS > 60_000_000_000 {
                         warnedNS = Clock.nanoseconds()
-                        writeStderr("memlab _pagesource: \(SystemError(errno: e, call: "accept")); waiting for connections to end\n")
+                        writeStderr("memlab _pagesource: \(e); waiting for connections to end\n")
                     }
                     Clock.sleep(nanoseconds: 100_000_000)
                     continue
                 default:
-                    writeStderr("memlab _pagesource: \(SystemError(errno: e, call: "accept"))\n")
+                    writeStderr("memlab _pagesource: \(e)\n")
                     return 1
                 }
             }
-            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-            guard conns.admit(cap: o.maxConnections) else {
-                refuseConnection(c, "this page source serves at most \(o.maxConnections) connections at once (--max-connections); try again later")
+            guard let id = conns.admit(cap: o.maxConnections) else {
+                c.sendTextFrame(PageWire.error, "this page source serves at most \(o.maxConnections) connections at once (--max-connections); try again later")
                 continue
             }
-            if o.kind == .tcp { var one: Int32 = 1; setsockopt(c, Int32(IPPROTO_TCP), TCP_NODELAY, &one, 4) }
-            if o.idleTimeoutS > 0 {
-                var tv = Wire.timeval(seconds: o.idleTimeoutS)
-                setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-                setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-            }
+            if o.kind == .tcp { c.setNoDelay() }
+            if o.idleTimeoutS > 0 { c.setTimeouts(seconds: o.idleTimeoutS) }
             let idle = o.idleTimeoutS
-            let rc = startConnectionThread {
-                serve(c, box.image, idleTimeoutS: idle)
-                conns.end(pthread_self())
-            }
-            if rc != 0 {
+            do throws(SystemError) {
+                let t = try OSThread(stackBytes: threadStack) {
+                    serve(c, image, idleTimeoutS: idle)
+                    conns.end(id)
+                }
+                conns.started(id, t)
+            } catch {
                 conns.release()
-                refuseConnection(c, "cannot start a thread for this connection: \(SystemError(errno: rc, call: "pthread_create"))")
+                c.sendTextFrame(PageWire.error, "cannot start a thread for this connection: \(error)")
             }
         }
     }
 
-    /// ERROR(reason) and close, never blocking: the peer gets it instead of a HELLO.
-    static func refuseConnection(_ fd: Int32, _ text: String) {
-        let body = Array(text.utf8.prefix(4096))
-        var frame: [UInt8] = [Wire.magic.0, Wire.magic.1, PageWire.error, 0]
-        withUnsafeBytes(of: UInt32(body.count).littleEndian) { frame += $0 }
-        frame += body
-        _ = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
-        close(fd)
-    }
-
-    /// A joinable thread with a small stack; returns pthread_create's error (0: started).
-    static func startConnectionThread(_ body: @escaping @Sendable () -> Void) -> Int32 {
-        final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-        var attr = pthread_attr_t()
-        pthread_attr_init(&attr)
-        defer { pthread_attr_destroy(&attr) }
-        pthread_attr_setstacksize(&attr, threadStack)
-        let box = Unmanaged.passRetained(Box(body))
-        var t = pthread_t()
-        let rc = pthread_create(&t, &attr, { arg in
-            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-            b.body()
-            return nil
-        }, box.toOpaque())
-        if rc != 0 { box.release() }
-        return rc
-    }
-
-    static func serve(_ fd: Int32, _ image: PageImage, idleTimeoutS: Double) {
-        defer { close(fd) }
+    static func serve(_ socket: Socket, _ image: PageImage, idleTimeoutS: Double) {
+        defer { socket.close() }
+        let fd = socket.fd
+        let pageSize = image.pageSize
         let head = UnsafeMutableRawPointer.allocate(byteCount: 16 + 12 + 8 * PageWire.maxRuns, alignment: 8)
         let iov = UnsafeMutablePointer<iovec>.allocate(capacity: PageWire.maxRuns + 1)
         defer { head.deallocate(); iov.deallocate() }
-        func frame(_ type: UInt8, _ length: Int) {
-            head.storeBytes(of: Wire.magic.0, toByteOffset: 0, as: UInt8.self)
-            head.storeBytes(of: Wire.magic.1, toByteOffset: 1, as: UInt8.self)
-            head.storeBytes(of: type, toByteOffset: 2, as: UInt8.self)
-            head.storeBytes(of: 0, toByteOffset: 3, as: UInt8.self)
-            head.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 4, as: UInt32.self)
-        }
         func refuse(_ text: String) {
-            let t = Array(text.utf8)
-            frame(PageWire.error, t.count)
+            let t = Array(text.utf8.prefix(4096))
+            FrameHeader.encode(PageWire.error, length: t.count, into: head)
             _ = send(fd, head, 8, Int32(MSG_NOSIGNAL))
             _ = t.withUnsafeBytes { send(fd, $0.baseAddress!, t.count, Int32(MSG_NOSIGNAL)) }
         }
-        // HELLO.
-        frame(PageWire.hello, PageWire.helloPayload)
+        // HELLO: version, page size, pages.
+        FrameHeader.encode(PageWire.hello, length: PageWire.helloPayload, into: head)
         head.storeBytes(of: PageWire.version.littleEndian, toByteOffset: 8, as: UInt32.self)
-        head.storeBytes(of: UInt32(4096).littleEndian, toByteOffset: 12, as: UInt32.self)
+        head.storeBytes(of: UInt32(pageSize).littleEndian, toByteOffset: 12, as: UInt32.self)
         head.storeBytes(of: UInt64(image.pages).littleEndian, toByteOffset: 16, as: UInt64.self)
         if send(fd, head, 24, Int32(MSG_NOSIGNAL)) != 24 { return }
         let req = head + 16
@@ -582,14 +506,14 @@ public enum PageServer {
             }
             if recv(fd, req + 8, length, Int32(MSG_WAITALL)) != length { return }
             let total: Int
-            switch PageWire.checkGet(req + 8, length: length, imagePages: image.pages, run: { k, first, count in
-                iov[k + 1] = iovec(iov_base: image.base + first * 4096, iov_len: count * 4096)
+            switch PageWire.checkGet(req + 8, length: length, imagePages: image.pages, pageSize: pageSize, run: { k, first, count in
+                iov[k + 1] = iovec(iov_base: image.base + first * pageSize, iov_len: count * pageSize)
             }) {
             case .failure(let e): refuse(e.reason); return
             case .success(let t): total = t
             }
             // The answer's header goes in the first iovec, ahead of the page data.
-            frame(PageWire.data, total * 4096)
+            FrameHeader.encode(PageWire.data, length: total * pageSize, into: head)
             iov[0] = iovec(iov_base: head, iov_len: 8)
             if !sendv(fd, iov, (length - 4) / 8 + 1) { return }
         }

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import LinuxMM
+import Transfer
 
 /// Why a page-protocol message is refused: the text the server sends in its ERROR frame, or
 /// the client's reason.
@@ -17,27 +19,15 @@ extension PageWire {
     /// HELLO's payload: u32 version, u32 page size, u64 pages.
     public static let helloPayload = 16
 
-    /// A frame header's type and payload length, or why it is not one (magic, flags).
-    @inline(__always)
-    public static func header(_ b: UnsafeRawPointer) -> Result<(type: UInt8, length: Int), PageWireError> {
-        guard b.load(fromByteOffset: 0, as: UInt8.self) == Wire.magic.0, b.load(fromByteOffset: 1, as: UInt8.self) == Wire.magic.1 else {
-            return .failure(PageWireError("a frame without the ML magic"))
-        }
-        let flags = b.load(fromByteOffset: 3, as: UInt8.self)
-        guard flags == 0 else { return .failure(PageWireError("a frame with flags \(flags) (reserved, must be 0)")) }
-        let length = Int(UInt32(littleEndian: b.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
-        return .success((b.load(fromByteOffset: 2, as: UInt8.self), length))
-    }
-
     /// The client's check of a HELLO payload (16 bytes) against the image it verifies with:
     /// compared as the wire's integers, so 2^64−1 pages is a refusal, not a trap.
-    public static func checkHello(_ p: UnsafeRawBufferPointer, pages: Int) -> PageWireError? {
+    public static func checkHello(_ p: UnsafeRawBufferPointer, pages: Int, pageSize: Int) -> PageWireError? {
         guard p.count == helloPayload else { return PageWireError("the page source's HELLO has \(p.count) bytes of payload, not \(helloPayload)") }
         let v = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
         let ps = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
         let np = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
-        guard v == version, ps == 4096, np == UInt64(clamping: pages) else {
-            return PageWireError("the page source serves version \(v), page size \(ps), \(np) pages; expected v\(version), 4096, \(pages)")
+        guard v == version, ps == UInt32(clamping: pageSize), np == UInt64(clamping: pages) else {
+            return PageWireError("the page source serves version \(v), page size \(ps), \(np) pages; expected v\(version), \(pageSize), \(pages)")
         }
         return nil
     }
@@ -46,8 +36,8 @@ extension PageWire {
     /// Returns the payload length to read.
     @inline(__always)
     public static func checkGetHeader(_ b: UnsafeRawPointer) -> Result<Int, PageWireError> {
-        switch header(b) {
-        case .failure(let e): return .failure(e)
+        switch FrameHeader.decode(b) {
+        case .failure(let e): return .failure(PageWireError(e.description))
         case .success(let (type, length)):
             guard type == get else { return .failure(PageWireError("expected a GET frame, got type \(type)")) }
             guard length >= 4, length <= 4 + 8 * maxRuns, (length - 4) % 8 == 0 else {
@@ -58,16 +48,17 @@ extension PageWire {
     }
 
     /// The server's check of a GET payload (`length` bytes, from `checkGetHeader`) against an
-    /// image of `imagePages`: n runs, each non-empty and inside the image, at most `maxPages`
-    /// in all. Calls `run(k, first, count)` for each run as it is checked (the server builds
+    /// image of `imagePages` pages of `pageSize`: n runs, each non-empty and inside the image,
+    /// at most `maxPages(pageSize:)` in all (a DATA frame within `FrameHeader.maxPayload`). Calls `run(k, first, count)` for each run as it is checked (the server builds
     /// its iovecs there); returns the pages asked for.
     @inline(__always)
-    public static func checkGet(_ p: UnsafeRawPointer, length: Int, imagePages: Int,
+    public static func checkGet(_ p: UnsafeRawPointer, length: Int, imagePages: Int, pageSize: Int,
                                 run: (_ k: Int, _ first: Int, _ count: Int) -> Void) -> Result<Int, PageWireError> {
         guard length >= 4 else { return .failure(PageWireError("GET payload of \(length) bytes")) }
         let n = Int(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 0, as: UInt32.self)))
         guard n >= 1, n <= maxRuns, 4 + 8 * n == length else { return .failure(PageWireError("GET with \(n) runs in \(length) bytes")) }
         var total = 0
+        let maxPages = maxPages(pageSize: pageSize)
         for k in 0..<n {
             // u32s widened to Int: first + count cannot overflow.
             let first = Int(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4 + 8 * k, as: UInt32.self)))
@@ -87,10 +78,11 @@ extension PageWire {
 /// `memlab pagesource` pass), parsed without trapping: every key known, every value in range.
 public struct PageServerOptions: Sendable, Equatable {
     public enum Kind: String, Sendable { case unix, tcp }
-    /// lazy-restore's largest image (16 GiB of 4 KiB pages): GET runs address pages in 32 bits.
-    public static let maxPages = (16 << 30) / 4096
+    /// lazy-restore's largest image (16 GiB of the kernel's pages): GET runs address pages in
+    /// 32 bits.
+    public static let maxPages = (16 << 30) / System.pageSize
     public static let maxConnectionsRange = 1...4096
-    public static let idleTimeoutRange = 0.0...Wire.maxTimeoutS
+    public static let idleTimeoutRange = 0.0...Deadline.maxS
 
     public var kind = Kind.tcp
     public var listen = ""
@@ -145,7 +137,7 @@ public struct PageServerOptions: Sendable, Equatable {
                 guard let n = Int(value), maxConnectionsRange.contains(n) else { return bad("expected \(maxConnectionsRange.lowerBound)…\(maxConnectionsRange.upperBound)") }
                 o.maxConnections = n
             case "idle_timeout":
-                guard let t = Double(value), t.isFinite, idleTimeoutRange.contains(t) else { return bad("expected 0…\(Int(Wire.maxTimeoutS)) seconds (0: none)") }
+                guard let t = Double(value), t.isFinite, idleTimeoutRange.contains(t) else { return bad("expected 0…\(Int(Deadline.maxS)) seconds (0: none)") }
                 o.idleTimeoutS = t
             default:
                 return .failure(PageWireError("unknown argument \(key)="))
@@ -157,7 +149,7 @@ public struct PageServerOptions: Sendable, Equatable {
         // sun_path holds 107 bytes and a NUL: a longer path would be cut silently.
         if o.kind == .unix && o.listen.utf8.count > 107 { return .failure(PageWireError("listen= path longer than 107 bytes")) }
         if o.kind == .tcp {
-            do { _ = try WireSocket.parse(o.listen) } catch { return .failure(PageWireError("listen='\(o.listen)': \(error)")) }
+            do { _ = try SocketAddress.tcp(o.listen) } catch { return .failure(PageWireError("listen='\(o.listen)': \(error)")) }
         }
         return .success(o)
     }
