@@ -77,6 +77,7 @@ let package = Package(
         ),
         .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "Transfer", "Workloads", "LazyRestore", "Migration"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
+        .testTarget(name: "TransferTests", dependencies: ["Transfer", "LazyRestore", "LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),
     ]

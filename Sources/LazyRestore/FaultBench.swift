@@ -41,8 +41,7 @@ extension Bench {
     /// not a figure derived from the latency.
     static func memlabFaultRate(wait: EngineConfig.WaitMode, oneCPU: Bool = false, rounds: Int = 3) throws -> Double {
         let (image, traces) = try faultImage(pages: 4096)
-        defer { traces.release() }
-        // One CPU: handler and workload threads (created below) inherit this thread's
+                // One CPU: handler and workload threads (created below) inherit this thread's
         // affinity, so a fault is served without a cross-CPU wake-up.
         let saved = NUMA.currentAffinity()
         if oneCPU, let first = saved.first { try NUMA.setAffinity(cpus: [first]) }
@@ -68,12 +67,12 @@ extension Bench {
 
     /// The same with the C reference handler on its own thread.
     static func cRoundTrip(_ image: PageImage, _ traces: AccessTraces, wait: EngineConfig.WaitMode) throws -> Double {
-        let length = image.pages * 4096
+        let length = image.bytes
         let region = try AnonymousMapping(length: length, kind: .base)
-        let doorbell = try AnonymousMapping(length: 4096, kind: .base)
+        let doorbell = try AnonymousMapping(length: System.pageSize, kind: .base)
         let uffd = try Userfaultfd.Descriptor(nonBlocking: wait != .blocking)
         try uffd.register(region.base, length: length, mode: .missing)
-        try uffd.register(doorbell.base, length: 4096, mode: .missing)
+        try uffd.register(doorbell.base, length: System.pageSize, mode: .missing)
         let mode: Int32 = wait == .blocking ? 0 : wait == .poll ? 1 : wait == .epoll ? 3 : 2
         let fd = uffd.fd
         let src = UInt(bitPattern: image.base), dst = UInt(bitPattern: region.base)
@@ -86,10 +85,10 @@ extension Bench {
         try w.start()
         w.release(at: Clock.nanoseconds())
         let out = w.join()
-        memlab_ref_touch(doorbell.base, 1, 4096) // through C: never optimized away
+        memlab_ref_touch(doorbell.base, 1, System.pageSize) // through C: never optimized away
         handler.join()
         try uffd.unregister(region.base, length: length)
-        try uffd.unregister(doorbell.base, length: 4096)
+        try uffd.unregister(doorbell.base, length: System.pageSize)
         let n = served.withLock { $0 }
         if n < 0 { throw ScenarioError.failed("bench (C handler): \(SystemError(errno: Int32(-n), call: "memlab_ref_fault_handler"))") }
         if image.mismatches(region.base, include: { traces.touched[$0] != 0 }) != 0 { throw ScenarioError.failed("bench (C handler): contents differ") }
@@ -108,7 +107,7 @@ extension Bench {
     }
 
     static func rawBulk(_ image: PageImage) throws -> Double {
-        let length = image.pages * 4096
+        let length = image.bytes
         let d = try AnonymousMapping(length: length, kind: .base)
         let uffd = try Userfaultfd.Descriptor()
         try uffd.register(d.base, length: length, mode: .missing)
@@ -124,16 +123,14 @@ extension Bench {
     public static func faultRows(rounds: Int = 7, sizeMB: Int = 64) throws -> [Row] {
         guard Userfaultfd.probe().usable else { return [] }
         let (image, traces) = try faultImage(pages: 4096)
-        defer { traces.release() }
-        var rows: [Row] = []
+                var rows: [Row] = []
         for wait in EngineConfig.WaitMode.allCases {
             rows.append(try compare("fault round trip, \(wait.rawValue)", unit: "ns/fault", rounds: rounds,
                                     swift: { try memlabRoundTrip(image, traces, wait: wait) },
                                     c: { try cRoundTrip(image, traces, wait: wait) }))
         }
-        let (big, bigTraces) = try faultImage(pages: (min(sizeMB, 256) << 20) / 4096)
-        defer { bigTraces.release() }
-        prewarm(length: big.pages * 4096, kind: .base)
+        let (big, bigTraces) = try faultImage(pages: (min(sizeMB, 256) << 20) / System.pageSize)
+                prewarm(length: big.bytes, kind: .base)
         rows.append(try compare("bulk install, batched UFFDIO_COPY", unit: "ns/page", rounds: rounds,
                                 swift: { try memlabBulk(big, bigTraces) }, c: { try rawBulk(big) }))
         return rows

@@ -27,7 +27,7 @@ public enum Calibration {
         var notes: [String] = []
         func add(_ n: String, _ v: Double, _ u: MetricUnit, _ b: Better, _ h: String) { out.append(Floor(name: n, value: v, unit: u, better: b, help: h)) }
         let size = min(requested, 64 << 20)
-        let pages = size / 4096
+        let pages = size / System.pageSize
 
         // 1. Kernel first-touch fault (anonymous, 4K), no userfaultfd.
         let (firstTouch, a) = try firstTouchNS(size: size)
@@ -53,8 +53,7 @@ public enum Calibration {
         let image = try PageImage(pages: min(pages, 8192), seed: 3, zeroRatio: 0)
                 let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
                                   writeRatio: 0, zipfSkew: 1, seed: 3, image: image)
-        defer { traces.release() }
-        func roundTrip(_ c: EngineConfig, _ source: PageSource?, _ label: String) throws -> (Double, Double) {
+                func roundTrip(_ c: EngineConfig, _ source: PageSource?, _ label: String) throws -> (Double, Double) {
             let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                        reapOrder: nil, deadlineS: 30, source: source)
             if let f = r.failed { throw ScenarioError.failed("floor (\(label)): \(f)") }
@@ -104,21 +103,21 @@ extension Calibration {
         prewarm(length: size, kind: .base)
         let a = try AnonymousMapping(length: size, kind: .base)
         let t0 = Clock.nanoseconds()
-        touchPages(a.base, length: size, stride: 4096)
-        return (Double(Clock.nanoseconds() - t0) / Double(size / 4096), a)
+        touchPages(a.base, length: size, stride: System.pageSize)
+        return (Double(Clock.nanoseconds() - t0) / Double(size / System.pageSize), a)
     }
 
     /// ns per UFFDIO_COPY of one 4K page into an empty registered region (no waiter); also
     /// returns the filled source mapping for further copies.
     static func copyPageNS(size: Int) throws -> (ns: Double, source: AnonymousMapping) {
-        let pages = size / 4096
+        let pages = size / System.pageSize
         let src = try AnonymousMapping(length: size, kind: .base)
         memset(src.base, 0x5A, size)
         let uffd = try Userfaultfd.Descriptor()
         let d = try AnonymousMapping(length: size, kind: .base)
         try uffd.register(d.base, length: size, mode: .missing)
         let t0 = Clock.nanoseconds()
-        for i in 0..<pages { try uffd.copy(to: d.base + i * 4096, from: src.base + i * 4096, length: 4096, dontWake: true) }
+        for i in 0..<pages { try uffd.copy(to: d.base + i * System.pageSize, from: src.base + i * System.pageSize, length: System.pageSize, dontWake: true) }
         let ns = Double(Clock.nanoseconds() - t0) / Double(pages)
         try uffd.unregister(d.base, length: size)
         return (ns, src)
@@ -137,8 +136,7 @@ extension Calibration {
         let image = try PageImage(pages: 1024, seed: 5, zeroRatio: 0)
                 let traces = AccessTraces(pattern: .sequential, pages: image.pages, threads: 1, opsPerThread: image.pages,
                                   writeRatio: 0, zipfSkew: 1, seed: 5, image: image)
-        defer { traces.release() }
-        var c = EngineConfig()
+                var c = EngineConfig()
         c.wait = wait
         let r = try performRestore(config: c, image: image, traces: traces, link: EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false),
                                    reapOrder: nil, deadlineS: 10)

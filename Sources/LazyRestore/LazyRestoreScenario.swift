@@ -183,8 +183,7 @@ public struct LazyRestoreScenario: Scenario {
         let traces = AccessTraces(pattern: pattern, pages: pages,
                                   threads: threads, opsPerThread: pattern == .trace ? (trace.count + threads - 1) / threads : p.int("accesses"),
                                   writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image, trace: trace)
-        defer { traces.release() }
-        if pattern == .trace {
+                if pattern == .trace {
             ctx.record("trace_accesses", Double(trace.count), .count, better: .none)
             if trace.count % threads != 0 { ctx.note("trace of \(trace.count) accesses over \(threads) threads: short threads repeat their last page (\(threads - trace.count % threads) padding reads)") }
         }

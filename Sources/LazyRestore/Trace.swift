@@ -1,5 +1,6 @@
 import Foundation
 import LabKit
+import LinuxMM
 
 /// A recorded access trace (`workload=trace`, `trace_file`; written by `record_trace`).
 ///
@@ -40,7 +41,7 @@ enum TraceFile {
             let value: Int?
             if f.hasPrefix("0x") || f.hasPrefix("0X") { value = Int(f.dropFirst(2), radix: 16) } else { value = Int(f) }
             guard let v = value, v >= 0 else { throw bad("is not a non-negative number") }
-            let page = isOffset ? v / 4096 : v
+            let page = isOffset ? v / System.pageSize : v
             guard page < pages else { throw bad("lies outside the region (page \(page); size has \(pages) pages)") }
             var mode = Access.unspecified
             if fields.count == 2 {

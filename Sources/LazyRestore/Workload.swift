@@ -11,7 +11,9 @@ import Synchronization
 /// thread, each op a page index with flags (bit 31: the thread's first touch of the page,
 /// bit 30: a write, bit 29: a known-zero page). Replaying the same traces on resident memory
 /// gives the baseline; replaying them twice gives working-set-replay its repeated trace.
-struct AccessTraces: @unchecked Sendable {
+final class AccessTraces: @unchecked Sendable {
+    // @unchecked: `ops` is written only by init and read by the workload threads after; it
+    // is freed by this type's deinit.
     enum Pattern: String, Sendable { case sequential, random, zipf, trace }
     static let firstBit: UInt32 = 1 << 31
     static let writeBit: UInt32 = 1 << 30
@@ -82,7 +84,7 @@ struct AccessTraces: @unchecked Sendable {
         distinctPages = touched.reduce(0) { $0 + Int($1) }
     }
 
-    func release() { ops.deallocate() }
+    deinit { ops.deallocate() }
 
     /// Distinct pages in thread order of first touch (the working set a first restore records).
     var firstTouchOrder: [Int32] {
@@ -114,7 +116,10 @@ struct WorkloadOutcome {
 /// of its page (a write stores the source's own value, so contents stay verifiable). Each
 /// first touch is timed. `release` is called once all threads are ready: time starts there.
 final class WorkloadRun: @unchecked Sendable {
+    // @unchecked: the per-thread arrays are written each by its own thread and read by the
+    // owner after `join`; the rest is constants and atomics (`startNS` is set before `go`).
     let traces: AccessTraces
+    let pageSize = System.pageSize
     let regionAddress: UInt
     let seed: UInt64
     let ready = Atomic<Int>(0)
@@ -220,7 +225,7 @@ final class WorkloadRun: @unchecked Sendable {
             let e = ops[i]
             let page = Int(e & AccessTraces.pageMask)
             let word = Int((UInt64(page) &* 0x9E37_79B1 &+ UInt64(i)) & 511)
-            let ptr = UnsafeMutablePointer<UInt64>(bitPattern: base + UInt(page * 4096 + word * 8))!
+            let ptr = UnsafeMutablePointer<UInt64>(bitPattern: base + UInt(page * pageSize + word * 8))!
             if e & AccessTraces.firstBit != 0 {
                 let t0 = Clock.nanoseconds()
                 if e & AccessTraces.writeBit != 0 {
@@ -240,13 +245,13 @@ final class WorkloadRun: @unchecked Sendable {
             if dropEvery > 0 && (i + 1) % dropEvery == 0 {
                 // The application drops a page it just used: a REMOVE event the handler must
                 // read while other threads' faults are in flight (mmap_changing → EAGAIN).
-                _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!, 4096, memlab_MADV_DONTNEED)
+                _ = madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(page * pageSize))!, pageSize, memlab_MADV_DONTNEED)
                 drops += 1
             }
             if remapAt > 0 && i + 1 == remapAt {
                 // The application moves its memory: a REMAP event; later faults arrive at the
                 // new address and the handler must follow.
-                if let moved = memlab_remap_away(UnsafeMutableRawPointer(bitPattern: base)!, traces.touched.count * 4096) {
+                if let moved = memlab_remap_away(UnsafeMutableRawPointer(bitPattern: base)!, traces.touched.count * pageSize) {
                     base = UInt(bitPattern: moved)
                     movedTo.store(base, ordering: .releasing)
                 } else {
