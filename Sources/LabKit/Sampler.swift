@@ -9,6 +9,8 @@ import Synchronization
 /// Storage is allocated up front and each read is a pread into a fixed buffer (CounterFile),
 /// so the sampler does not allocate while it runs; ticks are absolute (no drift).
 public final class Sampler: @unchecked Sendable {
+    // @unchecked: the buffers are written by the sampling thread only, below `count`, and
+    // read by the owner after `stop` has joined it; `startNS` is set before the thread starts.
     public struct Probe {
         public let name: String
         public let unit: MetricUnit
@@ -27,7 +29,7 @@ public final class Sampler: @unchecked Sendable {
     private let values: UnsafeMutableBufferPointer<Double>
     private let count = Atomic<Int>(0)
     private let stopFlag = Atomic<Bool>(false)
-    private let finished = DispatchSemaphore(value: 0)
+    private let thread = Lock<OSThread?>(nil)
     private var startNS: UInt64 = 0
 
     public init(interval seconds: Double, capacity: Int = 100_000, probes: [Probe]) {
@@ -43,11 +45,10 @@ public final class Sampler: @unchecked Sendable {
         values.deallocate()
     }
 
-    public func start() {
+    public func start() throws(SystemError) {
         startNS = Clock.nanoseconds()
-        let thread = Thread { [self] in self.loop() }
-        thread.name = "memlab-sampler"
-        thread.start()
+        let t = try OSThread { [self] in self.loop() }
+        thread.withLock { $0 = t }
     }
 
     private func loop() {
@@ -59,7 +60,6 @@ public final class Sampler: @unchecked Sendable {
             while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
         }
         sampleOnce()   // the state at stop
-        finished.signal()
     }
 
     private func sampleOnce() {
@@ -75,7 +75,7 @@ public final class Sampler: @unchecked Sendable {
     /// Stops the thread and returns one series per probe.
     public func stop() -> [TimeSeries] {
         stopFlag.store(true, ordering: .relaxed)
-        finished.wait()
+        thread.withLock { $0 }?.join()
         let n = count.load(ordering: .acquiring)
         let t = Array(times[0..<n])
         return probes.enumerated().map { k, p in

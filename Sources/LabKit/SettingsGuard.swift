@@ -120,7 +120,7 @@ public struct RestoreReport: Sendable {
 /// next memlab start (`recoverStale`). One flock, at a fixed path, keeps two memlab processes
 /// from changing knobs at once; every journal is registered in one fixed, root-only place, so
 /// the next start finds it whatever `$MEMLAB_STATE_DIR` the dead run had.
-public final class SettingsGuard: @unchecked Sendable {
+public final class SettingsGuard: Sendable {
     public let stateDirectory: String
     public var journalPath: String { "\(stateDirectory)/journal.json" }
 

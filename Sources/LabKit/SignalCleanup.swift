@@ -37,16 +37,20 @@ public final class SignalCleanup: Sendable {
             return
         }
         let readFD = fds[0]
-        let thread = Thread { [self] in
-            var b: UInt8 = 0
-            while true {
-                let n = read(readFD, &b, 1)
-                if n == 1 { self.handle(Int32(b)) }
-                if n < 0 && errno != EINTR { return }
-            }
+        // The signal thread lives as long as the process: detached, never joined.
+        do throws(SystemError) {
+            try OSThread { [self] in
+                var b: UInt8 = 0
+                while true {
+                    let n = read(readFD, &b, 1)
+                    if n == 1 { self.handle(Int32(b)) }
+                    if n < 0 && errno != EINTR { return }
+                }
+            }.detach()
+        } catch {
+            writeStderr("memlab: warning: no signal thread (\(error)); Ctrl-C will not restore settings until the next memlab start\n")
+            return
         }
-        thread.name = "memlab-signals"
-        thread.start()
         let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
         _ = signals.withUnsafeBufferPointer { memlab_install_signal_pipe(fds[1], $0.baseAddress, Int32($0.count)) }
         // A parent (a test runner, a service manager) may have left them blocked in the mask

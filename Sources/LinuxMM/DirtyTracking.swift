@@ -147,6 +147,7 @@ public final class AsyncWriteProtectTracker: DirtyTracker {
 /// the protection (UFFDIO_WRITEPROTECT without MODE_WP, which wakes the thread). Slower than the
 /// asynchronous mode, but it counts every write fault.
 public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
+    // @unchecked only for `base`, a constant address; the mutable state is locks and atomics.
     public let base: UnsafeMutableRawPointer
     public let length: Int
     private let uffd: Userfaultfd.Descriptor
@@ -154,8 +155,8 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
     private let lock = Lock<[Int]>([])
     private let faults = Atomic<Int>(0)
     private let handlerDone = Atomic<Bool>(false)
-    private var handler: pthread_t?
-    private var closed = false
+    private let handler = Lock<OSThread?>(nil)
+    private let closed = Atomic<Bool>(false)
     public let mechanism = "userfaultfd synchronous WP (a handler thread un-protects each written page)"
     public var writeFaults: Int? { faults.load(ordering: .relaxed) }
 
@@ -168,18 +169,13 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
         if memlab_pipe2(&p, O_CLOEXEC) != 0 { throw SystemError.current("pipe2") }
         uffd = d
         stopPipe = (p[0], p[1])
-        let box = Unmanaged.passRetained(self)
-        var t = pthread_t()
-        let rc = pthread_create(&t, nil, { arg in
-            let me = Unmanaged<SyncWriteProtectTracker>.fromOpaque(arg!).takeRetainedValue()
-            me.serve()
-            return nil
-        }, box.toOpaque())
-        if rc != 0 {
-            box.release()
-            throw SystemError(errno: rc, call: "pthread_create(write-protect handler)")
+        do throws(SystemError) {
+            let t = try OSThread { [self] in serve() }
+            handler.withLock { $0 = t }
+        } catch {
+            Glibc.close(p[0]); Glibc.close(p[1])
+            throw SystemError(errno: error.errno, call: "pthread_create(write-protect handler)")
         }
-        handler = t
     }
 
     deinit { close() }
@@ -216,13 +212,12 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
     }
 
     public func close() {
-        if closed { return }
-        closed = true
+        if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         // Unregistering wakes any thread still blocked on a write fault.
         try? uffd.unregister(base, length: length)
         var b: UInt8 = 1
         _ = write(stopPipe.1, &b, 1)
-        if let h = handler { pthread_join(h, nil) }
+        handler.withLock { $0 }?.join()
         Glibc.close(stopPipe.0)
         Glibc.close(stopPipe.1)
     }

@@ -9,6 +9,7 @@ import Glibc
 /// race (scripts/sanitize), drowning any real one. ThreadSanitizer intercepts pthread mutexes.
 /// Uncontended, a pthread mutex costs one atomic exchange each way, as the futex does.
 public final class Lock<Value>: @unchecked Sendable {
+    // @unchecked: `value` is read and written only inside `withLock`, under the mutex.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private var value: Value
 

@@ -27,6 +27,8 @@ public enum PageKind: String, Sendable, Codable, CaseIterable {
 /// A private anonymous mapping, unmapped when released. Allocation happens at set-up; the
 /// memory itself is touched by workloads through `base`.
 public final class AnonymousMapping: @unchecked Sendable {
+    // @unchecked: its fields are constants; the memory behind `base` is shared on purpose
+    // (workload and handler threads), and each user says how it synchronises.
     public let base: UnsafeMutableRawPointer
     public let length: Int
     public let kind: PageKind
@@ -108,6 +110,7 @@ public enum System {
 /// A mapping of a file or memfd (MAP_SHARED or MAP_PRIVATE), unmapped when released. The
 /// descriptor is owned by the mapping when `ownsDescriptor` is true.
 public final class FileMapping: @unchecked Sendable {
+    // @unchecked: as AnonymousMapping — constants, and memory shared on purpose.
     public let base: UnsafeMutableRawPointer
     public let length: Int
     public let fd: Int32

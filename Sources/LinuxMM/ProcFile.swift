@@ -69,6 +69,8 @@ public enum ProcFile {
 /// the file stays open and each read is a pread at offset 0 into a fixed buffer. This is what
 /// samplers and wait loops use, so that watching a counter does not disturb what it counts.
 public final class CounterFile: @unchecked Sendable {
+    // @unchecked: `buffer` is scratch for one reader at a time — a CounterFile belongs to
+    // one sampler thread or one wait loop, never read from two threads at once.
     public let path: String
     /// For "key value" files (vmstat, ksm_stat, memory.stat): the key whose value is read.
     /// nil means the file holds a single number.

@@ -4,12 +4,14 @@ import Glibc
 import CLinuxMM
 import Foundation
 import LabKit
+import LinuxMM
 
 /// The progress line on a terminal: which run of how many, scenario and the point of a sweep,
 /// the phase (setting up, warm-up or repetition i/n), time elapsed and an estimate of what is
 /// left. Drawn on stderr, redrawn in place, only once the work has taken a second, and
 /// never when stderr is not a terminal or with --quiet. It does not touch the results.
 final class ProgressLine: @unchecked Sendable {
+    // @unchecked: every var is read and written under `lock`.
     private let enabled: Bool
     private let lock = NSLock()
     private let started = Date()
@@ -28,13 +30,13 @@ final class ProgressLine: @unchecked Sendable {
         self.runCount = requests.count
         self.totalChildren = requests.reduce(0) { $0 + $1.warmup + $1.repetitions }
         guard enabled else { return }
-        let thread = Thread { [weak self] in
+        // Redraws until finished; detached: a line that cannot be drawn is no reason to fail.
+        try? OSThread { [weak self] in
             while let s = self, !s.isFinished {
                 s.draw()
                 usleep(250_000)
             }
-        }
-        thread.start()
+        }.detach()
     }
 
     private var isFinished: Bool { lock.withLock { finished } }

@@ -161,7 +161,7 @@ public struct KSMScenario: Scenario {
         let cpuBefore = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
         let timeout = ctx.params.double("timeout_s")
 
-        sampler.start()
+        try sampler.start()
         let t0 = Clock.nanoseconds()
         if prctlMode {
             do { try KSM.setProcessMerge(true) } catch {

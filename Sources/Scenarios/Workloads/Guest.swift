@@ -63,7 +63,7 @@ public enum Guest {
     }
 
     /// The status file: created and mapped by the monitor, mapped by each worker.
-    public final class Board: @unchecked Sendable {
+    public final class Board: Sendable {
         public let path: String
         let mapping: FileMapping
         public let slots: Int
