@@ -193,6 +193,9 @@ public struct RunResult: Sendable, Codable {
     public var durationS: Double
     /// Where this run sits in a sweep; nil (and absent from the JSON) when it is not swept.
     public var sweep: SweepInfo? = nil
+    /// The unit of each parameter (`ParameterUnit` raw values: bytes, pages, s, ms, none, ...);
+    /// empty (and absent from the JSON) in documents written before memlab recorded them.
+    public var paramUnits: [String: String] = [:]
 
     public init(scenario: String, variant: String, params: Params, placement: Placement,
                 status: RunStatus, reason: String?, settings: SettingsRecord, repetitions: Int,
@@ -219,6 +222,7 @@ public struct RunResult: Sendable, Codable {
         case metrics, timeseries, distributions, checks, notes
         case durationS = "duration_s"
         case sweep
+        case paramUnits = "param_units"
     }
 
     public init(from decoder: Decoder) throws {
@@ -239,6 +243,7 @@ public struct RunResult: Sendable, Codable {
         notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
         durationS = try c.decodeIfPresent(Double.self, forKey: .durationS) ?? 0
         sweep = try c.decodeIfPresent(SweepInfo.self, forKey: .sweep)
+        paramUnits = try c.decodeIfPresent([String: String].self, forKey: .paramUnits) ?? [:]
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -246,6 +251,7 @@ public struct RunResult: Sendable, Codable {
         try c.encode(scenario, forKey: .scenario)
         try c.encode(variant, forKey: .variant)
         try c.encode(params, forKey: .params)
+        if !paramUnits.isEmpty { try c.encode(paramUnits, forKey: .paramUnits) }
         try c.encode(placement, forKey: .placement)
         try c.encode(status, forKey: .status)
         try c.encode(reason, forKey: .reason)   // explicit null when ok

@@ -69,6 +69,7 @@ public final class Runner {
                                placement: request.placement, status: .ok, reason: nil,
                                settings: SettingsRecord(), repetitions: 0, warmup: request.warmup)
         result.sweep = request.sweep
+        result.paramUnits = request.scenario.parameterUnits
         run(request, into: &result)
         // Give back whatever was borrowed, whatever happened above, and record that it was.
         let report = settingsGuard.restoreAll()
@@ -83,6 +84,13 @@ public final class Runner {
     private func run(_ request: RunRequest, into result: inout RunResult) {
         let s = request.scenario
 
+        // A request `resolve` did not make (a variant or a parameter the scenario does not
+        // declare, a value it does not accept) fails here, before anything is borrowed.
+        do throws(UsageError) { try s.check(variant: request.variant, params: request.params) } catch {
+            result.status = .failed
+            result.reason = error.message
+            return
+        }
         if s.requiresRoot && !System.isRoot {
             result.status = .skipped
             result.reason = "needs root: this scenario borrows machine-wide settings under /sys and /proc/sys; run memlab as root (e.g. sudo memlab run \(s.id):\(request.variant))"
