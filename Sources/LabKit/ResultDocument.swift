@@ -117,6 +117,7 @@ public struct ResultDocument: Sendable, Codable {
                     throw fail(i, "metric \(m.name) holds a value that is not a finite number")
                 }
                 if let ci = sm.ci95, ci.count != 2 || !finite(ci) { throw fail(i, "metric \(m.name): ci95 must be two finite numbers [low, high]") }
+                if let p = m.percentile, !(p >= 0 && p <= 100) { throw fail(i, "metric \(m.name): percentile must be a number in 0...100") }
             }
             for t in r.timeseries where t.t.count != t.values.count || !finite(t.t) || !finite(t.values) || !t.intervalS.isFinite {
                 throw fail(i, "time series \(t.name): t and values must be finite numbers of the same length")
@@ -171,6 +172,11 @@ public struct Metric: Sendable, Codable, Equatable {
     public var better: Better
     public var samples: [Double]
     public var summary: Summary
+    /// For a percentile of a latency distribution (`fault_latency_p99`): the distribution's
+    /// name and the percentile (100 = max). Absent on other metrics, and in documents written
+    /// before memlab recorded them.
+    public var distribution: String? = nil
+    public var percentile: Double? = nil
 }
 
 /// One run: a scenario variant with its parameters, repeated.

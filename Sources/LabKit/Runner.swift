@@ -183,21 +183,22 @@ public final class Runner {
     /// only numbers.
     static func aggregate(_ outputs: [RepetitionOutput], notes: inout [String]) -> [Metric] {
         var order: [String] = []
-        var byName: [String: (MetricUnit, Better, [Double])] = [:]
+        var byName: [String: (first: MetricValue, samples: [Double])] = [:]
         for (i, o) in outputs.enumerated() {
             for m in o.metrics {
                 guard m.value.isFinite else {
                     notes.append("\(m.name) of repetition \(i + 1) was \(m.value), not a number; left out")
                     continue
                 }
-                if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m.unit, m.better, []) }
-                byName[m.name]!.2.append(m.value)
+                if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m, []) }
+                byName[m.name]!.samples.append(m.value)
             }
         }
         return order.compactMap { name in
-            let (unit, better, samples) = byName[name]!
+            let (m, samples) = byName[name]!
             guard let summary = Statistics.summarize(samples) else { return nil }
-            return Metric(name: name, unit: unit, better: better, samples: samples, summary: summary)
+            return Metric(name: name, unit: m.unit, better: m.better, samples: samples, summary: summary,
+                          distribution: m.distribution, percentile: m.percentile)
         }
     }
 
