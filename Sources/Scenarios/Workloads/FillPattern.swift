@@ -1,7 +1,9 @@
+import LabKit
+
 /// Page contents of a chosen entropy, for compression experiments (zswap, zram) and guest
 /// images. Every page is deterministic from (seed, page index), so a page can be checked
 /// after it comes back from swap.
-public enum FillPattern: String, Sendable, CaseIterable {
+public enum FillPattern: String, Sendable, CaseIterable, ParameterChoice {
     /// All zero bytes: the swap layer keeps these as a bit (zeromap), never compressed.
     case zero
     /// A short run repeated, page index in the first 8 bytes: unique pages that compress
