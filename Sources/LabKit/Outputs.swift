@@ -162,13 +162,6 @@ public final class RunContext {
         return "p" + (p < 10 ? "0" : "") + digits
     }
 
-    /// Records the distribution of every event in `histogram` (for the report's CDF). Empty
-    /// histograms are not recorded: no event, no distribution.
-    public func recordDistribution(_ name: String, _ histogram: Histogram<UInt64>, unit: MetricUnit = .ns) {
-        guard histogram.totalCount > 0 else { return }
-        output.distributions.append(Distribution(name: name, unit: unit, histogram: histogram))
-    }
-
     /// Records a check; `tolerance` is absolute (in the check's own unit).
     @discardableResult
     public func check(_ name: String, expected: Double, observed: Double, tolerance: Double, describe: String) -> Bool {

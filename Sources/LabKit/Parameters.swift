@@ -186,29 +186,6 @@ public struct Params: Sendable, Hashable, Codable {
 
     public subscript(_ name: String) -> ParamValue? { values[name] }
 
-    public func int(_ name: String) -> Int {
-        if case .int(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not an int")
-    }
-
-    public func double(_ name: String) -> Double {
-        switch values[name] {
-        case .double(let v)?: return v
-        case .int(let v)?: return Double(v)
-        default: preconditionFailure("parameter \(name) is not a number")
-        }
-    }
-
-    public func bool(_ name: String) -> Bool {
-        if case .bool(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not a bool")
-    }
-
-    public func string(_ name: String) -> String {
-        if case .string(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not a string")
-    }
-
     /// Defaults, overridden by `overrides` (already validated against the specs).
     public static func resolve(_ specs: [ParameterSpec], overrides: [String: ParamValue]) -> Params {
         var v: [String: ParamValue] = [:]
