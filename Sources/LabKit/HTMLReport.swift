@@ -7,8 +7,8 @@ import Foundation
 /// - `chart-timeseries`: every recorded time series (runs of one scenario:variant overlaid);
 /// - `chart-sweep`: each metric against the swept parameter (a recorded sweep, or runs of one
 ///   scenario:variant that differ in exactly one numeric parameter), median with min–max;
-/// - `chart-latency`: latency percentiles (`NAME_p50`, `NAME_p99`, `NAME_max`, ...) as a
-///   distribution, one line per run;
+/// - `chart-latency`: each recorded latency distribution as a CDF, one line per run (or, for
+///   a run with no recorded distribution, the percentile metrics tagged with its name);
 /// - `chart-tradeoff`: `downtime` (and `bytes_transferred`) against `total_time`, a point per run;
 /// - `chart-bars`: medians per variant of a scenario, and a run's time metrics side by side;
 /// - `chart-across`: the same run in several result files, per metric.
@@ -175,7 +175,7 @@ public struct HTMLReport {
     /// A run's time-valued metrics (not percentiles), side by side.
     mutating func timeBars(_ run: RunResult) -> String {
         guard run.status == .ok else { return "" }
-        let percentileNames = Set(Self.percentileGroups(run.metrics).values.flatMap { $0.map(\.metric.name) })
+        let percentileNames = Set(Self.percentileGroups(run).values.flatMap { $0.map(\.metric.name) })
         var out = ""
         for unit in [MetricUnit.ns, .s] {
             let ms = run.metrics.filter { $0.unit == unit && !percentileNames.contains($0.name) }
@@ -239,10 +239,10 @@ public struct HTMLReport {
         let numericAxis = xsAll.count == g.runs.count
         // Series: one per combination of the other swept parameters.
         func seriesKey(_ r: RunResult) -> String {
-            g.others.map { "\($0)=\(r.params[$0]?.description ?? "-")" }.joined(separator: " ")
+            g.others.map { Self.parameterLabel(r, $0) }.joined(separator: " ")
         }
         let keys = uniqued(g.runs.map(seriesKey))
-        let xUnit = Self.parameterUnit(g.axis)
+        let xUnit = Self.parameterUnit(g.axis, in: g.runs)
         let distinct = Array(Set(xsAll)).sorted()
         let xLog = numericAxis && distinct.count >= 3 && (distinct.first ?? 0) > 0 && distinct.last! / distinct.first! >= 16
         let how = g.recorded ? "sweep" : "runs differing only in \(g.axis)"
@@ -251,7 +251,7 @@ public struct HTMLReport {
         for name in tsNames {
             let members = g.runs.compactMap { r -> (String, TimeSeries)? in
                 guard let ts = r.timeseries.first(where: { $0.name == name }) else { return nil }
-                let label = ([g.axis] + g.others).map { "\($0)=\(r.params[$0]?.description ?? "-")" }.joined(separator: " ")
+                let label = ([g.axis] + g.others).map { Self.parameterLabel(r, $0) }.joined(separator: " ")
                 return (label, ts)
             }
             if let unit = members.first?.1.unit { out += timeseriesChart(name, unit: unit, series: members) }
@@ -277,7 +277,7 @@ public struct HTMLReport {
                 out += SVGChart.bars(id: nextID("sweep"), kind: "sweep", title: title, y: .init(label: name, unit: unit.rawValue),
                                      bars: withMetric.map { r in
                                          let m = r.metric(name)!
-                                         return .init(label: "\(g.axis)=\(r.params[g.axis]?.description ?? "-") \(seriesKey(r))",
+                                         return .init(label: "\(Self.parameterLabel(r, g.axis)) \(seriesKey(r))",
                                                       value: m.summary.median, low: m.summary.min, high: m.summary.max)
                                      }, caption: "\(how): median, whiskers min–max")
             }
@@ -294,14 +294,15 @@ public struct HTMLReport {
         for s in scenarios {
             let rs = ok.filter { $0.scenario == s }
             guard Set(rs.map(\.variant)).count >= 2 else { continue }
-            let labels = Self.labels(rs)
             let names = uniqued(rs.flatMap { $0.metrics.map(\.name) })
             for name in names {
-                let idx = rs.indices.filter { rs[$0].metric(name) != nil }
-                guard idx.count >= 2, let unit = rs[idx[0]].metric(name)?.unit else { continue }
+                // Labelled by what differs among the runs in this chart, not in the whole file.
+                let members = rs.filter { $0.metric(name) != nil }
+                guard members.count >= 2, let unit = members[0].metric(name)?.unit else { continue }
+                let labels = Self.labels(members)
                 out += SVGChart.bars(id: nextID("bars"), kind: "bars", title: "\(s) — \(name) per variant", y: .init(label: name, unit: unit.rawValue),
-                                     bars: idx.map { i in
-                                         let m = rs[i].metric(name)!
+                                     bars: members.indices.map { i in
+                                         let m = members[i].metric(name)!
                                          return .init(label: labels[i], value: m.summary.median, low: m.summary.min, high: m.summary.max)
                                      }, caption: "median per run, whiskers min–max")
             }
@@ -319,12 +320,12 @@ public struct HTMLReport {
         for s in uniqued(ok.map(\.scenario)) {
             let rs = ok.filter { $0.scenario == s && $0.metric("total_time") != nil }
             guard rs.count >= 2 else { continue }
-            let labels = Self.labels(rs)
             for yName in ["downtime", "bytes_transferred"] {
-                let idx = rs.indices.filter { rs[$0].metric(yName) != nil }
-                guard idx.count >= 2, let x = rs[idx[0]].metric("total_time"), let y = rs[idx[0]].metric(yName) else { continue }
-                let series = idx.map { i -> SVGChart.Series in
-                    let t = rs[i].metric("total_time")!.summary, m = rs[i].metric(yName)!.summary
+                let members = rs.filter { $0.metric(yName) != nil }
+                guard members.count >= 2, let x = members[0].metric("total_time"), let y = members[0].metric(yName) else { continue }
+                let labels = Self.labels(members)
+                let series = members.indices.map { i -> SVGChart.Series in
+                    let t = members[i].metric("total_time")!.summary, m = members[i].metric(yName)!.summary
                     return .init(name: labels[i], points: [SVGChart.Point(x: t.median, y: m.median, low: m.min, high: m.max)])
                 }
                 let ys = series.map { $0.points[0].y }
@@ -337,21 +338,23 @@ public struct HTMLReport {
         return out
     }
 
-    /// Latency distributions: NAME_pNN / NAME_max metrics as percentile curves, one per run.
+    /// Latency distributions as percentile curves, one per run: the recorded distribution, or
+    /// else the run's percentile metrics of that distribution.
     mutating func latencyCharts(_ runs: [RunResult], title: String?) -> String {
         var out = ""
         let ok = runs.filter { $0.status == .ok }
-        let labels = Self.labels(ok)
         var bases: [String] = []
         for r in ok {
             for b in Self.distributionCurves(r).keys.sorted() where !bases.contains(b) { bases.append(b) }
-            for b in Self.percentileGroups(r.metrics).keys.sorted() where !bases.contains(b) { bases.append(b) }
+            for b in Self.percentileGroups(r).keys.sorted() where !bases.contains(b) { bases.append(b) }
         }
         for base in bases {
             var series: [SVGChart.Series] = []
             var unit = "ns"
             var full = false
-            for (i, r) in ok.enumerated() {
+            let members = ok.filter { Self.distributionCurves($0)[base] != nil || (Self.percentileGroups($0)[base]?.count ?? 0) >= 2 }
+            let labels = Self.labels(members)
+            for (i, r) in members.enumerated() {
                 // The full distribution where the run recorded one; else its percentile metrics.
                 if let curve = Self.distributionCurves(r)[base] {
                     unit = curve.unit.rawValue
@@ -361,9 +364,9 @@ public struct HTMLReport {
                     }))
                     continue
                 }
-                guard let members = Self.percentileGroups(r.metrics)[base], members.count >= 2 else { continue }
-                unit = members[0].metric.unit.rawValue
-                series.append(.init(name: labels[i], points: members.map { m in
+                guard let percentiles = Self.percentileGroups(r)[base], percentiles.count >= 2 else { continue }
+                unit = percentiles[0].metric.unit.rawValue
+                series.append(.init(name: labels[i], points: percentiles.map { m in
                     SVGChart.Point(x: m.metric.summary.median, y: m.percentile, low: nil, high: nil)
                 }))
             }
@@ -414,9 +417,20 @@ public struct HTMLReport {
         var percentile: Double
     }
 
-    /// NAME_p50, NAME_p99, NAME_p999, NAME_max (and NAME_min) grouped by NAME; only groups with
-    /// at least one pNN member.
-    static func percentileGroups(_ metrics: [Metric]) -> [String: [PercentileMember]] {
+    /// A run's percentile metrics by distribution, from the tags memlab records on them
+    /// (`distribution`, `percentile`). Only a run from a document written before memlab
+    /// recorded tags or parameter units is read from its metric names (`legacyPercentileGroups`).
+    static func percentileGroups(_ run: RunResult) -> [String: [PercentileMember]] {
+        let tagged = run.metrics.filter { $0.distribution != nil && $0.percentile != nil }
+        if tagged.isEmpty && run.paramUnits.isEmpty { return legacyPercentileGroups(run.metrics) }
+        var groups: [String: [PercentileMember]] = [:]
+        for m in tagged { groups[m.distribution!, default: []].append(PercentileMember(metric: m, percentile: m.percentile!)) }
+        return groups.mapValues { $0.sorted { $0.percentile < $1.percentile } }
+    }
+
+    /// Documents written before metrics carried their distribution: NAME_p50, NAME_p99,
+    /// NAME_p999, NAME_max (and NAME_min) grouped by NAME; only groups with at least one pNN member.
+    static func legacyPercentileGroups(_ metrics: [Metric]) -> [String: [PercentileMember]] {
         var groups: [String: [PercentileMember]] = [:]
         for m in metrics {
             guard let us = m.name.lastIndex(of: "_") else { continue }
@@ -459,16 +473,39 @@ public struct HTMLReport {
         return keys.filter { k in Set(runs.map { $0.params[k]?.description ?? "" }).count > 1 }
     }
 
-    /// Short labels: variant (when they differ) and the parameters that differ.
+    /// Short labels for the runs one chart compares: the variant where they are of several,
+    /// and the parameters that differ among runs of the same scenario:variant — not one that
+    /// only differs from variant to variant (tlb's `accesses` against fault's default), which
+    /// the variant already names. Where two labels are still alike, the other parameters that
+    /// differ are added.
     static func labels(_ runs: [RunResult]) -> [String] {
-        let diff = distinguishing(runs)
-        let variants = Set(runs.map { "\($0.scenario):\($0.variant)" }).count > 1
-        return runs.map { r in
+        func kind(_ r: RunResult) -> String { "\(r.scenario):\(r.variant)" }
+        let scenarios = Set(runs.map(\.scenario)).count > 1
+        let kinds = Set(runs.map(kind)).count > 1
+        var differing: [String: [String]] = [:]
+        for k in Set(runs.map(kind)) { differing[k] = distinguishing(runs.filter { kind($0) == k }) }
+        var labels = runs.map { r -> String in
+            let diff = differing[kind(r)] ?? []
             var parts: [String] = []
-            if variants || diff.isEmpty { parts.append(Set(runs.map(\.scenario)).count > 1 ? "\(r.scenario):\(r.variant)" : r.variant) }
-            parts += diff.map { "\($0)=\(r.params[$0]?.description ?? "-")" }
+            if kinds || diff.isEmpty { parts.append(scenarios ? kind(r) : r.variant) }
+            parts += diff.map { parameterLabel(r, $0) }
             return parts.joined(separator: " ")
         }
+        if Set(labels).count < labels.count {
+            let all = distinguishing(runs)
+            labels = runs.indices.map { i in
+                let shown = differing[kind(runs[i])] ?? []
+                return ([labels[i]] + all.filter { !shown.contains($0) }.map { parameterLabel(runs[i], $0) }).joined(separator: " ")
+            }
+        }
+        return labels
+    }
+
+    /// `name=value`, a size in binary units (size=32M) where the run recorded the parameter's unit.
+    static func parameterLabel(_ run: RunResult, _ name: String) -> String {
+        guard let v = run.params[name] else { return "\(name)=-" }
+        if run.paramUnits[name] == ParameterUnit.bytes.rawValue, case .int(let b) = v { return "\(name)=\(formatBytes(b))" }
+        return "\(name)=\(v.description)"
     }
 
     static func numeric(_ v: ParamValue?) -> Double? {
@@ -479,8 +516,14 @@ public struct HTMLReport {
         }
     }
 
-    /// A unit for a swept parameter's axis, from its name (parameters carry no unit).
-    static func parameterUnit(_ name: String) -> String {
+    /// The unit of a swept parameter's axis, as the runs recorded it ("" for none).
+    static func parameterUnit(_ name: String, in runs: [RunResult]) -> String {
+        if let u = runs.lazy.compactMap({ $0.paramUnits[name] }).first { return u == ParameterUnit.none.rawValue ? "" : u }
+        return legacyParameterUnit(name)
+    }
+
+    /// Documents written before parameters carried units: a guess from the name.
+    static func legacyParameterUnit(_ name: String) -> String {
         let n = name.lowercased()
         if n.contains("size") || n.hasSuffix("bytes") || n.hasSuffix("limit") || n.hasSuffix("touch") { return "bytes" }
         if n.hasSuffix("_ms") || n.contains("millisecs") { return "ms" }

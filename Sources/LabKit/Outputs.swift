@@ -19,6 +19,9 @@ public struct MetricValue: Sendable, Codable, Equatable {
     public let unit: MetricUnit
     public let better: Better
     public let value: Double
+    /// A percentile of a latency distribution: its name and the percentile (see `Metric`).
+    public var distribution: String? = nil
+    public var percentile: Double? = nil
 }
 
 /// A counter recorded over time by the sampler.
@@ -126,11 +129,37 @@ public final class RunContext {
 
     public func record(_ series: TimeSeries) { output.timeseries.append(series) }
 
-    /// Records the distribution of every event in `histogram` (for the report's CDF). Empty
-    /// histograms are not recorded: no event, no distribution.
-    public func recordDistribution(_ name: String, _ histogram: Histogram<UInt64>, unit: MetricUnit = .ns) {
+    /// A latency distribution in one call: the metrics `<name>_p50`, `_p99` (`_p999` for 99.9,
+    /// `_max` for 100, `_min` for 0) at `percentiles`, each tagged with the distribution and
+    /// its percentile (what the report groups by), and the distribution of every event (the
+    /// report's CDF; not recorded when the histogram is empty: no event, no distribution).
+    public func recordLatency(_ name: String, _ histogram: Histogram<UInt64>, percentiles: [Double] = [50, 99, 100],
+                              unit: MetricUnit = .ns, better: Better = .lower) {
+        let h = histogram
+        recordPercentiles(name, percentiles.map { p in
+            (p, p == 0 ? Double(h.min) : p == 100 ? Double(h.max) : Double(h.valueAtPercentile(p)))
+        }, unit: unit, better: better)
         guard histogram.totalCount > 0 else { return }
         output.distributions.append(Distribution(name: name, unit: unit, histogram: histogram))
+    }
+
+    /// Percentiles of a distribution measured without an HdrHistogram (so no CDF is recorded):
+    /// `<name>_p50` etc., tagged like `recordLatency`'s.
+    public func recordPercentiles(_ name: String, _ values: [(percentile: Double, value: Double)], unit: MetricUnit = .ns, better: Better = .lower) {
+        for (p, v) in values {
+            output.metrics.append(MetricValue(name: "\(name)_\(Self.percentileSuffix(p))", unit: unit, better: better, value: v,
+                                              distribution: name, percentile: p))
+        }
+    }
+
+    /// p50, p99, p999 (99.9), p9999 (99.99), max (100), min (0).
+    static func percentileSuffix(_ p: Double) -> String {
+        if p >= 100 { return "max" }
+        if p <= 0 { return "min" }
+        if p == p.rounded() { return "p\(Int(p))" }
+        // 99.9 -> p999, 2.5 -> p025: two digits before the point, as `p50` has.
+        let digits = String("\(p)".filter { $0 != "." })
+        return "p" + (p < 10 ? "0" : "") + digits
     }
 
     /// Records a check; `tolerance` is absolute (in the check's own unit).

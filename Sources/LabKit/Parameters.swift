@@ -51,7 +51,18 @@ public enum ParamValue: Sendable, Hashable, Codable, CustomStringConvertible {
     }
 }
 
-/// A typed parameter of a scenario: name, kind with its allowed range, default and help.
+/// The unit of a parameter's value: shown in `--help-params` and `memlab list --json`, and
+/// recorded per run in the result document (`runs[].param_units`), so the report labels an
+/// axis without guessing from the name. `none`: a choice, a flag, text, or a plain number.
+public enum ParameterUnit: String, Sendable, Codable, CaseIterable {
+    case none, bytes, pages, count, ratio, percent, s, ms, ns
+    case mbitPerSecond = "Mbit/s"
+    case pagesPerSecond = "pages/s"
+}
+
+/// One parameter of a scenario, untyped: name, kind with its allowed range, default, unit and
+/// help. Scenarios declare `Parameter<Value>`s (below), each of which makes one of these; the
+/// command line, scenario files and sweeps work on these.
 public struct ParameterSpec: Sendable {
     public enum Kind: Sendable {
         case int(ClosedRange<Int>)
@@ -67,12 +78,15 @@ public struct ParameterSpec: Sendable {
     public let name: String
     public let kind: Kind
     public let defaultValue: ParamValue
+    public let unit: ParameterUnit
     public let help: String
 
-    public init(_ name: String, _ kind: Kind, default defaultValue: ParamValue, help: String) {
+    /// `unit` defaults to bytes for a size and to none otherwise.
+    public init(_ name: String, _ kind: Kind, default defaultValue: ParamValue, unit: ParameterUnit? = nil, help: String) {
         self.name = name
         self.kind = kind
         self.defaultValue = defaultValue
+        if let unit { self.unit = unit } else if case .size = kind { self.unit = .bytes } else { self.unit = .none }
         self.help = help
     }
 
@@ -171,29 +185,6 @@ public struct Params: Sendable, Hashable, Codable {
     }
 
     public subscript(_ name: String) -> ParamValue? { values[name] }
-
-    public func int(_ name: String) -> Int {
-        if case .int(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not an int")
-    }
-
-    public func double(_ name: String) -> Double {
-        switch values[name] {
-        case .double(let v)?: return v
-        case .int(let v)?: return Double(v)
-        default: preconditionFailure("parameter \(name) is not a number")
-        }
-    }
-
-    public func bool(_ name: String) -> Bool {
-        if case .bool(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not a bool")
-    }
-
-    public func string(_ name: String) -> String {
-        if case .string(let v)? = values[name] { return v }
-        preconditionFailure("parameter \(name) is not a string")
-    }
 
     /// Defaults, overridden by `overrides` (already validated against the specs).
     public static func resolve(_ specs: [ParameterSpec], overrides: [String: ParamValue]) -> Params {

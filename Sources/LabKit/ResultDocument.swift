@@ -117,6 +117,7 @@ public struct ResultDocument: Sendable, Codable {
                     throw fail(i, "metric \(m.name) holds a value that is not a finite number")
                 }
                 if let ci = sm.ci95, ci.count != 2 || !finite(ci) { throw fail(i, "metric \(m.name): ci95 must be two finite numbers [low, high]") }
+                if let p = m.percentile, !(p >= 0 && p <= 100) { throw fail(i, "metric \(m.name): percentile must be a number in 0...100") }
             }
             for t in r.timeseries where t.t.count != t.values.count || !finite(t.t) || !finite(t.values) || !t.intervalS.isFinite {
                 throw fail(i, "time series \(t.name): t and values must be finite numbers of the same length")
@@ -171,6 +172,11 @@ public struct Metric: Sendable, Codable, Equatable {
     public var better: Better
     public var samples: [Double]
     public var summary: Summary
+    /// For a percentile of a latency distribution (`fault_latency_p99`): the distribution's
+    /// name and the percentile (100 = max). Absent on other metrics, and in documents written
+    /// before memlab recorded them.
+    public var distribution: String? = nil
+    public var percentile: Double? = nil
 }
 
 /// One run: a scenario variant with its parameters, repeated.
@@ -193,6 +199,9 @@ public struct RunResult: Sendable, Codable {
     public var durationS: Double
     /// Where this run sits in a sweep; nil (and absent from the JSON) when it is not swept.
     public var sweep: SweepInfo? = nil
+    /// The unit of each parameter (`ParameterUnit` raw values: bytes, pages, s, ms, none, ...);
+    /// empty (and absent from the JSON) in documents written before memlab recorded them.
+    public var paramUnits: [String: String] = [:]
 
     public init(scenario: String, variant: String, params: Params, placement: Placement,
                 status: RunStatus, reason: String?, settings: SettingsRecord, repetitions: Int,
@@ -219,6 +228,7 @@ public struct RunResult: Sendable, Codable {
         case metrics, timeseries, distributions, checks, notes
         case durationS = "duration_s"
         case sweep
+        case paramUnits = "param_units"
     }
 
     public init(from decoder: Decoder) throws {
@@ -239,6 +249,7 @@ public struct RunResult: Sendable, Codable {
         notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
         durationS = try c.decodeIfPresent(Double.self, forKey: .durationS) ?? 0
         sweep = try c.decodeIfPresent(SweepInfo.self, forKey: .sweep)
+        paramUnits = try c.decodeIfPresent([String: String].self, forKey: .paramUnits) ?? [:]
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -246,6 +257,7 @@ public struct RunResult: Sendable, Codable {
         try c.encode(scenario, forKey: .scenario)
         try c.encode(variant, forKey: .variant)
         try c.encode(params, forKey: .params)
+        if !paramUnits.isEmpty { try c.encode(paramUnits, forKey: .paramUnits) }
         try c.encode(placement, forKey: .placement)
         try c.encode(status, forKey: .status)
         try c.encode(reason, forKey: .reason)   // explicit null when ok

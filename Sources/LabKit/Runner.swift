@@ -69,6 +69,7 @@ public final class Runner {
                                placement: request.placement, status: .ok, reason: nil,
                                settings: SettingsRecord(), repetitions: 0, warmup: request.warmup)
         result.sweep = request.sweep
+        result.paramUnits = request.scenario.parameterUnits
         run(request, into: &result)
         // Give back whatever was borrowed, whatever happened above, and record that it was.
         let report = settingsGuard.restoreAll()
@@ -83,6 +84,13 @@ public final class Runner {
     private func run(_ request: RunRequest, into result: inout RunResult) {
         let s = request.scenario
 
+        // A request `resolve` did not make (a variant or a parameter the scenario does not
+        // declare, a value it does not accept) fails here, before anything is borrowed.
+        do throws(UsageError) { try s.check(variant: request.variant, params: request.params) } catch {
+            result.status = .failed
+            result.reason = error.message
+            return
+        }
         if s.requiresRoot && !System.isRoot {
             result.status = .skipped
             result.reason = "needs root: this scenario borrows machine-wide settings under /sys and /proc/sys; run memlab as root (e.g. sudo memlab run \(s.id):\(request.variant))"
@@ -175,21 +183,22 @@ public final class Runner {
     /// only numbers.
     static func aggregate(_ outputs: [RepetitionOutput], notes: inout [String]) -> [Metric] {
         var order: [String] = []
-        var byName: [String: (MetricUnit, Better, [Double])] = [:]
+        var byName: [String: (first: MetricValue, samples: [Double])] = [:]
         for (i, o) in outputs.enumerated() {
             for m in o.metrics {
                 guard m.value.isFinite else {
                     notes.append("\(m.name) of repetition \(i + 1) was \(m.value), not a number; left out")
                     continue
                 }
-                if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m.unit, m.better, []) }
-                byName[m.name]!.2.append(m.value)
+                if byName[m.name] == nil { order.append(m.name); byName[m.name] = (m, []) }
+                byName[m.name]!.samples.append(m.value)
             }
         }
         return order.compactMap { name in
-            let (unit, better, samples) = byName[name]!
+            let (m, samples) = byName[name]!
             guard let summary = Statistics.summarize(samples) else { return nil }
-            return Metric(name: name, unit: unit, better: better, samples: samples, summary: summary)
+            return Metric(name: name, unit: m.unit, better: m.better, samples: samples, summary: summary,
+                          distribution: m.distribution, percentile: m.percentile)
         }
     }
 

@@ -94,17 +94,21 @@ extension Scenario {
 
     public func variant(named name: String) -> Variant? { variants.first { $0.name == name } }
 
+    /// The declared parameter called `name`; any other name is a usage error that lists them.
+    /// The one place that error is made.
+    public func parameter(named name: String) throws(UsageError) -> ParameterSpec {
+        guard let spec = parameters.first(where: { $0.name == name }) else {
+            let known = parameters.map(\.name).joined(separator: ", ")
+            throw UsageError("scenario '\(id)' has no parameter '\(name)'; its parameters are: \(known)")
+        }
+        return spec
+    }
+
     /// Resolves `name=value` overrides against the declared parameters: unknown names and bad
     /// values are usage errors naming the parameter and what it accepts.
     public func resolve(variant: String, overrides: [String: ParamValue]) throws(UsageError) -> Params {
         var checked: [String: ParamValue] = [:]
-        for (name, value) in overrides {
-            guard let spec = parameters.first(where: { $0.name == name }) else {
-                let known = parameters.map(\.name).joined(separator: ", ")
-                throw UsageError("scenario '\(id)' has no parameter '\(name)'; its parameters are: \(known)")
-            }
-            checked[name] = try spec.accept(value)
-        }
+        for (name, value) in overrides { checked[name] = try parameter(named: name).accept(value) }
         let params = Params.resolve(parameters, overrides: checked)
         try validate(variant: variant, params: params)
         return params
@@ -112,23 +116,141 @@ extension Scenario {
 
     /// Parses one command-line value for a named parameter.
     public func parse(parameter name: String, _ text: String) throws(UsageError) -> ParamValue {
-        guard let spec = parameters.first(where: { $0.name == name }) else {
-            let known = parameters.map(\.name).joined(separator: ", ")
-            throw UsageError("scenario '\(id)' has no parameter '\(name)'; its parameters are: \(known)")
-        }
-        return try spec.parse(text)
+        try parameter(named: name).parse(text)
     }
 
     public func resolve(variant: String, text: [String: String]) throws(UsageError) -> Params {
         var typed: [String: ParamValue] = [:]
-        for (name, value) in text {
-            guard let spec = parameters.first(where: { $0.name == name }) else {
-                let known = parameters.map(\.name).joined(separator: ", ")
-                throw UsageError("scenario '\(id)' has no parameter '\(name)'; its parameters are: \(known)")
-            }
-            typed[name] = try spec.parse(value)
-        }
+        for (name, value) in text { typed[name] = try parse(parameter: name, value) }
         return try resolve(variant: variant, overrides: typed)
+    }
+
+    /// What the runner checks before it starts anything: a variant of this scenario, and
+    /// resolved parameters — every declared one present and acceptable, no other. (`resolve`
+    /// makes such parameters; this refuses a request made any other way.)
+    public func check(variant: String, params: Params) throws(UsageError) {
+        guard self.variant(named: variant) != nil else {
+            throw UsageError("scenario '\(id)' has no variant '\(variant)'; its variants are: \(variants.map(\.name).joined(separator: ", "))")
+        }
+        for name in params.values.keys.sorted() { _ = try parameter(named: name) }
+        for spec in parameters {
+            guard let v = params[spec.name] else { throw UsageError("parameter '\(spec.name)' has no value") }
+            _ = try spec.accept(v)
+        }
+    }
+
+    /// The unit of each declared parameter, as the result document records it (`param_units`).
+    public var parameterUnits: [String: String] {
+        Dictionary(parameters.map { ($0.name, $0.unit.rawValue) }, uniquingKeysWith: { a, _ in a })
+    }
+}
+
+/// A scenario's variants as an enum: `enum Variant: String, ScenarioVariant { case merge, cow }`,
+/// in the order `memlab list` shows them (the first is the default). Names with a dash are
+/// written `case hugetlbReserve = "hugetlb-reserve"`.
+public protocol ScenarioVariant: RawRepresentable, CaseIterable, Sendable where RawValue == String {
+    /// One line for `memlab list`.
+    var summary: String { get }
+}
+
+/// A scenario with typed variants and parameters: what every built-in scenario is, and what a
+/// new one should be. It implements the typed hooks it needs (all but `run` have defaults);
+/// the string-facing `Scenario` requirements — used by the runner, the CLI and scenario files
+/// — come from the extension below, which decodes the variant and the parameters once per
+/// call: a name that is not declared cannot reach the scenario's code.
+///
+///     public struct MyScenario: TypedScenario {
+///         public init() {}
+///         public let id = "mine", summary = "…"
+///         public enum Variant: String, ScenarioVariant { case fill; public var summary: String { "…" } }
+///         public struct Parameters: ParameterSet { public init() {}; let size = Parameter<Int>(…) }
+///         public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws { … p.size … }
+///     }
+public protocol TypedScenario: Scenario {
+    associatedtype Variant: ScenarioVariant
+    associatedtype Parameters: ParameterSet
+
+    func probe(_ variant: Variant) -> Availability
+    func probe(_ variant: Variant, _ p: ParameterValues<Parameters>) -> Availability
+    func validate(_ variant: Variant, _ p: ParameterValues<Parameters>) throws(UsageError)
+    func settings(_ variant: Variant, _ p: ParameterValues<Parameters>) -> [KnobSetting]
+    func deadline(_ variant: Variant, _ p: ParameterValues<Parameters>) -> Double
+    func memoryLimit(_ variant: Variant, _ p: ParameterValues<Parameters>) -> Int?
+    func memoryLimitAllowsSwap(_ variant: Variant, _ p: ParameterValues<Parameters>) -> Bool
+    func prepare(_ variant: Variant, _ p: ParameterValues<Parameters>, settingsGuard: SettingsGuard) throws
+    /// One repetition, in the child process.
+    func run(_ ctx: RunContext, _ variant: Variant, _ p: ParameterValues<Parameters>) throws
+}
+
+extension TypedScenario {
+    public typealias Values = ParameterValues<Parameters>
+
+    public var variants: [LabKit.Variant] { Variant.allCases.map { LabKit.Variant($0.rawValue, $0.summary) } }
+    public var parameters: [ParameterSpec] { Parameters.specs }
+
+    // The typed hooks' defaults: those of `Scenario`.
+    public func probe(_ variant: Variant) -> Availability { .usable }
+    public func probe(_ variant: Variant, _ p: Values) -> Availability { probe(variant) }
+    public func validate(_ variant: Variant, _ p: Values) throws(UsageError) {}
+    public func settings(_ variant: Variant, _ p: Values) -> [KnobSetting] { [] }
+    public func deadline(_ variant: Variant, _ p: Values) -> Double { 120 }
+    public func memoryLimit(_ variant: Variant, _ p: Values) -> Int? { nil }
+    public func memoryLimitAllowsSwap(_ variant: Variant, _ p: Values) -> Bool { false }
+    public func prepare(_ variant: Variant, _ p: Values, settingsGuard: SettingsGuard) throws {}
+
+    /// The variant and parameters of a run, typed: the one place names become values.
+    public func decode(variant: String, params: Params) throws(UsageError) -> (Variant, Values) {
+        guard let v = Variant(rawValue: variant) else {
+            throw UsageError("scenario '\(id)' has no variant '\(variant)'; its variants are: \(Variant.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return (v, try Values(params))
+    }
+
+    // The string-facing requirements. The runner calls `check` first (a request that does not
+    // decode fails there, with the reason), so the fallbacks below the decodes are not reached.
+    public func probe(variant: String) -> Availability {
+        guard let v = Variant(rawValue: variant) else { return .unusable("scenario '\(id)' has no variant '\(variant)'") }
+        return probe(v)
+    }
+    public func probe(variant: String, params: Params) -> Availability {
+        do throws(UsageError) {
+            let (v, p) = try decode(variant: variant, params: params)
+            return probe(v, p)
+        } catch {
+            return .unusable(error.message)
+        }
+    }
+    public func validate(variant: String, params: Params) throws(UsageError) {
+        let (v, p) = try decode(variant: variant, params: params)
+        try validate(v, p)
+    }
+    public func settings(variant: String, params: Params) -> [KnobSetting] {
+        guard let d = try? decode(variant: variant, params: params) else { return [] }
+        return settings(d.0, d.1)
+    }
+    public func deadline(variant: String, params: Params) -> Double {
+        guard let d = try? decode(variant: variant, params: params) else { return 120 }
+        return deadline(d.0, d.1)
+    }
+    public func memoryLimit(variant: String, params: Params) -> Int? {
+        guard let d = try? decode(variant: variant, params: params) else { return nil }
+        return memoryLimit(d.0, d.1)
+    }
+    public func memoryLimitAllowsSwap(variant: String, params: Params) -> Bool {
+        guard let d = try? decode(variant: variant, params: params) else { return false }
+        return memoryLimitAllowsSwap(d.0, d.1)
+    }
+    public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {
+        let (v, p) = try decode(variant: variant, params: params)
+        try prepare(v, p, settingsGuard: settingsGuard)
+    }
+    /// Decodes the run's variant and parameters once, in the child, and runs it.
+    public func run(_ context: RunContext) throws {
+        let decoded: (Variant, Values)
+        do throws(UsageError) { decoded = try decode(variant: context.variant, params: context.params) } catch {
+            throw ScenarioError.failed("parameters: \(error.message)")
+        }
+        try run(context, decoded.0, decoded.1)
     }
 }
 

@@ -218,10 +218,7 @@ public enum Sweep {
         var fixed: [String: ParamValue] = [:]
         var axes: [SweepAxis] = []
         for (name, text) in settings {
-            guard let spec = scenario.parameters.first(where: { $0.name == name }) else {
-                let known = scenario.parameters.map(\.name).joined(separator: ", ")
-                throw UsageError("scenario '\(scenario.id)' has no parameter '\(name)'; its parameters are: \(known)")
-            }
+            let spec = try scenario.parameter(named: name)
             axes.removeAll { $0.parameter == name }
             fixed[name] = nil
             if isSweep(text) {
@@ -241,13 +238,7 @@ extension Sweep {
     public static func split(_ entry: ScenarioFile.Entry, for scenario: any Scenario) throws(UsageError) -> (fixed: [String: ParamValue], axes: [SweepAxis]) {
         var fixed: [String: ParamValue] = [:]
         var axes: [SweepAxis] = []
-        func spec(_ name: String) throws(UsageError) -> ParameterSpec {
-            guard let s = scenario.parameters.first(where: { $0.name == name }) else {
-                let known = scenario.parameters.map(\.name).joined(separator: ", ")
-                throw UsageError("scenario '\(scenario.id)' has no parameter '\(name)'; its parameters are: \(known)")
-            }
-            return s
-        }
+        func spec(_ name: String) throws(UsageError) -> ParameterSpec { try scenario.parameter(named: name) }
         for name in entry.params.keys.sorted() {
             let value = entry.params[name]!
             let sp = try spec(name)

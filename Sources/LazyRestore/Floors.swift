@@ -153,8 +153,8 @@ extension Calibration {
 
 extension LazyRestoreScenario {
     /// The floors a remote figure is read against, measured in this run on this machine.
-    func runFloors(_ ctx: RunContext) throws {
-        let (floors, notes) = try Calibration.measure(size: ctx.params.int("size"))
+    func runFloors(_ ctx: RunContext, _ p: Values) throws {
+        let (floors, notes) = try Calibration.measure(size: p.size)
         for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
         for n in notes { ctx.note(n) }
     }

@@ -12,192 +12,208 @@ import Transfer
 /// the source and the link are modelled (an in-memory image, an emulated link with real
 /// waits). Each policy moves the same pages for the same workload, so a sweep over `policy`
 /// is a side-by-side table.
-public struct LazyRestoreScenario: Scenario {
+public struct LazyRestoreScenario: TypedScenario {
     public init() {}
     public let id = "lazy-restore"
     public let summary = "Post-copy / lazy restore on userfaultfd: fault engine, emulated link, prefetch policies"
-    public let variants = [
-        Variant("restore", "restore a region lazily under a workload with one policy; faults, latency, bytes, slowdown; contents verified"),
-        Variant("floors", "this machine's floors: first-touch fault, UFFDIO_COPY per page and bulk, local fault round trip per wait mode, loopback TCP RTT"),
-    ]
+
+    public enum Variant: String, ScenarioVariant {
+        case restore, floors
+        public var summary: String {
+            switch self {
+            case .restore: return "restore a region lazily under a workload with one policy; faults, latency, bytes, slowdown; contents verified"
+            case .floors: return "this machine's floors: first-touch fault, UFFDIO_COPY per page and bulk, local fault round trip per wait mode, loopback TCP RTT"
+            }
+        }
+    }
 
     static let policies = EngineConfig.Policy.allCases.map(\.rawValue)
 
-    public let parameters: [ParameterSpec] = [
-        ParameterSpec("size", .size((1 << 20)...(16 << 30)), default: .int(64 << 20), help: "bytes of the restored region"),
-        ParameterSpec("policy", .choice(LazyRestoreScenario.policies), default: .string("on-demand"), help: "which pages move when: " + LazyRestoreScenario.policies.joined(separator: ", ")),
-        ParameterSpec("workload", .choice(["sequential", "random", "zipf", "trace"]), default: .string("sequential"), help: "access pattern of the workload threads; trace: replay trace_file"),
-        ParameterSpec("trace_file", .text, default: .string(""), help: "workload=trace: a recorded access trace, one access per line: <page index> or @<byte offset>, optionally r|w; '#' comments; line i runs on thread i mod threads (accesses is ignored)"),
-        ParameterSpec("record_trace", .text, default: .string(""), help: "write the access order this run's workload uses to this path (the same format; replay it with workload=trace)"),
-        ParameterSpec("zipf_skew", .double(0.01...5), default: .double(0.99), help: "zipf: exponent of the hot-set distribution"),
-        ParameterSpec("accesses", .int(1...100_000_000), default: .int(1024), help: "accesses per workload thread (one word of one page each)"),
-        ParameterSpec("write_ratio", .double(0...1), default: .double(0.2), help: "fraction of accesses that write"),
-        ParameterSpec("threads", .int(1...64), default: .int(1), help: "workload threads"),
-        ParameterSpec("link", .choice(["emulated", "none"]), default: .string("emulated"), help: "emulated: bandwidth and RTT below; none: install at once (the local floor)"),
-        ParameterSpec("bandwidth_mbit", .double(1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
-        ParameterSpec("rtt_ms", .double(0...1000), default: .double(1), help: "emulated round-trip time, ms (urgent requests pay it in full)"),
-        ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("fifo"), help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk"),
-        ParameterSpec("wait", .choice(["blocking", "poll", "epoll", "busy"]), default: .string("blocking"), help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling"),
-        ParameterSpec("handler_threads", .int(1...16), default: .int(1), help: "fault handler threads"),
-        ParameterSpec("batch", .int(1...64), default: .int(64), help: "messages read per read(2)"),
-        ParameterSpec("region", .choice(["anon", "memfd"]), default: .string("anon"), help: "resolve=copy: the destination region is anonymous memory, or a memfd (shmem, MAP_SHARED) registered in MISSING mode and filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into the page cache"),
-        ParameterSpec("resolve", .choice(["copy", "move", "continue"]), default: .string("copy"), help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE"),
-        ParameterSpec("zero_ratio", .double(0...1), default: .double(0.1), help: "fraction of image pages that are zero"),
-        ParameterSpec("zero_pages", .choice(["zeropage", "transfer"]), default: .string("zeropage"), help: "known-zero pages: UFFDIO_ZEROPAGE locally, or transferred like any page"),
-        ParameterSpec("window_pages", .int(1...4096), default: .int(16), help: "fault-around: pages sent per fault"),
-        ParameterSpec("max_window_pages", .int(1...4096), default: .int(512), help: "fault-around-adaptive: largest window"),
-        ParameterSpec("push_chunk", .size(4096...(16 << 20)), default: .int(64 << 10), help: "background push: bytes per transfer"),
-        ParameterSpec("push_window", .size(4096...(1 << 30)), default: .int(1 << 20), help: "background push: bytes booked on the link ahead of now (a socket buffer)"),
-        ParameterSpec("replay_mode", .choice(["before", "concurrent"]), default: .string("before"), help: "working-set-replay: install the recorded set before resuming (REAP) or push it concurrently (FaaSnap)"),
-        ParameterSpec("source_deadline_s", .double(0.1...3600), default: .double(30), help: "a restore not done by then is failed and the workload released"),
-        ParameterSpec("inject_source_failure_s", .double(0...3600), default: .double(0), help: "testing: declare the source dead this long after resume (0: never)"),
-        ParameterSpec("source", .choice(["memory", "unix", "tcp", "file"]), default: .string("memory"), help: "where pages come from: memory (in this process), unix / tcp (a separate source process, memlab _pagesource), file (a snapshot file read with pread); the emulated link's delays apply on top: arrival = max(real arrival, model)"),
-        ParameterSpec("source_port", .int(0...65535), default: .int(0), help: "source=tcp: port the source process listens on at 127.0.0.1 (0: any free port)"),
-        ParameterSpec("source_address", .text, default: .string(""), help: "source=tcp: IPv4:PORT of a page source already serving there (`memlab pagesource`, on this or another host) instead of a source process of our own; it must serve the same size, seed and zero_ratio, and every repetition restores that one image"),
-        ParameterSpec("source_dir", .choice(["/var/tmp", "/tmp", "/dev/shm"]), default: .string("/var/tmp"), help: "source=file: directory of the snapshot file (and of the source process's log)"),
-        ParameterSpec("file_cache", .choice(["drop", "keep"]), default: .string("drop"), help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it"),
-        ParameterSpec("kill_source_after_s", .double(0...3600), default: .double(0), help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)"),
-        ParameterSpec("drop_every", .int(0...100_000_000), default: .int(0), help: "testing the REMOVE path: the last workload thread drops (MADV_DONTNEED) the page of every Nth access right after it (0: never)"),
-        ParameterSpec("remap_after", .int(0...100_000_000), default: .int(0), help: "testing REMAP: after this many accesses the (single) workload thread moves the whole region with mremap and goes on there; the engine follows the REMAP event (0: never)"),
-        ParameterSpec("fork_after", .int(0...100_000_000), default: .int(0), help: "testing FORK: after this many accesses the (single) workload thread forks a child that compares every 7th page with the source; a fork server answers the child's faults (0: never)"),
-        ParameterSpec("floors", .choice(["measure", "off"]), default: .string("measure"), help: "measure: a reduced calibration (< 0.3 s) in each repetition, recorded as floor_* metrics; off: skip it"),
-        ParameterSpec("seed", .int(0...Int(Int32.max)), default: .int(1), help: "seed of image contents and traces"),
-    ]
+    public enum LinkKind: String, CaseIterable, ParameterChoice { case emulated, none }
+    public enum Queue: String, CaseIterable, ParameterChoice { case fifo, preempt }
+    public enum RegionKind: String, CaseIterable, ParameterChoice { case anon, memfd }
+    public enum ZeroPages: String, CaseIterable, ParameterChoice { case zeropage, transfer }
+    public enum ReplayMode: String, CaseIterable, ParameterChoice { case before, concurrent }
+    public enum SourceKind: String, CaseIterable, ParameterChoice { case memory, unix, tcp, file }
+    public enum SourceDirectory: String, CaseIterable, ParameterChoice { case varTmp = "/var/tmp", tmp = "/tmp", devShm = "/dev/shm" }
+    public enum FileCache: String, CaseIterable, ParameterChoice { case drop, keep }
+    public enum FloorsChoice: String, CaseIterable, ParameterChoice { case measure, off }
 
-    public func probe(variant: String) -> Availability {
+    public struct Parameters: ParameterSet {
+        public init() {}
+        let size = Parameter<Int>("size", (1 << 20)...(16 << 30), default: 64 << 20, unit: .bytes, help: "bytes of the restored region")
+        let policy = Parameter<EngineConfig.Policy>("policy", default: .onDemand, help: "which pages move when: " + LazyRestoreScenario.policies.joined(separator: ", "))
+        let workload = Parameter<AccessTraces.Pattern>("workload", default: .sequential, help: "access pattern of the workload threads; trace: replay trace_file")
+        let traceFile = Parameter<String>("trace_file", text: "", help: "workload=trace: a recorded access trace, one access per line: <page index> or @<byte offset>, optionally r|w; '#' comments; line i runs on thread i mod threads (accesses is ignored)")
+        let recordTrace = Parameter<String>("record_trace", text: "", help: "write the access order this run's workload uses to this path (the same format; replay it with workload=trace)")
+        let zipfSkew = Parameter<Double>("zipf_skew", 0.01...5, default: 0.99, unit: .none, help: "zipf: exponent of the hot-set distribution")
+        let accesses = Parameter<Int>("accesses", 1...100_000_000, default: 1024, unit: .count, help: "accesses per workload thread (one word of one page each)")
+        let writeRatio = Parameter<Double>("write_ratio", 0...1, default: 0.2, unit: .ratio, help: "fraction of accesses that write")
+        let threads = Parameter<Int>("threads", 1...64, default: 1, unit: .count, help: "workload threads")
+        let link = Parameter<LinkKind>("link", default: .emulated, help: "emulated: bandwidth and RTT below; none: install at once (the local floor)")
+        let bandwidthMbit = Parameter<Double>("bandwidth_mbit", 1...1_000_000, default: 1000, unit: .mbitPerSecond, help: "emulated link bandwidth, Mbit/s")
+        let rttMs = Parameter<Double>("rtt_ms", 0...1000, default: 1, unit: .ms, help: "emulated round-trip time, ms (urgent requests pay it in full)")
+        let queue = Parameter<Queue>("queue", default: .fifo, help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk")
+        let wait = Parameter<EngineConfig.WaitMode>("wait", default: .blocking, help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling")
+        let handlerThreads = Parameter<Int>("handler_threads", 1...16, default: 1, unit: .count, help: "fault handler threads")
+        let batch = Parameter<Int>("batch", 1...64, default: 64, unit: .count, help: "messages read per read(2)")
+        let region = Parameter<RegionKind>("region", default: .anon, help: "resolve=copy: the destination region is anonymous memory, or a memfd (shmem, MAP_SHARED) registered in MISSING mode and filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into the page cache")
+        let resolve = Parameter<EngineConfig.Resolve>("resolve", default: .copy, help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE")
+        let zeroRatio = Parameter<Double>("zero_ratio", 0...1, default: 0.1, unit: .ratio, help: "fraction of image pages that are zero")
+        let zeroPages = Parameter<ZeroPages>("zero_pages", default: .zeropage, help: "known-zero pages: UFFDIO_ZEROPAGE locally, or transferred like any page")
+        let windowPages = Parameter<Int>("window_pages", 1...4096, default: 16, unit: .pages, help: "fault-around: pages sent per fault")
+        let maxWindowPages = Parameter<Int>("max_window_pages", 1...4096, default: 512, unit: .pages, help: "fault-around-adaptive: largest window")
+        let pushChunk = Parameter<Int>("push_chunk", 4096...(16 << 20), default: 64 << 10, unit: .bytes, help: "background push: bytes per transfer")
+        let pushWindow = Parameter<Int>("push_window", 4096...(1 << 30), default: 1 << 20, unit: .bytes, help: "background push: bytes booked on the link ahead of now (a socket buffer)")
+        let replayMode = Parameter<ReplayMode>("replay_mode", default: .before, help: "working-set-replay: install the recorded set before resuming (REAP) or push it concurrently (FaaSnap)")
+        let sourceDeadlineS = Parameter<Double>("source_deadline_s", 0.1...3600, default: 30, unit: .s, help: "a restore not done by then is failed and the workload released")
+        let injectSourceFailureS = Parameter<Double>("inject_source_failure_s", 0...3600, default: 0, unit: .s, help: "testing: declare the source dead this long after resume (0: never)")
+        let source = Parameter<SourceKind>("source", default: .memory, help: "where pages come from: memory (in this process), unix / tcp (a separate source process, memlab _pagesource), file (a snapshot file read with pread); the emulated link's delays apply on top: arrival = max(real arrival, model)")
+        let sourcePort = Parameter<Int>("source_port", 0...65535, default: 0, unit: .none, help: "source=tcp: port the source process listens on at 127.0.0.1 (0: any free port)")
+        let sourceAddress = Parameter<String>("source_address", text: "", help: "source=tcp: IPv4:PORT of a page source already serving there (`memlab pagesource`, on this or another host) instead of a source process of our own; it must serve the same size, seed and zero_ratio, and every repetition restores that one image")
+        let sourceDir = Parameter<SourceDirectory>("source_dir", default: .varTmp, help: "source=file: directory of the snapshot file (and of the source process's log)")
+        let fileCache = Parameter<FileCache>("file_cache", default: .drop, help: "source=file: evict the snapshot from the page cache before the restore (reads from disk), or keep it")
+        let killSourceAfterS = Parameter<Double>("kill_source_after_s", 0...3600, default: 0, unit: .s, help: "testing: SIGKILL the source process this long after resume (0: never; source=unix or tcp)")
+        let dropEvery = Parameter<Int>("drop_every", 0...100_000_000, default: 0, unit: .count, help: "testing the REMOVE path: the last workload thread drops (MADV_DONTNEED) the page of every Nth access right after it (0: never)")
+        let remapAfter = Parameter<Int>("remap_after", 0...100_000_000, default: 0, unit: .count, help: "testing REMAP: after this many accesses the (single) workload thread moves the whole region with mremap and goes on there; the engine follows the REMAP event (0: never)")
+        let forkAfter = Parameter<Int>("fork_after", 0...100_000_000, default: 0, unit: .count, help: "testing FORK: after this many accesses the (single) workload thread forks a child that compares every 7th page with the source; a fork server answers the child's faults (0: never)")
+        let floors = Parameter<FloorsChoice>("floors", default: .measure, help: "measure: a reduced calibration (< 0.3 s) in each repetition, recorded as floor_* metrics; off: skip it")
+        let seed = Parameter<Int>("seed", 0...Int(Int32.max), default: 1, unit: .none, help: "seed of image contents and traces")
+    }
+
+    public func probe(_ variant: Variant) -> Availability {
         let p = Userfaultfd.probe()
         return p.usable ? .usable : .unusable(p.reason ?? "userfaultfd unusable")
     }
 
-    public func probe(variant: String, params: Params) -> Availability {
-        if case .unusable(let r) = probe(variant: variant) { return .unusable(r) }
+    public func probe(_ variant: Variant, _ params: Values) -> Availability {
+        if case .unusable(let r) = probe(variant) { return .unusable(r) }
         let f = Userfaultfd.Features(rawValue: Userfaultfd.probe().features)
-        if params.string("resolve") == "move" && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
-        if params.string("resolve") == "continue" && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
-        if params.string("region") == "memfd" && !f.contains(.missingShmem) { return .unusable("MISSING faults on shmem need Linux 4.11+ (UFFD_FEATURE_MISSING_SHMEM)") }
+        if params.resolve == .move && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
+        if params.resolve == .continue && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
+        if params.region == .memfd && !f.contains(.missingShmem) { return .unusable("MISSING faults on shmem need Linux 4.11+ (UFFD_FEATURE_MISSING_SHMEM)") }
         return .usable
     }
 
-    public func validate(variant: String, params: Params) throws(UsageError) {
-        let size = params.int("size")
-        if size % 4096 != 0 { throw UsageError("size must be a multiple of 4096") }
+    public func validate(_ variant: Variant, _ params: Values) throws(UsageError) {
+        let size = params.size
+        if size % System.pageSize != 0 { throw UsageError("size must be a multiple of the page size (\(System.pageSize) bytes)") }
         // Image + region + resident baseline (+ a staging copy for move/continue).
-        let copies = params.string("resolve") == "copy" ? 3 : 4
+        let copies = params.resolve == .copy ? 3 : 4
         if let info = try? MemInfo.current(), UInt64(size * copies) > info.memAvailable {
             let avail = Int(info.memAvailable)
             throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? ", staging" : "")); MemAvailable is \(formatBytes(avail))")
         }
-        if params.string("policy") == "huge" && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
-        if params.string("region") == "memfd" && params.string("resolve") != "copy" {
+        if params.policy == .huge && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
+        if params.region == .memfd && params.resolve != .copy {
             throw UsageError("region=memfd goes with resolve=copy (move takes anonymous pages only; continue always uses a memfd)")
         }
-        for name in ["remap_after", "fork_after"] where params.int(name) > 0 {
-            if params.int("threads") != 1 { throw UsageError("\(name) needs threads=1 (the one workload thread moves or forks; others would still use the old addresses)") }
-            if params.int(name) > params.int("accesses") { throw UsageError("\(name)=\(params.int(name)) is past the workload's \(params.int("accesses")) accesses: it would never happen") }
-            if params.string("resolve") != "copy" || params.string("region") != "anon" { throw UsageError("\(name) works with resolve=copy on region=anon") }
-            if params.string("policy") == "working-set-replay" { throw UsageError("\(name) is not combined with working-set-replay (its recording restore would not move or fork)") }
+        for (name, after) in [("remap_after", params.remapAfter), ("fork_after", params.forkAfter)] where after > 0 {
+            if params.threads != 1 { throw UsageError("\(name) needs threads=1 (the one workload thread moves or forks; others would still use the old addresses)") }
+            if after > params.accesses { throw UsageError("\(name)=\(after) is past the workload's \(params.accesses) accesses: it would never happen") }
+            if params.resolve != .copy || params.region != .anon { throw UsageError("\(name) works with resolve=copy on region=anon") }
+            if params.policy == .workingSetReplay { throw UsageError("\(name) is not combined with working-set-replay (its recording restore would not move or fork)") }
         }
-        if params.string("region") == "memfd" && params.int("drop_every") > 0 {
+        if params.region == .memfd && params.dropEvery > 0 {
             throw UsageError("drop_every uses MADV_DONTNEED, which on shmem unmaps but keeps the page-cache page (no drop to follow): use region=anon")
         }
-        if params.string("region") == "memfd" && params.string("policy") == "huge" {
+        if params.region == .memfd && params.policy == .huge {
             throw UsageError("policy huge needs an anonymous THP region: use region=anon")
         }
-        if params.string("policy") == "huge" && params.string("resolve") != "copy" { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
-        if params.string("resolve") == "continue" && params.string("zero_pages") == "transfer" {} // allowed: zero pages copied through the cache
-        if params.string("workload") == "trace" {
-            if params.string("trace_file").isEmpty { throw UsageError("workload=trace needs trace_file=PATH (one page index or @byte offset per line)") }
-            _ = try TraceFile.load(params.string("trace_file"), pages: size / 4096)
-        } else if !params.string("trace_file").isEmpty {
+        if params.policy == .huge && params.resolve != .copy { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
+        if params.resolve == .continue && params.zeroPages == .transfer {} // allowed: zero pages copied through the cache
+        if params.workload == .trace {
+            if params.traceFile.isEmpty { throw UsageError("workload=trace needs trace_file=PATH (one page index or @byte offset per line)") }
+            _ = try TraceFile.load(params.traceFile, pages: size / System.pageSize)
+        } else if !params.traceFile.isEmpty {
             throw UsageError("trace_file is read only with workload=trace")
         }
-        let record = params.string("record_trace")
+        let record = params.recordTrace
         if !record.isEmpty {
             let dir = record.contains("/") ? String(record[..<record.lastIndex(of: "/")!]) : "."
             if access(dir.isEmpty ? "/" : dir, W_OK) != 0 { throw UsageError("record_trace '\(record)': directory '\(dir)' is not writable") }
         }
-        if params.double("kill_source_after_s") > 0 && !["unix", "tcp"].contains(params.string("source")) {
+        if params.killSourceAfterS > 0 && params.source != .unix && params.source != .tcp {
             throw UsageError("kill_source_after_s needs a source process: source=unix or source=tcp")
         }
-        let remote = params.string("source_address")
+        let remote = params.sourceAddress
         if !remote.isEmpty {
-            if params.string("source") != "tcp" { throw UsageError("source_address is used only with source=tcp") }
+            if params.source != .tcp { throw UsageError("source_address is used only with source=tcp") }
             do { _ = try SocketAddress.tcp(remote) } catch { throw UsageError("source_address '\(remote)': \(error) (expected IPv4:PORT, e.g. 10.0.0.2:7070)") }
-            if params.double("kill_source_after_s") > 0 { throw UsageError("kill_source_after_s kills a source process of ours; with source_address the source is not ours") }
+            if params.killSourceAfterS > 0 { throw UsageError("kill_source_after_s kills a source process of ours; with source_address the source is not ours") }
         }
 
     }
 
-    public func deadline(variant: String, params: Params) -> Double { params.double("source_deadline_s") * 3 + 60 }
+    public func deadline(_ variant: Variant, _ params: Values) -> Double { params.sourceDeadlineS * 3 + 60 }
 
-    func config(_ p: Params) -> EngineConfig {
+    func config(_ p: Values) -> EngineConfig {
         var c = EngineConfig()
-        c.policy = EngineConfig.Policy(rawValue: p.string("policy"))!
-        c.resolve = EngineConfig.Resolve(rawValue: p.string("resolve"))!
-        c.shmemRegion = p.string("region") == "memfd"
-        c.wait = EngineConfig.WaitMode(rawValue: p.string("wait"))!
-        c.handlerThreads = p.int("handler_threads")
-        c.batch = p.int("batch")
-        c.windowPages = p.int("window_pages")
-        c.maxWindowPages = p.int("max_window_pages")
-        c.pushChunkPages = max(p.int("push_chunk") / 4096, 1)
-        c.pushWindowBytes = p.int("push_window")
-        c.zeropage = p.string("zero_pages") == "zeropage"
+        c.policy = p.policy
+        c.resolve = p.resolve
+        c.shmemRegion = p.region == .memfd
+        c.wait = p.wait
+        c.handlerThreads = p.handlerThreads
+        c.batch = p.batch
+        c.windowPages = p.windowPages
+        c.maxWindowPages = p.maxWindowPages
+        c.pushChunkPages = max(p.pushChunk / System.pageSize, 1)
+        c.pushWindowBytes = p.pushWindow
+        c.zeropage = p.zeroPages == .zeropage
         return c
     }
 
     /// The page source `source` names (nil: the in-memory image).
-    func makeSource(_ p: Params, image: PageImage, channels: Int, deadlineS: Double) throws -> PageSource? {
-        switch p.string("source") {
-        case "unix": return try PageSource.process(kind: .unix, image: image, channels: channels, tcpAddress: "", timeoutS: deadlineS, directory: p.string("source_dir"))
-        case "tcp" where !p.string("source_address").isEmpty:
-            return try PageSource.remote(address: p.string("source_address"), image: image, channels: channels, timeoutS: deadlineS)
-        case "tcp": return try PageSource.process(kind: .tcp, image: image, channels: channels, tcpAddress: "127.0.0.1:\(p.int("source_port"))", timeoutS: deadlineS, directory: p.string("source_dir"))
-        case "file": return try PageSource.file(image: image, directory: p.string("source_dir"), dropCache: p.string("file_cache") == "drop")
-        default: return nil
+    func makeSource(_ p: Values, image: PageImage, channels: Int, deadlineS: Double) throws -> PageSource? {
+        switch p.source {
+        case .unix: return try PageSource.process(kind: .unix, image: image, channels: channels, tcpAddress: "", timeoutS: deadlineS, directory: p.sourceDir.rawValue)
+        case .tcp where !p.sourceAddress.isEmpty:
+            return try PageSource.remote(address: p.sourceAddress, image: image, channels: channels, timeoutS: deadlineS)
+        case .tcp: return try PageSource.process(kind: .tcp, image: image, channels: channels, tcpAddress: "127.0.0.1:\(p.sourcePort)", timeoutS: deadlineS, directory: p.sourceDir.rawValue)
+        case .file: return try PageSource.file(image: image, directory: p.sourceDir.rawValue, dropCache: p.fileCache == .drop)
+        case .memory: return nil
         }
     }
 
-    func link(_ p: Params) -> EmulatedLink {
-        if p.string("link") == "none" { return EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false) }
-        return EmulatedLink(bytesPerSecond: p.double("bandwidth_mbit") * 1e6 / 8, rttNS: UInt64(p.double("rtt_ms") * 1e6),
-                            preempt: p.string("queue") == "preempt")
+    func link(_ p: Values) -> EmulatedLink {
+        if p.link == LinkKind.none { return EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false) }
+        return EmulatedLink(bytesPerSecond: p.bandwidthMbit * 1e6 / 8, rttNS: UInt64(p.rttMs * 1e6),
+                            preempt: p.queue == .preempt)
     }
 
-    public func run(_ ctx: RunContext) throws {
-        switch ctx.variant {
-        case "floors": try runFloors(ctx)
-        default: try runRestore(ctx)
+    public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
+        switch variant {
+        case .floors: try runFloors(ctx, p)
+        case .restore: try runRestore(ctx, p)
         }
     }
 
-    func runRestore(_ ctx: RunContext) throws {
-        let p = ctx.params
-        let pages = p.int("size") / 4096
+    func runRestore(_ ctx: RunContext, _ p: Values) throws {
+        let pages = p.size / System.pageSize
         // A new image per repetition, except from a remote source: it serves one image.
-        let seed = UInt64(p.int("seed")) &+ (p.string("source_address").isEmpty ? UInt64(ctx.repetition) &* 7919 : 0)
-        let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.double("zero_ratio"))
-                let pattern = AccessTraces.Pattern(rawValue: p.string("workload"))!
-        let trace = pattern == .trace ? try TraceFile.load(p.string("trace_file"), pages: pages) : []
-        let threads = p.int("threads")
+        let seed = UInt64(p.seed) &+ (p.sourceAddress.isEmpty ? UInt64(ctx.repetition) &* 7919 : 0)
+        let image = try PageImage(pages: pages, seed: seed, zeroRatio: p.zeroRatio)
+        let pattern = p.workload
+        let trace = pattern == .trace ? try TraceFile.load(p.traceFile, pages: pages) : []
+        let threads = p.threads
         let traces = AccessTraces(pattern: pattern, pages: pages,
-                                  threads: threads, opsPerThread: pattern == .trace ? (trace.count + threads - 1) / threads : p.int("accesses"),
-                                  writeRatio: p.double("write_ratio"), zipfSkew: p.double("zipf_skew"), seed: seed, image: image, trace: trace)
-                if pattern == .trace {
+                                  threads: threads, opsPerThread: pattern == .trace ? (trace.count + threads - 1) / threads : p.accesses,
+                                  writeRatio: p.writeRatio, zipfSkew: p.zipfSkew, seed: seed, image: image, trace: trace)
+        if pattern == .trace {
             ctx.record("trace_accesses", Double(trace.count), .count, better: .none)
             if trace.count % threads != 0 { ctx.note("trace of \(trace.count) accesses over \(threads) threads: short threads repeat their last page (\(threads - trace.count % threads) padding reads)") }
         }
-        let record = p.string("record_trace")
+        let record = p.recordTrace
         if !record.isEmpty {
-            try TraceFile.write(traces, to: record, note: "recorded by memlab lazy-restore: workload=\(p.string("workload")) threads=\(threads) size=\(p.int("size")) seed=\(seed)")
+            try TraceFile.write(traces, to: record, note: "recorded by memlab lazy-restore: workload=\(p.workload.rawValue) threads=\(threads) size=\(p.size) seed=\(seed)")
             ctx.note("the workload's access order was written to \(record) (replay: workload=trace trace_file=\(record) threads=\(threads))")
         }
         var cfg = config(p)
-        let deadlineS = p.double("source_deadline_s")
-        let inject = p.double("inject_source_failure_s")
+        let deadlineS = p.sourceDeadlineS
+        let inject = p.injectSourceFailureS
         let source = try makeSource(p, image: image, channels: cfg.handlerThreads + 1, deadlineS: deadlineS)
         defer { source?.stop() }
-        let killAfter = p.double("kill_source_after_s")
+        let killAfter = p.killSourceAfterS
 
         // working-set-replay: a first restore (on demand) records the faulted pages; the
         // measured restore installs them first.
@@ -210,26 +226,26 @@ public struct LazyRestoreScenario: Scenario {
             ctx.record("first_restore_remote_faults", Double(rec.engine.remoteFaults), .count, better: .none)
             ctx.record("first_restore_total_time", Double(rec.workload.endNS - rec.workload.startNS) / 1e9, .s, better: .none)
             ctx.record("recorded_working_set", Double(rec.engine.faultOrder.count), .pages, better: .none)
-            if p.string("replay_mode") == "before" { reap = rec.engine.faultOrder } else { cfg.pushOrder = rec.engine.faultOrder }
+            if p.replayMode == .before { reap = rec.engine.faultOrder } else { cfg.pushOrder = rec.engine.faultOrder }
         }
 
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
                                    deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
                                    source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil,
-                                   dropEvery: p.int("drop_every"), remapAfter: p.int("remap_after"), forkAfter: p.int("fork_after"))
+                                   dropEvery: p.dropEvery, remapAfter: p.remapAfter, forkAfter: p.forkAfter)
         if let f = r.failed { throw ScenarioError.failed(f) }
 
         // This machine's floors, measured in this repetition (after the restore: it does not
         // compete with it), so every result carries what its figures are read against.
         var floors: [Floor] = []
-        if p.string("floors") == "measure" {
-            floors = try Calibration.quick(wait: cfg.wait, tcp: p.string("source") == "tcp")
+        if p.floors == .measure {
+            floors = try Calibration.quick(wait: cfg.wait, tcp: p.source == .tcp)
             for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
         }
 
         // The same traces on resident memory: the slowdown's denominator.
-        let resident = try AnonymousMapping(length: pages * 4096, kind: .base)
-        memcpy(resident.base, image.base, pages * 4096)
+        let resident = try AnonymousMapping(length: image.bytes, kind: .base)
+        memcpy(resident.base, image.base, image.bytes)
         let baseline = WorkloadRun(traces: traces, region: resident.base, seed: seed)
         try baseline.start()
         baseline.release(at: Clock.nanoseconds())
@@ -249,21 +265,10 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("fault_messages", Double(r.engine.messages), .count, better: .none)
         var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         for v in r.engine.faultLatencyNS { _ = h.record(max(v, 1)) }
-        if !r.engine.faultLatencyNS.isEmpty {
-            ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
-            ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
-            ctx.record("fault_latency_p999", Double(h.valueAtPercentile(99.9)), .ns, better: .lower)
-            ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
-            ctx.recordDistribution("fault_latency", h)
-        }
+        if !r.engine.faultLatencyNS.isEmpty { ctx.recordLatency("fault_latency", h, percentiles: [50, 99, 99.9, 100]) }
         var ft = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         for v in w.firstTouchNS { _ = ft.record(max(v, 1)) }
-        if !w.firstTouchNS.isEmpty {
-            ctx.record("first_touch_latency_p50", Double(ft.valueAtPercentile(50)), .ns, better: .lower)
-            ctx.record("first_touch_latency_p99", Double(ft.valueAtPercentile(99)), .ns, better: .lower)
-            ctx.record("first_touch_latency_max", Double(ft.max), .ns, better: .lower)
-            ctx.recordDistribution("first_touch_latency", ft)
-        }
+        if !w.firstTouchNS.isEmpty { ctx.recordLatency("first_touch_latency", ft) }
         ctx.record("blocked_time", Double(w.blockedNS) / 1e9, .s, better: .lower)
         let touched = traces.distinctPages
         ctx.record("pages_touched", Double(touched), .pages, better: .none)
@@ -273,7 +278,7 @@ public struct LazyRestoreScenario: Scenario {
         }
         ctx.record("prefetch_coverage", touched > 0 ? Double(r.usefulPrefetch) / Double(touched) : 0, .ratio, better: .higher)
         ctx.record("duplicate_transfers", Double(r.duplicates), .count, better: .lower)
-        ctx.record("transferred_to_touched", touched > 0 ? Double(r.bytes) / Double(touched * 4096) : 0, .ratio, better: .lower)
+        ctx.record("transferred_to_touched", touched > 0 ? Double(r.bytes) / Double(touched * System.pageSize) : 0, .ratio, better: .lower)
         ctx.record("ops_per_second", w.opsPerSecond, .count, better: .higher)
         ctx.record("resident_ops_per_second", b.opsPerSecond, .count, better: .higher)
         ctx.record("slowdown", w.opsPerSecond > 0 ? b.opsPerSecond / w.opsPerSecond : 0, .ratio, better: .lower)
@@ -284,8 +289,8 @@ public struct LazyRestoreScenario: Scenario {
             ctx.record("source_requests", Double(r.sourceRequests), .count, better: .none)
             ctx.record("source_bytes_received", Double(r.sourceBytes), .bytes, better: .none)
             if r.sourceRequests > 0 { ctx.record("source_fetch_mean", Double(r.sourceFetchNS) / Double(r.sourceRequests), .ns, better: .lower) }
-            ctx.check("source_delivered_every_sent_page_once", expected: Double(r.pagesSent * 4096), observed: Double(r.sourceBytes), tolerance: 0,
-                      describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × 4096 (each page fetched once)")
+            ctx.check("source_delivered_every_sent_page_once", expected: Double(r.pagesSent * System.pageSize), observed: Double(r.sourceBytes), tolerance: 0,
+                      describe: "bytes the \(source.kind.rawValue) source delivered = pages sent × the page size (each page fetched once)")
             ctx.note("pages came from the \(source.label); the destination's own copy of the image served only the zero-page map and the verification")
         }
         ctx.record("uffd_eagain", Double(r.engine.eagain), .count, better: .none)
@@ -294,7 +299,7 @@ public struct LazyRestoreScenario: Scenario {
         ctx.record("unmap_events", Double(r.engine.unmapEvents), .count, better: .none)
         if r.engine.movedUnderInstall > 0 { ctx.note("\(r.engine.movedUnderInstall) installs met ENOENT: the region moved (mremap) between the engine reading its address and the ioctl; each was retried there (at once, or after the REMAP event was handled)") }
         if r.engine.eagain > 0 { ctx.note("UFFDIO_* returned EAGAIN \(r.engine.eagain) times (the kernel's mmap_changing while a REMOVE/UNMAP event was pending): \(r.engine.deferredPages) pages deferred and retried after the next read") }
-        if p.int("remap_after") > 0 {
+        if p.remapAfter > 0 {
             ctx.record("remap_events", Double(r.engine.remapEvents), .count, better: .none)
             if r.moveErrno != 0 { throw ScenarioError.failed("the workload's mremap failed: \(SystemError(errno: r.moveErrno, call: "mremap"))") }
             ctx.check("region_moved_and_followed", expected: 1, observed: Double(r.engine.remapEvents), tolerance: 0,
@@ -302,7 +307,7 @@ public struct LazyRestoreScenario: Scenario {
             ctx.check("region_ended_at_new_address", expected: 1, observed: r.regionMoved ? 1 : 0, tolerance: 0,
                       describe: "contents were verified at the address the region was moved to")
         }
-        if p.int("fork_after") > 0 {
+        if p.forkAfter > 0 {
             ctx.record("fork_events", Double(r.engine.forkEvents), .count, better: .none)
             ctx.record("fork_faults", Double(r.engine.forkFaults), .count, better: .none)
             let mismatches = r.forkChildMismatches ?? -3
@@ -311,13 +316,13 @@ public struct LazyRestoreScenario: Scenario {
             ctx.check("fork_child_contents_match", expected: 0, observed: Double(mismatches), tolerance: 0,
                       describe: "pages (every 7th) that differ from the source in the forked child, whose missing pages the fork server filled")
         }
-        if p.int("drop_every") > 0 {
+        if p.dropEvery > 0 {
             ctx.record("workload_drops", Double(r.workload.drops), .count, better: .none)
             ctx.record("dropped_pages", Double(r.droppedPages), .pages, better: .none)
             ctx.record("dropped_refaults", Double(r.engine.droppedRefaults), .count, better: .none)
             ctx.check("remove_events_seen", expected: Double(r.workload.drops), observed: Double(r.engine.removeEvents), tolerance: 0,
                       describe: "each MADV_DONTNEED of the workload reached the handler as one REMOVE event")
-            if p.double("write_ratio") == 0 && cfg.policy == .onDemand && p.string("workload") == "sequential" {
+            if p.writeRatio == 0 && cfg.policy == .onDemand && p.workload == .sequential {
                 ctx.check("dropped_pages_read_zero", expected: 0, observed: Double(r.droppedNonZero), tolerance: 0,
                           describe: "pages the application dropped (MADV_DONTNEED) read as zero afterwards")
             }
@@ -348,21 +353,28 @@ public struct LazyRestoreScenario: Scenario {
         }
         ctx.check("touched_pages_installed", expected: 0, observed: Double(r.touchedNotInstalled), tolerance: 0,
                   describe: "pages the workload touched that the engine never installed")
-        if cfg.policy == .onDemand && p.int("threads") == 1 && p.int("drop_every") == 0 {
+        if cfg.policy == .onDemand && p.threads == 1 && p.dropEvery == 0 {
             ctx.check("faults_equal_distinct_pages", expected: Double(touched), observed: Double(r.engine.remoteFaults + r.engine.localFaults), tolerance: 0,
                       describe: "on-demand, one thread: remote + local (zero) faults = distinct pages touched")
         }
         let against: String
-        switch (p.string("source"), floors.isEmpty) {
+        switch (p.source, floors.isEmpty) {
         case (_, true): against = "`memlab run lazy-restore:floors` (floors=off in this run)"
-        case ("tcp", _): against = "floor_fault_round_trip plus floor_loopback_tcp_rtt (a TCP source process; fault_round_trip_tcp_source in `memlab calibrate` for the whole path)"
-        case ("unix", _): against = "floor_fault_round_trip plus a Unix-socket hop (fault_round_trip_unix_source in `memlab calibrate`)"
+        case (.tcp, _): against = "floor_fault_round_trip plus floor_loopback_tcp_rtt (a TCP source process; fault_round_trip_tcp_source in `memlab calibrate` for the whole path)"
+        case (.unix, _): against = "floor_fault_round_trip plus a Unix-socket hop (fault_round_trip_unix_source in `memlab calibrate`)"
         default: against = "floor_fault_round_trip (local round trip, wait=\(cfg.wait.rawValue))"
         }
-        let floorNote = p.string("link") == "none"
+        let floorNote = p.link == LinkKind.none
             ? "link none: fault latency here is the local floor (wake-ups and ioctls only); read fault_latency / first_touch_latency against \(against)"
-            : "read remote figures (fault_latency_*, first_touch_latency_*) against \(against) plus RTT \(p.double("rtt_ms")) ms and size ÷ \(formatNumber(p.double("bandwidth_mbit"))) Mbit/s; bulk prefetch against floor_copy_page"
+            : "read remote figures (fault_latency_*, first_touch_latency_*) against \(against) plus RTT \(p.rttMs) ms and size ÷ \(formatNumber(p.bandwidthMbit)) Mbit/s; bulk prefetch against floor_copy_page"
         ctx.note(floorNote)
         withExtendedLifetime(resident) {}
     }
 }
+
+// The engine's own choices, as parameter values.
+// (Transfer's engine does not know LabKit: the conformance is made here.)
+extension EngineConfig.Policy: ParameterChoice {}
+extension EngineConfig.WaitMode: ParameterChoice {}
+extension EngineConfig.Resolve: ParameterChoice {}
+extension AccessTraces.Pattern: ParameterChoice { static let choices = ["sequential", "random", "zipf", "trace"] }

@@ -9,30 +9,29 @@ import Transfer
 extension MigrationScenario {
     /// hybrid and postcopy: the same source region, workload and link as precopy; see
     /// HybridEngine for the switch.
-    func runHybrid(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runHybrid(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
         let page = System.pageSize
-        let source = try AnonymousMapping(length: p.int("size"))
+        let source = try AnonymousMapping(length: p.size)
         let pages = source.length / page
         fillRandom(source.base, length: source.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
-        let model = LinkModel(bandwidth: p.double("bandwidth_mbit") * 1e6 / 8, rtt: p.double("rtt_ms") / 1000)
+        let model = LinkModel(bandwidth: p.bandwidthMbit * 1e6 / 8, rtt: p.rttMs / 1000)
         let link = try EmulatedPageLink(model: model, length: source.length)
-        let tracker = try makeTracker(p.string("tracking"), base: source.base, length: source.length)
+        let tracker = try makeTracker(p.tracking, base: source.base, length: source.length)
         defer { tracker.close() }
-        let hot = Int((Double(pages) * p.double("hot_fraction")).rounded(.up))
-        let rate = Double(p.int("dirty_rate"))
-        let threads = p.int("threads")
+        let hot = Int((Double(pages) * p.hotFraction).rounded(.up))
+        let rate = Double(p.dirtyRate)
+        let threads = p.threads
         let workload = DirtyWorkload(base: source.base, pages: pages, hotPages: hot, rate: rate, threads: threads)
-        let rounds = ctx.variant == "postcopy" ? 0 : p.int("precopy_rounds")
-        let engine = HybridEngine(model: model, precopyRounds: rounds, policy: EngineConfig.Policy(rawValue: p.string("postcopy_policy")) ?? .backgroundPush,
-                                  preempt: p.string("queue") == "preempt", drainAfter: p.double("drain_after_s"),
-                                  deadline: max(p.double("timeout_s") - 5, 1))
+        let rounds = variant == .postcopy ? 0 : p.precopyRounds
+        let engine = HybridEngine(model: model, precopyRounds: rounds, policy: p.postcopyPolicy.engine,
+                                  preempt: p.queue == .preempt, drainAfter: p.drainAfterS,
+                                  deadline: max(p.timeoutS - 5, 1))
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
         let out = try engine.run(source: source, tracker: tracker, workload: workload, link: link,
                                  destinationWorkload: { DirtyWorkload(base: $0, pages: pages, hotPages: hot, rate: rate, threads: threads, preservesValues: true) },
                                  seed: 0xD57 &+ UInt64(ctx.repetition))
         Self.record(out, model: model, pageSize: page, pages: pages, ctx: ctx)
-        ctx.note("dirty tracking: \(tracker.mechanism); post-copy: lazy-restore's fault engine, policy \(p.string("postcopy_policy")), queue \(p.string("queue")), UFFDIO_COPY from the paused source")
+        ctx.note("dirty tracking: \(tracker.mechanism); post-copy: the Transfer layer's fault engine, policy \(p.postcopyPolicy.rawValue), queue \(p.queue.rawValue), UFFDIO_COPY from the paused source")
     }
 
     /// Records a hybrid outcome with the pre-copy and post-copy names (docs/results-format.md, QEMU).
@@ -67,10 +66,7 @@ extension MigrationScenario {
         if !pc.engine.faultLatencyNS.isEmpty {
             var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
             for v in pc.engine.faultLatencyNS { _ = h.record(max(v, 1)) }
-            ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
-            ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
-            ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
-            ctx.recordDistribution("fault_latency", h)
+            ctx.recordLatency("fault_latency", h)
         }
         ctx.record("handler_cpu_time", pc.engine.handlerCPUSeconds, .s, better: .lower)
         ctx.record("workload_write_rate", out.sourceWriteRate, .pagesPerSecond, better: .none)

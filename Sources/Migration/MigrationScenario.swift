@@ -9,92 +9,117 @@ import Transfer
 /// over an emulated link in rounds; the dirty pages come from the kernel (userfaultfd
 /// write-protect read with PAGEMAP_SCAN). The destination is a second region in the same
 /// process, compared page by page with the source at stop time.
-public struct MigrationScenario: Scenario {
+public struct MigrationScenario: TypedScenario {
     public init() {}
     public let id = "migration"
     public let summary = "Live migration: pre-copy rounds over an emulated link with kernel dirty tracking (uffd WP_ASYNC + PAGEMAP_SCAN)"
-    public let variants = [
-        Variant("precopy", "rounds (send all, then what was dirtied) until the rest fits the downtime target or the round limit; stop-and-copy; destination verified"),
-        Variant("hybrid", "precopy_rounds pre-copy rounds, then stop, switch the destination to post-copy (userfaultfd, lazy-restore's fault engine, postcopy_policy) for the pages still dirty, resume the workload there; destination verified"),
-        Variant("postcopy", "no pre-copy round: stop at once and resume at the destination, every page served by post-copy (postcopy_policy); the hybrid path with precopy_rounds=0"),
-        Variant("dirty-scan", "write a known random set of pages; the tracker must report exactly that set, then nothing, then the next set"),
-    ]
-    public static let trackings = ["wp-async", "wp-sync", "soft-dirty"]
-    public let parameters: [ParameterSpec] = [
-        ParameterSpec("size", .size((64 << 10)...(16 << 30)), default: .int(64 << 20), help: "bytes of the migrated region"),
-        ParameterSpec("dirty_rate", .int(0...100_000_000), default: .int(2000), help: "precopy: page writes per second over all workload threads (0: idle)"),
-        ParameterSpec("threads", .int(1...64), default: .int(1), help: "precopy: workload threads"),
-        ParameterSpec("hot_fraction", .double(0.0001...1), default: .double(1), help: "precopy: fraction of the region the workload writes (uniformly at random)"),
-        ParameterSpec("bandwidth_mbit", .double(0.1...1_000_000), default: .double(1000), help: "emulated link bandwidth, Mbit/s"),
-        ParameterSpec("rtt_ms", .double(0...10_000), default: .double(1), help: "emulated link round-trip time, ms (each round ends with an acknowledgement)"),
-        ParameterSpec("downtime_target_ms", .double(0.001...100_000), default: .double(30), help: "stop when the dirty rest would cross the link within this long"),
-        ParameterSpec("max_rounds", .int(1...10_000), default: .int(30), help: "stop-and-copy after this many rounds even if not converged"),
-        ParameterSpec("tracking", .choice(MigrationScenario.trackings), default: .string("wp-async"), help: "dirty tracking: wp-async (uffd WP_ASYNC + PAGEMAP_SCAN), wp-sync (uffd WP with a handler thread; counts write faults), soft-dirty (clear_refs; where the kernel has it)"),
-        ParameterSpec("precopy_rounds", .int(0...10_000), default: .int(2), help: "hybrid: pre-copy rounds before the switch to post-copy (0: pure post-copy)"),
-        ParameterSpec("postcopy_policy", .choice(PostcopyPhase.policies.map(\.rawValue)), default: .string("background-push"), help: "hybrid/postcopy: how the missing pages move: " + PostcopyPhase.policies.map(\.rawValue).joined(separator: ", ")),
-        ParameterSpec("queue", .choice(["fifo", "preempt"]), default: .string("preempt"), help: "hybrid/postcopy: fifo: a faulting page queues behind pushed pages; preempt: it goes first (QEMU's preempt channel)"),
-        ParameterSpec("drain_after_s", .double(0...3600), default: .double(0.5), help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)"),
-        ParameterSpec("written_fraction", .double(0.0001...1), default: .double(0.1), help: "dirty-scan: fraction of pages written per step"),
-        ParameterSpec("timeout_s", .double(1...3600), default: .double(120), help: "the repetition is killed after this long"),
-    ]
 
-    public func probe(variant: String, params: Params) -> Availability {
+    public enum Variant: String, ScenarioVariant {
+        case precopy, hybrid, postcopy
+        case dirtyScan = "dirty-scan"
+        public var summary: String {
+            switch self {
+            case .precopy: return "rounds (send all, then what was dirtied) until the rest fits the downtime target or the round limit; stop-and-copy; destination verified"
+            case .hybrid: return "precopy_rounds pre-copy rounds, then stop, switch the destination to post-copy (userfaultfd, the fault engine lazy restore uses too, postcopy_policy) for the pages still dirty, resume the workload there; destination verified"
+            case .postcopy: return "no pre-copy round: stop at once and resume at the destination, every page served by post-copy (postcopy_policy); the hybrid path with precopy_rounds=0"
+            case .dirtyScan: return "write a known random set of pages; the tracker must report exactly that set, then nothing, then the next set"
+            }
+        }
+    }
+
+    public enum Tracking: String, CaseIterable, ParameterChoice {
+        case wpAsync = "wp-async", wpSync = "wp-sync", softDirty = "soft-dirty"
+    }
+    public static let trackings = Tracking.choices
+    /// hybrid/postcopy: the fault engine's policies that serve a post-copy phase.
+    public enum PostcopyPolicy: String, CaseIterable, ParameterChoice {
+        case onDemand = "on-demand", backgroundPush = "background-push", faultAround = "fault-around", bubble
+        var engine: EngineConfig.Policy {
+            switch self {
+            case .onDemand: return .onDemand
+            case .backgroundPush: return .backgroundPush
+            case .faultAround: return .faultAround
+            case .bubble: return .bubble
+            }
+        }
+    }
+    public enum Queue: String, CaseIterable, ParameterChoice { case fifo, preempt }
+
+    public struct Parameters: ParameterSet {
+        public init() {}
+        let size = Parameter<Int>("size", (64 << 10)...(16 << 30), default: 64 << 20, unit: .bytes, help: "bytes of the migrated region")
+        let dirtyRate = Parameter<Int>("dirty_rate", 0...100_000_000, default: 2000, unit: .pagesPerSecond, help: "precopy: page writes per second over all workload threads (0: idle)")
+        let threads = Parameter<Int>("threads", 1...64, default: 1, unit: .count, help: "precopy: workload threads")
+        let hotFraction = Parameter<Double>("hot_fraction", 0.0001...1, default: 1, unit: .ratio, help: "precopy: fraction of the region the workload writes (uniformly at random)")
+        let bandwidthMbit = Parameter<Double>("bandwidth_mbit", 0.1...1_000_000, default: 1000, unit: .mbitPerSecond, help: "emulated link bandwidth, Mbit/s")
+        let rttMs = Parameter<Double>("rtt_ms", 0...10_000, default: 1, unit: .ms, help: "emulated link round-trip time, ms (each round ends with an acknowledgement)")
+        let downtimeTargetMs = Parameter<Double>("downtime_target_ms", 0.001...100_000, default: 30, unit: .ms, help: "stop when the dirty rest would cross the link within this long")
+        let maxRounds = Parameter<Int>("max_rounds", 1...10_000, default: 30, unit: .count, help: "stop-and-copy after this many rounds even if not converged")
+        let tracking = Parameter<Tracking>("tracking", default: .wpAsync, help: "dirty tracking: wp-async (uffd WP_ASYNC + PAGEMAP_SCAN), wp-sync (uffd WP with a handler thread; counts write faults), soft-dirty (clear_refs; where the kernel has it)")
+        let precopyRounds = Parameter<Int>("precopy_rounds", 0...10_000, default: 2, unit: .count, help: "hybrid: pre-copy rounds before the switch to post-copy (0: pure post-copy)")
+        let postcopyPolicy = Parameter<PostcopyPolicy>("postcopy_policy", default: .backgroundPush, help: "hybrid/postcopy: how the missing pages move: " + PostcopyPolicy.choices.joined(separator: ", "))
+        let queue = Parameter<Queue>("queue", default: .preempt, help: "hybrid/postcopy: fifo: a faulting page queues behind pushed pages; preempt: it goes first (QEMU's preempt channel)")
+        let drainAfterS = Parameter<Double>("drain_after_s", 0...3600, default: 0.5, unit: .s, help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)")
+        let writtenFraction = Parameter<Double>("written_fraction", 0.0001...1, default: 0.1, unit: .ratio, help: "dirty-scan: fraction of pages written per step")
+        let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 120, unit: .s, help: "the repetition is killed after this long")
+    }
+
+    public func probe(_ variant: Variant, _ params: Values) -> Availability {
         let uffd = Userfaultfd.probe()
         guard uffd.usable else { return .unusable("userfaultfd unusable: \(uffd.reason ?? "?")") }
-        switch params.string("tracking") {
-        case "wp-async":
+        switch params.tracking {
+        case .wpAsync:
             let wp = WriteProtectTracking.probe()
             if !wp.usable { return .unusable("asynchronous write-protect tracking unusable (needs 6.7+ with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN): \(wp.reason ?? "?"); try tracking=wp-sync") }
-        case "soft-dirty":
+        case .softDirty:
             let sd = SoftDirty.probe()
             if !sd.usable { return .unusable("soft-dirty unusable: \(sd.reason ?? "?"); use tracking=wp-async") }
-        default:
+        case .wpSync:
             if uffd.features & (1 << 13) == 0 { return .unusable("userfaultfd lacks WP_UNPOPULATED (needs 6.4+)") }
         }
         return .usable
     }
 
-    public func validate(variant: String, params: Params) throws(UsageError) {
-        if params.int("size") / System.pageSize < 2 { throw UsageError("size must hold at least two pages") }
+    public func validate(_ variant: Variant, _ params: Values) throws(UsageError) {
+        if params.size / System.pageSize < 2 { throw UsageError("size must hold at least two pages") }
     }
 
-    public func deadline(variant: String, params: Params) -> Double { params.double("timeout_s") }
+    public func deadline(_ variant: Variant, _ params: Values) -> Double { params.timeoutS }
 
-    func makeTracker(_ kind: String, base: UnsafeMutableRawPointer, length: Int) throws -> DirtyTracker {
+    func makeTracker(_ kind: Tracking, base: UnsafeMutableRawPointer, length: Int) throws -> DirtyTracker {
         switch kind {
-        case "wp-sync": return try SyncWriteProtectTracker(base: base, length: length)
-        case "soft-dirty": return try SoftDirtyTracker(base: base, length: length)
-        default: return try AsyncWriteProtectTracker(base: base, length: length)
+        case .wpSync: return try SyncWriteProtectTracker(base: base, length: length)
+        case .softDirty: return try SoftDirtyTracker(base: base, length: length)
+        case .wpAsync: return try AsyncWriteProtectTracker(base: base, length: length)
         }
     }
 
-    public func run(_ ctx: RunContext) throws {
-        switch ctx.variant {
-        case "dirty-scan": try runDirtyScan(ctx)
-        case "hybrid", "postcopy": try runHybrid(ctx)
-        default: try runPrecopy(ctx)
+    public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
+        switch variant {
+        case .dirtyScan: try runDirtyScan(ctx, p)
+        case .hybrid, .postcopy: try runHybrid(ctx, variant, p)
+        case .precopy: try runPrecopy(ctx, p)
         }
     }
 
-    func runPrecopy(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runPrecopy(_ ctx: RunContext, _ p: Values) throws {
         let page = System.pageSize
-        let region = try AnonymousMapping(length: p.int("size"))
+        let region = try AnonymousMapping(length: p.size)
         let pages = region.length / page
         fillRandom(region.base, length: region.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
-        let model = LinkModel(bandwidth: p.double("bandwidth_mbit") * 1e6 / 8, rtt: p.double("rtt_ms") / 1000)
+        let model = LinkModel(bandwidth: p.bandwidthMbit * 1e6 / 8, rtt: p.rttMs / 1000)
         let link = try EmulatedPageLink(model: model, length: region.length)
-        let tracker = try makeTracker(p.string("tracking"), base: region.base, length: region.length)
+        let tracker = try makeTracker(p.tracking, base: region.base, length: region.length)
         defer { tracker.close() }
         let workload = DirtyWorkload(base: region.base, pages: pages,
-                                     hotPages: Int((Double(pages) * p.double("hot_fraction")).rounded(.up)),
-                                     rate: Double(p.int("dirty_rate")), threads: p.int("threads"))
-        let engine = PrecopyEngine(model: model, downtimeTarget: p.double("downtime_target_ms") / 1000,
-                                   maxRounds: p.int("max_rounds"))
+                                     hotPages: Int((Double(pages) * p.hotFraction).rounded(.up)),
+                                     rate: Double(p.dirtyRate), threads: p.threads)
+        let engine = PrecopyEngine(model: model, downtimeTarget: p.downtimeTargetMs / 1000,
+                                   maxRounds: p.maxRounds)
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
         let out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
         Self.record(out, model: model, pageSize: page, pages: pages, tracker: tracker, ctx: ctx)
-        if p.int("dirty_rate") == 0 {
+        if p.dirtyRate == 0 {
             ctx.check("idle_rounds", expected: 1, observed: Double(out.rounds.count), tolerance: 0,
                       describe: "an idle workload converges after the first round")
             ctx.check("idle_stop_pages", expected: 0, observed: Double(out.stopPages), tolerance: 0,
@@ -142,14 +167,13 @@ public struct MigrationScenario: Scenario {
         if let tr = tracker { ctx.note("dirty tracking: \(tr.mechanism)") }
     }
 
-    func runDirtyScan(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runDirtyScan(_ ctx: RunContext, _ p: Values) throws {
         let page = System.pageSize
-        let region = try AnonymousMapping(length: p.int("size"))
+        let region = try AnonymousMapping(length: p.size)
         let pages = region.length / page
         // Half the pages populated, half never touched: WP_UNPOPULATED must see both.
         region.touch(stride: page, bytes: region.length / 2)
-        let tracker = try makeTracker(p.string("tracking"), base: region.base, length: region.length)
+        let tracker = try makeTracker(p.tracking, base: region.base, length: region.length)
         defer { tracker.close() }
         try tracker.protectAll()
         var found: [Int] = []
@@ -157,7 +181,7 @@ public struct MigrationScenario: Scenario {
         ctx.check("clean_after_protect", expected: 0, observed: Double(found.count), tolerance: 0,
                   describe: "nothing is reported written right after protecting the region")
         var x: UInt64 = 0xD1B5_4A32_D192_ED03 &+ UInt64(ctx.repetition)
-        let want = max(1, Int(Double(pages) * p.double("written_fraction")))
+        let want = max(1, Int(Double(pages) * p.writtenFraction))
         var scanNS: [Double] = []
         for step in 1...2 {
             var written = Set<Int>()

@@ -23,7 +23,7 @@ struct List: ParsableCommand {
                     "id": s.id, "summary": s.summary, "requires_root": s.requiresRoot,
                     "variants": s.variants.map { ["name": $0.name, "summary": $0.summary] },
                     "parameters": s.parameters.map {
-                        ["name": $0.name, "type": $0.typeDescription, "default": $0.defaultValue.jsonValue, "help": $0.help]
+                        ["name": $0.name, "type": $0.typeDescription, "unit": $0.unit.rawValue, "default": $0.defaultValue.jsonValue, "help": $0.help]
                     },
                 ]
             }
@@ -133,7 +133,8 @@ struct Run: ParsableCommand {
                 let (s, _) = try allScenarios.lookup(t)
                 print("\(s.id) parameters:")
                 for p in s.parameters {
-                    print("  \(p.name.padding(toLength: 20, withPad: " ", startingAt: 0)) \(p.typeDescription), default \(p.defaultValue)\n      \(p.help)")
+                    let unit = p.unit == .none || p.unit == .bytes ? "" : " (\(p.unit.rawValue))"
+                    print("  \(p.name.padding(toLength: 20, withPad: " ", startingAt: 0)) \(p.typeDescription)\(unit), default \(p.defaultValue)\n      \(p.help)")
                 }
             }
             return

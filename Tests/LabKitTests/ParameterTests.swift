@@ -144,8 +144,8 @@ private func usageError(_ body: () throws(UsageError) -> ParamValue) -> UsageErr
 
     @Test func resolveUsesDefaultsUnlessOverridden() {
         let p = Params.resolve([pages, ratio, mode], overrides: ["mode": .string("prctl")])
-        #expect(p.int("pages") == 1024)
-        #expect(p.double("ratio") == 0.5)
-        #expect(p.string("mode") == "prctl")
+        #expect(p["pages"] == .int(1024))
+        #expect(p["ratio"] == .double(0.5))
+        #expect(p["mode"] == .string("prctl"))
     }
 }

@@ -179,12 +179,13 @@ import Histogram
 
     @Test func wholeNumberDoubleParamStillReadsAsANumber() throws {
         // JSON has one number type: a double parameter of 1.0 is written as 1 and may come
-        // back as .int(1); Params.double must still read it.
+        // back as .int(1); a Double parameter must still read it.
         var doc = try Self.makeDocument()
         doc.runs[0].params = Params(["ratio": .double(1.0), "pages": .int(3)])
         let decoded = try ResultDocument.decode(try doc.jsonData())
-        #expect(decoded.runs[0].params.double("ratio") == 1.0)
-        #expect(decoded.runs[0].params.int("pages") == 3)
+        let ratio = Parameter<Double>("ratio", 0...1, default: 0.5, unit: .ratio, help: "")
+        #expect(try ratio.decode(try #require(decoded.runs[0].params["ratio"])) == 1.0)
+        #expect(decoded.runs[0].params["pages"] == .int(3))
         #expect(decoded.runs[0].params["ratio"]?.description == "1")
     }
 

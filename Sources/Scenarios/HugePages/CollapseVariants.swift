@@ -9,10 +9,9 @@ import Workloads
 extension HugePagesScenario {
     /// A 2M-aligned region faulted as 4K pages (MADV_NOHUGEPAGE), then made eligible
     /// (MADV_HUGEPAGE) and collapsed — synchronously by MADV_COLLAPSE, or by khugepaged.
-    func runCollapse(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runCollapse(_ ctx: RunContext, _ p: Values) throws {
         let size = regionSize(p, .thp)
-        if p.bool("prewarm") { prewarm(length: size, kind: .base) }
+        if p.prewarm { prewarm(length: size, kind: .base) }
         let m = try AnonymousMapping(length: size, kind: .thp)
         try m.advise(memlab_MADV_NOHUGEPAGE, name: "MADV_NOHUGEPAGE")
         touchPages(m.base, length: m.length, stride: 4096)
@@ -26,7 +25,7 @@ extension HugePagesScenario {
         let hugePages = Double(size / (2 << 20))
 
         let t0 = Clock.nanoseconds()
-        if p.string("method") == "madv_collapse" {
+        if p.method == .madvCollapse {
             // EAGAIN is transient (madvise(2): a resource briefly unavailable, e.g. a page
             // locked by khugepaged or a huge page not yet compacted): try again, a few times,
             // and count it; collapse_time includes the retries.
@@ -39,7 +38,7 @@ extension HugePagesScenario {
             }
             if again > 0 { ctx.note("MADV_COLLAPSE answered EAGAIN \(again) time(s) before it succeeded; collapse_time includes the retries") }
         } else {
-            let timeout = p.double("timeout_s")
+            let timeout = p.timeoutS
             while try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0 < UInt64(size) {
                 if Clock.seconds(since: t0) > timeout {
                     let cov = try coverage(m, .thp).coverage
@@ -58,7 +57,7 @@ extension HugePagesScenario {
         ctx.record("thp_collapse_alloc", allocs, .count, better: .none)
         let byKhugepaged = ((try? CounterFile(path: THP.Khugepaged.pagesCollapsed).read()) ?? 0) - collapsed0
         ctx.record("khugepaged_pages_collapsed", Double(byKhugepaged), .count, better: .none)
-        if p.string("method") == "madv_collapse" && byKhugepaged > 0 {
+        if p.method == .madvCollapse && byKhugepaged > 0 {
             ctx.note("khugepaged collapsed \(byKhugepaged) of the huge pages before or during MADV_COLLAPSE; collapse_time covers the rest")
         }
         ctx.check("huge_coverage_after", expected: 1, observed: after, tolerance: 0.05, describe: "±0.05: every 2M range collapsed")
@@ -68,10 +67,9 @@ extension HugePagesScenario {
 
     /// One 4K page in every `stride_pages` touched: RSS with THP off, with THP on at fault,
     /// and after khugepaged looked at the 4K region with the borrowed max_ptes_none.
-    func runBloat(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runBloat(_ ctx: RunContext, _ p: Values) throws {
         let size = regionSize(p, .thp)
-        let stride = p.int("stride_pages") * 4096
+        let stride = p.stridePages * 4096
         let small = try AnonymousMapping(length: size, kind: .thp)
         try small.advise(memlab_MADV_NOHUGEPAGE, name: "MADV_NOHUGEPAGE")
         touchPages(small.base, length: size, stride: stride)
@@ -90,25 +88,24 @@ extension HugePagesScenario {
         let scans = try CounterFile(path: THP.Khugepaged.fullScans)
         let start = try scans.read()
         let t0 = Clock.nanoseconds()
-        while try scans.read() < start + 3 && Clock.seconds(since: t0) < p.double("timeout_s") {
+        while try scans.read() < start + 3 && Clock.seconds(since: t0) < p.timeoutS {
             Clock.sleep(nanoseconds: 20_000_000)
         }
         let rssAfter = Double(try Smaps.entry(startingAt: small.base)["Rss"] ?? 0)
         ctx.record("rss_after_khugepaged", rssAfter, .bytes, better: .lower)
         ctx.record("rss_inflation_after_khugepaged", rssAfter / rss4k, .ratio, better: .lower)
         let emptyPerRange = 512 - (2 << 20) / stride
-        let shouldCollapse = stride > 4096 ? emptyPerRange <= p.int("max_ptes_none") : true
+        let shouldCollapse = stride > 4096 ? emptyPerRange <= p.maxPtesNone : true
         let collapsed = rssAfter > rss4k * 1.5
         ctx.check("khugepaged_collapsed", expected: shouldCollapse ? 1 : 0, observed: collapsed ? 1 : 0, tolerance: 0,
-                  describe: "collapse iff empty PTEs per 2M (\(emptyPerRange)) <= max_ptes_none (\(p.int("max_ptes_none")))")
+                  describe: "collapse iff empty PTEs per 2M (\(emptyPerRange)) <= max_ptes_none (\(p.maxPtesNone))")
     }
 
     /// A THP-backed region; then one 4K page in each 2M is unmapped or write-protected,
     /// which forces the kernel to split the PMD mapping (and, for munmap, the folio).
-    func runSplit(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runSplit(_ ctx: RunContext, _ p: Values) throws {
         let size = regionSize(p, .thp)
-        if p.bool("prewarm") { prewarm(length: size, kind: .thp) }
+        if p.prewarm { prewarm(length: size, kind: .thp) }
         let m = try AnonymousMapping(length: size, kind: .thp)
         touchPages(m.base, length: m.length, stride: 4096)
         let cov = try coverage(m, .thp).coverage
@@ -119,8 +116,8 @@ extension HugePagesScenario {
         let t0 = Clock.nanoseconds()
         for u in 0..<units {
             let page = m.base + u * (2 << 20) + (1 << 20)
-            let rc = p.string("operation") == "munmap" ? munmap(page, 4096) : mprotect(page, 4096, PROT_READ)
-            if rc != 0 { throw SystemError.current(p.string("operation")) }
+            let rc = p.operation == .munmap ? munmap(page, 4096) : mprotect(page, 4096, PROT_READ)
+            if rc != 0 { throw SystemError.current(p.operation.rawValue) }
         }
         let seconds = Clock.seconds(since: t0)
         let vm1 = try VMStat.current()
@@ -132,6 +129,6 @@ extension HugePagesScenario {
         ctx.record("thp_deferred_split_page", delta("thp_deferred_split_page"), .count, better: .none)
         ctx.check("thp_split_pmd", expected: Double(units) * cov, observed: delta("thp_split_pmd"), tolerance: max(1, Double(units) * 0.05),
                   describe: "one PMD split per THP touched by the operation (±5%)")
-        ctx.note("split: \(units) huge pages, one 4K page in the middle of each \(p.string("operation") == "munmap" ? "unmapped" : "made read-only")")
+        ctx.note("split: \(units) huge pages, one 4K page in the middle of each \(p.operation == .munmap ? "unmapped" : "made read-only")")
     }
 }

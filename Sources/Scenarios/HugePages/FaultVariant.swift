@@ -10,12 +10,11 @@ extension HugePagesScenario {
     /// First touch of a fresh region. Two regions of the same size: one touched by the plain
     /// loop (throughput, nothing else in the loop), one with a clock read around the first
     /// touch of each fault unit (the latency distribution).
-    func runFault(_ ctx: RunContext) throws {
-        let p = ctx.params
-        let kind = Kind(p.string("kind"))
+    func runFault(_ ctx: RunContext, _ p: Values) throws {
+        let kind = p.kind
         let size = regionSize(p, kind)
-        if p.bool("prewarm") { prewarm(length: size, kind: kind.pageKind) }
-        ctx.note(p.bool("prewarm") ? "prewarm ran: the same size was touched and freed before timing" : "prewarm off: timings include the host's first backing of guest memory")
+        if p.prewarm { prewarm(length: size, kind: kind.pageKind) }
+        ctx.note(p.prewarm ? "prewarm ran: the same size was touched and freed before timing" : "prewarm off: timings include the host's first backing of guest memory")
 
         // The per-size counters of the folio size asked for (hugepages-<size>kB/stats), and
         // for 2M the machine-wide vmstat ones too: what the kernel did, fault by fault.
@@ -100,7 +99,7 @@ extension HugePagesScenario {
         }
 
         // Latency distribution over fault units, on a second region warmed the same way.
-        if p.bool("prewarm") { prewarm(length: size, kind: kind.pageKind) }
+        if p.prewarm { prewarm(length: size, kind: kind.pageKind) }
         let m = try AnonymousMapping(length: size, kind: kind.pageKind)
         var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
         let unit = kind.unit
@@ -114,10 +113,7 @@ extension HugePagesScenario {
             while inner < off + unit { bytes[inner] = 1; inner += 4096 }
             off += unit
         }
-        ctx.record("fault_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
-        ctx.record("fault_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
-        ctx.record("fault_latency_max", Double(h.max), .ns, better: .lower)
+        ctx.recordLatency("fault_latency", h)
         ctx.record("fault_latency_mean", h.mean, .ns, better: .lower)
-        ctx.recordDistribution("fault_latency", h)
     }
 }

@@ -13,11 +13,10 @@ extension HugePagesScenario {
     /// with ENOMEM, surplus pages stretch it up to nr_overcommit_hugepages, and MAP_NORESERVE
     /// skips the promise — so touching past the pool ends in SIGBUS, caught here and reported
     /// as the expected outcome.
-    func runReserve(_ ctx: RunContext) throws {
-        let p = ctx.params
-        let b = p.string("huge_size") == "1g" ? 1 << 30 : 2 << 20
+    func runReserve(_ ctx: RunContext, _ p: Values) throws {
+        let b = p.hugeSize.bytes
         let kind: PageKind = b == 1 << 30 ? .hugetlb1G : .hugetlb2M
-        let overcommit = p.int("overcommit_pages")
+        let overcommit = p.overcommitPages
         func pool() throws -> HugeTLB.Pool {
             guard let pool = HugeTLB.pool(pageBytes: b) else { throw ScenarioError.skipped("no \(formatBytes(b)) hugetlb pool") }
             return pool
@@ -27,17 +26,17 @@ extension HugePagesScenario {
         for (node, v) in HugeTLB.perNode(pageBytes: b).sorted(by: { $0.key < $1.key }) {
             ctx.record("node\(node)_pool_pages", Double(v.total), .pages, better: .none)
         }
-        let node = p.int("node")
+        let node = p.node
         if node >= 0 {
             let perNode = HugeTLB.perNode(pageBytes: b)[node]
             ctx.record("node_pool_pages", Double(perNode?.total ?? 0), .pages, better: .none)
-            ctx.check("node_pool_pages", expected: Double(p.int("pool_pages")), observed: Double(perNode?.total ?? 0), tolerance: 0,
+            ctx.check("node_pool_pages", expected: Double(p.poolPages), observed: Double(perNode?.total ?? 0), tolerance: 0,
                       describe: "node\(node)/hugepages/hugepages-\(b / 1024)kB/nr_hugepages holds pool_pages (the per-node knob)")
             ctx.note("pool sized on node \(node) only (\(HugeTLB.nodePoolKnob(node: node, pageBytes: b).path)); the machine-wide pool is the sum over nodes: \(p0.total) pages")
         }
         let usable = p0.free - p0.reserved
         guard usable >= 2 else {
-            throw ScenarioError.failed("the pool has \(usable) unreserved free pages; it could not be grown to pool_pages=\(p.int("pool_pages")) (memory fragmented?)")
+            throw ScenarioError.failed("the pool has \(usable) unreserved free pages; it could not be grown to pool_pages=\(p.poolPages) (memory fragmented?)")
         }
 
         // 1. Reservation at mmap.

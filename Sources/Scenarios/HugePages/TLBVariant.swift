@@ -7,11 +7,10 @@ extension HugePagesScenario {
     /// where the curve climbs is where the TLB (and then the caches) give out. The same
     /// memory serves every size; each size is warmed (a quarter of its accesses, untimed)
     /// before it is timed.
-    func runTLB(_ ctx: RunContext) throws {
-        let p = ctx.params
-        let kind = Kind(p.string("kind"))
-        let maxSet = (p.int("max_working_set") + kind.unit - 1) / kind.unit * kind.unit
-        let accesses = p.int("accesses")
+    func runTLB(_ ctx: RunContext, _ p: Values) throws {
+        let kind = p.kind
+        let maxSet = (p.maxWorkingSet + kind.unit - 1) / kind.unit * kind.unit
+        let accesses = p.accesses
         let m = try AnonymousMapping(length: maxSet, kind: kind.pageKind)
         touchPages(m.base, length: m.length, stride: 4096)
         let (cov, _) = try coverage(m, kind)

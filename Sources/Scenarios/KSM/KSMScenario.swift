@@ -8,29 +8,40 @@ import LinuxMM
 /// KSM: how fast ksmd merges a region with a known amount of duplication, what it saves,
 /// what it costs (ksmd CPU), what a write to a merged page costs (copy-on-write), and how
 /// long unmerging takes. Every figure is checked against the layout that was written.
-public struct KSMScenario: Scenario {
+public struct KSMScenario: TypedScenario {
     public init() {}
     public let id = "ksm"
     public let summary = "Kernel same-page merging: merge time and savings, ksmd CPU, COW fault and unmerge cost"
-    public let variants = [
-        Variant("merge", "mark a region with known duplicates mergeable; time ksmd until it is merged; savings and ksmd CPU"),
-        Variant("cow", "write to merged pages: copy-on-write fault latency against unmerged and freshly faulted pages"),
-        Variant("unmerge", "MADV_UNMERGEABLE (or PR_SET_MEMORY_MERGE 0) on a merged region: time to break every merge"),
-    ]
-    public let parameters: [ParameterSpec] = [
-        ParameterSpec("pages", .int(16...4_194_304), default: .int(8192), help: "size of the region in base pages"),
-        ParameterSpec("duplicate_ratio", .double(0...1), default: .double(0.5), help: "fraction of pages that are copies of a template page"),
-        ParameterSpec("zero_ratio", .double(0...1), default: .double(0.1), help: "fraction of pages that are zero-filled"),
-        ParameterSpec("duplicate_groups", .int(1...65536), default: .int(16), help: "number of distinct template pages the duplicates copy"),
-        ParameterSpec("mode", .choice(["madvise", "prctl"]), default: .string("madvise"), help: "madvise: MADV_MERGEABLE on the region; prctl: PR_SET_MEMORY_MERGE for the whole process"),
-        ParameterSpec("pages_to_scan", .int(1...100_000), default: .int(4000), help: "ksmd pages per wake-up (borrowed: /sys/kernel/mm/ksm/pages_to_scan)"),
-        ParameterSpec("sleep_millisecs", .int(0...10_000), default: .int(10), help: "ksmd sleep between wake-ups (borrowed: sleep_millisecs)"),
-        ParameterSpec("use_zero_pages", .bool, default: .bool(false), help: "merge zero pages with the kernel's zero page (borrowed: use_zero_pages)"),
-        ParameterSpec("timeout_s", .double(1...3600), default: .double(60), help: "give up when ksmd has not finished merging after this long"),
-        ParameterSpec("sample_interval_ms", .int(1...10_000), default: .int(20), help: "interval of the pages_sharing time series"),
-    ]
 
-    public func probe(variant: String) -> Availability {
+    public enum Variant: String, ScenarioVariant {
+        case merge, cow, unmerge
+        public var summary: String {
+            switch self {
+            case .merge: return "mark a region with known duplicates mergeable; time ksmd until it is merged; savings and ksmd CPU"
+            case .cow: return "write to merged pages: copy-on-write fault latency against unmerged and freshly faulted pages"
+            case .unmerge: return "MADV_UNMERGEABLE (or PR_SET_MEMORY_MERGE 0) on a merged region: time to break every merge"
+            }
+        }
+    }
+
+    /// How the region opts in to merging.
+    public enum MergeMode: String, CaseIterable, ParameterChoice { case madvise, prctl }
+
+    public struct Parameters: ParameterSet {
+        public init() {}
+        let pages = Parameter<Int>("pages", 16...4_194_304, default: 8192, unit: .pages, help: "size of the region in base pages")
+        let duplicateRatio = Parameter<Double>("duplicate_ratio", 0...1, default: 0.5, unit: .ratio, help: "fraction of pages that are copies of a template page")
+        let zeroRatio = Parameter<Double>("zero_ratio", 0...1, default: 0.1, unit: .ratio, help: "fraction of pages that are zero-filled")
+        let duplicateGroups = Parameter<Int>("duplicate_groups", 1...65536, default: 16, unit: .count, help: "number of distinct template pages the duplicates copy")
+        let mode = Parameter<MergeMode>("mode", default: .madvise, help: "madvise: MADV_MERGEABLE on the region; prctl: PR_SET_MEMORY_MERGE for the whole process")
+        let pagesToScan = Parameter<Int>("pages_to_scan", 1...100_000, default: 4000, unit: .pages, help: "ksmd pages per wake-up (borrowed: /sys/kernel/mm/ksm/pages_to_scan)")
+        let sleepMillisecs = Parameter<Int>("sleep_millisecs", 0...10_000, default: 10, unit: .ms, help: "ksmd sleep between wake-ups (borrowed: sleep_millisecs)")
+        let useZeroPages = Parameter<Bool>("use_zero_pages", default: false, help: "merge zero pages with the kernel's zero page (borrowed: use_zero_pages)")
+        let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up when ksmd has not finished merging after this long")
+        let sampleIntervalMs = Parameter<Int>("sample_interval_ms", 1...10_000, default: 20, unit: .ms, help: "interval of the pages_sharing time series")
+    }
+
+    public func probe(_ variant: Variant) -> Availability {
         guard KSM.isAvailable else {
             return .unusable("KSM is not available: /sys/kernel/mm/ksm is missing (kernel built without CONFIG_KSM)")
         }
@@ -40,53 +51,51 @@ public struct KSMScenario: Scenario {
         return .usable
     }
 
-    public func validate(variant: String, params: Params) throws(UsageError) {
-        if params.double("duplicate_ratio") + params.double("zero_ratio") > 1 {
-            throw UsageError("duplicate_ratio + zero_ratio must not exceed 1 (got \(params.double("duplicate_ratio")) + \(params.double("zero_ratio")))")
+    public func validate(_ variant: Variant, _ p: Values) throws(UsageError) {
+        if p.duplicateRatio + p.zeroRatio > 1 {
+            throw UsageError("duplicate_ratio + zero_ratio must not exceed 1 (got \(p.duplicateRatio) + \(p.zeroRatio))")
         }
-        if variant == "cow" || variant == "unmerge" {
-            let layout = layout(params)
-            if layout.expectation(useZeroPages: params.bool("use_zero_pages"), maxPageSharing: 256).mergingPages == 0 {
-                throw UsageError("the \(variant) variant needs pages that merge: raise duplicate_ratio or zero_ratio")
+        if variant == .cow || variant == .unmerge {
+            let layout = layout(p)
+            if layout.expectation(useZeroPages: p.useZeroPages, maxPageSharing: 256).mergingPages == 0 {
+                throw UsageError("the \(variant.rawValue) variant needs pages that merge: raise duplicate_ratio or zero_ratio")
             }
         }
     }
 
-    public func settings(variant: String, params: Params) -> [KnobSetting] {
+    public func settings(_ variant: Variant, _ p: Values) -> [KnobSetting] {
         [
-            KnobSetting(KSM.Knobs.pagesToScan, String(params.int("pages_to_scan"))),
-            KnobSetting(KSM.Knobs.sleepMillisecs, String(params.int("sleep_millisecs"))),
-            KnobSetting(KSM.Knobs.useZeroPages, params.bool("use_zero_pages") ? "1" : "0"),
+            KnobSetting(KSM.Knobs.pagesToScan, String(p.pagesToScan)),
+            KnobSetting(KSM.Knobs.sleepMillisecs, String(p.sleepMillisecs)),
+            KnobSetting(KSM.Knobs.useZeroPages, p.useZeroPages ? "1" : "0"),
             KnobSetting(KSM.Knobs.run, "1"),
         ]
     }
 
-    public func deadline(variant: String, params: Params) -> Double { params.double("timeout_s") + 60 }
+    public func deadline(_ variant: Variant, _ p: Values) -> Double { p.timeoutS + 60 }
 
-    func layout(_ params: Params) -> KSMLayout {
-        KSMLayout(pages: params.int("pages"), duplicateRatio: params.double("duplicate_ratio"),
-                  zeroRatio: params.double("zero_ratio"), groups: params.int("duplicate_groups"))
+    func layout(_ p: Values) -> KSMLayout {
+        KSMLayout(pages: p.pages, duplicateRatio: p.duplicateRatio, zeroRatio: p.zeroRatio, groups: p.duplicateGroups)
     }
 
-    public func run(_ ctx: RunContext) throws {
-        let p = ctx.params
+    public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
         let pageSize = System.pageSize
         let layout = layout(p)
-        let useZero = p.bool("use_zero_pages")
-        let prctlMode = p.string("mode") == "prctl"
+        let useZero = p.useZeroPages
+        let prctlMode = p.mode == .prctl
         let maxSharing = Int((try? KSM.Knobs.maxPageSharing.read()) ?? "256") ?? 256
         let expect = layout.expectation(useZeroPages: useZero, maxPageSharing: maxSharing)
 
         let region = try AnonymousMapping(length: layout.pages * pageSize, kind: .base)
         layout.fill(region.base, pageSize: pageSize, seed: 0x6D65_6D6C_6162 &+ UInt64(ctx.repetition))
 
-        let merge = try mergeAndWait(region: region, layout: layout, prctlMode: prctlMode, ctx: ctx)
+        let merge = try mergeAndWait(region: region, layout: layout, prctlMode: prctlMode, variant: variant, p, ctx: ctx)
         let stat = try KSMStat.read()
         let global = try KSM.counters()
         let sharingDelta = global.pagesSharing - merge.baseline.pagesSharing
         let sharedDelta = global.pagesShared - merge.baseline.pagesShared
 
-        if ctx.variant == "merge" {
+        if variant == .merge {
             ctx.record("merge_time", merge.mergeTime, .s, better: .lower)
             ctx.record("merging_pages", Double(stat.mergingPages), .pages, better: .none)
             ctx.record("pages_shared", Double(sharedDelta), .pages, better: .none)
@@ -129,10 +138,10 @@ public struct KSMScenario: Scenario {
                       tolerance: max(2.0, Double(expect.zeroPages) * 0.01), describe: "max(2 pages, 1%)")
         }
 
-        switch ctx.variant {
-        case "cow": try measureCOW(region: region, layout: layout, useZero: useZero, ctx: ctx)
-        case "unmerge": try measureUnmerge(region: region, prctlMode: prctlMode, mergedBefore: stat.mergingPages + stat.zeroPages, ctx: ctx)
-        default: break
+        switch variant {
+        case .cow: try measureCOW(region: region, layout: layout, useZero: useZero, ctx: ctx)
+        case .unmerge: try measureUnmerge(region: region, prctlMode: prctlMode, mergedBefore: stat.mergingPages + stat.zeroPages, ctx: ctx)
+        case .merge: break
         }
         if prctlMode { try? KSM.setProcessMerge(false) }
     }
@@ -148,18 +157,18 @@ public struct KSMScenario: Scenario {
     /// on `full_scans` — until this process's merged count has not changed for two full scans
     /// (and at least three scans have passed: a page is merged on its second visit and a newly
     /// registered mm joins the scan list behind the cursor).
-    func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, ctx: RunContext) throws -> MergeOutcome {
+    func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, variant: Variant, _ p: Values, ctx: RunContext) throws -> MergeOutcome {
         let merging = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")
         let zero = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_zero_pages")
         let scans = try CounterFile(path: "\(KSM.directory)/full_scans")
-        let sampler = Sampler(interval: Double(ctx.params.int("sample_interval_ms")) / 1000, probes: [
+        let sampler = Sampler(interval: Double(p.sampleIntervalMs) / 1000, probes: [
             .init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing")),
             .init("ksm_merging_pages", .pages, try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")),
         ])
-        let baseline = try settledCounters(scans: scans, timeout: ctx.params.double("timeout_s"), ctx: ctx)
+        let baseline = try settledCounters(scans: scans, timeout: p.timeoutS, sleepMillisecs: p.sleepMillisecs, ctx: ctx)
         let ksmd = KSM.ksmdPID()
         let cpuBefore = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
-        let timeout = ctx.params.double("timeout_s")
+        let timeout = p.timeoutS
 
         try sampler.start()
         let t0 = Clock.nanoseconds()
@@ -194,7 +203,7 @@ public struct KSMScenario: Scenario {
             Clock.sleep(nanoseconds: 1_000_000)
         }
         let cpuAfter = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
-        for series in sampler.stop() where series.name == "pages_sharing" || ctx.variant == "merge" {
+        for series in sampler.stop() where series.name == "pages_sharing" || variant == .merge {
             ctx.record(series)
         }
         let cpu: Double? = cpuBefore.flatMap { b in cpuAfter.map { $0 - b } }
@@ -208,8 +217,8 @@ public struct KSMScenario: Scenario {
     /// pages_sharing until ksmd next visits its mm and frees its rmap items. So wait until the
     /// counters hold still — for two full scans while ksmd is scanning, or for a while with no
     /// scan at all (ksmd sleeps once no mm is registered: nothing is left to let go of).
-    func settledCounters(scans: CounterFile, timeout: Double, ctx: RunContext) throws -> KSM.Counters {
-        let sleepMS = Double(ctx.params.int("sleep_millisecs"))
+    func settledCounters(scans: CounterFile, timeout: Double, sleepMillisecs: Int, ctx: RunContext) throws -> KSM.Counters {
+        let sleepMS = Double(sleepMillisecs)
         let idle = min(max(0.2, 5 * sleepMS / 1000), 2.0)
         let t0 = Clock.nanoseconds()
         var last = try KSM.counters()
@@ -292,10 +301,7 @@ public struct KSMScenario: Scenario {
 
     func record(_ t: Timings, prefix: String, _ ctx: RunContext) {
         ctx.record(prefix, t.mean, .ns, better: .lower)
-        ctx.record("\(prefix)_p50", Double(t.histogram.valueAtPercentile(50)), .ns, better: .lower)
-        ctx.record("\(prefix)_p99", Double(t.histogram.valueAtPercentile(99)), .ns, better: .lower)
-        ctx.record("\(prefix)_max", Double(t.histogram.max), .ns, better: .lower)
-        ctx.recordDistribution(prefix, t.histogram)
+        ctx.recordLatency(prefix, t.histogram)
     }
 
     func measureUnmerge(region: AnonymousMapping, prctlMode: Bool, mergedBefore: Int64, ctx: RunContext) throws {

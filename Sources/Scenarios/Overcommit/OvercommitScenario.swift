@@ -6,66 +6,73 @@ import LinuxMM
 
 /// Overcommit: the promises the kernel makes (commit accounting, vm.overcommit_memory) and
 /// how it breaks them when memory really runs out (the OOM killer inside a memory cgroup).
-public struct OvercommitScenario: Scenario {
+public struct OvercommitScenario: TypedScenario {
     public init() {}
     public let id = "overcommit"
     public let summary = "Commit accounting per vm.overcommit_memory mode; OOM outcome in a memory cgroup"
-    public let variants = [
-        Variant("commit", "allocation probes (untouched private mmaps) under one overcommit mode: granted or errno, Committed_AS moves, CommitLimit"),
-        Variant("oom", "a worker touches more than its memory cgroup's limit: OOM kill, time to kill, peak usage, limit hits"),
-    ]
-    public let parameters: [ParameterSpec] = [
-        ParameterSpec("mode", .int(0...2), default: .int(0), help: "commit: vm.overcommit_memory to borrow (0 heuristic, 1 always, 2 strict)"),
-        ParameterSpec("ratio", .int(0...1000), default: .int(50), help: "commit: vm.overcommit_ratio (percent of RAM in CommitLimit, mode 2), borrowed"),
-        ParameterSpec("kbytes", .size(0...(1 << 50)), default: .int(0), help: "commit: vm.overcommit_kbytes instead of ratio when > 0 (bytes; suffix K, M, G), borrowed"),
-        ParameterSpec("row_max", .int(1...1024), default: .int(64), help: "commit: most 1 GiB mappings the 'in a row' probe makes"),
-        ParameterSpec("noreserve", .bool, default: .bool(true), help: "commit: repeat every probe with MAP_NORESERVE"),
-        ParameterSpec("limit", .size((8 << 20)...(1 << 40)), default: .int(64 << 20), help: "oom: memory cgroup limit"),
-        ParameterSpec("overshoot", .double(1.1...16), default: .double(2), help: "oom: the worker touches overshoot x limit"),
-        ParameterSpec("swap_size", .size(0...(64 << 30)), default: .int(0), help: "oom: make a swap file of this size for the run (0: none), to see that the cgroup's swap cap still ends in the OOM killer"),
-        ParameterSpec("timeout_s", .double(1...600), default: .double(30), help: "oom: give up waiting for the worker after this long"),
-    ]
 
-    public func probe(variant: String) -> Availability {
+    public enum Variant: String, ScenarioVariant {
+        case commit, oom
+        public var summary: String {
+            switch self {
+            case .commit: return "allocation probes (untouched private mmaps) under one overcommit mode: granted or errno, Committed_AS moves, CommitLimit"
+            case .oom: return "a worker touches more than its memory cgroup's limit: OOM kill, time to kill, peak usage, limit hits"
+            }
+        }
+    }
+
+    public struct Parameters: ParameterSet {
+        public init() {}
+        let mode = Parameter<Int>("mode", 0...2, default: 0, unit: .none, help: "commit: vm.overcommit_memory to borrow (0 heuristic, 1 always, 2 strict)")
+        let ratio = Parameter<Int>("ratio", 0...1000, default: 50, unit: .percent, help: "commit: vm.overcommit_ratio (percent of RAM in CommitLimit, mode 2), borrowed")
+        let kbytes = Parameter<Int>("kbytes", 0...(1 << 50), default: 0, unit: .bytes, help: "commit: vm.overcommit_kbytes instead of ratio when > 0 (bytes; suffix K, M, G), borrowed")
+        let rowMax = Parameter<Int>("row_max", 1...1024, default: 64, unit: .count, help: "commit: most 1 GiB mappings the 'in a row' probe makes")
+        let noreserve = Parameter<Bool>("noreserve", default: true, help: "commit: repeat every probe with MAP_NORESERVE")
+        let limit = Parameter<Int>("limit", (8 << 20)...(1 << 40), default: 64 << 20, unit: .bytes, help: "oom: memory cgroup limit")
+        let overshoot = Parameter<Double>("overshoot", 1.1...16, default: 2, unit: .ratio, help: "oom: the worker touches overshoot x limit")
+        let swapSize = Parameter<Int>("swap_size", 0...(64 << 30), default: 0, unit: .bytes, help: "oom: make a swap file of this size for the run (0: none), to see that the cgroup's swap cap still ends in the OOM killer")
+        let timeoutS = Parameter<Double>("timeout_s", 1...600, default: 30, unit: .s, help: "oom: give up waiting for the worker after this long")
+    }
+
+    public func probe(_ variant: Variant) -> Availability {
         switch variant {
-        case "commit":
+        case .commit:
             guard Overcommit.memory.exists else { return .unusable("/proc/sys/vm/overcommit_memory is missing (no procfs vm sysctls)") }
-        case "oom":
+        case .oom:
             if MemoryCgroupMount.detect().isEmpty {
                 return .unusable("needs a memory cgroup controller (cgroup v1 'memory' or v2 with +memory); none is mounted")
             }
-        default: break
         }
         return .usable
     }
 
-    public func settings(variant: String, params: Params) -> [KnobSetting] {
-        guard variant == "commit" else { return [] }
+    public func settings(_ variant: Variant, _ params: Values) -> [KnobSetting] {
+        guard variant == .commit else { return [] }
         var s: [KnobSetting] = []
         // Writing overcommit_kbytes zeroes overcommit_ratio and the other way round (mm/util.c),
         // so both are borrowed — ratio first — and restore (in reverse) ends with the original ratio.
-        if params.int("kbytes") > 0 {
+        if params.kbytes > 0 {
             s.append(KnobSetting(Overcommit.ratio, "0"))
-            s.append(KnobSetting(Overcommit.kbytes, String(params.int("kbytes") / 1024)))
+            s.append(KnobSetting(Overcommit.kbytes, String(params.kbytes / 1024)))
         } else {
             s.append(KnobSetting(Overcommit.kbytes, "0"))
-            s.append(KnobSetting(Overcommit.ratio, String(params.int("ratio"))))
+            s.append(KnobSetting(Overcommit.ratio, String(params.ratio)))
         }
         // Last in, first out: strict mode is given back before anything else.
-        s.append(KnobSetting(Overcommit.memory, String(params.int("mode"))))
+        s.append(KnobSetting(Overcommit.memory, String(params.mode)))
         return s
     }
 
-    public func memoryLimit(variant: String, params: Params) -> Int? {
-        variant == "oom" ? params.int("limit") : nil
+    public func memoryLimit(_ variant: Variant, _ params: Values) -> Int? {
+        variant == .oom ? params.limit : nil
     }
 
     /// oom with swap_size > 0: a swap file in the state directory, made and swapped on by the
     /// runner through the guard (journaled first; swapped off and deleted afterwards).
-    public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {
-        guard variant == "oom", params.int("swap_size") > 0 else { return }
+    public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
+        guard variant == .oom, params.swapSize > 0 else { return }
         let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: params.int("swap_size")) }
+        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: params.swapSize) }
         do {
             try settingsGuard.activateSwap(path, priority: 32000)
         } catch {
@@ -76,15 +83,14 @@ public struct OvercommitScenario: Scenario {
         }
     }
 
-    public func deadline(variant: String, params: Params) -> Double {
-        variant == "oom" ? params.double("timeout_s") + 30 : 60
+    public func deadline(_ variant: Variant, _ params: Values) -> Double {
+        variant == .oom ? params.timeoutS + 30 : 60
     }
 
-    public func run(_ ctx: RunContext) throws {
-        switch ctx.variant {
-        case "commit": try runCommit(ctx)
-        case "oom": try runOOM(ctx)
-        default: throw ScenarioError.failed("unknown variant \(ctx.variant)")
+    public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
+        switch variant {
+        case .commit: try runCommit(ctx, p)
+        case .oom: try runOOM(ctx, p)
         }
     }
 
@@ -141,11 +147,10 @@ public struct OvercommitScenario: Scenario {
         return 0
     }
 
-    func runCommit(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runCommit(_ ctx: RunContext, _ p: Values) throws {
         let mode = Int(try Overcommit.memory.read()) ?? -1
-        guard mode == p.int("mode") else {
-            throw ScenarioError.failed("vm.overcommit_memory reads \(mode), expected the borrowed \(p.int("mode"))")
+        guard mode == p.mode else {
+            throw ScenarioError.failed("vm.overcommit_memory reads \(mode), expected the borrowed \(p.mode)")
         }
         let info = try MemInfo.current()
         let gib = 1 << 30
@@ -167,7 +172,7 @@ public struct OvercommitScenario: Scenario {
             Probe(name: "between_limit_and_ram", bytes: between, noReserve: false,
                   describe: "\(formatBytes(between)), between CommitLimit (\(formatBytes(limit))) and MemTotal (\(formatBytes(ram)))"),
         ]
-        if p.bool("noreserve") {
+        if p.noreserve {
             probes += probes.map { Probe(name: $0.name + "_noreserve", bytes: $0.bytes, noReserve: true, describe: $0.describe + ", MAP_NORESERVE") }
         }
         // Moves in Committed_AS from anything else on the machine are noise here.
@@ -193,12 +198,12 @@ public struct OvercommitScenario: Scenario {
 
         // Many 1 GiB mappings in a row, kept until the row ends: mode 0 judges each alone,
         // mode 2 adds them up against CommitLimit.
-        for noReserve in p.bool("noreserve") ? [false, true] : [false] {
+        for noReserve in p.noreserve ? [false, true] : [false] {
             let name = noReserve ? "row_1g_noreserve" : "row_1g"
             let start = Int(try MemInfo.current().committedAS)
             var predicted = 0
             var committed = start, vm = OvercommitScenario.vmSize()
-            for _ in 0..<p.int("row_max") {
+            for _ in 0..<p.rowMax {
                 guard model.granted(bytes: gib, noReserve: noReserve, committed: committed, vmSize: vm) else { break }
                 predicted += 1
                 if model.accounted(noReserve: noReserve) { committed += gib }
@@ -206,7 +211,7 @@ public struct OvercommitScenario: Scenario {
             }
             var maps: [UnsafeMutableRawPointer] = []
             var lastErr: Int32 = 0
-            for _ in 0..<p.int("row_max") {
+            for _ in 0..<p.rowMax {
                 let (ptr, err) = OvercommitScenario.mmapProbe(gib, noReserve: noReserve)
                 guard let ptr else { lastErr = err; break }
                 maps.append(ptr)
@@ -217,7 +222,7 @@ public struct OvercommitScenario: Scenario {
             ctx.record("\(name)_granted", Double(maps.count), .count, better: .none)
             ctx.record("\(name)_committed_as_delta", delta, .bytes, better: .none)
             if lastErr != 0 { ctx.record("\(name)_errno", Double(lastErr), .count, better: .none) }
-            ctx.note("\(name): \(maps.count) of \(p.int("row_max")) mappings of 1 GiB granted" +
+            ctx.note("\(name): \(maps.count) of \(p.rowMax) mappings of 1 GiB granted" +
                      (lastErr != 0 ? ", then \(SystemError(errno: lastErr, call: "mmap").errnoName)" : ""))
             ctx.check("\(name)_granted", expected: Double(predicted), observed: Double(maps.count), tolerance: 1,
                       describe: "1 mapping (Committed_AS of the rest of the machine moves)")
@@ -229,22 +234,21 @@ public struct OvercommitScenario: Scenario {
 
     // MARK: oom
 
-    func runOOM(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runOOM(_ ctx: RunContext, _ p: Values) throws {
         guard let cg = MemoryCgroup.current(), cg.path.contains("/memlab-") else {
             throw ScenarioError.failed("the child is not in a memlab memory cgroup (/proc/self/cgroup)")
         }
         // The monitor must outlive the worker: let the OOM killer prefer the worker.
         try? ProcFile.write("/proc/self/oom_score_adj", "-1000")
-        let limit = p.int("limit")
-        let bytes = Int(Double(limit) * p.double("overshoot"))
+        let limit = p.limit
+        let bytes = Int(Double(limit) * p.overshoot)
         let killsBefore = cg.oomKills()
         let hitsBefore = cg.limitHits() ?? 0
         let scratch = try ScratchDirectory()
         let board = try Guest.Board(path: scratch.file("board"), slots: 1)
         let pid = try Guest.spawn(board: board, slot: 0, options: ["role": "hog", "bytes": String(bytes), "oom_score_adj": "1000"],
                                   log: scratch.file("worker.log"))
-        let exit = ChildProcess.wait(pid, deadline: p.double("timeout_s"))
+        let exit = ChildProcess.wait(pid, deadline: p.timeoutS)
         let endNS = Clock.nanoseconds()
         let kills = cg.oomKills() - killsBefore
         let hits = (cg.limitHits() ?? 0) - hitsBefore

@@ -10,20 +10,19 @@ extension TmemScenario {
     /// in every guest) and private pages. They start one after the other — each given up to
     /// `settle_s` for ksmd to merge it when KSM is on — then all run for `duration_s`. A guest
     /// "fits" when it is alive and made progress in the last second.
-    func runDensity(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runDensity(_ ctx: RunContext, _ p: Values) throws {
         guard let cg = MemoryCgroup.current(), cg.path.contains("/memlab-") else {
             throw ScenarioError.failed("the child is not in a memlab memory cgroup (/proc/self/cgroup)")
         }
         try? ProcFile.write("/proc/self/oom_score_adj", "-1000")
-        let mechanism = p.string("mechanism")
-        let ksm = mechanism.hasPrefix("ksm")
-        let count = p.int("guests")
+        let mechanism = p.mechanism
+        let ksm = mechanism.usesKSM
+        let count = p.guests
         let page = System.pageSize
-        let guestBytes = p.int("guest_size")
-        let limit = p.int("limit")
-        if !mechanism.hasSuffix("zswap"), !Swap.areas().isEmpty {
-            ctx.note("a swap area is active (\(Swap.areas().map(\.path).joined(separator: ", "))): guests may swap even with mechanism \(mechanism)")
+        let guestBytes = p.guestSize
+        let limit = p.limit
+        if !mechanism.usesZswap, !Swap.areas().isEmpty {
+            ctx.note("a swap area is active (\(Swap.areas().map(\.path).joined(separator: ", "))): guests may swap even with mechanism \(mechanism.rawValue)")
         }
         if cg.version == 1 { try? ProcFile.write("\(cg.path)/memory.swappiness", "60") }
 
@@ -46,10 +45,10 @@ extension TmemScenario {
             }
         }
         for i in 0..<count {
-            let options = ["role": "vm", "bytes": String(guestBytes), "shared_ratio": String(p.double("shared_ratio")),
-                           "base_seed": "4242", "seed": String(1000 + i), "private_pattern": p.string("private_pattern"),
-                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.int("pass_sleep_ms")),
-                           "time_swapins": mechanism.hasSuffix("zswap") ? "1" : "0"]
+            let options = ["role": "vm", "bytes": String(guestBytes), "shared_ratio": String(p.sharedRatio),
+                           "base_seed": "4242", "seed": String(1000 + i), "private_pattern": p.privatePattern.rawValue,
+                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.passSleepMs),
+                           "time_swapins": mechanism.usesZswap ? "1" : "0"]
             pids.append(try Guest.spawn(board: board, slot: i, options: options, log: scratch.file("guest-\(i).log")))
             // Until this guest has its image (or died), then let ksmd catch up.
             let t0 = Clock.nanoseconds()
@@ -63,7 +62,7 @@ extension TmemScenario {
                 let s0 = try scans.read()
                 let t1 = Clock.nanoseconds()
                 var last = try merging.read(), lastScan = s0
-                while Clock.seconds(since: t1) < p.double("settle_s") {
+                while Clock.seconds(since: t1) < p.settleS {
                     Clock.sleep(nanoseconds: 10_000_000)
                     let v = try merging.read(), s = try scans.read()
                     if v != last { last = v; lastScan = s }
@@ -73,9 +72,9 @@ extension TmemScenario {
             reap()
         }
         // Everyone runs; progress is judged over the last second.
-        let runUntil = Clock.nanoseconds() + UInt64(p.double("duration_s") * 1e9)
+        let runUntil = Clock.nanoseconds() + UInt64(p.durationS * 1e9)
         var passesAtMark: [UInt64] = []
-        let markAt = runUntil - min(UInt64(p.double("duration_s") * 1e9), 1_000_000_000)
+        let markAt = runUntil - min(UInt64(p.durationS * 1e9), 1_000_000_000)
         while Clock.nanoseconds() < runUntil {
             if passesAtMark.isEmpty && Clock.nanoseconds() >= markAt {
                 passesAtMark = (0..<count).map { board.read($0, .passes) }
@@ -112,7 +111,7 @@ extension TmemScenario {
         func d(_ k: String) -> Double { Double(Int64(after[k] ?? 0) - Int64(before[k] ?? 0)) }
         ctx.record("swapins", d("pswpin") + d("zswpin"), .pages, better: .lower)
         ctx.record("swapouts", d("pswpout") + d("zswpout"), .pages, better: .none)
-        if mechanism.hasSuffix("zswap") {
+        if mechanism.usesZswap {
             // Swap-in latency as the guests felt it: every first touch of a page that was
             // swapped out when its pass began, over all guests (killed ones included).
             var counts = [UInt64](repeating: 0, count: Guest.SwapinHistogram.buckets)
@@ -124,9 +123,7 @@ extension TmemScenario {
             let timed = counts.reduce(0, +)
             ctx.record("timed_swapins", Double(timed), .pages, better: .none)
             if let p50 = Guest.SwapinHistogram.percentile(counts, 50), let p99 = Guest.SwapinHistogram.percentile(counts, 99) {
-                ctx.record("swapin_latency_p50", p50, .ns, better: .lower)
-                ctx.record("swapin_latency_p99", p99, .ns, better: .lower)
-                ctx.record("swapin_latency_max", Double(maxNS), .ns, better: .lower)
+                ctx.recordPercentiles("swapin_latency", [(50, p50), (99, p99), (100, Double(maxNS))])
                 ctx.note("density: swap-in latency from \(timed) timed first touches of swapped-out pages (pagemap at each pass's start; log-linear histogram, percentiles within ±6.25%)")
             } else {
                 ctx.note("density: no guest page was swapped out at the start of a pass: swap-in latency not measured (the guests fit without swapping)")
@@ -138,7 +135,7 @@ extension TmemScenario {
             let sharing = Double(a.pagesSharing - b.pagesSharing)
             ctx.record("ksm_pages_sharing", sharing, .pages, better: .higher)
             // The base image is one KSM page per base page, shared by every other live guest.
-            let basePages = Double(Int((Double(guestBytes / page) * p.double("shared_ratio")).rounded()))
+            let basePages = Double(Int((Double(guestBytes / page) * p.sharedRatio).rounded()))
             if alive == count {
                 ctx.check("ksm_pages_sharing", expected: basePages * Double(count - 1), observed: sharing,
                           tolerance: max(4, basePages * Double(count - 1) * 0.02),
@@ -153,7 +150,7 @@ extension TmemScenario {
         for (i, s) in exited.sorted(by: { $0.key < $1.key }) where !(memlab_wifsignaled(s) != 0 && memlab_wtermsig(s) == SIGKILL) {
             ctx.note("guest \(i) ended by itself (status \(s)): \(scratch.tail("guest-\(i).log"))")
         }
-        ctx.note("density: \(count) guests of \(formatBytes(guestBytes)) (\(Int(p.double("shared_ratio") * 100))% shared base) in \(formatBytes(limit)), mechanism \(mechanism): \(alive) alive, \(progressing) progressing")
+        ctx.note("density: \(count) guests of \(formatBytes(guestBytes)) (\(Int(p.sharedRatio * 100))% shared base) in \(formatBytes(limit)), mechanism \(mechanism.rawValue): \(alive) alive, \(progressing) progressing")
     }
 }
 

@@ -10,70 +10,92 @@ import Workloads
 /// tmem's living heir: zswap (a compressed cache in front of swap), against a plain swap
 /// file and zram; and the virtualization question — how many guests fit in a memory limit
 /// with nothing, KSM, zswap, or both.
-public struct TmemScenario: Scenario {
+public struct TmemScenario: TypedScenario {
     public init() {}
     public let id = "tmem"
     public let summary = "zswap vs swap file vs zram: compression, pool, swap-in latency; guest density with KSM and zswap"
-    public let variants = [
-        Variant("zswap", "page out a region of chosen entropy (MADV_PAGEOUT) to backend zswap|swapfile|zram; compression ratio, pool, swap-in latency"),
-        Variant("density", "K guests (shared base + private pages) in one memory cgroup limit, with mechanism none|ksm|zswap|ksm_zswap: how many fit"),
-    ]
-    public static let swapPriority = 32000
-    public let parameters: [ParameterSpec] = [
-        ParameterSpec("backend", .choice(["zswap", "swapfile", "zram"]), default: .string("zswap"), help: "zswap: where paged-out pages go: zswap in front of a swap file, the swap file alone, or a zram device"),
-        ParameterSpec("pattern", .choice(FillPattern.allCases.map(\.rawValue)), default: .string("text"), help: "zswap: page contents (entropy): zero, repetitive, text, random"),
-        ParameterSpec("pages", .int(256...1_048_576), default: .int(16384), help: "zswap: region size in base pages"),
-        ParameterSpec("swap_size", .size((16 << 20)...(64 << 30)), default: .int(256 << 20), help: "size of the swap file or zram device memlab creates for the run"),
-        ParameterSpec("compressor", .choice(["lzo", "lzo-rle", "lz4", "lz4hc", "zstd", "deflate", "842"]), default: .string("lzo"), help: "zswap compressor (borrowed) and zram comp_algorithm"),
-        ParameterSpec("max_pool_percent", .int(1...100), default: .int(20), help: "zswap pool limit in percent of RAM (borrowed)"),
-        ParameterSpec("page_cluster", .int(0...6), default: .int(0), help: "vm.page-cluster (borrowed): 0 = no swap readahead, so each first touch is one page's swap-in"),
-        ParameterSpec("mechanism", .choice(["none", "ksm", "zswap", "ksm_zswap"]), default: .string("none"), help: "density: what helps the guests fit"),
-        ParameterSpec("guests", .int(1...64), default: .int(6), help: "density: number of guest processes"),
-        ParameterSpec("guest_size", .size((1 << 20)...(4 << 30)), default: .int(32 << 20), help: "density: memory image of each guest"),
-        ParameterSpec("shared_ratio", .double(0...1), default: .double(0.8), help: "density: fraction of each image identical in every guest (the 'base image')"),
-        ParameterSpec("private_pattern", .choice(FillPattern.allCases.map(\.rawValue)), default: .string("text"), help: "density: contents of the private pages"),
-        ParameterSpec("limit", .size((8 << 20)...(1 << 40)), default: .int(128 << 20), help: "density: memory cgroup limit for all guests together"),
-        ParameterSpec("duration_s", .double(0.5...600), default: .double(3), help: "density: how long the guests run after the last one started"),
-        ParameterSpec("settle_s", .double(0...60), default: .double(3), help: "density: at most this long after each guest to let ksmd merge it"),
-        ParameterSpec("pass_sleep_ms", .int(0...10_000), default: .int(50), help: "density: a guest's pause between passes over its image"),
-        ParameterSpec("pages_to_scan", .int(1...100_000), default: .int(4000), help: "density with ksm: ksmd pages per wake-up (borrowed)"),
-        ParameterSpec("sleep_millisecs", .int(0...10_000), default: .int(10), help: "density with ksm: ksmd sleep between wake-ups (borrowed)"),
-    ]
 
-    func usesKSM(_ variant: String, _ p: Params) -> Bool { variant == "density" && p.string("mechanism").hasPrefix("ksm") }
-    func usesZswap(_ variant: String, _ p: Params) -> Bool {
-        variant == "zswap" ? p.string("backend") == "zswap" : p.string("mechanism").hasSuffix("zswap")
+    public enum Variant: String, ScenarioVariant {
+        case zswap, density
+        public var summary: String {
+            switch self {
+            case .zswap: return "page out a region of chosen entropy (MADV_PAGEOUT) to backend zswap|swapfile|zram; compression ratio, pool, swap-in latency"
+            case .density: return "K guests (shared base + private pages) in one memory cgroup limit, with mechanism none|ksm|zswap|ksm_zswap: how many fit"
+            }
+        }
     }
-    func needsSwap(_ variant: String, _ p: Params) -> Bool { variant == "zswap" || usesZswap(variant, p) }
 
-    public func probe(variant: String) -> Availability {
-        if variant == "density" && MemoryCgroupMount.detect().isEmpty {
+    /// zswap: where paged-out pages go.
+    public enum Backend: String, CaseIterable, ParameterChoice { case zswap, swapfile, zram }
+    /// zswap's compressor and zram's comp_algorithm.
+    public enum Compressor: String, CaseIterable, ParameterChoice {
+        case lzo, lzoRLE = "lzo-rle", lz4, lz4hc, zstd, deflate, nx842 = "842"
+    }
+    /// density: what helps the guests fit.
+    public enum Mechanism: String, CaseIterable, ParameterChoice {
+        case none, ksm, zswap, ksmZswap = "ksm_zswap"
+        var usesKSM: Bool { self == .ksm || self == .ksmZswap }
+        var usesZswap: Bool { self == .zswap || self == .ksmZswap }
+    }
+
+    public static let swapPriority = 32000
+
+    public struct Parameters: ParameterSet {
+        public init() {}
+        let backend = Parameter<Backend>("backend", default: .zswap, help: "zswap: where paged-out pages go: zswap in front of a swap file, the swap file alone, or a zram device")
+        let pattern = Parameter<FillPattern>("pattern", default: .text, help: "zswap: page contents (entropy): zero, repetitive, text, random")
+        let pages = Parameter<Int>("pages", 256...1_048_576, default: 16384, unit: .pages, help: "zswap: region size in base pages")
+        let swapSize = Parameter<Int>("swap_size", (16 << 20)...(64 << 30), default: 256 << 20, unit: .bytes, help: "size of the swap file or zram device memlab creates for the run")
+        let compressor = Parameter<Compressor>("compressor", default: .lzo, help: "zswap compressor (borrowed) and zram comp_algorithm")
+        let maxPoolPercent = Parameter<Int>("max_pool_percent", 1...100, default: 20, unit: .percent, help: "zswap pool limit in percent of RAM (borrowed)")
+        let pageCluster = Parameter<Int>("page_cluster", 0...6, default: 0, unit: .none, help: "vm.page-cluster (borrowed): 0 = no swap readahead, so each first touch is one page's swap-in")
+        let mechanism = Parameter<Mechanism>("mechanism", default: Mechanism.none, help: "density: what helps the guests fit")
+        let guests = Parameter<Int>("guests", 1...64, default: 6, unit: .count, help: "density: number of guest processes")
+        let guestSize = Parameter<Int>("guest_size", (1 << 20)...(4 << 30), default: 32 << 20, unit: .bytes, help: "density: memory image of each guest")
+        let sharedRatio = Parameter<Double>("shared_ratio", 0...1, default: 0.8, unit: .ratio, help: "density: fraction of each image identical in every guest (the 'base image')")
+        let privatePattern = Parameter<FillPattern>("private_pattern", default: .text, help: "density: contents of the private pages")
+        let limit = Parameter<Int>("limit", (8 << 20)...(1 << 40), default: 128 << 20, unit: .bytes, help: "density: memory cgroup limit for all guests together")
+        let durationS = Parameter<Double>("duration_s", 0.5...600, default: 3, unit: .s, help: "density: how long the guests run after the last one started")
+        let settleS = Parameter<Double>("settle_s", 0...60, default: 3, unit: .s, help: "density: at most this long after each guest to let ksmd merge it")
+        let passSleepMs = Parameter<Int>("pass_sleep_ms", 0...10_000, default: 50, unit: .ms, help: "density: a guest's pause between passes over its image")
+        let pagesToScan = Parameter<Int>("pages_to_scan", 1...100_000, default: 4000, unit: .pages, help: "density with ksm: ksmd pages per wake-up (borrowed)")
+        let sleepMillisecs = Parameter<Int>("sleep_millisecs", 0...10_000, default: 10, unit: .ms, help: "density with ksm: ksmd sleep between wake-ups (borrowed)")
+    }
+
+    func usesKSM(_ variant: Variant, _ p: Values) -> Bool { variant == .density && p.mechanism.usesKSM }
+    func usesZswap(_ variant: Variant, _ p: Values) -> Bool {
+        variant == .zswap ? p.backend == .zswap : p.mechanism.usesZswap
+    }
+    func needsSwap(_ variant: Variant, _ p: Values) -> Bool { variant == .zswap || usesZswap(variant, p) }
+
+    public func probe(_ variant: Variant) -> Availability {
+        if variant == .density && MemoryCgroupMount.detect().isEmpty {
             return .unusable("needs a memory cgroup controller (cgroup v1 'memory' or v2 with +memory); none is mounted")
         }
         return .usable
     }
 
-    public func validate(variant: String, params: Params) throws(UsageError) {
-        if variant == "zswap" && params.int("pages") * System.pageSize + (8 << 20) > params.int("swap_size") {
-            throw UsageError("swap_size (\(params.int("swap_size")) bytes) must exceed the region (pages x \(System.pageSize)) by 8 MiB")
+    public func validate(_ variant: Variant, _ params: Values) throws(UsageError) {
+        if variant == .zswap && params.pages * System.pageSize + (8 << 20) > params.swapSize {
+            throw UsageError("swap_size (\(params.swapSize) bytes) must exceed the region (pages x \(System.pageSize)) by 8 MiB")
         }
     }
 
-    public func settings(variant: String, params: Params) -> [KnobSetting] {
+    public func settings(_ variant: Variant, _ params: Values) -> [KnobSetting] {
         var s: [KnobSetting] = []
-        if needsSwap(variant, params) { s.append(KnobSetting(Overcommit.pageCluster, String(params.int("page_cluster")))) }
+        if needsSwap(variant, params) { s.append(KnobSetting(Overcommit.pageCluster, String(params.pageCluster))) }
         if Zswap.isAvailable {
             if usesZswap(variant, params) {
-                s.append(KnobSetting(Zswap.compressor, params.string("compressor")))
-                s.append(KnobSetting(Zswap.maxPoolPercent, String(params.int("max_pool_percent"))))
+                s.append(KnobSetting(Zswap.compressor, params.compressor.rawValue))
+                s.append(KnobSetting(Zswap.maxPoolPercent, String(params.maxPoolPercent)))
                 s.append(KnobSetting(Zswap.enabled, "Y"))
             } else {
                 s.append(KnobSetting(Zswap.enabled, "N"))
             }
         }
         if usesKSM(variant, params) {
-            s.append(KnobSetting(KSM.Knobs.pagesToScan, String(params.int("pages_to_scan"))))
-            s.append(KnobSetting(KSM.Knobs.sleepMillisecs, String(params.int("sleep_millisecs"))))
+            s.append(KnobSetting(KSM.Knobs.pagesToScan, String(params.pagesToScan)))
+            s.append(KnobSetting(KSM.Knobs.sleepMillisecs, String(params.sleepMillisecs)))
             s.append(KnobSetting(KSM.Knobs.run, "1"))
         }
         return s
@@ -81,24 +103,24 @@ public struct TmemScenario: Scenario {
 
     /// density: the guests' limit. zswap: a roomy cgroup of the child's own, so that the
     /// swap cache can be emptied (memory.force_empty / memory.reclaim) before swap-in is timed.
-    public func memoryLimit(variant: String, params: Params) -> Int? {
-        variant == "density" ? params.int("limit") : max(1 << 30, 4 * params.int("pages") * System.pageSize)
+    public func memoryLimit(_ variant: Variant, _ params: Values) -> Int? {
+        variant == .density ? params.limit : max(1 << 30, 4 * params.pages * System.pageSize)
     }
 
     /// Both variants page out on purpose: the cgroup's swap is not capped.
-    public func memoryLimitAllowsSwap(variant: String, params: Params) -> Bool { true }
+    public func memoryLimitAllowsSwap(_ variant: Variant, _ params: Values) -> Bool { true }
 
-    public func deadline(variant: String, params: Params) -> Double {
-        if variant == "density" {
-            return params.double("duration_s") + Double(params.int("guests")) * (params.double("settle_s") + 10) + 60
+    public func deadline(_ variant: Variant, _ params: Values) -> Double {
+        if variant == .density {
+            return params.durationS + Double(params.guests) * (params.settleS + 10) + 60
         }
         return 120
     }
 
     /// The runner (parent) makes the swap area: a swap file in the state directory, or a
     /// zram device of our own — each journaled by the guard before it exists.
-    public func prepare(variant: String, params: Params, settingsGuard: SettingsGuard) throws {
-        if variant == "zswap" || usesZswap(variant, params) || usesKSM(variant, params) {
+    public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
+        if variant == .zswap || usesZswap(variant, params) || usesKSM(variant, params) {
             if usesZswap(variant, params), !Zswap.isAvailable {
                 throw ScenarioError.skipped("zswap is not available: /sys/module/zswap missing (kernel built without CONFIG_ZSWAP)")
             }
@@ -107,11 +129,11 @@ public struct TmemScenario: Scenario {
             throw ScenarioError.skipped("KSM is not available: /sys/kernel/mm/ksm is missing (kernel built without CONFIG_KSM)")
         }
         guard needsSwap(variant, params) else { return }
-        let size = params.int("swap_size")
-        if variant == "zswap" && params.string("backend") == "zram" {
+        let size = params.swapSize
+        if variant == .zswap && params.backend == .zram {
             if let why = Zram.unavailableReason { throw ScenarioError.skipped(why) }
             let id = try settingsGuard.addZramDevice()
-            try Zram.configure(id, bytes: size, algorithm: params.string("compressor"))
+            try Zram.configure(id, bytes: size, algorithm: params.compressor.rawValue)
             try Swap.makeSwapDevice(path: Zram.device(id), bytes: size)
             try settingsGuard.activateSwap(Zram.device(id), priority: TmemScenario.swapPriority)
             return
@@ -128,11 +150,10 @@ public struct TmemScenario: Scenario {
         }
     }
 
-    public func run(_ ctx: RunContext) throws {
-        switch ctx.variant {
-        case "zswap": try runSwap(ctx)
-        case "density": try runDensity(ctx)
-        default: throw ScenarioError.failed("unknown variant \(ctx.variant)")
+    public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
+        switch variant {
+        case .zswap: try runSwap(ctx, p)
+        case .density: try runDensity(ctx, p)
         }
     }
 
@@ -166,11 +187,10 @@ public struct TmemScenario: Scenario {
 
     // MARK: zswap
 
-    func runSwap(_ ctx: RunContext) throws {
-        let p = ctx.params
+    func runSwap(_ ctx: RunContext, _ p: Values) throws {
         let page = System.pageSize
-        let backend = p.string("backend")
-        let pattern = FillPattern(rawValue: p.string("pattern"))!
+        let backend = p.backend
+        let pattern = p.pattern
         let (ours, others) = TmemScenario.swapAreas()
         guard let area = ours.first else { throw ScenarioError.failed("no memlab swap area is active (/proc/swaps)") }
         if !others.isEmpty {
@@ -178,11 +198,11 @@ public struct TmemScenario: Scenario {
         }
         let zramID = Zram.id(ofSwapPath: area.path)
         let zswapOn = (try? Zswap.enabled.read()) == "Y"
-        guard zswapOn == (backend == "zswap") else {
-            throw ScenarioError.failed("zswap enabled reads \(zswapOn ? "Y" : "N"), not what backend=\(backend) borrowed")
+        guard zswapOn == (backend == .zswap) else {
+            throw ScenarioError.failed("zswap enabled reads \(zswapOn ? "Y" : "N"), not what backend=\(backend.rawValue) borrowed")
         }
 
-        let pages = p.int("pages")
+        let pages = p.pages
         let seed = 0x7473_776170 &+ UInt64(ctx.repetition)
         let region = try AnonymousMapping(length: pages * page, kind: .base)
         let base = region.base.assumingMemoryBound(to: UInt8.self)
@@ -224,11 +244,11 @@ public struct TmemScenario: Scenario {
         if after.vm["swpout_zero"] != nil { ctx.record("swpout_zero_pages", after.vm("swpout_zero", since: before), .pages, better: .none) }
         ctx.record("swap_device_writes", pswpout, .pages, better: .none)
 
-        if backend == "zswap" {
+        if backend == .zswap {
             let pool = after.mem("Zswap", since: before)
             let stored = after.mem("Zswapped", since: before)
             let totalPool = Double(after.mem["Zswap"] ?? 0)
-            let limit = Double(after.mem.memTotal) * Double(p.int("max_pool_percent")) / 100
+            let limit = Double(after.mem.memTotal) * Double(p.maxPoolPercent) / 100
             ctx.record("stored_pages", zswpout, .pages, better: .none)
             ctx.record("stored_bytes", stored, .bytes, better: .none)
             ctx.record("pool_bytes", pool, .bytes, better: .lower)
@@ -260,7 +280,7 @@ public struct TmemScenario: Scenario {
                 ctx.check("compression_ratio", expected: 2, observed: pool > 0 ? stored / pool : 0, accepted: 1.2...1e9,
                           describe: "compressible data: ratio above 1.2")
             }
-        } else if backend == "zram", let z0 = before.zram, let z1 = after.zram {
+        } else if backend == .zram, let z0 = before.zram, let z1 = after.zram {
             let orig = Double(z1.origDataBytes - z0.origDataBytes)
             let compr = Double(z1.comprDataBytes - z0.comprDataBytes)
             ctx.record("stored_bytes", orig, .bytes, better: .none)
@@ -291,10 +311,7 @@ public struct TmemScenario: Scenario {
         }
         let afterIn = try Counters.take(zram: zramID)
         ctx.record("swapin_latency_mean", Double(total) / Double(pages), .ns, better: .lower)
-        ctx.record("swapin_latency_p50", Double(h.valueAtPercentile(50)), .ns, better: .lower)
-        ctx.record("swapin_latency_p99", Double(h.valueAtPercentile(99)), .ns, better: .lower)
-        ctx.record("swapin_latency_max", Double(h.max), .ns, better: .lower)
-        ctx.recordDistribution("swapin_latency", h)
+        ctx.recordLatency("swapin_latency", h)
         let fromDevice = afterIn.vm("pswpin", since: beforeIn)
         let fromZswap = afterIn.vm("zswpin", since: beforeIn)
         ctx.record("swapin_from_zswap", fromZswap, .pages, better: .none)
@@ -309,10 +326,13 @@ public struct TmemScenario: Scenario {
         var intact = 0
         for i in 0..<pages where pattern.verify(base + i * page, scratch: scratch, pageSize: page, index: i, seed: seed) { intact += 1 }
         ctx.check("pages_intact", expected: Double(pages), observed: Double(intact), tolerance: 0, describe: "exact: contents after swap-in")
-        ctx.note("zswap: backend \(backend) (\(area.path)), pattern \(pattern.rawValue), \(pages) pages; swap-in timed per page on first touch with page-cluster \(p.int("page_cluster"))")
+        ctx.note("zswap: backend \(backend.rawValue) (\(area.path)), pattern \(pattern.rawValue), \(pages) pages; swap-in timed per page on first touch with page-cluster \(p.pageCluster)")
     }
 }
 
 
 /// Keeps a value computed from timed loads alive, so the loads are not optimised away.
 @inline(never) func blackHole(_ x: UInt8) { _ = x }
+
+// Workloads' fill patterns as a parameter's choices (Workloads does not know LabKit).
+extension FillPattern: ParameterChoice {}
