@@ -98,9 +98,11 @@ public final class Runner {
         var setupFailure: String?
         for setting in s.settings(variant: request.variant, params: request.params) {
             do { try settingsGuard.set(setting.knob, to: setting.value) } catch {
-                if setting.isCapacity && error.errno == 0 {
+                // A capacity the kernel could not give in full (a hugetlb pool short of free
+                // memory): the machine's state today, not a failure of the run.
+                if setting.isCapacity, case .readBack = error {
                     result.status = .skipped
-                    result.reason = "\(setting.knob.path): \(error.call); free memory or ask for less"
+                    result.reason = "\(setting.knob.path): \(error.shortfall ?? error.description); free memory or ask for less"
                     return
                 }
                 setupFailure = "could not set \(setting.knob.path) to \(setting.value): \(error)"
