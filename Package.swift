@@ -49,16 +49,31 @@ let package = Package(
             // and not Swift's -Onone. `memlab bench` compares them with C.
             swiftSettings: [.unsafeFlags(["-O"])]
         ),
-        .executableTarget(
-            name: "memlab",
+        // memlab re-executing itself (_child, _guest, _pagesource): hidden commands, in a
+        // target of their own so memlab-fuzz parses their command lines as memlab does.
+        .target(
+            name: "EntryPoints",
             dependencies: [
-                "LinuxMM", "LabKit", "Scenarios", "CLinuxMM",
+                "LabKit", "Scenarios",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios"]),
+        .executableTarget(
+            name: "memlab",
+            dependencies: [
+                "LinuxMM", "LabKit", "Scenarios", "EntryPoints", "CLinuxMM",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "EntryPoints"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
-        .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),
+        .testTarget(
+            name: "MemlabTests",
+            dependencies: [
+                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "memlab",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
     ]
 )

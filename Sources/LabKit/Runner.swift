@@ -246,7 +246,7 @@ public final class Runner {
         let pid: pid_t
         SignalCleanup.shared.checkpoint()
         do {
-            pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ["_child", specPath, outPath], outputPath: logPath)
+            pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ChildMain.arguments(specPath: specPath, outPath: outPath), outputPath: logPath)
         } catch {
             failed.reason = "cannot start the child process: \(error)"
             return failed
@@ -295,8 +295,14 @@ public final class Runner {
     }
 }
 
-/// The child side of a repetition: `memlab _child SPEC OUT`.
+/// The child side of a repetition: `memlab _child --spec=FILE --out=FILE` (the memlab
+/// target's hidden `_child` command calls `run`).
 public enum ChildMain {
+    /// The command line after the executable, in the `=` form (no path is taken for an option).
+    public static func arguments(specPath: String, outPath: String) -> [String] {
+        ["_child", "--spec=\(specPath)", "--out=\(outPath)"]
+    }
+
     public static func run(registry: Registry, specPath: String, outPath: String) -> Int32 {
         // Die with the runner: a SIGKILLed runner must not leave a child holding memory.
         let parent = getppid()

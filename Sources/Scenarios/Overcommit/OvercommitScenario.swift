@@ -242,8 +242,9 @@ public struct OvercommitScenario: Scenario {
         let hitsBefore = cg.limitHits() ?? 0
         let scratch = try ScratchDirectory()
         let board = try Guest.Board(path: scratch.file("board"), slots: 1)
-        let pid = try Guest.spawn(board: board, slot: 0, options: ["role": "hog", "bytes": String(bytes), "oom_score_adj": "1000"],
-                                  log: scratch.file("worker.log"))
+        var hog = Guest.Options(role: .hog, bytes: bytes)
+        hog.oomScoreAdj = 1000
+        let pid = try Guest.spawn(board: board, slot: 0, options: hog, log: scratch.file("worker.log"))
         let exit = ChildProcess.wait(pid, deadline: p.double("timeout_s"))
         let endNS = Clock.nanoseconds()
         let kills = cg.oomKills() - killsBefore

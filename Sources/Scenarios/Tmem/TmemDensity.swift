@@ -46,10 +46,14 @@ extension TmemScenario {
             }
         }
         for i in 0..<count {
-            let options = ["role": "vm", "bytes": String(guestBytes), "shared_ratio": String(p.double("shared_ratio")),
-                           "base_seed": "4242", "seed": String(1000 + i), "private_pattern": p.string("private_pattern"),
-                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.int("pass_sleep_ms")),
-                           "time_swapins": mechanism.hasSuffix("zswap") ? "1" : "0"]
+            var options = Guest.Options(role: .vm, bytes: guestBytes)
+            options.sharedRatio = p.double("shared_ratio")
+            options.baseSeed = 4242
+            options.seed = UInt64(1000 + i)
+            options.privatePattern = FillPattern(rawValue: p.string("private_pattern")) ?? .text
+            options.mergeable = ksm
+            options.passSleepMS = p.int("pass_sleep_ms")
+            options.timeSwapins = mechanism.hasSuffix("zswap")
             pids.append(try Guest.spawn(board: board, slot: i, options: options, log: scratch.file("guest-\(i).log")))
             // Until this guest has its image (or died), then let ksmd catch up.
             let t0 = Clock.nanoseconds()
