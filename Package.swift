@@ -68,17 +68,32 @@ let package = Package(
             ],
             swiftSettings: measured
         ),
-        .executableTarget(
-            name: "memlab",
+        // memlab re-executing itself (_child, _guest, _pagesource): hidden commands, in a
+        // target of their own so memlab-fuzz parses their command lines as memlab does.
+        .target(
+            name: "EntryPoints",
             dependencies: [
-                "LinuxMM", "LabKit", "Scenarios", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
+                "LabKit", "Scenarios", "LazyRestore", "Workloads", "LinuxMM",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "Transfer", "Workloads", "LazyRestore", "Migration"]),
+        .executableTarget(
+            name: "memlab",
+            dependencies: [
+                "LinuxMM", "LabKit", "Scenarios", "EntryPoints", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "EntryPoints", "Transfer", "Workloads", "LazyRestore", "Migration"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
         .testTarget(name: "TransferTests", dependencies: ["Transfer", "LazyRestore", "LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
-        .testTarget(name: "MemlabTests", dependencies: ["LabKit", "LinuxMM", "memlab"]),
+        .testTarget(
+            name: "MemlabTests",
+            dependencies: [
+                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "memlab",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
     ]
 )

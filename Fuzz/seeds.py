@@ -103,17 +103,23 @@ write("pagewire", "bad-client-hello-version-2", b"\x01" + struct.pack("<Q", 4096
 write("pagewire", "bad-client-hello-long", b"\x01" + struct.pack("<Q", 4096) + pframe(0x20, struct.pack("<IIQQ", 1, 4096, 4096, 0)))
 write("pagewire", "bad-client-error-at-cap", b"\x01" + struct.pack("<Q", 4096) + pframe(11, b"this page source serves at most 64 connections at once"))
 def args(*a): return b"\x02" + b"\0".join(x.encode() for x in a)
-base = ["kind=tcp", "listen=127.0.0.1:0", "pages=4096", "seed=1", "zero_ratio=0.1"]
-write("pagewire", "ok-args-tcp", args(*base, "ready=/tmp/r", "parent=1", "announce=1", "max_connections=64", "idle_timeout=60"))
-write("pagewire", "ok-args-unix", args("kind=unix", "listen=/tmp/memlab-ps.sock", "pages=1", "seed=18446744073709551615", "zero_ratio=1"))
-write("pagewire", "bad-args-pages-overflow", args(*base[:2], "pages=99999999999999999999", *base[3:]))
-write("pagewire", "bad-args-pages-2pow62", args(*base[:2], "pages=4611686018427387904", *base[3:]))
-write("pagewire", "bad-args-zero-ratio-nan", args(*base[:4], "zero_ratio=nan"))
-write("pagewire", "bad-args-idle-inf", args(*base, "idle_timeout=inf"))
-write("pagewire", "bad-args-connections-0", args(*base, "max_connections=0"))
-write("pagewire", "bad-args-unknown", args(*base, "colour=blue"))
+# `memlab _pagesource` options, parsed as memlab parses them (swift-argument-parser), then checked.
+base = ["--kind=tcp", "--listen=127.0.0.1:0", "--pages=4096", "--seed=1", "--zero-ratio=0.1"]
+write("pagewire", "ok-args-tcp", args(*base, "--ready=/tmp/r", "--parent=1", "--announce", "--max-connections=64", "--idle-timeout=60"))
+write("pagewire", "ok-args-unix", args("--kind=unix", "--listen=/tmp/memlab-ps.sock", "--pages=1", "--seed=18446744073709551615", "--zero-ratio=1"))
+write("pagewire", "ok-args-separate-values", args("--kind", "tcp", "--listen", "127.0.0.1:7070", "--pages", "4194304", "--seed", "0", "--zero-ratio", "0"))
+write("pagewire", "bad-args-pages-overflow", args(*base[:2], "--pages=99999999999999999999", *base[3:]))
+write("pagewire", "bad-args-pages-2pow62", args(*base[:2], "--pages=4611686018427387904", *base[3:]))
+write("pagewire", "bad-args-zero-ratio-nan", args(*base[:4], "--zero-ratio=nan"))
+write("pagewire", "bad-args-idle-inf", args(*base, "--idle-timeout=inf"))
+write("pagewire", "bad-args-connections-0", args(*base, "--max-connections=0"))
+write("pagewire", "bad-args-unknown", args(*base, "--colour=blue"))
 write("pagewire", "bad-args-missing-seed", args(*base[:3], base[4]))
-write("pagewire", "bad-args-unix-path-too-long", args("kind=unix", "listen=/" + "x" * 200, *base[2:]))
+write("pagewire", "bad-args-unix-path-too-long", args("--kind=unix", "--listen=/" + "x" * 200, *base[2:]))
+write("pagewire", "bad-args-kind-udp", args("--kind=udp", *base[1:]))
+write("pagewire", "bad-args-seed-negative", args(*base[:3], "--seed=-1", base[4]))
+write("pagewire", "bad-args-key-value", args("kind=tcp", "listen=127.0.0.1:0", "pages=4096", "seed=1", "zero_ratio=0.1"))
+write("pagewire", "bad-args-help", args(*base, "--help"))
 
 # ---- snapshot: u64 extra size, flags byte (bit 0: verify data), then the file ----
 def snap(hdr, data=b"", version=1, hlen=None, magic=b"MEMLABSN"):

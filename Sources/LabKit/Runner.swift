@@ -106,9 +106,11 @@ public final class Runner {
         var setupFailure: String?
         for setting in s.settings(variant: request.variant, params: request.params) {
             do { try settingsGuard.set(setting.knob, to: setting.value) } catch {
-                if setting.isCapacity && error.errno == 0 {
+                // A capacity the kernel could not give in full (a hugetlb pool short of free
+                // memory): the machine's state today, not a failure of the run.
+                if setting.isCapacity, case .readBack = error {
                     result.status = .skipped
-                    result.reason = "\(setting.knob.path): \(error.call); free memory or ask for less"
+                    result.reason = "\(setting.knob.path): \(error.shortfall ?? error.description); free memory or ask for less"
                     return
                 }
                 setupFailure = "could not set \(setting.knob.path) to \(setting.value): \(error)"
@@ -253,7 +255,7 @@ public final class Runner {
         let pid: pid_t
         SignalCleanup.shared.checkpoint()
         do {
-            pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ["_child", specPath, outPath], outputPath: logPath)
+            pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ChildMain.arguments(specPath: specPath, outPath: outPath), outputPath: logPath)
         } catch {
             failed.reason = "cannot start the child process: \(error)"
             return failed
@@ -302,8 +304,14 @@ public final class Runner {
     }
 }
 
-/// The child side of a repetition: `memlab _child SPEC OUT`.
+/// The child side of a repetition: `memlab _child --spec=FILE --out=FILE` (the memlab
+/// target's hidden `_child` command calls `run`).
 public enum ChildMain {
+    /// The command line after the executable, in the `=` form (no path is taken for an option).
+    public static func arguments(specPath: String, outPath: String) -> [String] {
+        ["_child", "--spec=\(specPath)", "--out=\(outPath)"]
+    }
+
     public static func run(registry: Registry, specPath: String, outPath: String) -> Int32 {
         // Die with the runner: a SIGKILLed runner must not leave a child holding memory.
         let parent = getppid()

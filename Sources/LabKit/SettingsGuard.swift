@@ -115,6 +115,54 @@ public struct RestoreReport: Sendable {
     public var restored: Bool { failures.isEmpty }
 }
 
+/// Why the settings guard did not borrow something. A system call the kernel failed keeps
+/// its errno (`system`); everything else is a case of its own, never a made-up errno.
+public enum GuardError: Error, CustomStringConvertible, Sendable, Equatable {
+    /// A system call failed, with the errno the kernel gave.
+    case system(SystemError)
+    /// The kernel took the write but the knob reads back otherwise: nothing failed, the
+    /// kernel did less than asked (a hugetlb pool that could not grow that far).
+    case readBack(knob: String, wrote: String, read: String)
+    /// A knob outside `WatchedSettings`: borrowing it is refused.
+    case notWatched(knob: String)
+    /// memlab is stopping (a signal): nothing more is borrowed.
+    case stopping(reason: String)
+    /// A journal in the state directory this guard will not write over: unreadable, or a
+    /// live memlab's. `why` says which.
+    case journalInTheWay(path: String, why: String)
+    /// The journal could not be encoded.
+    case journalEncoding(String)
+
+    /// The kernel's errno, where a system call failed.
+    public var errno: Int32? {
+        if case .system(let e) = self { return e.errno }
+        return nil
+    }
+
+    /// What the kernel did instead of what was asked, for `readBack` (without the knob's path).
+    public var shortfall: String? {
+        guard case .readBack(let knob, let wrote, let read) = self else { return nil }
+        return "the kernel accepted '\(wrote)' but reads back '\(read)'"
+            + (knob.contains("hugepages") ? ": the pool could not grow that far (not enough free, contiguous memory)" : "")
+    }
+
+    public var description: String {
+        switch self {
+        case .system(let e): return e.description
+        case .readBack(let knob, _, _): return "\(shortfall ?? "") (\(knob))"
+        case .notWatched(let knob): return "\(knob): borrowing a setting memlab does not watch is refused (add it to WatchedSettings)"
+        case .stopping(let reason): return "nothing more is borrowed: memlab is stopping (\(reason))"
+        case .journalInTheWay(_, let why): return why
+        case .journalEncoding(let why): return "cannot encode the settings journal: \(why)"
+        }
+    }
+}
+
+/// A system call's failure as the guard's error, its errno kept.
+private func system<T>(_ body: () throws(SystemError) -> T) throws(GuardError) -> T {
+    do { return try body() } catch { throw .system(error) }
+}
+
 /// Borrows machine-wide knobs and gives them back: journal first, restore always — on normal
 /// exit, on error, on SIGINT/SIGTERM/SIGHUP (see SignalCleanup), and, after a SIGKILL, on the
 /// next memlab start (`recoverStale`). One flock, at a fixed path, keeps two memlab processes
@@ -290,8 +338,8 @@ public final class SettingsGuard: Sendable {
     /// The journal to extend: this run's, or a new one. A new one takes over a journal left in
     /// this state directory by a dead memlab whose recovery failed (a cgroup was still busy),
     /// so its original values are kept and given back with ours, never overwritten.
-    private func current(_ s: inout State) throws(SystemError) -> Journal {
-        if let reason = s.sealed { throw SystemError(errno: EINTR, call: "borrow a setting while memlab is stopping (\(reason))") }
+    private func current(_ s: inout State) throws(GuardError) -> Journal {
+        if let reason = s.sealed { throw .stopping(reason: reason) }
         if let j = s.journal { return j }
         var j = Journal(ownerPID: getpid(), ownerStart: SettingsGuard.ownStart, command: command)
         j.bootID = Journal.currentBootID
@@ -300,10 +348,10 @@ public final class SettingsGuard: Sendable {
             break
         case .unreadable(let why):
             // Never overwritten: it may be the only record of what some memlab changed.
-            throw SystemError(errno: EEXIST, call: "\(why) (memlab will not write over it)", path: journalPath)
+            throw .journalInTheWay(path: journalPath, why: "\(why) (memlab will not write over it)")
         case .loaded(let old) where !old.ownedByThisProcess:
             if old.ownerIsAlive {
-                throw SystemError(errno: EBUSY, call: "\(journalPath) belongs to pid \(old.ownerPID) (\(old.command)), which is still running; use another MEMLAB_STATE_DIR", path: journalPath)
+                throw .journalInTheWay(path: journalPath, why: "\(journalPath) belongs to pid \(old.ownerPID) (\(old.command)), which is still running; use another MEMLAB_STATE_DIR")
             }
             j.entries = old.entries
             j.createdDirectories = old.createdDirectories
@@ -323,8 +371,8 @@ public final class SettingsGuard: Sendable {
     }
 
     /// Journals `change`, then (with the journal on disk) runs `act`.
-    private func borrow<T>(_ change: (inout Journal) -> Bool, _ act: (inout Journal) throws(SystemError) -> T) throws(SystemError) -> T {
-        try state.withLock { (s) throws(SystemError) -> T in
+    private func borrow<T>(_ change: (inout Journal) -> Bool, _ act: (inout Journal) throws(GuardError) -> T) throws(GuardError) -> T {
+        try state.withLock { (s) throws(GuardError) -> T in
             var j = try current(&s)
             if change(&j) {
                 j.processes = s.processes.isEmpty ? nil : s.processes
@@ -338,14 +386,15 @@ public final class SettingsGuard: Sendable {
     }
 
     /// Sets a knob, journaling its original value first. The value is read back: a kernel
-    /// that silently ignores the write is an error, not a surprise in the numbers.
-    public func set(_ knob: Knob, to value: String) throws(SystemError) {
+    /// that silently ignores the write is an error (`GuardError.readBack`), not a surprise in
+    /// the numbers.
+    public func set(_ knob: Knob, to value: String) throws(GuardError) {
         // The one list: a knob outside it would be restored by this run but refused by the
         // next start's recovery (and missed by every before/after check).
         guard WatchedSettings.watches(knob.path) else {
-            throw SystemError(errno: EPERM, call: "borrowing a setting memlab does not watch (add it to WatchedSettings)", path: knob.path)
+            throw .notWatched(knob: knob.path)
         }
-        let current = try knob.read()
+        let current = try system { () throws(SystemError) in try knob.read() }
         try borrow({ j in
             if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
                 j.entries[i].value = value
@@ -354,41 +403,38 @@ public final class SettingsGuard: Sendable {
             if current == value { return false }    // nothing to borrow
             j.entries.append(.init(path: knob.path, original: current, value: value))
             return true
-        }, { (_) throws(SystemError) in
+        }, { (_) throws(GuardError) in
             if current == value { return }
-            try knob.write(value)
-            let readBack = try knob.read()
-            if readBack != value {
-                throw SystemError(errno: 0, call: "the kernel accepted '\(value)' but reads back '\(readBack)'" + (knob.path.contains("hugepages") ? ": the pool could not grow that far (not enough free, contiguous memory)" : ""), path: knob.path)
-            }
+            let readBack = try system { () throws(SystemError) in try knob.write(value); return try knob.read() }
+            if readBack != value { throw .readBack(knob: knob.path, wrote: value, read: readBack) }
         })
     }
 
     /// Creates a directory (a memory cgroup) that restore will remove.
-    public func createDirectory(_ path: String) throws(SystemError) {
-        try borrow({ j in j.createdDirectories.append(path); return true }, { (_) throws(SystemError) in
-            if mkdir(path, 0o755) != 0 && errno != EEXIST { throw SystemError.current("mkdir", path: path) }
+    public func createDirectory(_ path: String) throws(GuardError) {
+        try borrow({ j in j.createdDirectories.append(path); return true }, { (_) throws(GuardError) in
+            if mkdir(path, 0o755) != 0 && errno != EEXIST { throw .system(SystemError.current("mkdir", path: path)) }
         })
     }
 
     /// cgroup v2: enables a controller for the children of a cgroup (writes "+NAME" to its
     /// cgroup.subtree_control), journaled first; restore writes "-NAME". Once per file per run.
-    public func enableController(_ name: String, subtreeControl path: String) throws(SystemError) {
+    public func enableController(_ name: String, subtreeControl path: String) throws(GuardError) {
         let entry = "\(path)|\(name)"
         var already = false
         try borrow({ j in
             if (j.enabledControllers ?? []).contains(entry) { already = true; return false }
             j.enabledControllers = (j.enabledControllers ?? []) + [entry]
             return true
-        }, { (_) throws(SystemError) in
-            if !already { try ProcFile.write(path, "+\(name)") }
+        }, { (_) throws(GuardError) in
+            if !already { try system { () throws(SystemError) in try ProcFile.write(path, "+\(name)") } }
         })
     }
 
     /// Removes a directory created by `createDirectory` now (and forgets it).
-    public func removeDirectory(_ path: String) throws(SystemError) {
-        try state.withLock { (s) throws(SystemError) in
-            if rmdir(path) != 0 && errno != ENOENT { throw SystemError.current("rmdir", path: path) }
+    public func removeDirectory(_ path: String) throws(GuardError) {
+        try state.withLock { (s) throws(GuardError) in
+            if rmdir(path) != 0 && errno != ENOENT { throw .system(SystemError.current("rmdir", path: path)) }
             guard var j = s.journal else { return }
             j.createdDirectories.removeAll { $0 == path }
             try writeJournal(j)
@@ -399,24 +445,24 @@ public final class SettingsGuard: Sendable {
     // MARK: swap areas, files, zram devices
 
     /// Creates a file through `make` (a swap file), journaled first so restore unlinks it.
-    public func createFile(_ path: String, _ make: (String) throws(SystemError) -> Void) throws(SystemError) {
-        try borrow({ j in j.createdFiles = (j.createdFiles ?? []) + [path]; return true }, { (j) throws(SystemError) in
+    public func createFile(_ path: String, _ make: (String) throws(SystemError) -> Void) throws(GuardError) {
+        try borrow({ j in j.createdFiles = (j.createdFiles ?? []) + [path]; return true }, { (j) throws(GuardError) in
             do throws(SystemError) { try make(path) } catch {
                 // Someone else's file by that name: not ours to remove.
                 if error.errno == EEXIST {
                     j.createdFiles?.removeAll { $0 == path }
                     try? writeJournal(j)
                 }
-                throw error
+                throw .system(error)
             }
         })
     }
 
     /// Adds a zram device (hot_add) and journals it at once; restore resets and removes it.
     /// (Its number is known only after hot_add: a crash in between leaves an empty device.)
-    public func addZramDevice() throws(SystemError) -> Int {
-        try borrow({ _ in true }, { (j) throws(SystemError) -> Int in
-            let id = try Zram.hotAdd()
+    public func addZramDevice() throws(GuardError) -> Int {
+        try borrow({ _ in true }, { (j) throws(GuardError) -> Int in
+            let id = try system { () throws(SystemError) in try Zram.hotAdd() }
             j.zramDevices = (j.zramDevices ?? []) + [id]
             try writeJournal(j)
             return id
@@ -424,9 +470,9 @@ public final class SettingsGuard: Sendable {
     }
 
     /// swapon(2) of a file or device, journaled first so restore swaps it off.
-    public func activateSwap(_ path: String, priority: Int = 32000) throws(SystemError) {
-        try borrow({ j in j.swapAreas = (j.swapAreas ?? []) + [path]; return true }, { (_) throws(SystemError) in
-            try Swap.activate(path: path, priority: priority)
+    public func activateSwap(_ path: String, priority: Int = 32000) throws(GuardError) {
+        try borrow({ j in j.swapAreas = (j.swapAreas ?? []) + [path]; return true }, { (_) throws(GuardError) in
+            try system { () throws(SystemError) in try Swap.activate(path: path, priority: priority) }
         })
     }
 
@@ -494,14 +540,14 @@ public final class SettingsGuard: Sendable {
         }
     }
 
-    private func writeJournal(_ j: Journal) throws(SystemError) {
-        try SettingsGuard.makeDirectory(stateDirectory, mode: 0o755)
+    private func writeJournal(_ j: Journal) throws(GuardError) {
+        try system { () throws(SystemError) in try SettingsGuard.makeDirectory(stateDirectory, mode: 0o755) }
         let data: Data
-        do { data = try JSONEncoder().encode(j) } catch { throw SystemError(errno: EINVAL, call: "encode journal") }
+        do { data = try JSONEncoder().encode(j) } catch { throw .journalEncoding("\(error)") }
         // Registered before the journal exists: a crash in between leaves an entry that
         // points at nothing (pruned later), never a journal nobody can find.
         SettingsGuard.register(journalPath)
-        try AtomicFile.write([UInt8](data), to: journalPath, mode: 0o600)
+        try system { () throws(SystemError) in try AtomicFile.write([UInt8](data), to: journalPath, mode: 0o600) }
     }
 
     /// Restores a journal's entries in reverse order and reads each back. A value that reads

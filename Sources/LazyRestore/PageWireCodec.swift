@@ -74,10 +74,11 @@ extension PageWire {
     }
 }
 
-/// The arguments of `memlab _pagesource key=value …` (what `PageSource.process` and
-/// `memlab pagesource` pass), parsed without trapping: every key known, every value in range.
+/// What a page source process serves (`memlab _pagesource --kind=… …`, started by
+/// `PageSource.process`; `memlab pagesource` serves the same in its own process), and its
+/// checks: every value in range.
 public struct PageServerOptions: Sendable, Equatable {
-    public enum Kind: String, Sendable { case unix, tcp }
+    public enum Kind: String, Sendable, CaseIterable { case unix, tcp }
     /// lazy-restore's largest image (16 GiB of the kernel's pages): GET runs address pages in
     /// 32 bits.
     public static let maxPages = (16 << 30) / System.pageSize
@@ -98,59 +99,40 @@ public struct PageServerOptions: Sendable, Equatable {
     /// (a restore's own source process, which dies with the restore).
     public var idleTimeoutS = 0.0
 
-    public static let usage = "needs kind=unix|tcp listen= pages= seed= zero_ratio= [ready=] [parent=] [announce=0|1] [max_connections=1…4096] [idle_timeout=SECONDS]"
+    public init() {}
 
-    public static func parse(_ arguments: [String]) -> Result<PageServerOptions, PageWireError> {
-        var o = PageServerOptions()
-        var seen: Set<String> = []
-        for a in arguments {
-            guard let eq = a.firstIndex(of: "=") else { return .failure(PageWireError("'\(a)' is not key=value")) }
-            let key = String(a[..<eq]), value = String(a[a.index(after: eq)...])
-            guard seen.insert(key).inserted else { return .failure(PageWireError("\(key)= given twice")) }
-            func bad(_ what: String) -> Result<PageServerOptions, PageWireError> { .failure(PageWireError("\(key)='\(value)': \(what)")) }
-            switch key {
-            case "kind":
-                guard let k = Kind(rawValue: value) else { return bad("expected unix or tcp") }
-                o.kind = k
-            case "listen":
-                guard !value.isEmpty else { return bad("empty") }
-                o.listen = value
-            case "pages":
-                guard let n = Int(value), (1...maxPages).contains(n) else { return bad("expected 1…\(maxPages)") }
-                o.pages = n
-            case "seed":
-                guard let n = UInt64(value) else { return bad("expected an unsigned 64-bit integer") }
-                o.seed = n
-            case "zero_ratio":
-                guard let r = Double(value), r.isFinite, (0...1).contains(r) else { return bad("expected 0…1") }
-                o.zeroRatio = r
-            case "ready":
-                guard !value.isEmpty else { return bad("empty") }
-                o.ready = value
-            case "parent":
-                guard let p = Int32(value), p > 0 else { return bad("expected a process id") }
-                o.parent = p
-            case "announce":
-                guard value == "0" || value == "1" else { return bad("expected 0 or 1") }
-                o.announce = value == "1"
-            case "max_connections":
-                guard let n = Int(value), maxConnectionsRange.contains(n) else { return bad("expected \(maxConnectionsRange.lowerBound)…\(maxConnectionsRange.upperBound)") }
-                o.maxConnections = n
-            case "idle_timeout":
-                guard let t = Double(value), t.isFinite, idleTimeoutRange.contains(t) else { return bad("expected 0…\(Int(Deadline.maxS)) seconds (0: none)") }
-                o.idleTimeoutS = t
-            default:
-                return .failure(PageWireError("unknown argument \(key)="))
-            }
-        }
-        for k in ["kind", "listen", "pages", "seed", "zero_ratio"] where !seen.contains(k) {
-            return .failure(PageWireError("\(k)= missing"))
-        }
+    /// The command line after the executable: `_pagesource`, then the fields as options, in
+    /// the `=` form throughout (no value is taken for an option). The memlab target's hidden
+    /// `_pagesource` command parses them back and refuses them unless `check()` passes.
+    public var arguments: [String] {
+        var a = ["_pagesource", "--kind=\(kind.rawValue)", "--listen=\(listen)", "--pages=\(pages)", "--seed=\(seed)",
+                 "--zero-ratio=\(zeroRatio)", "--max-connections=\(maxConnections)", "--idle-timeout=\(idleTimeoutS)"]
+        if let ready { a.append("--ready=\(ready)") }
+        if let parent { a.append("--parent=\(parent)") }
+        if announce { a.append("--announce") }
+        return a
+    }
+
+    /// Why these options cannot be served (nil: every value is in range). They come from a
+    /// command line: hostile input is normal input, and nothing here may trap.
+    public func check() -> PageWireError? {
+        func bad(_ option: String, _ value: String, _ what: String) -> PageWireError { PageWireError("--\(option) '\(value)': \(what)") }
+        if listen.isEmpty { return bad("listen", listen, "empty") }
         // sun_path holds 107 bytes and a NUL: a longer path would be cut silently.
-        if o.kind == .unix && o.listen.utf8.count > 107 { return .failure(PageWireError("listen= path longer than 107 bytes")) }
-        if o.kind == .tcp {
-            do { _ = try SocketAddress.tcp(o.listen) } catch { return .failure(PageWireError("listen='\(o.listen)': \(error)")) }
+        if kind == .unix && listen.utf8.count > 107 { return bad("listen", listen, "a socket path longer than 107 bytes") }
+        if kind == .tcp {
+            do { _ = try SocketAddress.tcp(listen) } catch { return bad("listen", listen, "\(error) (expected IPv4:PORT)") }
         }
-        return .success(o)
+        if !(1...Self.maxPages).contains(pages) { return bad("pages", "\(pages)", "expected 1…\(Self.maxPages)") }
+        if !(zeroRatio.isFinite && (0...1).contains(zeroRatio)) { return bad("zero-ratio", "\(zeroRatio)", "expected 0…1") }
+        if let ready, ready.isEmpty { return bad("ready", ready, "empty") }
+        if let parent, parent <= 0 { return bad("parent", "\(parent)", "expected a process id") }
+        if !Self.maxConnectionsRange.contains(maxConnections) {
+            return bad("max-connections", "\(maxConnections)", "expected \(Self.maxConnectionsRange.lowerBound)…\(Self.maxConnectionsRange.upperBound)")
+        }
+        if !(idleTimeoutS.isFinite && Self.idleTimeoutRange.contains(idleTimeoutS)) {
+            return bad("idle-timeout", "\(idleTimeoutS)", "expected 0…\(Int(Deadline.maxS)) seconds (0: none)")
+        }
+        return nil
     }
 }

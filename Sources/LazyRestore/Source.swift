@@ -118,10 +118,16 @@ final class PageSource: PageFetcher, @unchecked Sendable {
         let ready = "\(directory)/pagesource-\(tag).ready"
         let sock = kind == .unix ? "\(try RunDirectory.make(base: "/tmp"))/ps-\(tag).sock" : nil
         let listen = sock ?? tcpAddress
-        let args = ["_pagesource", "kind=\(kind.rawValue)", "listen=\(listen)", "ready=\(ready)", "pages=\(image.pages)",
-                    "seed=\(image.seed)", "zero_ratio=\(image.zeroRatio)", "parent=\(getpid())"]
+        var options = PageServerOptions()
+        options.kind = kind == .unix ? .unix : .tcp
+        options.listen = listen
+        options.ready = ready
+        options.pages = image.pages
+        options.seed = image.seed
+        options.zeroRatio = image.zeroRatio
+        options.parent = getpid()
         let logPath = "\(directory)/pagesource-\(tag).log"
-        let pid = try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: logPath)
+        let pid = try ChildProcess.spawn(ChildProcess.selfExecutable, options.arguments, outputPath: logPath)
         func abandon() { kill(pid, SIGKILL); var s: Int32 = 0; waitpid(pid, &s, 0); unlink(ready); unlink(logPath); if let sock { unlink(sock) } }
         // The ready file: "pid port\n", written once the source listens.
         let start = Clock.nanoseconds()
@@ -328,27 +334,21 @@ final class PageSource: PageFetcher, @unchecked Sendable {
     }
 }
 
-/// `memlab _pagesource key=value …`: the source process. Regenerates the image from
-/// (pages, seed, zero_ratio), listens on a Unix socket path or a TCP address, writes
+/// `memlab _pagesource --kind=… …`: the source process. Regenerates the image from
+/// (pages, seed, zeroRatio), listens on a Unix socket path or a TCP address, writes
 /// "pid port\n" to `ready`, and serves every connection in its own thread: HELLO, then
-/// GET → DATA until the peer closes. At most `max_connections` at once (one more gets ERROR
-/// and is closed); with `idle_timeout` a connection that sends no request for that long gets
+/// GET → DATA until the peer closes. At most `maxConnections` at once (one more gets ERROR
+/// and is closed); with `idleTimeoutS` a connection that sends no request for that long gets
 /// ERROR and is closed; each thread is joined once it ends. Dies with its parent
-/// (PDEATHSIG) when started with parent=; `memlab pagesource` runs it standalone.
+/// (PDEATHSIG) when started with a parent; `memlab pagesource` runs it standalone.
 public enum PageServer {
     /// A connection thread's stack: `serve` needs a few KiB; the default 8 MiB would be
     /// address space held per connection.
     static let threadStack = 512 << 10
 
-    public static func main(_ arguments: [String]) -> Int32 {
+    /// Serves `o` (checked: `o.check()` is nil) until killed; returns the exit status.
+    public static func serve(_ o: PageServerOptions) -> Int32 {
         signal(SIGPIPE, SIG_IGN)
-        let o: PageServerOptions
-        switch PageServerOptions.parse(arguments) {
-        case .success(let v): o = v
-        case .failure(let e):
-            writeStderr("memlab _pagesource: \(e.reason)\nusage: memlab _pagesource \(PageServerOptions.usage)\n")
-            return 2
-        }
         // A restore's own source process dies with the restore; `memlab pagesource` (no
         // parent=) lives until it is killed.
         if o.parent != nil { _ = LinuxMMBridge.setParentDeathSignal(SIGKILL) }

@@ -44,9 +44,16 @@ struct PageSourceCommand: ParsableCommand {
         sigemptyset(&set)
         for sig in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, sig) }
         sigprocmask(SIG_UNBLOCK, &set, nil)
-        let status = PageServer.main(["kind=tcp", "listen=\(listen)", "pages=\(bytes / 4096)", "seed=\(seed)",
-                                      "zero_ratio=\(zeroRatio)", "announce=1", "max_connections=\(maxConnections)",
-                                      "idle_timeout=\(idleTimeout)"])
-        throw ExitCode(status)
+        var o = PageServerOptions()
+        o.kind = .tcp
+        o.listen = listen
+        o.pages = bytes / 4096
+        o.seed = UInt64(clamping: seed)
+        o.zeroRatio = zeroRatio
+        o.announce = true
+        o.maxConnections = maxConnections
+        o.idleTimeoutS = idleTimeout
+        if let e = o.check() { throw UsageError(e.reason) }
+        throw ExitCode(PageServer.serve(o))
     }
 }

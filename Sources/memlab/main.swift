@@ -2,24 +2,26 @@
 import Glibc
 #endif
 import ArgumentParser
+import EntryPoints
 import LabKit
-import Scenarios
-import LazyRestore
 
-// A repetition's child process: memlab re-executing itself (see LabKit.Runner). It skips
-// argument parsing and the settings guard entirely: children never touch knobs.
-if CommandLine.arguments.count == 4 && CommandLine.arguments[1] == "_child" {
-    exit(ChildMain.run(registry: allScenarios, specPath: CommandLine.arguments[2], outPath: CommandLine.arguments[3]))
-}
-
-// A worker a scenario's child starts inside its memory cgroup (see Scenarios.Guest).
-if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_guest" {
-    exit(Guest.main(Array(CommandLine.arguments.dropFirst(2))))
-}
-
-// The lazy-restore page source process (see Scenarios.PageServer).
-if CommandLine.arguments.count >= 2 && CommandLine.arguments[1] == "_pagesource" {
-    exit(PageServer.main(Array(CommandLine.arguments.dropFirst(2))))
+// memlab re-executing itself — a repetition's child (LabKit.Runner), a worker beside it
+// (Scenarios.Guest), a lazy-restore page source (Scenarios.PageServer): hidden commands
+// (EntryPoints), parsed like every other, but decided on here before anything else runs. No
+// startup recovery, no settings guard, no signal handler: they never touch a knob, and each
+// dies with its parent. A refusal exits 2 and says why; the parent reads it in the log.
+if let name = CommandLine.arguments.dropFirst().first, let hidden = HiddenEntryPoints.command(named: name) {
+    do {
+        var command = try Memlab.parseAsRoot()
+        try command.run()
+        exit(0)
+    } catch let code as ExitCode {
+        exit(code.rawValue)
+    } catch {
+        if Memlab.exitCode(for: error) == .success { Memlab.exit(withError: error) }
+        writeStderr("memlab \(name): \(Memlab.message(for: error))\nusage: \(Memlab.usageString(for: hidden, includeHidden: true))\n")
+        exit(ExitStatus.usage)
+    }
 }
 
 // Any memlab that starts gives back what a dead memlab left changed, before anything else —

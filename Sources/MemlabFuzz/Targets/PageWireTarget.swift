@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import EntryPoints
 import Scenarios
 import LinuxMM
 import Transfer
@@ -15,8 +16,9 @@ import LazyRestore
 /// - role 1: a restore's check of a source's first frame (`PageWire.header`, then
 ///   `checkHello` against an image of u64 `pages` pages clamped to Int, or an ERROR's text
 ///   through `PeerText`). Accepted: the HELLO matches.
-/// - role 2: `memlab _pagesource` arguments, NUL-separated, through `PageServerOptions.parse`.
-///   Accepted: parsed.
+/// - role 2: `memlab _pagesource` arguments, NUL-separated, parsed by its hidden command
+///   (`PageSourceProcessCommand.parse`: swift-argument-parser, then `PageServerOptions.check`)
+///   as memlab parses them. Accepted: parsed.
 ///
 /// Input: role byte, then the role's fields and bytes.
 extension FuzzTarget {
@@ -69,14 +71,20 @@ enum PageWireFuzz {
 
     static func options(_ r: inout FuzzBytes) -> Bool {
         let args = r.rest().split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        switch PageServerOptions.parse(args) {
-        case .failure(let e): _ = e.reason; return false
-        case .success(let o):
-            fuzzInvariant((1...PageServerOptions.maxPages).contains(o.pages), "pages=\(o.pages) accepted")
-            fuzzInvariant(o.zeroRatio.isFinite && (0...1).contains(o.zeroRatio), "zero_ratio=\(o.zeroRatio) accepted")
-            fuzzInvariant(PageServerOptions.maxConnectionsRange.contains(o.maxConnections), "max_connections=\(o.maxConnections) accepted")
-            fuzzInvariant(o.idleTimeoutS.isFinite && o.idleTimeoutS >= 0 && o.idleTimeoutS <= Deadline.maxS, "idle_timeout=\(o.idleTimeoutS) accepted")
-            return true
+        let command: PageSourceProcessCommand
+        do { command = try PageSourceProcessCommand.parse(args) } catch {
+            _ = PageSourceProcessCommand.message(for: error)
+            return false
         }
+        let o = command.options
+        fuzzInvariant(o.check() == nil, "options accepted that their check refuses: \(o)")
+        fuzzInvariant((1...PageServerOptions.maxPages).contains(o.pages), "pages=\(o.pages) accepted")
+        fuzzInvariant(o.zeroRatio.isFinite && (0...1).contains(o.zeroRatio), "zero_ratio=\(o.zeroRatio) accepted")
+        fuzzInvariant(PageServerOptions.maxConnectionsRange.contains(o.maxConnections), "max_connections=\(o.maxConnections) accepted")
+        fuzzInvariant(o.idleTimeoutS.isFinite && o.idleTimeoutS >= 0 && o.idleTimeoutS <= Deadline.maxS, "idle_timeout=\(o.idleTimeoutS) accepted")
+        // What a restore's spawner writes for these options parses back to the same.
+        let again = try? PageSourceProcessCommand.parse(Array(o.arguments.dropFirst())).options
+        fuzzInvariant(again == o, "\(o.arguments) parses back as \(String(describing: again))")
+        return true
     }
 }

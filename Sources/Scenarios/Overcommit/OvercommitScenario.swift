@@ -76,8 +76,8 @@ public struct OvercommitScenario: TypedScenario {
         do {
             try settingsGuard.activateSwap(path, priority: 32000)
         } catch {
-            if error.errno == EINVAL || error.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(error.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
+            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
+                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
             }
             throw error
         }
@@ -246,8 +246,9 @@ public struct OvercommitScenario: TypedScenario {
         let hitsBefore = cg.limitHits() ?? 0
         let scratch = try ScratchDirectory()
         let board = try Guest.Board(path: scratch.file("board"), slots: 1)
-        let pid = try Guest.spawn(board: board, slot: 0, options: ["role": "hog", "bytes": String(bytes), "oom_score_adj": "1000"],
-                                  log: scratch.file("worker.log"))
+        var hog = Guest.Options(role: .hog, bytes: bytes)
+        hog.oomScoreAdj = 1000
+        let pid = try Guest.spawn(board: board, slot: 0, options: hog, log: scratch.file("worker.log"))
         let exit = ChildProcess.wait(pid, deadline: p.timeoutS)
         let endNS = Clock.nanoseconds()
         let kills = cg.oomKills() - killsBefore

@@ -45,10 +45,14 @@ extension TmemScenario {
             }
         }
         for i in 0..<count {
-            let options = ["role": "vm", "bytes": String(guestBytes), "shared_ratio": String(p.sharedRatio),
-                           "base_seed": "4242", "seed": String(1000 + i), "private_pattern": p.privatePattern.rawValue,
-                           "mergeable": ksm ? "1" : "0", "pass_sleep_ms": String(p.passSleepMs),
-                           "time_swapins": mechanism.usesZswap ? "1" : "0"]
+            var options = Guest.Options(role: .vm, bytes: guestBytes)
+            options.sharedRatio = p.sharedRatio
+            options.baseSeed = 4242
+            options.seed = UInt64(1000 + i)
+            options.privatePattern = p.privatePattern
+            options.mergeable = ksm
+            options.passSleepMS = p.passSleepMs
+            options.timeSwapins = mechanism.usesZswap
             pids.append(try Guest.spawn(board: board, slot: i, options: options, log: scratch.file("guest-\(i).log")))
             // Until this guest has its image (or died), then let ksmd catch up.
             let t0 = Clock.nanoseconds()

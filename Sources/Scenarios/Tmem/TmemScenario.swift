@@ -143,8 +143,8 @@ public struct TmemScenario: TypedScenario {
         do {
             try settingsGuard.activateSwap(path, priority: TmemScenario.swapPriority)
         } catch {
-            if error.errno == EINVAL || error.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(error.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
+            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
+                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
             }
             throw error
         }

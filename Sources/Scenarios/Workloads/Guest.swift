@@ -8,7 +8,7 @@ import Workloads
 
 /// Worker processes a scenario's child starts beside itself (inside its memory cgroup): a
 /// memory hog for the OOM experiment, a "guest" with a memory image for the density
-/// experiment. Each is memlab re-executed as `memlab _guest key=value …`, so it starts clean
+/// experiment. Each is memlab re-executed as `memlab _guest --name=value …`, so it starts clean
 /// (no fork of a threaded Swift process), dies with its parent (PDEATHSIG), and reports
 /// through a shared status file: one slot of 8 UInt64 per worker.
 public enum Guest {
@@ -114,41 +114,97 @@ public enum Guest {
         }
     }
 
-    /// Starts a worker; `options` become `key=value` arguments.
-    public static func spawn(board: Board, slot: Int, options: [String: String], log: String) throws(SystemError) -> pid_t {
-        var args = ["_guest", "board=\(board.path)", "slots=\(board.slots)", "slot=\(slot)", "parent=\(getpid())"]
-        for (k, v) in options.sorted(by: { $0.key < $1.key }) { args.append("\(k)=\(v)") }
-        return try ChildProcess.spawn(ChildProcess.selfExecutable, args, outputPath: log)
+    /// What a worker is started with: `memlab _guest` and one `--name=value` per field (the
+    /// memlab target's hidden `_guest` command parses them back, range-checking every value,
+    /// and calls `run`).
+    public struct Options: Sendable, Equatable {
+        public enum Role: String, Sendable, CaseIterable {
+            /// Write `bytes` page by page, once (the OOM experiment's memory hog).
+            case hog
+            /// An image of `bytes`, then passes over it (a guest of the density experiment).
+            case vm
+        }
+        /// The largest image a worker maps: far below where a length would overflow.
+        public static let maxBytes = 1 << 46
+        /// The most slots a board holds (slots × slot size stays small).
+        public static let maxSlots = 4096
+        /// The longest sleep between passes: an hour.
+        public static let maxPassSleepMS = 3_600_000
+
+        /// The status file and its number of slots; this worker's slot.
+        public var board = ""
+        public var slots = 1
+        public var slot = 0
+        /// The process that started it: a worker whose parent is already someone else exits 125.
+        public var parent: Int32?
+        public var role = Role.vm
+        public var bytes = 0
+        /// Written to /proc/self/oom_score_adj (-1000…1000) before anything is mapped.
+        public var oomScoreAdj: Int?
+        /// vm: the fraction of pages identical in every guest (text, seed `baseSeed`).
+        public var sharedRatio = 0.0
+        public var baseSeed: UInt64 = 1
+        /// vm: the private pages' pattern and seed.
+        public var seed: UInt64 = 2
+        public var privatePattern = FillPattern.text
+        /// vm: MADV_MERGEABLE on the image.
+        public var mergeable = false
+        public var passSleepMS = 50
+        /// vm: passes before it ends (nil: until killed).
+        public var passes: Int?
+        /// vm: time the first touch of each page that was swapped out when a pass began.
+        public var timeSwapins = false
+
+        public init(role: Role, bytes: Int) {
+            self.role = role
+            self.bytes = bytes
+        }
+
+        /// The command line after the executable: `_guest`, then the options. The `=` form
+        /// throughout, so no value is ever taken for an option.
+        public var arguments: [String] {
+            var a = ["_guest", "--board=\(board)", "--slots=\(slots)", "--slot=\(slot)", "--role=\(role.rawValue)", "--bytes=\(bytes)"]
+            if let parent { a.append("--parent=\(parent)") }
+            if let oomScoreAdj { a.append("--oom-score-adj=\(oomScoreAdj)") }
+            a += ["--shared-ratio=\(sharedRatio)", "--base-seed=\(baseSeed)", "--seed=\(seed)",
+                  "--private-pattern=\(privatePattern.rawValue)", "--pass-sleep-ms=\(passSleepMS)"]
+            if let passes { a.append("--passes=\(passes)") }
+            if mergeable { a.append("--mergeable") }
+            if timeSwapins { a.append("--time-swapins") }
+            return a
+        }
     }
 
-    /// `memlab _guest …`: the worker's main. Roles:
+    /// Starts a worker in `slot` of `board`, a child of this process.
+    public static func spawn(board: Board, slot: Int, options: Options, log: String) throws(SystemError) -> pid_t {
+        var o = options
+        o.board = board.path
+        o.slots = board.slots
+        o.slot = slot
+        o.parent = getpid()
+        return try ChildProcess.spawn(ChildProcess.selfExecutable, o.arguments, outputPath: log)
+    }
+
+    /// `memlab _guest …`: the worker's main, with options already checked. Roles:
     ///   hog   write `bytes` page by page (oom_score_adj 1000: the cgroup's first victim)
-    ///   vm    an image of `bytes`: the first `shared_ratio` identical in every guest
-    ///         (text, seed `base_seed`), the rest private (pattern `private_pattern`, seed
+    ///   vm    an image of `bytes`: the first `sharedRatio` identical in every guest
+    ///         (text, seed `baseSeed`), the rest private (pattern `privatePattern`, seed
     ///         `seed`); optionally MADV_MERGEABLE; then passes: read every page, write every
-    ///         private page, sleep `pass_sleep_ms`, until killed or `passes` done.
-    public static func main(_ arguments: [String]) -> Int32 {
+    ///         private page, sleep `passSleepMS`, until killed or `passes` done.
+    public static func run(_ o: Options) -> Int32 {
         _ = LinuxMMBridge.setParentDeathSignal(SIGKILL)
-        var o: [String: String] = [:]
-        for a in arguments {
-            if let eq = a.firstIndex(of: "=") { o[String(a[..<eq])] = String(a[a.index(after: eq)...]) }
-        }
         // Its parent may have died before PDEATHSIG was set: then it has another parent.
-        if let parent = o["parent"].flatMap(Int32.init), getppid() != parent { return 125 }
-        guard let path = o["board"], let slots = o["slots"].flatMap(Int.init), let slot = o["slot"].flatMap(Int.init),
-              let bytes = o["bytes"].flatMap(Int.init) else {
-            writeStderr("memlab _guest: missing board, slots, slot or bytes\n")
-            return 2
-        }
+        if let parent = o.parent, getppid() != parent { return 125 }
         let board: Board
-        do { board = try Board(attach: path, slots: slots) } catch {
+        do { board = try Board(attach: o.board, slots: o.slots) } catch {
             writeStderr("memlab _guest: \(error)\n")
             return 1
         }
-        if let adj = o["oom_score_adj"] { try? ProcFile.write("/proc/self/oom_score_adj", adj) }
+        let slot = o.slot
+        if let adj = o.oomScoreAdj { try? ProcFile.write("/proc/self/oom_score_adj", String(adj)) }
         let page = System.pageSize
         let region: AnonymousMapping
-        do { region = try AnonymousMapping(length: bytes, kind: .base) } catch {
+        do { region = try AnonymousMapping(length: o.bytes, kind: .base) } catch {
             writeStderr("memlab _guest: \(error)\n")
             return 1
         }
@@ -157,7 +213,7 @@ public enum Guest {
         board.write(slot, .state, 1)
         board.write(slot, .startNS, Clock.nanoseconds())
 
-        if o["role"] == "hog" {
+        if o.role == .hog {
             for i in 0..<pages {
                 p[i * page] = 1
                 board.write(slot, .pages, UInt64(i + 1))
@@ -167,10 +223,8 @@ public enum Guest {
             return 0
         }
 
-        let sharedPages = Int((Double(pages) * (o["shared_ratio"].flatMap(Double.init) ?? 0)).rounded())
-        let baseSeed = o["base_seed"].flatMap(UInt64.init) ?? 1
-        let seed = o["seed"].flatMap(UInt64.init) ?? 2
-        let privatePattern = o["private_pattern"].flatMap(FillPattern.init(rawValue:)) ?? .text
+        let sharedPages = Int((Double(pages) * o.sharedRatio).rounded())
+        let baseSeed = o.baseSeed, seed = o.seed, privatePattern = o.privatePattern
         for i in 0..<pages {
             if i < sharedPages {
                 FillPattern.text.fill(p + i * page, pageSize: page, index: i, seed: baseSeed)
@@ -179,18 +233,18 @@ public enum Guest {
             }
             board.write(slot, .pages, UInt64(i + 1))
         }
-        if o["mergeable"] == "1" { try? KSM.setMergeable(region.base, length: region.length, true) }
+        if o.mergeable { try? KSM.setMergeable(region.base, length: region.length, true) }
         board.write(slot, .readyNS, Clock.nanoseconds())
         board.write(slot, .state, 2)
 
-        let sleepNS = UInt64(o["pass_sleep_ms"].flatMap(Int.init) ?? 50) * 1_000_000
-        let maxPasses = o["passes"].flatMap(Int.init) ?? Int.max
+        let sleepNS = UInt64(o.passSleepMS) * 1_000_000
+        let maxPasses = o.passes ?? Int.max
         var passes = 0
         var sink: UInt8 = 0
-        // time_swapins=1: before each pass, pagemap says which pages are swapped out; the
+        // timeSwapins: before each pass, pagemap says which pages are swapped out; the
         // first touch of each of those is timed (its swap-in, from zswap or the device, or a
         // swap cache hit) into the slot's histogram. Other touches are not timed.
-        let timeSwapins = o["time_swapins"] == "1"
+        let timeSwapins = o.timeSwapins
         while passes < maxPasses {
             let swapped: [Bool]? = timeSwapins ? (try? PageFlags.swappedMap(region.base, length: region.length)) : nil
             let t0 = Clock.nanoseconds()
