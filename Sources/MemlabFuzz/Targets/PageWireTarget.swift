@@ -13,7 +13,7 @@ import LazyRestore
 /// - role 0: a page source of u32 `pages` pages reading a stream of requests: each header
 ///   through `PageWire.checkGetHeader`, each payload through `PageWire.checkGet` (what
 ///   `PageServer.serve` does before its sendmsg). Accepted: at least one GET, all valid.
-/// - role 1: a restore's check of a source's first frame (`PageWire.header`, then
+/// - role 1: a restore's check of a source's first frame (`FrameHeader.decode`, then
 ///   `checkHello` against an image of u64 `pages` pages clamped to Int, or an ERROR's text
 ///   through `PeerText`). Accepted: the HELLO matches.
 /// - role 2: `memlab _pagesource` arguments, NUL-separated, parsed by its hidden command
