@@ -1,3 +1,5 @@
+import LinuxMM
+
 /// Typed parameters: a scenario declares each parameter once, as a stored property of its
 /// `ParameterSet`, and reads it as a typed value — `p.pages` is an `Int`, `p.mode` an enum —
 /// so a misspelt name does not compile and no read can trap:
@@ -160,10 +162,25 @@ public protocol ParameterSet: Sendable {
     init()
 }
 
+/// Each ParameterSet made and read by reflection once per type: `parameters` is asked for on
+/// every name a plan resolves (a sweep of 1000 points, the fuzzer's millions of inputs), and
+/// making the set evaluates its help texts (some read sysfs: the mTHP sizes) — once per ask
+/// made the planner some forty times slower.
+private let declaredCache = Lock<[ObjectIdentifier: (set: any ParameterSet, declared: [any AnyParameter])]>([:])
+
 extension ParameterSet {
+    /// The set itself (its properties are the declarations), made once.
+    static var shared: Self { cached.set as! Self }
+
     /// The declared parameters, in declaration order.
-    public static var declared: [any AnyParameter] {
-        Mirror(reflecting: Self()).children.compactMap { $0.value as? any AnyParameter }
+    public static var declared: [any AnyParameter] { cached.declared }
+
+    private static var cached: (set: any ParameterSet, declared: [any AnyParameter]) {
+        if let c = declaredCache.withLock({ $0[ObjectIdentifier(Self.self)] }) { return c }
+        let set = Self()
+        let c: (set: any ParameterSet, declared: [any AnyParameter]) = (set, Mirror(reflecting: set).children.compactMap { $0.value as? any AnyParameter })
+        declaredCache.withLock { $0[ObjectIdentifier(Self.self)] = c }
+        return c
     }
 
     public static var specs: [ParameterSpec] { declared.map(\.spec) }
@@ -182,10 +199,9 @@ public struct ParameterValues<S: ParameterSet>: Sendable {
     /// error names the first that is not); names not declared are ignored here (the
     /// scenario's `check` refuses them).
     public init(_ params: Params) throws(UsageError) {
-        let keys = S()
+        let keys = S.shared
         var values: [String: any Sendable] = [:]
-        for child in Mirror(reflecting: keys).children {
-            guard let p = child.value as? any AnyParameter else { continue }
+        for p in S.declared {
             guard let v = params[p.spec.name] else { throw UsageError("parameter '\(p.spec.name)' has no value") }
             values[p.spec.name] = try p.decodeAny(v)
         }

@@ -18,6 +18,7 @@ struct FuzzTarget: Sendable {
 let allTargets: [FuzzTarget] = [
     .migration,
     .pagewire,
+    .pagesource,
     .snapshot,
     .scenarioPlan,
     .report,
