@@ -68,6 +68,8 @@ let package = Package(
             ],
             swiftSettings: measured
         ),
+        // Real guests (issue 13): QEMU processes under the runner's rules, and QMP.
+        .target(name: "Guests", dependencies: ["LabKit", "LinuxMM", "CLinuxMM", "Transfer"]),
         // memlab re-executing itself (_child, _guest, _pagesource): hidden commands, in a
         // target of their own so memlab-fuzz parses their command lines as memlab does.
         .target(
@@ -84,14 +86,14 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "EntryPoints", "Transfer", "Workloads", "LazyRestore", "Migration"]),
+        .executableTarget(name: "MemlabFuzz", dependencies: ["LinuxMM", "LabKit", "Scenarios", "EntryPoints", "Transfer", "Workloads", "LazyRestore", "Migration", "Guests"]),
         .testTarget(name: "LinuxMMTests", dependencies: ["LinuxMM"]),
         .testTarget(name: "TransferTests", dependencies: ["Transfer", "LazyRestore", "LinuxMM"]),
         .testTarget(name: "LabKitTests", dependencies: ["LabKit", "LinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")]),
         .testTarget(
             name: "MemlabTests",
             dependencies: [
-                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "memlab",
+                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "Guests", "memlab",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

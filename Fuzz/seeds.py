@@ -145,4 +145,13 @@ write("snapshot", "bad-page-size-not-power-of-two", struct.pack("<QB", 0, 0) + s
 write("snapshot", "bad-unknown-key", struct.pack("<QB", 0, 0) + snap(header(region=8192, extra="x=1\n"), data))
 write("snapshot", "bad-line-without-equals", struct.pack("<QB", 0, 0) + snap(header(region=8192, extra="junk\n"), data))
 write("snapshot", "bad-data-unreadable", struct.pack("<QB", 8192, 1) + snap(header(region=8192)))
+# ---- qmp: lines as QEMU 7.2.22 sent them (captured 2026-12-02), and garbage ----
+write("qmp", "ok-greeting", b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}')
+write("qmp", "ok-session", b'{"return": {}}\n{"return": {"enabled": true, "present": true}}\n{"return": {"status": "prelaunch", "singlestep": false, "running": false}}\n{"timestamp": {"seconds": 1796227803, "microseconds": 584216}, "event": "RESUME"}\n{"timestamp": {"seconds": 1796227804, "microseconds": 192227}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}')
+write("qmp", "ok-error", b'{"error": {"class": "CommandNotFound", "desc": "The command nonesuch has not been found"}}')
+write("qmp", "bad-not-json", b'{"return": ')
+write("qmp", "bad-array", b'[1, 2, 3]')
+write("qmp", "bad-deep", b'[' * 5000)
+write("qmp", "bad-huge-number", b'{"return": {"ram": {"transferred": 1e400}}}\n{"neither": 1}')
+
 print("seeds written under", ROOT)

@@ -302,3 +302,37 @@ int memlab_fork_compare_pages(const void *base, const void *expected, size_t pag
     if (WIFSIGNALED(status)) return -2;
     return WEXITSTATUS(status);
 }
+
+/* Starts `path` (argv NULL-terminated) as a child that dies with this process: between fork
+   and exec it sets PR_SET_PDEATHSIG(SIGKILL), which posix_spawn cannot, resets signals, takes
+   stdin from /dev/null and writes stdout+stderr to `out`, and closes every other descriptor.
+   Only async-signal-safe calls run in the child. (prctl(2) says the signal follows the
+   starting *thread*; on 6.18 a child survived its starting thread's exit and died with the
+   process, which the tests check.) Returns the pid, or -1 with errno. */
+pid_t memlab_spawn_dying_with_parent(const char *path, char *const argv[], const char *out) {
+    pid_t parent = getpid();
+    int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null < 0) { int e = errno; close(fd); errno = e; return -1; }
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0 || getppid() != parent) _exit(127);
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) sigaction(s, &dfl, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        if (dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
+        syscall(SYS_close_range, 3, ~0U, 0);
+        execv(path, argv);
+        _exit(127);
+    }
+    int e = errno;
+    close(fd);
+    close(null);
+    if (pid < 0) errno = e;
+    return pid;
+}

@@ -22,6 +22,7 @@ let allTargets: [FuzzTarget] = [
     .snapshot,
     .scenarioPlan,
     .report,
+    .qmp,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.
