@@ -66,6 +66,17 @@ public final class QEMUProcess {
 
     deinit { _ = stop(timeoutS: 2) }
 
+    /// How QEMU ended, if it has (reaped here); nil while it runs.
+    public func exited() -> ChildExit? {
+        guard !reaped else { return nil }
+        var s: Int32 = 0
+        guard waitpid(pid, &s, WNOHANG) == pid else { return nil }
+        reaped = true
+        qmp.close()
+        settingsGuard?.forgetProcess(pid)
+        return memlab_wifsignaled(s) != 0 ? .signaled(memlab_wtermsig(s)) : .exited(memlab_wexitstatus(s))
+    }
+
     /// Asks QEMU to quit (QMP `quit`), waits up to `timeoutS`, then SIGKILLs; reaps it.
     @discardableResult
     public func stop(timeoutS: Double) -> ChildExit? {
@@ -80,7 +91,8 @@ public final class QEMUProcess {
 
     /// The last lines of a log, for a reason (at most 1 KiB, made printable).
     static func tail(_ path: String) -> String {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return "(no log)" }
+        guard let data = FileManager.default.contents(atPath: path) else { return "(no log)" }
+        let text = String(decoding: data, as: UTF8.self)
         let lines = text.split(separator: "\n").suffix(5).joined(separator: " | ")
         return PeerText.decode(Array(lines.utf8.suffix(1024)))
     }

@@ -122,3 +122,28 @@ import Testing
         #expect(state == "gone" || state == "Z" || state == "X", "/bin/sleep outlived the process that started it (state \(state))")
     }
 }
+
+@Suite(.serialized) struct GuestBootTests {
+    /// A guest built from Debian's kernel and busybox boots to its ready line; KVM is tried
+    /// first and used only if a guest really boots under it; QEMU is gone afterwards.
+    @Test func aGuestBootsToReadyUnderTheAcceleratorThatWorks() throws {
+        if let why = GuestImage.missing { print("skipped: \(why)"); return }
+        let tmp = TempDir()
+        let image = try GuestImage.build(directory: tmp.path)
+        // The same inputs make the same image: built once, then found.
+        #expect(try GuestImage.build(directory: tmp.path).path == image.path)
+        let (accel, why) = BootedGuest.probeAccelerator(image: image, directory: tmp.path)
+        if let why { print("accelerator: tcg (\(why))") }
+        let guest = try BootedGuest(image: image, memoryMiB: 256, accelerator: accel, directory: tmp.path, timeoutS: 60)
+        print("boot to ready: \(guest.bootTimeS) s under \(accel.rawValue) (guest uptime \(guest.guestUptimeS.map { "\($0)" } ?? "?") s)")
+        #expect(guest.guestUptimeS != nil)
+        let pid = guest.qemu.pid
+        // The init powers the guest off after its ready line: QEMU ends by itself (-no-reboot).
+        let start = Clock.nanoseconds()
+        var end = guest.endedAtReady
+        while end == nil && Clock.seconds(since: start) < 30 { end = guest.qemu.exited(); Clock.sleep(nanoseconds: 20_000_000) }
+        if end == nil { guest.qemu.stop(timeoutS: 1) }
+        #expect(end == .exited(0), "\(String(describing: end))")
+        #expect(kill(pid, 0) != 0 && errno == ESRCH)
+    }
+}
