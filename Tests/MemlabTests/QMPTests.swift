@@ -46,9 +46,8 @@ import Testing
     }
 }
 
-@Suite(.serialized) struct RealQEMU {
+@Suite(.serialized, .enabled(if: QEMUProcess.missing == nil, "\(QEMUProcess.missing ?? "")")) struct RealQEMU {
     @Test func aPausedMachineRunsAndQuitsAndLeavesNothing() throws {
-        if let why = QEMUProcess.missing { print("skipped: \(why)"); return }
         let tmp = TempDir()
         let dir = tmp.path
         // TCG: whatever /dev/kvm is, this test needs QMP only (no guest kernel).
@@ -65,7 +64,6 @@ import Testing
     }
 
     @Test func aQEMUThatCannotStartFailsWithItsLog() throws {
-        if let why = QEMUProcess.missing { print("skipped: \(why)"); return }
         let tmp = TempDir()
         let dir = tmp.path
         let t0 = Clock.nanoseconds()
@@ -123,11 +121,10 @@ import Testing
     }
 }
 
-@Suite(.serialized) struct GuestBootTests {
+@Suite(.serialized, .enabled(if: GuestImage.missing == nil, "\(GuestImage.missing ?? "")")) struct GuestBootTests {
     /// A guest built from Debian's kernel and busybox boots to its ready line; KVM is tried
     /// first and used only if a guest really boots under it; QEMU is gone afterwards.
     @Test func aGuestBootsToReadyUnderTheAcceleratorThatWorks() throws {
-        if let why = GuestImage.missing { print("skipped: \(why)"); return }
         let tmp = TempDir()
         let image = try GuestImage.build(directory: tmp.path)
         // The same inputs make the same image: built once, then found.
