@@ -18,69 +18,150 @@ public enum Accelerator: String, Sendable, CaseIterable {
     }
 }
 
-/// A guest booted from a `GuestImage`, its console in a log, up to its ready line.
-public final class BootedGuest {
+/// Where a guest's RAM comes from on the host (QEMU's memory backends).
+public enum GuestBacking: Sendable, Equatable {
+    /// Anonymous memory (QEMU's default RAM; it asks for THP with MADV_HUGEPAGE, so the host's
+    /// THP setting decides 4K or 2M).
+    case anonymous
+    /// A memfd, optionally on hugetlbfs pages of `hugetlbKiB` (2048 or 1048576), preallocated.
+    case memfd(hugetlbKiB: Int?)
+
+    func arguments(memoryMiB: Int) -> [String] {
+        switch self {
+        case .anonymous: return []
+        case .memfd(let huge):
+            var o = "memory-backend-memfd,id=ram0,size=\(memoryMiB)M,share=on"
+            if let huge { o += ",hugetlb=on,hugetlbsize=\(huge)K,prealloc=on" }
+            return ["-object", o, "-machine", "memory-backend=ram0"]
+        }
+    }
+}
+
+/// How to start a guest: memory, vCPUs, backing, devices, and whether it waits for an
+/// incoming migration. The same configuration on both ends is what migration needs.
+public struct GuestConfig: Sendable {
+    public var memoryMiB: Int
+    public var cpus: Int = 1
+    public var backing: GuestBacking = .anonymous
+    /// QEMU's `mem-merge` (MADV_MERGEABLE on guest RAM, so KSM scans it).
+    public var merge: Bool = true
+    /// A virtio-balloon device, with free page reporting.
+    public var balloon: Bool = false
+    /// Added to the guest kernel's command line (`transparent_hugepage=never`, …).
+    public var kernelArguments: [String] = []
+    /// `-incoming URI`: the guest waits for a migration instead of booting.
+    public var incoming: String?
+    /// `-S`: the guest does not run until `cont` (a migration destination held for its check).
+    public var startPaused = false
+
+    public init(memoryMiB: Int, cpus: Int = 1) {
+        self.memoryMiB = memoryMiB
+        self.cpus = cpus
+    }
+
+    func arguments(image: GuestImage, console: String, agentSocket: String) -> [String] {
+        var a = ["-m", "\(memoryMiB)M", "-smp", String(cpus), "-nodefaults", "-no-reboot", "-serial", "file:\(console)",
+                 "-kernel", image.kernel, "-initrd", image.path,
+                 "-append", (["console=ttyS0", "panic=-1", "quiet"] + kernelArguments).joined(separator: " "),
+                 "-machine", "mem-merge=\(merge ? "on" : "off")",
+                 "-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", "socket,id=agent0,path=\(agentSocket),server=on,wait=off",
+                 "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=\(GuestAgent.portName)"]
+        a += backing.arguments(memoryMiB: memoryMiB)
+        if balloon { a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"] }
+        if let incoming { a += ["-incoming", incoming] }
+        if startPaused { a += ["-S"] }
+        return a
+    }
+}
+
+/// A guest running memlab's image, its console in a log, its agent answering. One that does
+/// not come up fails with the console's last lines, and its QEMU is gone.
+public final class Guest {
     public let qemu: QEMUProcess
     public let accelerator: Accelerator
+    public let config: GuestConfig
     public let consolePath: String
-    /// QEMU started → ready line on the console (host clock), and the guest's own uptime then.
-    public let bootTimeS: Double
-    public let guestUptimeS: Double?
-    /// How QEMU had already ended when the ready line was read (a guest that powers off at
-    /// once), or nil: then `qemu.exited()` / `qemu.stop` tell.
-    public let endedAtReady: ChildExit?
+    /// The agent, once it has answered HELLO (nil for a guest waiting for a migration).
+    public private(set) var agent: GuestAgent?
+    public private(set) var hello: AgentHello?
+    /// QEMU started → agent's HELLO answered (host clock), and the guest's uptime then.
+    public private(set) var bootTimeS: Double?
+    public var guestUptimeS: Double? { hello.map { Double($0.uptimeNS) / 1e9 } }
+    private let agentSocket: String
+    private let started: UInt64
 
-    /// Boots `image` with `memoryMiB` under `accelerator`; fails with the console's last lines
-    /// when QEMU exits first or the ready line does not come within `timeoutS`.
-    public init(image: GuestImage, memoryMiB: Int, accelerator: Accelerator, directory: String,
+    /// Starts QEMU with `config`; unless it waits for a migration, waits for the agent within
+    /// `timeoutS`.
+    public init(image: GuestImage, config: GuestConfig, accelerator: Accelerator, directory: String,
                 settingsGuard: SettingsGuard? = nil, timeoutS: Double) throws {
-        let console = "\(directory)/console-\(accelerator.rawValue)-\(Clock.nanoseconds() % 1_000_000_000).log"
-        let start = Clock.nanoseconds()
-        let q = try QEMUProcess(arguments: accelerator.qemuArguments + [
-            "-m", String(memoryMiB), "-nodefaults", "-no-reboot", "-serial", "file:\(console)",
-            "-kernel", image.kernel, "-initrd", image.path, "-append", "console=ttyS0 panic=-1 quiet",
-        ], directory: directory, settingsGuard: settingsGuard, timeoutS: timeoutS)
-        var ended: ChildExit?
-        while true {
-            // Whether QEMU has ended is read *before* the console: a guest that prints its ready
-            // line and powers off at once is ready, not a failure.
-            ended = q.exited()
-            // The whole ready line, found in bytes: the serial console ends lines with \r\n,
-            // one Character in Swift, and firmware and kernel write bytes that are not UTF-8.
-            if let line = Self.readyLine(FileManager.default.contents(atPath: console)) {
-                guestUptimeS = line.split(separator: " ").last.flatMap { Double($0) }
-                break
-            }
-            if let end = ended {
-                throw SystemError(errno: ECHILD, call: "the guest under \(accelerator.rawValue) ended (\(end)) before it was ready; QEMU: \(QEMUProcess.tail(q.logPath)); console: \(QEMUProcess.tail(console))")
-            }
-            if Clock.seconds(since: start) > timeoutS {
-                q.stop(timeoutS: 1)
-                throw SystemError(errno: ETIMEDOUT, call: "the guest under \(accelerator.rawValue) was not ready within \(timeoutS) s; console: \(QEMUProcess.tail(console))")
-            }
-            Clock.sleep(nanoseconds: 20_000_000)
-        }
-        bootTimeS = Clock.seconds(since: start)
-        endedAtReady = ended
-        qemu = q
+        let tag = "\(accelerator.rawValue)-\(getpid())-\(Clock.nanoseconds() % 1_000_000_000)"
+        consolePath = "\(directory)/console-\(tag).log"
+        agentSocket = "\(directory)/agent-\(tag).sock"
+        started = Clock.nanoseconds()
+        qemu = try QEMUProcess(arguments: accelerator.qemuArguments + config.arguments(image: image, console: consolePath, agentSocket: agentSocket),
+                               directory: directory, settingsGuard: settingsGuard, timeoutS: min(timeoutS, 30))
         self.accelerator = accelerator
-        consolePath = console
+        self.config = config
+        if config.incoming == nil && !config.startPaused {
+            do { try connectAgent(timeoutS: timeoutS) } catch {
+                qemu.stop(timeoutS: 1)
+                throw error
+            }
+        }
     }
 
-    /// The text after the ready marker up to the end of its line, once the line is whole.
-    static func readyLine(_ data: Data?) -> String? {
-        guard let data, let r = data.range(of: Data(GuestImage.readyMarker.utf8)),
-              let nl = data[r.upperBound...].firstIndex(of: 0x0A) else { return nil }
-        return String(decoding: data[r.upperBound..<nl].filter { $0 != 0x0D }, as: UTF8.self)
+    deinit {
+        agent?.close()
+        unlink(agentSocket)
     }
 
-    /// The accelerator a guest really boots under here: KVM if a guest boots with it within
-    /// `kvmTimeoutS`, else TCG, with why KVM was not used.
+    /// Connects to the agent and waits for its HELLO (a migrated guest's agent is the same
+    /// process: call this on the destination after it runs).
+    public func connectAgent(timeoutS: Double) throws {
+        do {
+            let a = try agent ?? GuestAgent(path: agentSocket, timeoutS: min(timeoutS, 10))
+            agent = a
+            hello = try a.hello(timeoutS: timeoutS)
+            if bootTimeS == nil { bootTimeS = Clock.seconds(since: started) }
+        } catch {
+            let how = qemu.exited().map { "QEMU ended (\($0)); " } ?? ""
+            throw SystemError(errno: ETIMEDOUT, call: "the guest under \(accelerator.rawValue) did not answer (\(error)); \(how)console: \(QEMUProcess.tail(consolePath))")
+        }
+    }
+
+    /// The agent, or an error saying the guest has none connected.
+    public func requireAgent() throws -> GuestAgent {
+        guard let agent else { throw SystemError(errno: ENOTCONN, call: "the guest's agent is not connected") }
+        return agent
+    }
+
+    /// Stops QEMU (quit, then SIGKILL) and forgets the agent.
+    @discardableResult
+    public func stop(timeoutS: Double = 2) -> ChildExit? {
+        agent?.close()
+        agent = nil
+        return qemu.stop(timeoutS: timeoutS)
+    }
+
+    /// The accelerator a guest really runs under here: KVM if a guest answers under it within
+    /// `kvmTimeoutS`, else TCG, with why KVM was not used. Tried once a process.
     public static func probeAccelerator(image: GuestImage, directory: String, kvmTimeoutS: Double = 20) -> (Accelerator, String?) {
+        probed.withLock { cached in
+            if let cached { return cached }
+            let r = tryKVM(image: image, directory: directory, timeoutS: kvmTimeoutS)
+            cached = r
+            return r
+        }
+    }
+
+    private static let probed = Lock<(Accelerator, String?)?>(nil)
+
+    private static func tryKVM(image: GuestImage, directory: String, timeoutS: Double) -> (Accelerator, String?) {
         guard access("/dev/kvm", R_OK | W_OK) == 0 else { return (.tcg, "/dev/kvm is not there or not usable") }
         do {
-            let g = try BootedGuest(image: image, memoryMiB: 128, accelerator: .kvm, directory: directory, timeoutS: kvmTimeoutS)
-            g.qemu.stop(timeoutS: 2)
+            let g = try Guest(image: image, config: GuestConfig(memoryMiB: 128), accelerator: .kvm, directory: directory, timeoutS: timeoutS)
+            g.stop()
             return (.kvm, nil)
         } catch {
             return (.tcg, "a guest did not boot under KVM (\(error))")

@@ -3,9 +3,11 @@ import Glibc
 #endif
 import Foundation
 import LinuxMM
+import Transfer
 
 /// A guest's initramfs, built by memlab from distribution parts and nothing downloaded:
-/// Debian's static busybox and an `/init` script, written as an uncompressed `newc` cpio
+/// Debian's static busybox, memlab's own agent (`AgentBinary`), the kernel's virtio modules
+/// where they are modules, and an `/init` script, written as an uncompressed `newc` cpio
 /// archive (the kernel takes it as is). Cached in the state directory under the hash of its
 /// contents, so a changed input makes a new image and an unchanged one is reused.
 public struct GuestImage: Sendable {
@@ -19,39 +21,130 @@ public struct GuestImage: Sendable {
         if let q = QEMUProcess.missing { return q }
         if access(busybox, X_OK) != 0 { return "\(busybox) not found: apt-get install busybox-static" }
         if distributionKernel == nil { return "no kernel in /boot: apt-get install --no-install-recommends linux-image-amd64" }
-        return nil
+        return AgentBinary.missing
     }
 
     /// The line `/init` prints on the serial console once the guest is up.
     public static let readyMarker = "memlab-guest: ready"
+    /// The modules the guest needs (virtio PCI, the console port the agent talks on, the
+    /// balloon), loaded by /init in dependency order where the kernel has them as modules.
+    static let wantedModules = ["virtio_pci", "virtio_console", "virtio_balloon"]
 
     public let path: String
     public let kernel: String
+    /// The kernel's release, from its bzImage header ("6.1.0-57-amd64").
+    public let kernelRelease: String
 
-    /// Builds (or finds) the image in `directory`: busybox and an init that mounts /proc and
-    /// /sys, prints the ready line with the guest's uptime, then runs `then` (a shell line;
-    /// default: power off).
-    public static func build(directory: String, kernel: String? = nil, then: String = "/bin/busybox poweroff -f") throws -> GuestImage {
+    /// Builds (or finds) the image in `directory` for `kernel` (a bzImage; default: the
+    /// distribution's): busybox, the agent, the modules, and an init that mounts /proc, /sys
+    /// and /dev, loads the modules, prints the ready line with the guest's uptime, runs the
+    /// agent on its virtio-serial port, and powers off when it ends.
+    public static func build(directory: String, kernel: String? = nil) throws -> GuestImage {
         guard let kernel = kernel ?? distributionKernel else { throw SystemError(errno: ENOENT, call: "find a kernel in /boot") }
-        let busyboxBytes = try Data(contentsOf: URL(fileURLWithPath: busybox))
-        let initScript = """
-        #!/bin/busybox sh
-        /bin/busybox mount -t proc proc /proc
-        /bin/busybox mount -t sysfs sys /sys
-        /bin/busybox echo "\(readyMarker) uptime $(/bin/busybox cut -d' ' -f1 /proc/uptime)"
-        \(then)
-        """
+        let release = try BzImage.release(of: kernel)
+        let modules = try KernelModules.loadOrder(release: release, wanted: wantedModules)
+        let agent = try AgentBinary.build(directory: directory)
         var archive = CPIOWriter()
-        for dir in ["bin", "proc", "sys", "dev", "tmp"] { archive.directory(dir) }
-        archive.file("bin/busybox", busyboxBytes, mode: 0o755)
-        archive.file("init", Data(initScript.utf8), mode: 0o755)
+        for dir in ["bin", "proc", "sys", "dev", "tmp", "lib", "lib/modules"] { archive.directory(dir) }
+        archive.file("bin/busybox", try Data(contentsOf: URL(fileURLWithPath: busybox)), mode: 0o755)
+        archive.file("bin/memlab-agent", try Data(contentsOf: URL(fileURLWithPath: agent)), mode: 0o755)
+        for m in modules { archive.file("lib/modules/\(m.name).ko", try Data(contentsOf: URL(fileURLWithPath: m.path)), mode: 0o644) }
+        archive.file("init", Data(initScript(modules: modules.map(\.name)).utf8), mode: 0o755)
         let data = archive.finish()
-        // FNV-1a of the archive: the cache key (a changed busybox or init makes a new name).
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in data { h ^= UInt64(b); h &*= 0x0000_0100_0000_01b3 }
-        let path = "\(directory)/guest-\(String(h, radix: 16)).cpio"
+        // FNV-1a of the archive: the cache key (a changed busybox, agent or module makes a new name).
+        let path = "\(directory)/guest-\(String(AgentBinary.fnv1a(data), radix: 16)).cpio"
         if !ProcFile.exists(path) { try AtomicFile.write(Array(data), to: path) }
-        return GuestImage(path: path, kernel: kernel)
+        return GuestImage(path: path, kernel: kernel, kernelRelease: release)
+    }
+
+    static func initScript(modules: [String]) -> String {
+        """
+        #!/bin/busybox sh
+        /bin/busybox --install -s /bin
+        mount -t proc proc /proc
+        mount -t sysfs sys /sys
+        mount -t devtmpfs dev /dev
+        for m in \(modules.joined(separator: " ")); do insmod /lib/modules/$m.ko 2>/dev/null; done
+        echo "\(readyMarker) uptime $(cut -d' ' -f1 /proc/uptime)"
+        # The port appears once the host's control message has been handled: wait up to 10 s.
+        port=""
+        for i in $(seq 100); do
+          for d in /sys/class/virtio-ports/*; do
+            [ -e "$d/name" ] && [ "$(cat $d/name)" = \(GuestAgent.portName) ] && port=/dev/${d##*/}
+          done
+          [ -n "$port" ] && [ -e "$port" ] && break
+          sleep 0.1
+        done
+        if [ -n "$port" ]; then
+          /bin/memlab-agent "$port"
+          echo "memlab-guest: the agent ended ($?)"
+        else
+          echo "memlab-guest: no virtio-serial port \(GuestAgent.portName)"
+        fi
+        poweroff -f
+        """
+    }
+}
+
+/// A kernel image's header: what makes a file a bzImage, and the release it names.
+public enum BzImage {
+    /// The release string of the bzImage at `path` ("6.1.0-57-amd64"), or an error saying
+    /// the file is not a bzImage (Documentation/arch/x86/boot.rst: "HdrS" at 0x202, the
+    /// version string's offset − 0x200 at 0x20E).
+    public static func release(of path: String) throws -> String {
+        guard let h = FileHandle(forReadingAtPath: path) else { throw SystemError.current("open", path: path) }
+        defer { try? h.close() }
+        let head = [UInt8](h.readData(ofLength: 64 << 10))
+        return try release(header: head, path: path)
+    }
+
+    static func release(header b: [UInt8], path: String) throws -> String {
+        guard b.count >= 0x210, b[0x202] == 0x48, b[0x203] == 0x64, b[0x204] == 0x72, b[0x205] == 0x53 else {
+            throw SystemError(errno: ENOEXEC, call: "\(path) is not a bzImage (no HdrS boot header)")
+        }
+        let at = Int(b[0x20E]) | Int(b[0x20F]) << 8
+        let start = at + 0x200
+        guard at != 0, start < b.count else { throw SystemError(errno: ENOEXEC, call: "\(path): the boot header names no kernel version") }
+        let text = b[start...].prefix(256).prefix { $0 != 0 && $0 != 0x20 }
+        guard !text.isEmpty else { throw SystemError(errno: ENOEXEC, call: "\(path): an empty kernel version") }
+        return PeerText.decode(text)
+    }
+}
+
+/// A kernel's modules, from /lib/modules/RELEASE/modules.dep.
+enum KernelModules {
+    struct Module: Equatable { let name: String; let path: String }
+
+    /// The modules to load for `wanted`, dependencies first; one that is built in
+    /// (modules.builtin) or missing is left out — then the guest says so on its console.
+    static func loadOrder(release: String, wanted: [String]) throws -> [Module] {
+        let dir = "/lib/modules/\(release)"
+        guard let dep = try? ProcFile.read("\(dir)/modules.dep") else { return [] }
+        return loadOrder(modulesDep: dep, directory: dir, wanted: wanted)
+    }
+
+    static func loadOrder(modulesDep: String, directory: String, wanted: [String]) -> [Module] {
+        var deps: [String: [String]] = [:]
+        for line in modulesDep.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let path = String(line[..<colon])
+            deps[name(path)] = [path] + line[line.index(after: colon)...].split(separator: " ").map(String.init)
+        }
+        var order: [Module] = []
+        func load(_ n: String, depth: Int) {
+            guard depth < 32, !order.contains(where: { $0.name == n }), let entry = deps[n] else { return }
+            // modules.dep lists each module's dependencies, nearest first: load them last-first.
+            for d in entry.dropFirst().reversed() { load(name(d), depth: depth + 1) }
+            order.append(Module(name: n, path: "\(directory)/\(entry[0])"))
+        }
+        for w in wanted { load(w, depth: 0) }
+        return order
+    }
+
+    static func name(_ path: String) -> String {
+        var n = path.split(separator: "/").last.map(String.init) ?? path
+        for ext in [".ko.xz", ".ko.zst", ".ko.gz", ".ko"] where n.hasSuffix(ext) { n.removeLast(ext.count); break }
+        return n
     }
 }
 

@@ -11,7 +11,13 @@ public struct MemInfo: Sendable, Equatable {
             let rest = line[line.index(after: colon)...].split(separator: " ")
             guard let first = rest.first, let number = UInt64(first) else { continue }
             let isKB = rest.count > 1 && rest[1] == "kB"
-            fields[name] = isKB ? number * 1024 : number
+            // Text from a guest is hostile input too: a kB value past 2^54 would overflow.
+            if isKB {
+                let (bytes, overflow) = number.multipliedReportingOverflow(by: 1024)
+                if !overflow { fields[name] = bytes }
+            } else {
+                fields[name] = number
+            }
         }
         self.fields = fields
     }

@@ -122,25 +122,37 @@ import Testing
 }
 
 @Suite(.serialized, .enabled(if: GuestImage.missing == nil, "\(GuestImage.missing ?? "")")) struct GuestBootTests {
-    /// A guest built from Debian's kernel and busybox boots to its ready line; KVM is tried
-    /// first and used only if a guest really boots under it; QEMU is gone afterwards.
-    @Test func aGuestBootsToReadyUnderTheAcceleratorThatWorks() throws {
+    /// A guest built from Debian's kernel, busybox and memlab's agent boots until the agent
+    /// answers; KVM is tried first and used only if a guest really boots under it; the agent
+    /// fills, checksums and frees memory and reports the guest's meminfo; QEMU is gone after.
+    @Test func aGuestBootsAndItsAgentAnswers() throws {
         let tmp = TempDir()
         let image = try GuestImage.build(directory: tmp.path)
         // The same inputs make the same image: built once, then found.
         #expect(try GuestImage.build(directory: tmp.path).path == image.path)
-        let (accel, why) = BootedGuest.probeAccelerator(image: image, directory: tmp.path)
+        let (accel, why) = Guest.probeAccelerator(image: image, directory: tmp.path)
         if let why { print("accelerator: tcg (\(why))") }
-        let guest = try BootedGuest(image: image, memoryMiB: 256, accelerator: accel, directory: tmp.path, timeoutS: 60)
-        print("boot to ready: \(guest.bootTimeS) s under \(accel.rawValue) (guest uptime \(guest.guestUptimeS.map { "\($0)" } ?? "?") s)")
-        #expect(guest.guestUptimeS != nil)
+        let guest = try Guest(image: image, config: GuestConfig(memoryMiB: 256), accelerator: accel, directory: tmp.path, timeoutS: 90)
+        let hello = try #require(guest.hello)
+        print("boot to agent: \(guest.bootTimeS ?? -1) s under \(accel.rawValue) (guest uptime \(guest.guestUptimeS ?? -1) s, kernel \(hello.kernelRelease))")
+        #expect(hello.kernelRelease == image.kernelRelease)
+        #expect(hello.pageSize == 4096)
+        #expect(hello.memTotalBytes > 128 << 20 && hello.memTotalBytes <= 256 << 20)
+        let agent = try guest.requireAgent()
+        let before = try agent.meminfo(timeoutS: 10)
+        let fill = try agent.fill(region: 0, bytes: 16 << 20, seed: 7, timeoutS: 60)
+        #expect(fill.pages == 4096)
+        #expect(try agent.checksum(region: 0, timeoutS: 30).checksum == fill.checksum)
+        let after = try agent.meminfo(timeoutS: 10)
+        #expect(before.memTotal == hello.memTotalBytes)
+        // 16 MiB touched in the guest: MemFree fell by about that much.
+        let fell = Int64(before["MemFree"] ?? 0) - Int64(after["MemFree"] ?? 0)
+        #expect(fell > 14 << 20, "MemFree fell by \(fell)")
+        // A bad request is an ERROR frame, not a dead agent.
+        #expect(throws: AgentError.self) { try agent.free(region: 9, timeoutS: 10) }
+        try agent.free(region: 0, timeoutS: 10)
         let pid = guest.qemu.pid
-        // The init powers the guest off after its ready line: QEMU ends by itself (-no-reboot).
-        let start = Clock.nanoseconds()
-        var end = guest.endedAtReady
-        while end == nil && Clock.seconds(since: start) < 30 { end = guest.qemu.exited(); Clock.sleep(nanoseconds: 20_000_000) }
-        if end == nil { guest.qemu.stop(timeoutS: 1) }
-        #expect(end == .exited(0), "\(String(describing: end))")
+        guest.stop()
         #expect(kill(pid, 0) != 0 && errno == ESRCH)
     }
 }
