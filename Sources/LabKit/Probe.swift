@@ -110,6 +110,9 @@ public struct ProbeReport: Sendable, Codable {
         if let size = NUMA.nodeSize(0) { numaDetail += "; node 0: \(size.total) bytes, \(size.free) free" }
         f.append(Feature(name: "numa", usable: NUMA.isAvailable, detail: numaDetail, reason: NUMA.isAvailable ? nil : "numa_available() < 0"))
 
+        // Hypervisors (issue 13), in libvirt's driver probe order: xen, kvm, qemu, lxc, libvirt.
+        f += hypervisors()
+
         return ProbeReport(host: .current(), root: root, features: f)
     }
 

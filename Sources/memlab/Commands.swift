@@ -41,7 +41,7 @@ struct List: ParsableCommand {
 }
 
 struct Probe: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Tell what this machine and kernel offer: host facts and every memory feature, usable or not and why.")
+    static let configuration = CommandConfiguration(abstract: "Tell what this machine and kernel offer: host facts, every memory feature and the hypervisors (xen, kvm, qemu, lxc, libvirt), usable or not and why.")
 
     @Flag(help: "Print JSON.")
     var json = false
