@@ -63,7 +63,7 @@ let package = Package(
         .target(
             name: "Scenarios",
             dependencies: [
-                "LinuxMM", "LabKit", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
+                "LinuxMM", "LabKit", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration", "Guests",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ],
             swiftSettings: measured

@@ -150,7 +150,7 @@ static void do_hello(const uint8_t *p, uint32_t n) {
 /* FILL: region u32, entropy percent u32, bytes u64, seed u64, rate bytes/s u64 (0: as fast as
  * it goes), flags u32. Each page: the first entropy% of its bytes from splitmix64(seed, page),
  * the rest zero. The same seed in two guests makes the same pages (KSM merges them across
- * guests); a different seed, unique ones. */
+ * guests); a different seed, unique ones. A region of the same size is refilled in place. */
 static void do_fill(const uint8_t *p, uint32_t n) {
     if (n < 36) { send_error("FILL of %u bytes (36)", n); return; }
     struct region *g = region_arg(p, 0);
@@ -163,13 +163,17 @@ static void do_fill(const uint8_t *p, uint32_t n) {
         return;
     }
     if (dirtier.running && (uint32_t)(g - regions) == dirtier.region) { send_error("region is being dirtied"); return; }
-    free_region(g);
-    void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) { send_error("mmap %llu bytes: %s", (unsigned long long)bytes, strerror(errno)); return; }
-    if (flags & FILL_HUGEPAGE) madvise(m, bytes, MADV_HUGEPAGE);
-    if (flags & FILL_NOHUGEPAGE) madvise(m, bytes, MADV_NOHUGEPAGE);
-    g->base = m;
-    g->bytes = bytes;
+    /* A region of the same size is rewritten in place: the same guest pages take the new
+     * contents (KSM across guests measures a refill of pages it has already seen). */
+    if (g->bytes != bytes) {
+        free_region(g);
+        void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) { send_error("mmap %llu bytes: %s", (unsigned long long)bytes, strerror(errno)); return; }
+        if (flags & FILL_HUGEPAGE) madvise(m, bytes, MADV_HUGEPAGE);
+        if (flags & FILL_NOHUGEPAGE) madvise(m, bytes, MADV_NOHUGEPAGE);
+        g->base = m;
+        g->bytes = bytes;
+    }
     uint64_t pages = bytes / (uint64_t)page_size, random_words = (uint64_t)page_size / 8 * entropy / 100;
     uint64_t start = now_ns();
     for (uint64_t i = 0; i < pages; i++) {
@@ -270,10 +274,16 @@ static void do_chase(const uint8_t *p, uint32_t n) {
         uint64_t j = splitmix64(&s) % i;
         uint64_t t = order[i]; order[i] = order[j]; order[j] = t;
     }
+    /* Each page's pointer sits at a random cache line of it, as memlab's host chase does:
+     * all at offset 0 would pile into the same cache sets. */
+    uint64_t *slot = malloc(pages * sizeof *slot);
+    if (!slot) { free(order); send_error("malloc for %llu pages", (unsigned long long)pages); return; }
+    for (uint64_t i = 0; i < pages; i++) slot[i] = i * (uint64_t)page_size + splitmix64(&s) % ((uint64_t)page_size / 64) * 64;
     for (uint64_t i = 0; i < pages; i++)
-        *(uint8_t **)(g->base + order[i] * (uint64_t)page_size) = g->base + order[(i + 1) % pages] * (uint64_t)page_size;
+        *(uint8_t **)(g->base + slot[order[i]]) = g->base + slot[order[(i + 1) % pages]];
+    uint8_t *q = g->base + slot[order[0]];
     free(order);
-    uint8_t *q = g->base;
+    free(slot);
     for (uint64_t i = 0; i < pages; i++) q = *(uint8_t **)q; /* warm: every page resident */
     uint64_t start = now_ns();
     for (uint64_t i = 0; i < accesses; i++) q = *(uint8_t **)q;

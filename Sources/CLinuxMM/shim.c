@@ -122,15 +122,17 @@ int memlab_memfd_create(const char *name, unsigned int flags) {
 
 int memlab_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 
-int memlab_set_affinity(const int *cpus, int count) {
+int memlab_set_thread_affinity(pid_t tid, const int *cpus, int count) {
     cpu_set_t set;
     CPU_ZERO(&set);
     for (int i = 0; i < count; i++) {
-        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) return -1;
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE) { errno = EINVAL; return -1; }
         CPU_SET(cpus[i], &set);
     }
-    return sched_setaffinity(0, sizeof(set), &set);
+    return sched_setaffinity(tid, sizeof(set), &set);
 }
+
+int memlab_set_affinity(const int *cpus, int count) { return memlab_set_thread_affinity(0, cpus, count); }
 
 int memlab_get_affinity(int *cpus, int capacity) {
     cpu_set_t set;

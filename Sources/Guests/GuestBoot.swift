@@ -45,8 +45,9 @@ public struct GuestConfig: Sendable {
     public var backing: GuestBacking = .anonymous
     /// QEMU's `mem-merge` (MADV_MERGEABLE on guest RAM, so KSM scans it).
     public var merge: Bool = true
-    /// A virtio-balloon device, with free page reporting.
+    /// A virtio-balloon device, and whether it offers free page reporting.
     public var balloon: Bool = false
+    public var freePageReporting = true
     /// Added to the guest kernel's command line (`transparent_hugepage=never`, …).
     public var kernelArguments: [String] = []
     /// `-incoming URI`: the guest waits for a migration instead of booting.
@@ -68,7 +69,7 @@ public struct GuestConfig: Sendable {
                  "-chardev", "socket,id=agent0,path=\(agentSocket),server=on,wait=off",
                  "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=\(GuestAgent.portName)"]
         a += backing.arguments(memoryMiB: memoryMiB)
-        if balloon { a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"] }
+        if balloon { a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=\(freePageReporting ? "on" : "off")"] }
         if let incoming { a += ["-incoming", incoming] }
         if startPaused { a += ["-S"] }
         return a
@@ -91,10 +92,10 @@ public final class Guest {
     private let agentSocket: String
     private let started: UInt64
 
-    /// Starts QEMU with `config`; unless it waits for a migration, waits for the agent within
-    /// `timeoutS`.
+    /// Starts QEMU with `config`; unless it waits for a migration (or `waitForAgent` is false:
+    /// several guests booting at once), waits for the agent within `timeoutS`.
     public init(image: GuestImage, config: GuestConfig, accelerator: Accelerator, directory: String,
-                settingsGuard: SettingsGuard? = nil, timeoutS: Double) throws {
+                settingsGuard: SettingsGuard? = nil, timeoutS: Double, waitForAgent: Bool = true) throws {
         let tag = "\(accelerator.rawValue)-\(getpid())-\(Clock.nanoseconds() % 1_000_000_000)"
         consolePath = "\(directory)/console-\(tag).log"
         agentSocket = "\(directory)/agent-\(tag).sock"
@@ -103,7 +104,7 @@ public final class Guest {
                                directory: directory, settingsGuard: settingsGuard, timeoutS: min(timeoutS, 30))
         self.accelerator = accelerator
         self.config = config
-        if config.incoming == nil && !config.startPaused {
+        if waitForAgent && config.incoming == nil && !config.startPaused {
             do { try connectAgent(timeoutS: timeoutS) } catch {
                 qemu.stop(timeoutS: 1)
                 throw error

@@ -24,6 +24,8 @@ public final class QEMUProcess {
     public let logPath: String
     private var reaped = false
     private let settingsGuard: SettingsGuard?
+    /// Its record in the run directory (killed by the next memlab if this one dies).
+    private let record: String?
 
     /// Starts `qemu-system-x86_64 ARGUMENTS -qmp … -display none` in `directory` and connects
     /// QMP within `timeoutS`; on any failure QEMU is killed and the error carries the last
@@ -39,6 +41,7 @@ public final class QEMUProcess {
         if p < 0 { throw SystemError.current("fork/exec", path: Self.binary) }
         pid = p
         settingsGuard?.recordProcess(p)
+        record = RunDirectory.recordProcess(p)
         // QEMU makes the socket early in its start; one that exits first (a bad option, a
         // missing firmware) is reported at once, with its own words, not after the deadline.
         let start = Clock.nanoseconds()
@@ -46,6 +49,7 @@ public final class QEMUProcess {
             var s: Int32 = 0
             if waitpid(p, &s, WNOHANG) == p {
                 settingsGuard?.forgetProcess(p)
+                if let record { unlink(record) }
                 let how = memlab_wifsignaled(s) != 0 ? "was killed by \(ChildProcess.signalName(memlab_wtermsig(s)))" : "exited with status \(memlab_wexitstatus(s))"
                 throw SystemError(errno: ECHILD, call: "QEMU \(how) before it listened on QMP; its log ends: \(Self.tail(logPath))")
             }
@@ -58,6 +62,7 @@ public final class QEMUProcess {
             var s: Int32 = 0
             while waitpid(p, &s, 0) < 0 && errno == EINTR {}
             settingsGuard?.forgetProcess(p)
+            if let record { unlink(record) }
             unlink(socketPath)
             throw SystemError(errno: EIO, call: "QEMU did not answer on QMP (\(error)); its log ends: \(Self.tail(logPath))")
         }
@@ -74,6 +79,7 @@ public final class QEMUProcess {
         reaped = true
         qmp.close()
         settingsGuard?.forgetProcess(pid)
+        if let record { unlink(record) }
         return memlab_wifsignaled(s) != 0 ? .signaled(memlab_wtermsig(s)) : .exited(memlab_wexitstatus(s))
     }
 
@@ -86,11 +92,12 @@ public final class QEMUProcess {
         qmp.close()
         let exit = ChildProcess.wait(pid, deadline: timeoutS)
         settingsGuard?.forgetProcess(pid)
+        if let record { unlink(record) }
         return exit
     }
 
     /// The last lines of a log, for a reason (at most 1 KiB, made printable).
-    static func tail(_ path: String) -> String {
+    public static func tail(_ path: String) -> String {
         guard let data = FileManager.default.contents(atPath: path) else { return "(no log)" }
         let text = String(decoding: data, as: UTF8.self)
         let lines = text.split(separator: "\n").suffix(5).joined(separator: " | ")

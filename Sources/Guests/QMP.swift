@@ -133,6 +133,20 @@ public final class QMPClient {
         }
     }
 
+    /// The first kept or arriving event for which `matches` holds, within `timeoutS`; unlike
+    /// `waitForEvent`, every event stays in `events` (a migration reads STOP and MIGRATION
+    /// stamps from the same list).
+    public func firstEvent(timeoutS: Double, where matches: (QMPEvent) -> Bool) throws(QMPError) -> QMPEvent {
+        let deadline = Clock.nanoseconds() &+ UInt64(min(max(timeoutS, 0.001), Deadline.maxS) * 1e9)
+        while true {
+            if let e = events.first(where: matches) { return e }
+            switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "an event") {
+            case .event(let e): events.append(e)
+            default: throw .malformed("a reply with no command asked")
+            }
+        }
+    }
+
     /// The next message, reading until a newline or the deadline.
     static func next(_ socket: Socket, _ buffer: inout [UInt8], deadline: UInt64, waitingFor what: String) throws(QMPError) -> QMPMessage {
         var chunk = [UInt8](repeating: 0, count: 64 << 10)

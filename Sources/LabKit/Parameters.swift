@@ -58,6 +58,8 @@ public enum ParameterUnit: String, Sendable, Codable, CaseIterable {
     case none, bytes, pages, count, ratio, percent, s, ms, ns
     case mbitPerSecond = "Mbit/s"
     case pagesPerSecond = "pages/s"
+    /// Guest memory sizes, as QEMU's -m takes them.
+    case mib = "MiB"
 }
 
 /// One parameter of a scenario, untyped: name, kind with its allowed range, default, unit and

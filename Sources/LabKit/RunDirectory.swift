@@ -94,11 +94,33 @@ public enum RunDirectory {
                 let path = "\(base)/\(name)"
                 // Only real directories of our own user: never follow a link someone planted.
                 guard isOurs(path) else { continue }
+                // A process the dead run started (a QEMU guest) dies before its files go.
+                _ = SettingsGuard.killAndWait(processRecords(in: path))
                 removeTree(path)
                 if !ProcFile.exists(path) { removed.append(path) }
             }
         }
         return removed
+    }
+
+    /// Names `pid` in this run's directory (`proc-PID-START`): whichever memlab next finds
+    /// the run dead kills it before removing the directory. For what a repetition's child
+    /// starts (a guest), which the runner's journal does not see; the child removes the
+    /// record once it has reaped the process.
+    public static func recordProcess(_ pid: pid_t) -> String? {
+        guard let start = (try? ProcStat.read(pid: pid))?.startTimeTicks, let dir = try? make() else { return nil }
+        let path = "\(dir)/proc-\(pid)-\(start)"
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return nil }
+        close(fd)
+        return path
+    }
+
+    static func processRecords(in dir: String) -> [ProcessRecord] {
+        ProcFile.list(dir).compactMap { name in
+            guard name.hasPrefix("proc-"), let (pid, start) = parse(String(name.dropFirst(5))) else { return nil }
+            return ProcessRecord(pid: pid, start: start)
+        }
     }
 
     static func parse(_ tag: String) -> (Int32, UInt64)? {

@@ -39,6 +39,13 @@ public enum NUMA {
         if rc != 0 { throw SystemError.current("sched_setaffinity(\(cpus))") }
     }
 
+    /// Pins another thread (by its tid) to the given CPUs.
+    public static func setAffinity(thread tid: Int32, cpus: [Int]) throws(SystemError) {
+        let list = cpus.map { Int32(clamping: $0) }
+        let rc = list.withUnsafeBufferPointer { memlab_set_thread_affinity(tid, $0.baseAddress, Int32($0.count)) }
+        if rc != 0 { throw SystemError.current("sched_setaffinity(thread \(tid), \(cpus))") }
+    }
+
     public static func currentAffinity() -> [Int] {
         var buf = [Int32](repeating: 0, count: 1024)
         let n = buf.withUnsafeMutableBufferPointer { memlab_get_affinity($0.baseAddress, 1024) }

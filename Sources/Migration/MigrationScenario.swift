@@ -127,6 +127,23 @@ public struct MigrationScenario: TypedScenario {
         }
     }
 
+    /// memlab's pre-copy model run for real on figures from elsewhere (a QEMU migration):
+    /// a region of `size` bytes of random pages, `hotPages` of them dirtied at `dirtyRate`
+    /// pages/s by one thread, over the emulated link, with uffd-wp dirty tracking.
+    public static func emulatePrecopy(size: Int, dirtyRate: Double, hotPages: Int, model: LinkModel,
+                                      downtimeTarget: Double, maxRounds: Int, seed: UInt64) throws -> PrecopyOutcome {
+        let region = try AnonymousMapping(length: size)
+        let pages = region.length / System.pageSize
+        fillRandom(region.base, length: region.length, seed: seed)
+        let link = try EmulatedPageLink(model: model, length: region.length)
+        let tracker = try MigrationScenario().makeTracker(.wpAsync, base: region.base, length: region.length)
+        defer { tracker.close() }
+        let workload = DirtyWorkload(base: region.base, pages: pages, hotPages: max(1, min(hotPages, pages)), rate: dirtyRate, threads: 1)
+        let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTarget, maxRounds: maxRounds)
+        try workload.start(seed: seed ^ 0x5EED)
+        return try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
+    }
+
     /// Records an outcome with the names docs/results-format.md and QEMU use; shared with `memlab migrate`.
     public static func record(_ out: PrecopyOutcome, model: LinkModel, pageSize: Int, pages: Int,
                               tracker: DirtyTracker?, ctx: RunContext) {

@@ -10,5 +10,6 @@ public let allScenarios = Registry([
     TmemScenario(),
     LazyRestoreScenario(),
     MigrationScenario(),
+    VMScenario(),
     SelfTestScenario(),
 ])

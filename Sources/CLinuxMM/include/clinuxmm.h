@@ -232,6 +232,8 @@ int memlab_memfd_create(const char *name, unsigned int flags);
 int memlab_pipe2(int fds[2], int flags);
 /// sched_setaffinity over an explicit CPU list (CPU_SET is a macro).
 int memlab_set_affinity(const int *cpus, int count);
+/// The same for another thread (a QEMU vCPU thread), by its tid.
+int memlab_set_thread_affinity(pid_t tid, const int *cpus, int count);
 /// Fills `cpus` with the CPUs of the current affinity mask; returns how many (or -1).
 int memlab_get_affinity(int *cpus, int capacity);
 /// posix_spawnattr setup for a clean child: every signal default, nothing blocked.

@@ -1,0 +1,39 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Guests
+import LabKit
+import LinuxMM
+
+extension VMScenario {
+    /// The guest's vCPU thread (from query-cpus-fast) pinned on the emulator thread's CPU,
+    /// on another, or left free (as `virsh vcpupin` and `emulatorpin` do); the agent's fill
+    /// throughput and pointer-chase latency for each.
+    func runPinning(_ lab: VMLab, _ ctx: RunContext, _ p: Values) throws {
+        var config = GuestConfig(memoryMiB: p.memoryMiB)
+        config.merge = false
+        let g = try lab.boot(config)
+        lab.recordBoot([g])
+        let agent = try lab.agent(g)
+        let vcpus = try g.qemu.vcpuThreads()
+        let cpus = System.onlineCPUSet.sorted().filter { $0 < 1024 }
+        guard let first = cpus.first else { throw ScenarioError.failed("no online CPU listed") }
+        let other = cpus.first { $0 != first } ?? first
+        switch p.pin {
+        case .free: break
+        case .same, .apart:
+            try pin(g.qemu.pid, cpu: first)
+            for t in vcpus { try pin(t, cpu: p.pin == .same ? first : other) }
+        }
+        let bytes = UInt64(p.fillMiB) << 20
+        _ = try agent.fill(region: 0, bytes: bytes, seed: 1, timeoutS: 300)       // resident first
+        let f = try agent.fill(region: 1, bytes: bytes, seed: 2, timeoutS: 300)
+        ctx.record("fill_rate", Double(bytes) / f.seconds, .bytesPerSecond, better: .higher)
+        let ns = try agent.chase(region: 1, workingSet: UInt64(p.workingSetMiB) << 20, accesses: UInt64(p.accesses), seed: 3, timeoutS: 600)
+        ctx.record("chase_latency", ns, .ns, better: .lower)
+        ctx.record("vcpu_threads", Double(vcpus.count), .count, better: .none)
+        ctx.note("pinning: \(p.pin.rawValue) — emulator thread \(g.qemu.pid)\(p.pin == .free ? "" : " on CPU \(first)"), vCPU threads \(vcpus.map(String.init).joined(separator: ","))\(p.pin == .free ? " free" : " on CPU \(p.pin == .same ? first : other)"); accelerator \(lab.accelerator.rawValue)")
+    }
+
+    func pin(_ tid: pid_t, cpu: Int) throws { try NUMA.setAffinity(thread: tid, cpus: [cpu]) }
+}
