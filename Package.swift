@@ -82,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "memlab",
             dependencies: [
-                "LinuxMM", "LabKit", "Scenarios", "EntryPoints", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration",
+                "LinuxMM", "LabKit", "Scenarios", "EntryPoints", "CLinuxMM", "Transfer", "Workloads", "LazyRestore", "Migration", "Guests",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

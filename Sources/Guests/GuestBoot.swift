@@ -44,7 +44,7 @@ public struct GuestConfig: Sendable {
     public var cpus: Int = 1
     public var backing: GuestBacking = .anonymous
     /// QEMU's `mem-merge` (MADV_MERGEABLE on guest RAM, so KSM scans it).
-    public var merge: Bool = true
+    public var merge: Bool = false
     /// A virtio-balloon device, and whether it offers free page reporting.
     public var balloon: Bool = false
     public var freePageReporting = true

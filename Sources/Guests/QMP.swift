@@ -140,7 +140,7 @@ public final class QMPClient {
         let deadline = Clock.nanoseconds() &+ UInt64(min(max(timeoutS, 0.001), Deadline.maxS) * 1e9)
         while true {
             if let e = events.first(where: matches) { return e }
-            switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "an event") {
+            switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "the event awaited") {
             case .event(let e): events.append(e)
             default: throw .malformed("a reply with no command asked")
             }

@@ -121,6 +121,7 @@ import Testing
     }
 }
 
+extension KernelTests {
 @Suite(.serialized, .enabled(if: GuestImage.missing == nil, "\(GuestImage.missing ?? "")")) struct GuestBootTests {
     /// A guest built from Debian's kernel, busybox and memlab's agent boots until the agent
     /// answers; KVM is tried first and used only if a guest really boots under it; the agent
@@ -155,4 +156,5 @@ import Testing
         guest.stop()
         #expect(kill(pid, 0) != 0 && errno == ESRCH)
     }
+}
 }

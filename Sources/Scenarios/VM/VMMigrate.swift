@@ -49,7 +49,8 @@ extension VMScenario {
         }
         let bandwidth = p.bandwidthMbit * 1e6 / 8
         try src.execute("migrate-set-parameters", arguments: [
-            "max-bandwidth": .number(bandwidth.rounded()), "downtime-limit": .number(p.downtimeTargetMs.rounded()),
+            "max-bandwidth": .number(bandwidth.rounded()), "max-postcopy-bandwidth": .number(bandwidth.rounded()),
+            "downtime-limit": .number(p.downtimeTargetMs.rounded()),
         ], timeoutS: 5)
         try dst.execute("migrate-incoming", arguments: ["uri": .string("tcp:127.0.0.1:0")], timeoutS: 5)
         let port = try listeningPort(dst)
@@ -57,12 +58,9 @@ extension VMScenario {
         let t0 = Clock.nanoseconds()
         try src.execute("migrate", arguments: ["uri": .string("tcp:127.0.0.1:\(port)")], timeoutS: 10)
         if p.mode != .precopy {
-            // Post-copy after the first pass over RAM, as QEMU's docs suggest.
-            while Clock.seconds(since: t0) < p.timeoutS {
-                let q = try src.execute("query-migrate", timeoutS: 5)
-                if (q["ram"]?["dirty-sync-count"]?.int ?? 0) >= 2 || q["status"]?.string == "completed" { break }
-                Clock.sleep(nanoseconds: 10_000_000)
-            }
+            // Post-copy at once: QEMU switches at its next iteration, so nearly every page
+            // moves by post-copy (a request on fault, the rest pushed) — the mechanism itself,
+            // not a pre-copy that happened to converge first.
             try src.execute("migrate-start-postcopy", timeoutS: 5)
         }
         let endStates: Set<String> = ["completed", "failed", "cancelled"]
@@ -77,6 +75,7 @@ extension VMScenario {
             ctx.record("converged", 0, .count, better: .higher)
             if let r = q?["ram"]?["dirty-sync-count"]?.int { ctx.record("rounds", Double(r), .count, better: .none) }
             if let b = q?["ram"]?["transferred"]?.int { ctx.record("bytes_transferred", Double(b), .bytes, better: .none) }
+            if let c = q?["cpu-throttle-percentage"]?.int { ctx.record("cpu_throttle_percentage", Double(c), .percent, better: .none) }
             ctx.note("migrate: QEMU did not complete within timeout_s=\(p.timeoutS) s (status \(q?["status"]?.string ?? "?")) and was cancelled; raise bandwidth_mbit, lower dirty_rate, or try auto_converge")
             return
         }
@@ -87,10 +86,19 @@ extension VMScenario {
         let info = try src.execute("query-migrate", timeoutS: 5)
         let setup = src.events.first { $0.name == "MIGRATION" && $0.data["status"]?.string == "setup" }
         let stop = src.events.first { $0.name == "STOP" }
-        // The destination would resume here (it is held by -S for the memory check).
-        let resumeState = p.mode == .precopy ? "completed" : "postcopy-active"
-        let arrived = try dst.firstEvent(timeoutS: 30) { $0.name == "MIGRATION" && $0.data["status"]?.string == resumeState }
-        _ = try dst.firstEvent(timeoutS: p.timeoutS) { $0.name == "MIGRATION" && $0.data["status"]?.string == "completed" }
+        // The destination would resume here (it is held by -S for the memory check): at the
+        // switch to post-copy, or when pre-copy completed.
+        let wentPostcopy = src.events.contains { $0.name == "MIGRATION" && $0.data["status"]?.string == "postcopy-active" }
+        let resumeState = wentPostcopy ? "postcopy-active" : "completed"
+        if p.mode != .precopy && !wentPostcopy { ctx.note("migrate: pre-copy completed before QEMU switched to post-copy") }
+        func destination(_ state: String, _ timeoutS: Double) throws -> QMPEvent {
+            do { return try dst.firstEvent(timeoutS: timeoutS) { $0.name == "MIGRATION" && $0.data["status"]?.string == state } } catch {
+                let seen = dst.events.map { "\($0.name)\($0.data["status"]?.string.map { " " + $0 } ?? "")" }
+                throw ScenarioError.failed("the destination did not reach \(state) (\(error)); its events: \(seen.joined(separator: ", ")); its log: \(QEMUProcess.tail(dest.qemu.logPath))")
+            }
+        }
+        let arrived = try destination(resumeState, 30)
+        _ = try destination("completed", p.timeoutS)
 
         ctx.record("converged", 1, .count, better: .higher)
         if let setup { ctx.record("total_time", end.time - setup.time, .s, better: .lower) } else { ctx.record("total_time", hostTotal, .s, better: .lower) }
@@ -105,14 +113,15 @@ extension VMScenario {
         if let r = ram?["postcopy-requests"]?.int { ctx.record("postcopy_requests", Double(r), .count, better: .none) }
         if let x = info["xbzrle-cache"] {
             for (k, name) in [("cache-miss", "xbzrle_cache_miss"), ("overflow", "xbzrle_overflow"), ("bytes", "xbzrle_bytes")] {
-                if let v = x[k]?.int { ctx.record(name, Double(v), .count, better: .none) }
+                if let v = x[k]?.int { ctx.record(name, Double(v), k == "bytes" ? .bytes : .count, better: .none) }
             }
         }
         if let c = info["cpu-throttle-percentage"]?.int { ctx.record("cpu_throttle_percentage", Double(c), .percent, better: .none) }
 
         // Memory: every page of guest RAM on the destination equals the source's at stop.
         let ramBytes = UInt64(p.memoryMiB) << 20
-        let mismatched = try compareGuestMemory(src, dst, bytes: ramBytes, pageSize: pageSize, directory: lab.directory)
+        let (mismatched, nonZero) = try compareGuestMemory(src, dst, bytes: ramBytes, pageSize: pageSize, directory: lab.directory)
+        ctx.record("nonzero_pages", Double(nonZero), .pages, better: .none)
         ctx.check("destination_mismatched_pages", expected: 0, observed: Double(mismatched), tolerance: 0,
                   describe: "every page of guest RAM on the destination equals the source's at stop time (QMP pmemsave of both, compared page by page)")
 
@@ -131,11 +140,13 @@ extension VMScenario {
             }
         }
 
-        // memlab's model on the same figures: the guest's used memory, its dirty rate over
-        // its hot pages, the same bandwidth and downtime target.
+        // memlab's model on the same figures: the guest's non-zero pages (QEMU sends zero
+        // pages as a header), its dirty rate over its hot pages, the same bandwidth and
+        // downtime target.
         let hotPages = Int(Double(fillBytes / pageSize) * p.hotFraction)
         let model = LinkModel(bandwidth: bandwidth, rtt: 0.0001)
-        let modelRun = try MigrationScenario.emulatePrecopy(size: Int(usedBytes / pageSize * pageSize), dirtyRate: Double(p.dirtyRate), hotPages: hotPages,
+        let modelBytes = max(nonZero, hotPages, 1) * Int(pageSize)
+        let modelRun = try MigrationScenario.emulatePrecopy(size: modelBytes, dirtyRate: Double(p.dirtyRate), hotPages: hotPages,
                                                             model: model, downtimeTarget: p.downtimeTargetMs / 1000, maxRounds: 30, seed: 0x4D4F_444C)
         ctx.record("model_total_time", modelRun.totalTime, .s, better: .none)
         ctx.record("model_downtime", modelRun.downtime, .s, better: .none)
@@ -144,7 +155,7 @@ extension VMScenario {
         if let setup, modelRun.totalTime > 0 { ctx.record("total_time_model_ratio", (end.time - setup.time) / modelRun.totalTime, .ratio, better: .none) }
         if let stop, modelRun.downtime > 0 { ctx.record("downtime_model_ratio", max(0, arrived.time - stop.time) / modelRun.downtime, .ratio, better: .none) }
         ctx.note("migrate: \(p.mode.rawValue) of a \(p.memoryMiB) MiB guest (\(usedBytes >> 20) MiB in use, \(p.fillMiB) MiB dirtied at \(p.dirtyRate) pages/s over \(p.hotFraction)) on loopback at max-bandwidth \(p.bandwidthMbit) Mbit/s; total_time and downtime from QEMU's event stamps (source STOP → destination \(resumeState)); QEMU lifts max-bandwidth for the final stop-and-copy, so on loopback its downtime is not a real link's")
-        ctx.note("migrate: the model is memlab's pre-copy (uffd-wp tracking, emulated link) on \(usedBytes >> 20) MiB of which \(hotPages) pages are dirtied at the same rate\(p.mode == .precopy ? "" : "; it models pre-copy only, so for post-copy the ratios compare against a pre-copy of the same figures"); accelerator \(lab.accelerator.rawValue)")
+        ctx.note("migrate: the model is memlab's pre-copy (uffd-wp tracking, emulated link) on the guest's \(modelBytes >> 20) MiB of non-zero pages, of which \(hotPages) pages are dirtied at the same rate\(p.mode == .precopy ? "" : "; it models pre-copy only, so for post-copy the ratios compare against a pre-copy of the same figures"); accelerator \(lab.accelerator.rawValue)")
     }
 
     func setCapabilities(_ q: QMPClient, _ caps: [String: Bool]) throws {
@@ -162,8 +173,9 @@ extension VMScenario {
         return port
     }
 
-    /// Dumps guest RAM of both (paused) sides with pmemsave and counts the pages that differ.
-    func compareGuestMemory(_ src: QMPClient, _ dst: QMPClient, bytes: UInt64, pageSize: UInt64, directory: String) throws -> Int {
+    /// Dumps guest RAM of both (paused) sides with pmemsave; counts the pages that differ, and
+    /// the source's pages that are not zero (what pre-copy sends in full: the model's size).
+    func compareGuestMemory(_ src: QMPClient, _ dst: QMPClient, bytes: UInt64, pageSize: UInt64, directory: String) throws -> (differ: Int, nonZero: Int) {
         let a = "\(directory)/source-ram.bin", b = "\(directory)/destination-ram.bin"
         defer { unlink(a); unlink(b) }
         try src.execute("pmemsave", arguments: ["val": .number(0), "size": .number(Double(bytes)), "filename": .string(a)], timeoutS: 120)
@@ -172,10 +184,16 @@ extension VMScenario {
         guard ma.length == Int(bytes), mb.length == Int(bytes) else {
             throw ScenarioError.failed("pmemsave wrote \(ma.length) and \(mb.length) bytes, asked for \(bytes)")
         }
-        var differ = 0
+        var differ = 0, nonZero = 0
         let page = Int(pageSize)
-        for off in stride(from: 0, to: ma.length, by: page) where memcmp(ma.base + off, mb.base + off, page) != 0 { differ += 1 }
-        return differ
+        for off in stride(from: 0, to: ma.length, by: page) {
+            if memcmp(ma.base + off, mb.base + off, page) != 0 { differ += 1 }
+            let words = (ma.base + off).assumingMemoryBound(to: UInt64.self)
+            var any: UInt64 = 0
+            for w in 0..<(page / 8) { any |= words[w] }
+            if any != 0 { nonZero += 1 }
+        }
+        return (differ, nonZero)
     }
 }
 

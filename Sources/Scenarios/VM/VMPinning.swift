@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
 import Guests
 import LabKit
 import LinuxMM
@@ -24,6 +25,17 @@ extension VMScenario {
         case .same, .apart:
             try pin(g.qemu.pid, cpu: first)
             for t in vcpus { try pin(t, cpu: p.pin == .same ? first : other) }
+        }
+        if p.pin != .free {
+            // What the kernel applied, read back: the vCPU thread's allowed CPUs.
+            let want = p.pin == .same ? first : other
+            for t in vcpus {
+                let status = (try? ProcFile.read("/proc/\(g.qemu.pid)/task/\(t)/status")) ?? ""
+                let line = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+                let allowed = line.flatMap { try? CPUList.parse(String($0.dropFirst("Cpus_allowed_list:".count)).trimmingCharacters(in: .whitespaces)) } ?? []
+                ctx.check("vcpu_pinned_cpu", expected: Double(want), observed: allowed.count == 1 ? Double(allowed[0]) : -1, tolerance: 0,
+                          describe: "the vCPU thread may run on exactly the CPU it was pinned to (/proc/PID/task/TID/status)")
+            }
         }
         let bytes = UInt64(p.fillMiB) << 20
         _ = try agent.fill(region: 0, bytes: bytes, seed: 1, timeoutS: 300)       // resident first

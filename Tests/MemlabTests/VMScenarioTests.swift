@@ -1,0 +1,115 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Guests
+import LabKit
+import LinuxMM
+import Testing
+
+/// The vm scenario with real QEMU guests (TCG here), at small sizes: each variant's physics
+/// checks must agree, the machine must read as before, and no QEMU may outlive its run.
+extension KernelTests {
+    @Suite(.enabled(if: isRoot, "needs root: KSM, THP and hugetlb knobs are root-only"),
+           .enabled(if: GuestImage.missing == nil, "\(GuestImage.missing ?? "")"))
+    struct VirtualMachines {
+        /// Runs `vm:VARIANT` with `sets`; returns the run after asserting it is ok, every check
+        /// agrees, the accelerator is recorded and the knobs read as before.
+        func run(_ variant: String, _ sets: [String], extraChecks: Bool = true) throws -> [String: Any] {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            var args = ["run", "vm:\(variant)", "--repeat", "1", "--json", dir.file("r.json"), "--quiet"]
+            for s in sets { args += ["--set", s] }
+            let out = try Memlab.run(args, stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            let run = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            #expect(run["status"] as? String == "ok", "\(run["reason"] ?? "")")
+            let checks = run["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty)
+            #expect(checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            let notes = run["notes"] as? [String] ?? []
+            #expect(notes.contains { $0.hasPrefix("accelerator: ") }, "every result says which accelerator ran the guests")
+            #expect(notes.contains { $0.hasPrefix("guest consoles: ") })
+            #expect(median(run, "boot_time").map { $0 > 0 } == true)
+            #expect(KnobSnapshot.take() == before)
+            #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")
+            return run
+        }
+
+        /// KSM across two identical guests: pages_sharing grows by exactly the pages one guest
+        /// wrote (the scenario's own check), and the host's share of each guest falls.
+        @Test func ksmMergesIdenticalGuests() throws {
+            let r = try run("ksm", ["memory_mib=160", "fill_mib=8", "guests=2"])
+            #expect(median(r, "pages_sharing") .map { abs($0 - 2048) <= 21 } == true, "\(median(r, "pages_sharing") ?? -1)")
+            #expect((median(r, "ksmd_cpu_time") ?? 0) > 0)
+        }
+
+        /// hugetlb-backed guest RAM: every page of it preallocated from the (borrowed) pool.
+        @Test func hugetlbBackingIsVerifiedInSmaps() throws {
+            let r = try run("backing", ["memory_mib=128", "fill_mib=8", "working_set_mib=4", "accesses=20000", "backing=hugetlb-2m"])
+            #expect(median(r, "ram_kernel_page_size") == Double(2 << 20))
+            #expect(median(r, "ram_hugetlb") == Double(128 << 20))
+        }
+
+        /// Ballooning takes MemTotal from the guest and gives it back; free page reporting
+        /// returns freed guest memory to the host by itself.
+        @Test func balloonInflatesAndDeflates() throws {
+            // Reporting starts only while a zone's free memory stays above its low watermark plus
+            // 32 blocks of 2 MiB: a 256 MiB guest freeing 64 MiB is above it, 160/32 is not.
+            let r = try run("balloon", ["memory_mib=256", "balloon_mib=64"])
+            #expect(median(r, "guest_memtotal_drop") == Double(64 << 20))
+            #expect((median(r, "inflate_time") ?? 0) > 0)
+        }
+
+        /// A real pre-copy migration: destination memory equal to the source's page for page,
+        /// the agent alive there, memlab's model ratios recorded.
+        @Test func precopyMigrationKeepsEveryPageAndIsHeldAgainstTheModel() throws {
+            let r = try run("migrate", ["memory_mib=160", "fill_mib=16", "dirty_rate=1000", "timeout_s=60"])
+            #expect(median(r, "converged") == 1)
+            #expect((median(r, "bytes_transferred") ?? 0) > Double(16 << 20))
+            #expect(median(r, "total_time_model_ratio") != nil)
+            #expect(median(r, "downtime_model_ratio") != nil)
+        }
+
+        /// Post-copy: pages fetched on demand at the destination, and still every page equal.
+        @Test func postcopyMigrationKeepsEveryPage() throws {
+            let r = try run("migrate", ["memory_mib=160", "fill_mib=16", "dirty_rate=1000", "mode=postcopy", "bandwidth_mbit=200", "timeout_s=60"])
+            #expect(median(r, "converged") == 1)
+            #expect(median(r, "postcopy_requests") != nil)
+        }
+
+        /// Pinning: the vCPU thread really runs where it was put.
+        @Test func pinningApartRecordsThroughput() throws {
+            let r = try run("pinning", ["memory_mib=128", "fill_mib=8", "working_set_mib=4", "accesses=20000", "pin=apart"])
+            #expect((median(r, "fill_rate") ?? 0) > 0)
+            #expect(median(r, "vcpu_threads") == 1)
+        }
+
+        /// A runner SIGKILLed while its guests run leaves no QEMU: they die with the child that
+        /// started them (PDEATHSIG), and the next memlab sweeps the run's directory.
+        @Test func aKilledRunnerLeavesNoQEMU() throws {
+            let dir = TempDir()
+            let (p, _, _) = try Memlab.start(["run", "vm:balloon", "--repeat", "1", "--set", "memory_mib=128", "--set", "balloon_mib=16", "--quiet"], stateDir: dir.path)
+            let t0 = Clock.nanoseconds()
+            while qemuProcesses().isEmpty && Clock.seconds(since: t0) < 60 { Clock.sleep(nanoseconds: 50_000_000) }
+            #expect(!qemuProcesses().isEmpty, "the run started a guest")
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            let t1 = Clock.nanoseconds()
+            while !qemuProcesses().isEmpty && Clock.seconds(since: t1) < 10 { Clock.sleep(nanoseconds: 50_000_000) }
+            #expect(qemuProcesses().isEmpty, "QEMU outlived a SIGKILLed memlab")
+            _ = try Memlab.run(["settings"], stateDir: dir.path)
+            _ = try Memlab.run(["list"], stateDir: dir.path)
+            let left = ProcFile.list("/tmp").filter { $0.hasPrefix("memlab-run-\(p.processIdentifier)-") }
+            #expect(left.isEmpty, "run directories left: \(left)")
+        }
+    }
+}
+
+/// QEMU processes running now (any: the kernel tests run one at a time).
+func qemuProcesses() -> [Int32] {
+    ProcFile.list("/proc").compactMap { Int32($0) }.filter { pid in
+        guard let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe") else { return false }
+        return exe.hasSuffix("/qemu-system-x86_64")
+    }
+}
