@@ -154,4 +154,25 @@ write("qmp", "bad-array", b'[1, 2, 3]')
 write("qmp", "bad-deep", b'[' * 5000)
 write("qmp", "bad-huge-number", b'{"return": {"ram": {"transferred": 1e400}}}\n{"neither": 1}')
 
+# ---- agent: the first byte picks the request (0 hello, 1 fill, 2 dirty-start, 3 dirty-stop,
+# 4 chase, 5 free, 6 meminfo, 7 checksum); then the bytes a guest's agent sent ----
+def aframe(t, payload=b"", flags=0, length=None):
+    return b"ML" + bytes([t, flags]) + struct.pack("<I", len(payload) if length is None else length) + payload
+hello = struct.pack("<IIIIQQ", 1, 4096, 1, 0, 209715200, 2648698526) + b"6.1.0-57-amd64"
+write("agent", "ok-hello", b"\x00" + aframe(0x81, hello))
+write("agent", "ok-fill", b"\x01" + aframe(0x82, struct.pack("<QQQ", 4096, 98000000, 0x1234567890abcdef)))
+write("agent", "ok-dirty-start", b"\x02" + aframe(0x83))
+write("agent", "ok-chase", b"\x04" + aframe(0x85, struct.pack("<QQQ", 34000000, 200000, 0x7f0000001000)))
+write("agent", "ok-meminfo", b"\x06" + aframe(0x87, b"MemTotal:         209700 kB\nMemFree:          160000 kB\nHugePages_Total:       0\n"))
+write("agent", "ok-two-replies", b"\x07" + aframe(0x88, struct.pack("<QQQ", 1, 4096, 5)) + aframe(0x88, struct.pack("<QQQ", 2, 4096, 6)))
+write("agent", "bad-error", b"\x05" + aframe(0x7f, b"region 9 out of range (0..7)\x1b[2J"))
+write("agent", "bad-hello-version", b"\x00" + aframe(0x81, struct.pack("<IIIIQQ", 2, 4096, 1, 0, 1, 1)))
+write("agent", "bad-hello-page-size", b"\x00" + aframe(0x81, struct.pack("<IIIIQQ", 1, 4097, 1, 0, 1, 1)))
+write("agent", "bad-short-reply", b"\x01" + aframe(0x82, b"\x01\x02"))
+write("agent", "bad-wrong-type", b"\x03" + aframe(0x82, struct.pack("<QQQ", 1, 2, 3)))
+write("agent", "bad-too-long", b"\x06" + aframe(0x87, b"", length=1 << 30))
+write("agent", "bad-magic", b"\x06" + b"XX\x87\x00\x00\x00\x00\x00")
+write("agent", "bad-flags", b"\x06" + aframe(0x87, b"", flags=1))
+write("agent", "bad-meminfo-overflow", b"\x06" + aframe(0x87, b"MemTotal: 18446744073709551615 kB\n") + b"ML")
+
 print("seeds written under", ROOT)

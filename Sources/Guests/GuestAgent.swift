@@ -59,6 +59,21 @@ public enum AgentMessage {
         return payload
     }
 
+    /// The first whole frame in `buffer`, taken off it, or nil while it is incomplete. The
+    /// length is checked against `maxPayload` before anything waits for (or copies) it.
+    public static func nextFrame(_ buffer: inout [UInt8]) throws(AgentError) -> (type: UInt8, payload: [UInt8])? {
+        guard buffer.count >= FrameHeader.size else { return nil }
+        switch buffer.withUnsafeBytes({ FrameHeader.decode($0) }) {
+        case .failure(let m): throw .malformed("\(m)")
+        case .success(let (type, length)):
+            guard length <= maxPayload else { throw .malformed("a frame of \(length) bytes (at most \(maxPayload))") }
+            guard buffer.count >= FrameHeader.size + length else { return nil }
+            let body = Array(buffer[FrameHeader.size..<FrameHeader.size + length])
+            buffer.removeFirst(FrameHeader.size + length)
+            return (type, body)
+        }
+    }
+
     static func u64(_ b: [UInt8], _ at: Int) -> UInt64 {
         var v: UInt64 = 0
         for i in (0..<8).reversed() { v = v << 8 | UInt64(b[at + i]) }
@@ -98,7 +113,8 @@ public struct AgentHello: Sendable, Equatable {
 /// pages), CHASE (ns, accesses, sink), CHECKSUM (checksum, pages, ns).
 public struct AgentTriple: Sendable, Equatable {
     public let a: UInt64, b: UInt64, c: UInt64
-    init(_ p: [UInt8]) { a = AgentMessage.u64(p, 0); b = AgentMessage.u64(p, 8); c = AgentMessage.u64(p, 16) }
+    /// `p` has been through `AgentMessage.check` (at least 24 bytes).
+    public init(_ p: [UInt8]) { a = AgentMessage.u64(p, 0); b = AgentMessage.u64(p, 8); c = AgentMessage.u64(p, 16) }
 }
 
 /// The host end of one guest's agent: QEMU's chardev socket for the virtio-serial port
@@ -133,19 +149,7 @@ public final class GuestAgent {
     private func next(deadline: UInt64, waitingFor what: String) throws(AgentError) -> (UInt8, [UInt8]) {
         var chunk = [UInt8](repeating: 0, count: 16 << 10)
         while true {
-            if buffer.count >= FrameHeader.size {
-                let header = buffer.withUnsafeBytes { FrameHeader.decode($0) }
-                switch header {
-                case .failure(let m): throw .malformed("\(m)")
-                case .success(let (type, length)):
-                    guard length <= AgentMessage.maxPayload else { throw .malformed("a frame of \(length) bytes (at most \(AgentMessage.maxPayload))") }
-                    if buffer.count >= FrameHeader.size + length {
-                        let body = Array(buffer[FrameHeader.size..<FrameHeader.size + length])
-                        buffer.removeFirst(FrameHeader.size + length)
-                        return (type, body)
-                    }
-                }
-            }
+            if let frame = try AgentMessage.nextFrame(&buffer) { return frame }
             let now = Clock.nanoseconds()
             if now >= deadline { throw .timeout("no \(what) in time") }
             var p = pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0)

@@ -23,6 +23,7 @@ let allTargets: [FuzzTarget] = [
     .scenarioPlan,
     .report,
     .qmp,
+    .agent,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.
