@@ -38,7 +38,7 @@ public enum AgentBinary {
         let path = "\(directory)/memlab-agent-\(String(fnv1a(text), radix: 16))"
         if ProcFile.exists(path) { return path }
         let partial = "\(path).\(getpid()).partial"
-        let log = "\(directory)/memlab-agent-build.log"
+        let log = "\(directory)/agent-build.log"
         let pid = try ChildProcess.spawn(compiler!, ["-static", "-O2", "-pthread", "-Wall", "-o", partial, source], outputPath: log)
         let exit = ChildProcess.wait(pid, deadline: 120)
         guard exit == .exited(0), ProcFile.exists(partial) else {
@@ -47,6 +47,7 @@ public enum AgentBinary {
         }
         guard rename(partial, path) == 0 else { let e = SystemError.current("rename", path: path); unlink(partial); throw e }
         unlink(log)
+        GuestImage.prune(directory: directory, prefix: "memlab-agent-", keeping: path)
         return path
     }
 

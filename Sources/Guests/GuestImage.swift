@@ -53,8 +53,24 @@ public struct GuestImage: Sendable {
         let data = archive.finish()
         // FNV-1a of the archive: the cache key (a changed busybox, agent or module makes a new name).
         let path = "\(directory)/guest-\(String(AgentBinary.fnv1a(data), radix: 16)).cpio"
-        if !ProcFile.exists(path) { try AtomicFile.write(Array(data), to: path) }
+        if !ProcFile.exists(path) {
+            try AtomicFile.write(Array(data), to: path)
+            prune(directory: directory, prefix: "guest-", keeping: path)
+        }
         return GuestImage(path: path, kernel: kernel, kernelRelease: release)
+    }
+
+    /// Keeps the cache small: the newest four files named PREFIX* (one per kernel a user
+    /// alternates between), `keeping` always.
+    static func prune(directory: String, prefix: String, keeping: String) {
+        func mtime(_ name: String) -> Int {
+            var st = stat()
+            return stat("\(directory)/\(name)", &st) == 0 ? st.st_mtim.tv_sec : 0
+        }
+        let names = ProcFile.list(directory).filter { $0.hasPrefix(prefix) && !$0.hasSuffix(".partial") }
+        for old in names.sorted(by: { mtime($0) > mtime($1) }).dropFirst(4) where "\(directory)/\(old)" != keeping {
+            unlink("\(directory)/\(old)")
+        }
     }
 
     static func initScript(modules: [String]) -> String {

@@ -96,6 +96,14 @@ public final class QMPClient {
 
     public func close() { socket.close() }
 
+    /// Events kept for `firstEvent` and `waitForEvent`: at most `maxEvents`, the oldest go
+    /// first (a QEMU that floods events cannot grow memory without bound).
+    public static let maxEvents = 4096
+    private func keep(_ e: QMPEvent) {
+        if events.count >= Self.maxEvents { events.removeFirst(events.count - Self.maxEvents + 1) }
+        events.append(e)
+    }
+
     /// Runs `command` and returns its `return` value; QEMU's error is `.refused`.
     @discardableResult
     public func execute(_ command: String, arguments: [String: JSONValue] = [:], timeoutS: Double) throws(QMPError) -> JSONValue {
@@ -110,7 +118,7 @@ public final class QMPClient {
             switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "the answer to \(command)") {
             case .returned(let v): return v
             case .error(let k, let d): throw .refused(command: command, errorClass: k, desc: d)
-            case .event(let e): events.append(e)
+            case .event(let e): keep(e)
             case .greeting: throw .malformed("a second greeting")
             }
         }
@@ -127,7 +135,7 @@ public final class QMPClient {
                 return e
             }
             switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "event \(name)") {
-            case .event(let e): events.append(e)
+            case .event(let e): keep(e)
             default: throw .malformed("a reply with no command asked")
             }
         }
@@ -141,7 +149,7 @@ public final class QMPClient {
         while true {
             if let e = events.first(where: matches) { return e }
             switch try Self.next(socket, &buffer, deadline: deadline, waitingFor: "the event awaited") {
-            case .event(let e): events.append(e)
+            case .event(let e): keep(e)
             default: throw .malformed("a reply with no command asked")
             }
         }

@@ -45,6 +45,7 @@ public struct VMScenario: TypedScenario {
         case postcopyPreempt = "postcopy-preempt"
     }
     public enum Pin: String, CaseIterable, ParameterChoice { case free, same, apart }
+    public enum Link: String, CaseIterable, ParameterChoice { case shaped, qemu }
 
     public struct Parameters: ParameterSet {
         public init() {}
@@ -67,7 +68,8 @@ public struct VMScenario: TypedScenario {
         let mode = Parameter<MigrationMode>("mode", default: .precopy, help: "migrate: pre-copy, post-copy after the first round, or post-copy with the preempt channel")
         let dirtyRate = Parameter<Int>("dirty_rate", 0...10_000_000, default: 2000, unit: .pagesPerSecond, help: "migrate: pages/s the guest's agent dirties during the migration")
         let hotFraction = Parameter<Double>("hot_fraction", 0.0001...1, default: 1, unit: .ratio, help: "migrate: fraction of the filled memory the agent dirties")
-        let bandwidthMbit = Parameter<Double>("bandwidth_mbit", 1...100_000, default: 1000, unit: .mbitPerSecond, help: "migrate: QEMU's max-bandwidth, and the model's link")
+        let bandwidthMbit = Parameter<Double>("bandwidth_mbit", 1...100_000, default: 1000, unit: .mbitPerSecond, help: "migrate: the link's bandwidth (and the model's)")
+        let link = Parameter<Link>("link", default: .shaped, help: "migrate: shaped: QEMU's stream through memlab's loopback relay, held to bandwidth_mbit all the way (as a tbf-shaped link); qemu: QEMU's own max-bandwidth, which it lifts for the final stop-and-copy")
         let downtimeTargetMs = Parameter<Double>("downtime_target_ms", 1...100_000, default: 300, unit: .ms, help: "migrate: QEMU's downtime-limit, and the model's target")
         let autoConverge = Parameter<Bool>("auto_converge", default: false, help: "migrate: QEMU throttles the guest's vCPUs until pre-copy converges")
         let xbzrle = Parameter<Bool>("xbzrle", default: false, help: "migrate: QEMU sends re-dirtied pages as deltas against a cache")
