@@ -328,6 +328,10 @@ pid_t memlab_spawn_dying_with_parent(const char *path, char *const argv[], const
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         if (dup2(null, 0) < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(127);
+        /* A parent that shields itself from the OOM killer (-1000, a density run's child) must
+         * not pass that on: the program started here is a candidate like any other. */
+        int adj = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (adj >= 0) { if (write(adj, "0", 1) < 0) {} close(adj); }
         syscall(SYS_close_range, 3, ~0U, 0);
         execv(path, argv);
         _exit(127);

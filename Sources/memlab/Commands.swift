@@ -243,7 +243,7 @@ enum QuickSuite {
     /// And the guest variants beyond two: each boots a guest (seconds under TCG), and the
     /// test suite runs every one of them.
     static let excluded: Set<String> = ["selftest:crash", "selftest:sigbus", "selftest:oom", "selftest:hang",
-                                        "vm:backing", "vm:balloon", "vm:pinning"]
+                                        "vm:density", "vm:backing", "vm:balloon", "vm:pinning"]
 }
 
 struct Restore: ParsableCommand {

@@ -30,7 +30,7 @@ extension KernelTests {
             // The failure drills, and the guest variants the suite leaves to the tests (a
             // guest boot each under TCG; VirtualMachines runs them all).
             let drills: Set<String> = ["selftest:crash", "selftest:sigbus", "selftest:oom", "selftest:hang",
-                                       "vm:backing", "vm:balloon", "vm:pinning"]
+                                       "vm:density", "vm:backing", "vm:balloon", "vm:pinning"]
             for s in scenarios {
                 for v in (s["variants"] as? [[String: Any]]) ?? [] {
                     let name = "\(s["id"] ?? ""):\(v["name"] ?? "")"

@@ -48,6 +48,14 @@ extension KernelTests {
             #expect((median(r, "ksmd_cpu_time") ?? 0) > 0)
         }
 
+        /// Guests boot into a memory limit until the OOM killer takes one; the kills the cgroup
+        /// counts match the guests lost.
+        @Test func densityCountsTheGuestsThatFit() throws {
+            let r = try run("density", ["memory_mib=128", "fill_mib=8", "guests=4", "memory_limit_mib=320", "ksm=on"])
+            #expect((median(r, "guests_fit") ?? 0) >= 1)
+            #expect((median(r, "max_usage") ?? .infinity) <= Double(320 << 20))
+        }
+
         /// hugetlb-backed guest RAM: every page of it preallocated from the (borrowed) pool.
         @Test func hugetlbBackingIsVerifiedInSmaps() throws {
             let r = try run("backing", ["memory_mib=128", "fill_mib=8", "working_set_mib=4", "accesses=20000", "backing=hugetlb-2m"])

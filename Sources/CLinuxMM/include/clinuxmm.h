@@ -246,7 +246,8 @@ int memlab_wifexited(int status);
 /// Whether child `pid` has ended, without reaping it (waitid WNOWAIT): 1 ended, 0 running,
 /// -1 error (errno). `block`: wait until it ends.
 int memlab_child_ended(pid_t pid, int block);
-/* A child running `path` that dies with this process (PDEATHSIG between fork and exec). */
+/* A child running `path` that dies with this process (PDEATHSIG between fork and exec), its
+ * oom_score_adj back at 0 whatever this process set for itself. */
 pid_t memlab_spawn_dying_with_parent(const char *path, char *const argv[], const char *out);
 int memlab_wexitstatus(int status);
 int memlab_wifsignaled(int status);

@@ -16,10 +16,11 @@ public struct VMScenario: TypedScenario {
     public let summary = "Real QEMU guests: KSM across guests, RAM backing and the 2D walk, balloon, live migration vs the model, vCPU pinning"
 
     public enum Variant: String, ScenarioVariant {
-        case ksm, backing, balloon, migrate, pinning
+        case ksm, density, backing, balloon, migrate, pinning
         public var summary: String {
             switch self {
             case .ksm: return "K guests fill identical (or unique) pages; host KSM merges across them: pages_sharing against what the agents wrote, savings per guest, ksmd CPU"
+            case .density: return "guests boot one by one into a memory cgroup limit, filling identical pages, with KSM on or off: how many fit before the OOM killer takes one"
             case .backing: return "guest RAM from 4K pages, THP or hugetlb (memfd); verified in QEMU's smaps; pointer-chase in the guest against the host (the 2D walk, KVM only)"
             case .balloon: return "virtio-balloon inflate and deflate over QMP, and free page reporting: QEMU's RSS given back, how fast, the guest's MemTotal"
             case .migrate: return "QEMU live migration over TCP (pre-copy, post-copy, auto-converge, xbzrle, multifd) of a dirtying guest; memory checked; memlab's model on the same figures"
@@ -53,12 +54,14 @@ public struct VMScenario: TypedScenario {
         let kernel = Parameter<String>("kernel", text: "", help: "a bzImage for the guests (default: the newest /boot/vmlinuz-*, Debian's linux-image-amd64)")
         let bootTimeoutS = Parameter<Double>("boot_timeout_s", 1...600, default: 90, unit: .s, help: "a guest whose agent has not answered after this long fails the run, with its console's last lines")
         let fillMiB = Parameter<Int>("fill_mib", 1...8192, default: 32, unit: .mib, help: "memory each guest's agent fills")
-        let guests = Parameter<Int>("guests", 1...16, default: 2, unit: .count, help: "ksm: identical guests")
+        let guests = Parameter<Int>("guests", 1...16, default: 2, unit: .count, help: "ksm: identical guests; density: at most this many")
         let pattern = Parameter<Pattern>("pattern", default: .identical, help: "ksm: identical: the same pages in every guest; unique: a different seed per guest (nothing to merge across guests)")
         let pagesToScan = Parameter<Int>("pages_to_scan", 1...100_000, default: 8000, unit: .pages, help: "ksm: ksmd pages per wake-up (borrowed)")
         let sleepMillisecs = Parameter<Int>("sleep_millisecs", 0...10_000, default: 10, unit: .ms, help: "ksm: ksmd sleep between wake-ups (borrowed)")
         let smartScan = Parameter<Bool>("smart_scan", default: false, help: "ksm: KSM's smart scan (skips pages that did not merge before; borrowed where the kernel has it)")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 120, unit: .s, help: "ksm: give up waiting for ksmd; balloon and migrate: for the balloon or the migration")
+        let memoryLimitMiB = Parameter<Int>("memory_limit_mib", 64...1_048_576, default: 512, unit: .mib, help: "density: the memory cgroup limit the guests share (no swap)")
+        let ksm = Parameter<OnOff>("ksm", default: .on, help: "density: guest RAM mergeable and ksmd running (borrowed), or neither")
         let backing = Parameter<Backing>("backing", default: .thp, help: "backing: guest RAM from 4k anonymous pages (host THP off), thp (host THP on), hugetlb-2m or hugetlb-1g (memfd, preallocated; the pool is borrowed)")
         let guestTHP = Parameter<OnOff>("guest_thp", default: .on, help: "backing: THP inside the guest (transparent_hugepage=always or never on its command line)")
         let workingSetMiB = Parameter<Int>("working_set_mib", 1...8192, default: 16, unit: .mib, help: "backing, pinning: pointer-chase working set")
@@ -79,7 +82,7 @@ public struct VMScenario: TypedScenario {
 
     public func probe(_ variant: Variant) -> Availability {
         if let why = GuestImage.missing { return .unusable(why) }
-        if variant == .ksm && !KSM.isAvailable { return .unusable("KSM is not available: /sys/kernel/mm/ksm is missing") }
+        if (variant == .ksm || variant == .density) && !KSM.isAvailable { return .unusable("KSM is not available: /sys/kernel/mm/ksm is missing") }
         return .usable
     }
 
@@ -97,7 +100,7 @@ public struct VMScenario: TypedScenario {
         if !p.kernel.isEmpty {
             do { _ = try BzImage.release(of: p.kernel) } catch { throw UsageError("kernel=\(p.kernel): \(error)") }
         }
-        let total = variant == .ksm ? p.memoryMiB * p.guests : variant == .migrate ? 2 * p.memoryMiB : p.memoryMiB
+        let total = variant == .density ? p.memoryLimitMiB : variant == .ksm ? p.memoryMiB * p.guests : variant == .migrate ? 2 * p.memoryMiB : p.memoryMiB
         let hostMiB = Int((try? MemInfo.current())?.memTotal ?? 0) >> 20
         if hostMiB > 0 && total > hostMiB / 2 {
             throw UsageError("these guests need \(total) MiB, more than half of this machine's \(hostMiB) MiB: ask for less")
@@ -112,7 +115,8 @@ public struct VMScenario: TypedScenario {
 
     public func settings(_ variant: Variant, _ p: Values) -> [KnobSetting] {
         switch variant {
-        case .ksm:
+        case .ksm, .density:
+            if variant == .density && p.ksm == .off { return [] }
             var s = [KnobSetting(KSM.Knobs.pagesToScan, String(p.pagesToScan)), KnobSetting(KSM.Knobs.sleepMillisecs, String(p.sleepMillisecs)),
                      KnobSetting(KSM.Knobs.useZeroPages, "0"), KnobSetting(KSM.Knobs.run, "1")]
             // Smart scan (6.7+) skips pages that did not merge on earlier scans: guest pages
@@ -132,8 +136,12 @@ public struct VMScenario: TypedScenario {
     }
 
     public func deadline(_ variant: Variant, _ p: Values) -> Double {
-        let guests = variant == .ksm ? Double(p.guests) : variant == .migrate ? 2 : 1
-        return p.bootTimeoutS * guests + p.timeoutS + 300
+        let guests = variant == .ksm || variant == .density ? Double(p.guests) : variant == .migrate ? 2 : 1
+        return (p.bootTimeoutS + (variant == .density ? p.timeoutS : 0)) * guests + p.timeoutS + 300
+    }
+
+    public func memoryLimit(_ variant: Variant, _ p: Values) -> Int? {
+        variant == .density ? p.memoryLimitMiB << 20 : nil
     }
 
     public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
@@ -141,6 +149,7 @@ public struct VMScenario: TypedScenario {
         defer { lab.stopAll() }
         switch variant {
         case .ksm: try runKSM(lab, ctx, p)
+        case .density: try runDensity(lab, ctx, p)
         case .backing: try runBacking(lab, ctx, p)
         case .balloon: try runBalloon(lab, ctx, p)
         case .migrate: try runMigrate(lab, ctx, p)
