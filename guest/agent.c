@@ -74,7 +74,8 @@ static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (
 static uint32_t get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = (v << 8) | p[i]; return v; }
 
-/* Writes all of buf, or gives up when the host has gone (the next request will tell). */
+/* Writes all of buf, or gives up on an error. (A host that has gone makes the write wait for
+ * the next one to connect; memlab then starts a new conversation only on a new guest.) */
 static void write_all(const uint8_t *buf, size_t n) {
     while (n > 0) {
         ssize_t w = write(port, buf, n);
@@ -162,6 +163,7 @@ static void do_fill(const uint8_t *p, uint32_t n) {
         send_error("fill of %llu bytes: a positive multiple of %ld, at most MemTotal %llu", (unsigned long long)bytes, page_size, (unsigned long long)mem_total);
         return;
     }
+    if (rate && bytes / rate > 3600) { send_error("fill of %llu bytes at %llu bytes/s would take over an hour", (unsigned long long)bytes, (unsigned long long)rate); return; }
     if (dirtier.running && (uint32_t)(g - regions) == dirtier.region) { send_error("region is being dirtied"); return; }
     /* A region of the same size is rewritten in place: the same guest pages take the new
      * contents (KSM across guests measures a refill of pages it has already seen). */

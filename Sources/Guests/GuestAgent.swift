@@ -123,6 +123,9 @@ public final class GuestAgent {
     public static let portName = "org.memlab.agent"
     private let socket: Socket
     private var buffer: [UInt8] = []
+    /// Set when a reply did not come in time or was not the protocol: a late reply would be
+    /// taken for the next request's, so the conversation is over.
+    private var broken: AgentError?
 
     /// Connects to QEMU's chardev socket at `path` (QEMU made it before QMP answered).
     public init(path: String, timeoutS: Double) throws(AgentError) {
@@ -133,6 +136,21 @@ public final class GuestAgent {
 
     /// Sends `request` with `payload` and waits for its reply within `timeoutS`.
     public func call(_ request: AgentMessage.Request, _ payload: [UInt8] = [], timeoutS: Double) throws(AgentError) -> [UInt8] {
+        if let broken { throw broken }
+        do { return try exchange(request, payload, timeoutS: timeoutS) } catch {
+            switch error {
+            case .refused: break
+            default:
+                broken = .closed("an earlier request failed (\(error)); the conversation is out of step")
+                socket.shutdown()
+            }
+            throw error
+        }
+    }
+
+    private func exchange(_ request: AgentMessage.Request, _ payload: [UInt8], timeoutS: Double) throws(AgentError) -> [UInt8] {
+        // Sends are bounded too: a guest that stops reading cannot hold memlab for ever.
+        socket.setTimeouts(seconds: timeoutS, receive: false)
         let frame = FrameHeader.encode(request.rawValue, length: payload.count) + payload
         var sent = 0
         while sent < frame.count {

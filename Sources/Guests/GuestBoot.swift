@@ -126,6 +126,8 @@ public final class Guest {
             hello = try a.hello(timeoutS: timeoutS)
             if bootTimeS == nil { bootTimeS = Clock.seconds(since: started) }
         } catch {
+            agent?.close()
+            agent = nil
             let how = qemu.exited().map { "QEMU ended (\($0)); " } ?? ""
             throw SystemError(errno: ETIMEDOUT, call: "the guest under \(accelerator.rawValue) did not answer (\(error)); \(how)console: \(QEMUProcess.tail(consolePath))")
         }

@@ -108,10 +108,16 @@ public enum BzImage {
     /// the file is not a bzImage (Documentation/arch/x86/boot.rst: "HdrS" at 0x202, the
     /// version string's offset − 0x200 at 0x20E).
     public static func release(of path: String) throws -> String {
-        guard let h = FileHandle(forReadingAtPath: path) else { throw SystemError.current("open", path: path) }
-        defer { try? h.close() }
-        let head = [UInt8](h.readData(ofLength: 64 << 10))
-        return try release(header: head, path: path)
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError.current("open", path: path) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError.current("fstat", path: path) }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw SystemError(errno: ENOEXEC, call: "\(path) is not a regular file, so not a bzImage") }
+        var head = [UInt8](repeating: 0, count: 64 << 10)
+        let n = head.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard n >= 0 else { throw SystemError.current("read", path: path) }
+        return try release(header: Array(head[0..<n]), path: path)
     }
 
     static func release(header b: [UInt8], path: String) throws -> String {
@@ -170,6 +176,9 @@ struct CPIOWriter {
     private var inode: UInt32 = 1
 
     private mutating func entry(_ name: String, mode: UInt32, body: Data) {
+        // newc sizes are 32-bit: an input that large (no busybox, agent or module is) is cut
+        // to nothing rather than trapping; the guest then says what is missing.
+        let body = body.count <= Int(UInt32.max) ? body : Data()
         let nameBytes = Array(name.utf8) + [0]
         let fields: [UInt32] = [inode, mode, 0, 0, 1, 0, UInt32(body.count), 0, 0, 0, 0, UInt32(nameBytes.count), 0]
         inode += 1

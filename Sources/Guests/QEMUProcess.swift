@@ -23,6 +23,8 @@ public final class QEMUProcess {
     /// QEMU's stdout and stderr (the guest's console when it is on stdio).
     public let logPath: String
     private var reaped = false
+    /// How it ended, once reaped (every later `exited()` returns it).
+    private var ending: ChildExit?
     private let settingsGuard: SettingsGuard?
     /// Its record in the run directory (killed by the next memlab if this one dies).
     private let record: String?
@@ -71,16 +73,17 @@ public final class QEMUProcess {
 
     deinit { _ = stop(timeoutS: 2) }
 
-    /// How QEMU ended, if it has (reaped here); nil while it runs.
+    /// How QEMU ended, if it has (reaped here, and remembered); nil while it runs.
     public func exited() -> ChildExit? {
-        guard !reaped else { return nil }
+        guard !reaped else { return ending }
         var s: Int32 = 0
         guard waitpid(pid, &s, WNOHANG) == pid else { return nil }
         reaped = true
         qmp.close()
         settingsGuard?.forgetProcess(pid)
         if let record { unlink(record) }
-        return memlab_wifsignaled(s) != 0 ? .signaled(memlab_wtermsig(s)) : .exited(memlab_wexitstatus(s))
+        ending = memlab_wifsignaled(s) != 0 ? .signaled(memlab_wtermsig(s)) : .exited(memlab_wexitstatus(s))
+        return ending
     }
 
     /// Asks QEMU to quit (QMP `quit`), waits up to `timeoutS`, then SIGKILLs; reaps it.
@@ -93,6 +96,7 @@ public final class QEMUProcess {
         let exit = ChildProcess.wait(pid, deadline: timeoutS)
         settingsGuard?.forgetProcess(pid)
         if let record { unlink(record) }
+        ending = exit
         return exit
     }
 

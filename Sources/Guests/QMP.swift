@@ -111,6 +111,7 @@ public final class QMPClient {
         if !arguments.isEmpty { request["arguments"] = .object(arguments) }
         guard var line = try? JSONEncoder().encode(JSONValue.object(request)) else { throw .malformed("cannot encode \(command)") }
         line.append(0x0A)
+        socket.setTimeouts(seconds: timeoutS, receive: false)
         let sent = line.withUnsafeBytes { send(socket.fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         if sent != line.count { throw .socket(.system(.current("send (QMP \(command))"))) }
         let deadline = Clock.nanoseconds() &+ UInt64(min(max(timeoutS, 0.001), Deadline.maxS) * 1e9)

@@ -11,9 +11,11 @@ import Transfer
 /// token bucket: the connections share the link). QEMU lifts its own max-bandwidth for the
 /// final stop-and-copy; this link does not, so downtime means what it means on a real link of
 /// that speed. The way back (post-copy page requests, acknowledgements) is not shaped.
+///
+/// `stop()` must be called: the threads hold the relay until then.
 public final class ShapedRelay: @unchecked Sendable {
-    // @unchecked: `busyUntil` and `connections` are touched under `state`; the rest is
-    // constant after init.
+    // @unchecked: the mutable state is touched under `state` only; the rest is constant
+    // after init (`acceptThread` is set once, before anything else reads it).
     public let port: UInt16
     public let bytesPerSecond: Double
     private let listener: Listener
@@ -39,26 +41,25 @@ public final class ShapedRelay: @unchecked Sendable {
         self.bytesPerSecond = bytesPerSecond
         listener = try Listener.listen(try SocketAddress.tcp("127.0.0.1:0"))
         port = listener.port
-        acceptThread = try OSThread { [unowned self] in self.acceptLoop() }
+        acceptThread = try OSThread { self.acceptLoop() }
     }
 
     /// Bytes passed toward the destination so far.
     public var forwarded: UInt64 { state.withLock { $0.forwarded } }
 
-    /// Closes every connection and joins every thread.
+    /// Closes every connection and joins every thread (once; later calls return at once).
     public func stop() {
-        let (sockets, threads) = state.withLock { s -> ([Socket], [OSThread]) in
-            s.stopping = true
-            return (s.sockets, s.threads)
-        }
+        let first = state.withLock { s -> Bool in defer { s.stopping = true }; return !s.stopping }
+        guard first else { return }
+        // The accept thread first: once it is joined no connection or pump is added, so the
+        // snapshot below is complete.
         listener.socket.shutdown()
-        for s in sockets { s.shutdown() }
         acceptThread?.join()
+        let (sockets, threads) = state.withLock { ($0.sockets, $0.threads) }
+        for s in sockets { s.shutdown() }
         for t in threads { t.join() }
         for s in sockets { s.close() }
     }
-
-    deinit { stop() }
 
     private func acceptLoop() {
         while !state.withLock({ $0.stopping }) {
@@ -71,8 +72,8 @@ public final class ShapedRelay: @unchecked Sendable {
                 return true
             }
             guard ok else { inbound.close(); outbound.close(); continue }
-            let down = try? OSThread { [unowned self] in self.pump(from: inbound, to: outbound, shaped: true) }
-            let up = try? OSThread { [unowned self] in self.pump(from: outbound, to: inbound, shaped: false) }
+            let down = try? OSThread { self.pump(from: inbound, to: outbound, shaped: true) }
+            let up = try? OSThread { self.pump(from: outbound, to: inbound, shaped: false) }
             state.withLock { s in s.threads += [down, up].compactMap { $0 } }
         }
     }

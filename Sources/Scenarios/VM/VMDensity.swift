@@ -40,6 +40,7 @@ extension VMScenario {
             }
             mostAlive = lab.guests.count
         }
+        lab.recordBoot(lab.guests)
         Clock.sleep(nanoseconds: 500_000_000)
         let aliveAtEnd = lab.guests.filter { g in g.qemu.exited() == nil && ((try? g.requireAgent().meminfo(timeoutS: 10)) != nil) }.count
         let kills = cg.oomKills() - killsBefore

@@ -44,12 +44,17 @@ extension VMScenario {
         let rssBefore = guests.compactMap { $0.qemu.rssBytes() }.reduce(0, +)
         var fillSeconds: [Double] = []
         var sums: [UInt64] = []
-        for (i, g) in guests.enumerated() {
-            let seed: UInt64 = p.pattern == .identical ? 0x6B73_6D00 : 0x6B73_6D00 &+ UInt64(i + 1) &* 0x9E37_79B9
-            let f = try lab.agent(g).fill(region: 0, bytes: fillBytes, seed: seed, timeoutS: p.timeoutS)
-            guard f.pages == pages else { throw ScenarioError.failed("the agent filled \(f.pages) pages, asked for \(pages)") }
-            fillSeconds.append(f.seconds)
-            sums.append(f.checksum)
+        do {
+            for (i, g) in guests.enumerated() {
+                let seed: UInt64 = p.pattern == .identical ? 0x6B73_6D00 : 0x6B73_6D00 &+ UInt64(i + 1) &* 0x9E37_79B9
+                let f = try lab.agent(g).fill(region: 0, bytes: fillBytes, seed: seed, timeoutS: p.timeoutS)
+                guard f.pages == pages else { throw ScenarioError.failed("the agent filled \(f.pages) pages, asked for \(pages)") }
+                fillSeconds.append(f.seconds)
+                sums.append(f.checksum)
+            }
+        } catch {
+            _ = sampler.stop()
+            throw error
         }
         let t0 = Clock.nanoseconds()
         let merged: KSM.Counters

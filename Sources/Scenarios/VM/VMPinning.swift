@@ -23,7 +23,11 @@ extension VMScenario {
         switch p.pin {
         case .free: break
         case .same, .apart:
-            try pin(g.qemu.pid, cpu: first)
+            // The emulator: every QEMU thread that is not a vCPU (main loop, RCU, workers),
+            // as `virsh emulatorpin` does.
+            for t in ProcFile.list("/proc/\(g.qemu.pid)/task").compactMap({ Int32($0) }) where !vcpus.contains(t) {
+                try pin(t, cpu: first)
+            }
             for t in vcpus { try pin(t, cpu: p.pin == .same ? first : other) }
         }
         if p.pin != .free {

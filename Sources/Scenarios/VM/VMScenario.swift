@@ -100,11 +100,14 @@ public struct VMScenario: TypedScenario {
         if !p.kernel.isEmpty {
             do { _ = try BzImage.release(of: p.kernel) } catch { throw UsageError("kernel=\(p.kernel): \(error)") }
         }
-        let total = variant == .density ? p.memoryLimitMiB : variant == .ksm ? p.memoryMiB * p.guests : variant == .migrate ? 2 * p.memoryMiB : p.memoryMiB
+        let total = variant == .density ? p.memoryLimitMiB : variant == .ksm ? p.memoryMiB * p.guests : variant == .migrate ? 4 * p.memoryMiB : p.memoryMiB
         let hostMiB = Int((try? MemInfo.current())?.memTotal ?? 0) >> 20
         if hostMiB > 0 && total > hostMiB / 2 {
             throw UsageError("these guests need \(total) MiB, more than half of this machine's \(hostMiB) MiB: ask for less")
         }
+        // pmemsave dumps guest-physical [0, RAM): on q35, RAM from 2816 MiB up is split around
+        // the PCI hole, and both dumps (2 × RAM) go to the run directory.
+        if variant == .migrate && p.memoryMiB > 2048 { throw UsageError("migrate: memory_mib must be at most 2048 (the memory check dumps RAM below the PCI hole, twice)") }
         if p.fillMiB > p.memoryMiB / 2 { throw UsageError("fill_mib=\(p.fillMiB) must be at most half of memory_mib=\(p.memoryMiB) (the guest kernel needs the rest)") }
         if variant == .balloon && p.balloonMiB >= p.memoryMiB / 2 { throw UsageError("balloon_mib must be under half of memory_mib") }
         if (variant == .backing || variant == .pinning) && p.workingSetMiB > p.fillMiB { throw UsageError("working_set_mib must be at most fill_mib") }
