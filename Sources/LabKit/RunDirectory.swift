@@ -107,8 +107,11 @@ public enum RunDirectory {
     /// the run dead kills it before removing the directory. For what a repetition's child
     /// starts (a guest), which the runner's journal does not see; the child removes the
     /// record once it has reaped the process.
+    /// Only inside a run (its directory already made): outside one (a test, a one-off tool)
+    /// nothing would sweep a directory made here.
     public static func recordProcess(_ pid: pid_t) -> String? {
-        guard let start = (try? ProcStat.read(pid: pid))?.startTimeTicks, let dir = try? make() else { return nil }
+        let existing = made.withLock { $0[bases[0]] }
+        guard let dir = existing, isOurs(dir), let start = (try? ProcStat.read(pid: pid))?.startTimeTicks else { return nil }
         let path = "\(dir)/proc-\(pid)-\(start)"
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { return nil }
