@@ -76,6 +76,12 @@ public enum RunDirectory {
         let tag = owner
         for base in bases {
             for name in ProcFile.list(base) where name.hasPrefix("\(prefix)\(tag).") && isOurs("\(base)/\(name)") {
+                // A guest a repetition's child started is gone before memlab is (it dies
+                // with the child, but a SIGKILLed QEMU takes a moment to exit).
+                let records = processRecords(in: "\(base)/\(name)")
+                _ = SettingsGuard.killAndWait(records)
+                // Reaped here when it is ours (the signal path made this process a subreaper).
+                for r in records { var st: Int32 = 0; _ = waitpid(r.pid, &st, WNOHANG) }
                 removeTree("\(base)/\(name)")
             }
         }

@@ -88,6 +88,9 @@ public final class SignalCleanup: Sendable {
         g?.seal("interrupted by \(name)")
         // Killed and waited for without reaping (the runner's thread reaps it): the child is
         // set only while it has not ended, so its pid is still its own.
+        // What the child started (a QEMU guest, dying with it) becomes this process's child
+        // instead of init's, so RunDirectory.removeOwn can wait for it and reap it before exit.
+        _ = memlab_prctl(memlab_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         child.withLock { pid in
             if pid > 0 {
                 kill(pid, SIGKILL)

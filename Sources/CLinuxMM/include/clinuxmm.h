@@ -58,6 +58,7 @@ static const int memlab_MAP_HUGE_SHIFT = MAP_HUGE_SHIFT;
 static const int memlab_PR_SET_MEMORY_MERGE = PR_SET_MEMORY_MERGE;
 static const int memlab_PR_GET_MEMORY_MERGE = PR_GET_MEMORY_MERGE;
 static const int memlab_PR_SET_PDEATHSIG = PR_SET_PDEATHSIG;
+static const int memlab_PR_SET_CHILD_SUBREAPER = PR_SET_CHILD_SUBREAPER;
 
 // ---- userfaultfd (include/uapi/linux/userfaultfd.h) ----
 #ifndef UFFD_FEATURE_WP_UNPOPULATED

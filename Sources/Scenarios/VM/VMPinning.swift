@@ -43,8 +43,14 @@ extension VMScenario {
         }
         let bytes = UInt64(p.fillMiB) << 20
         _ = try agent.fill(region: 0, bytes: bytes, seed: 1, timeoutS: 300)       // resident first
-        let f = try agent.fill(region: 1, bytes: bytes, seed: 2, timeoutS: 300)
-        ctx.record("fill_rate", Double(bytes) / f.seconds, .bytesPerSecond, better: .higher)
+        let asked = UInt64(p.fillRateMiB) << 20
+        let f = try agent.fill(region: 1, bytes: bytes, seed: 2, rateBytesPerS: asked, timeoutS: 300)
+        let achieved = Double(bytes) / max(f.seconds, 1e-9)
+        ctx.record("fill_rate", achieved, .bytesPerSecond, better: .higher)
+        if asked > 0 {
+            ctx.check("fill_rate", expected: Double(asked), observed: achieved, tolerance: Double(asked) * 0.05,
+                      describe: "the agent's paced fill reaches the rate asked, within 5%")
+        }
         let ns = try agent.chase(region: 1, workingSet: UInt64(p.workingSetMiB) << 20, accesses: UInt64(p.accesses), seed: 3, timeoutS: 600)
         ctx.record("chase_latency", ns, .ns, better: .lower)
         ctx.record("vcpu_threads", Double(vcpus.count), .count, better: .none)
