@@ -34,6 +34,12 @@ let package = Package(
             pkgConfig: "numa",
             providers: [.apt(["libnuma-dev"])]
         ),
+        // zstd, from Debian's libzstd-dev: migration's page compression (issue 14).
+        .systemLibrary(
+            name: "CZstd",
+            pkgConfig: "libzstd",
+            providers: [.apt(["libzstd-dev"])]
+        ),
         .target(name: "LinuxMM", dependencies: ["CLinuxMM", "CNUMA"]),
         .target(
             name: "LabKit",
@@ -57,7 +63,7 @@ let package = Package(
         ),
         .target(
             name: "Migration",
-            dependencies: ["Transfer", "Workloads", "LinuxMM", "LabKit", "CLinuxMM", .product(name: "Histogram", package: "hdrhistogram-swift")],
+            dependencies: ["Transfer", "Workloads", "LinuxMM", "LabKit", "CLinuxMM", "CZstd", .product(name: "Histogram", package: "hdrhistogram-swift")],
             swiftSettings: measured
         ),
         .target(
@@ -93,7 +99,7 @@ let package = Package(
         .testTarget(
             name: "MemlabTests",
             dependencies: [
-                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "Guests", "memlab",
+                "LabKit", "LinuxMM", "Scenarios", "EntryPoints", "Guests", "Migration", "CLinuxMM", "memlab",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -58,6 +58,27 @@ write("migration", "bad-dest-round-skipped", b"\x00" + hello() + frame(ROUND_END
 write("migration", "bad-dest-round-more-pages-than-region", b"\x00" + hello() + pages([0, 1, 2], [1, 1, 1]) + pages([0, 1], [1, 1]))
 write("migration", "bad-dest-verify-wrong-checksum", b"\x00" + hello() + u64(FINISH, 0) + u64(VERIFY, 1))
 write("migration", "bad-dest-over-cap", b"\x00" + hello(region=2 << 20))
+
+# ENCODED_PAGES (14): u32 n, then per page u64 index, u8 kind (0 raw, 1 zero, 2 XBZRLE,
+# 3 zstd, 4 unchanged), u32 length, data.
+ENCODED = 14
+def enc(*recs):
+    return frame(ENCODED, struct.pack("<I", len(recs)) + b"".join(struct.pack("<QBI", i, k, len(d)) + d for i, k, d in recs))
+eregion = bytearray(16384)
+eregion[0:4096] = b"\x44" * 8 + b"\x11" * 4088
+eregion[8192:12288] = b"\x22" * 4096
+eregion[12288:16384] = b"\x33" * 4096
+encoded_run = (enc((0, 0, b"\x11" * 4096), (1, 1, b""), (3, 0, b"\x33" * 4096))
+               + frame(ROUND_END, struct.pack("<II", 1, 3))
+               + enc((0, 2, b"\x00\x08" + b"\x44" * 8), (2, 0, b"\x22" * 4096), (3, 4, b""))
+               + u64(FINISH, 6) + u64(VERIFY, fnv(bytes(eregion))))
+write("migration", "ok-dest-encoded-zero-xbzrle-unchanged", b"\x00" + hello() + encoded_run)
+write("migration", "bad-dest-encoded-xbzrle-past-page", b"\x00" + hello() + enc((0, 2, b"\xfa\x1f\x08" + b"\x44" * 8)))
+write("migration", "bad-dest-encoded-xbzrle-truncated-run", b"\x00" + hello() + enc((0, 2, b"\x00\x20" + b"\x44" * 8)))
+write("migration", "bad-dest-encoded-zstd-garbage", b"\x00" + hello() + enc((0, 3, b"\x28\xb5\x2f\xfd" + b"\x00" * 12)))
+write("migration", "bad-dest-encoded-duplicate-index", b"\x00" + hello() + enc((1, 1, b""), (1, 1, b"")))
+write("migration", "bad-dest-encoded-unknown-kind", b"\x00" + hello() + enc((1, 9, b"")))
+write("migration", "bad-dest-encoded-raw-short", b"\x00" + hello() + enc((1, 0, b"\x01" * 100)))
 write("migration", "bad-dest-region-near-intmax", b"\x00" + hello(region=9223372036854771712))
 write("migration", "bad-dest-region-overflows-int", b"\x00" + hello(region=99999999999999999999))
 write("migration", "bad-dest-page-size-not-power-of-two", b"\x00" + hello(page=3000, region=6000))

@@ -342,3 +342,54 @@ pid_t memlab_spawn_dying_with_parent(const char *path, char *const argv[], const
     if (pid < 0) errno = e;
     return pid;
 }
+
+static long ref_uleb(uint8_t *dst, uint64_t v) {
+    long n = 0;
+    do {
+        uint8_t b = v & 0x7f;
+        v >>= 7;
+        dst[n++] = b | (v ? 0x80 : 0);
+    } while (v);
+    return n;
+}
+
+long memlab_ref_xbzrle_encode(const uint8_t *old_buf, const uint8_t *new_buf, long slen, uint8_t *dst, long dlen) {
+    long i = 0, d = 0;
+    while (i < slen) {
+        long start = i;
+        /* unchanged run: bytes up to word alignment of the rest, then words, then bytes */
+        while (i < slen && ((slen - i) & 7) && old_buf[i] == new_buf[i]) i++;
+        if (((slen - i) & 7) == 0) {
+            while (i < slen) {
+                uint64_t a, b;
+                memcpy(&a, old_buf + i, 8); memcpy(&b, new_buf + i, 8);
+                if (a != b) break;
+                i += 8;
+            }
+            while (i < slen && old_buf[i] == new_buf[i]) i++;
+        }
+        if (i - start == slen) return 0;
+        if (i == slen) return d;
+        if (d + 8 > dlen) return -1;
+        d += ref_uleb(dst + d, (uint64_t)(i - start));
+        /* changed run: until the first unchanged byte */
+        long nz = i;
+        while (i < slen && ((slen - i) & 7) && old_buf[i] != new_buf[i]) i++;
+        if (((slen - i) & 7) == 0) {
+            const uint64_t lo = 0x0101010101010101ULL, hi = 0x8080808080808080ULL;
+            while (i < slen) {
+                uint64_t a, b, x;
+                memcpy(&a, old_buf + i, 8); memcpy(&b, new_buf + i, 8);
+                x = a ^ b;
+                if ((x - lo) & ~x & hi) { while (old_buf[i] != new_buf[i]) i++; break; }
+                i += 8;
+            }
+        }
+        long len = i - nz;
+        if (d + 8 + len > dlen) return -1;
+        d += ref_uleb(dst + d, (uint64_t)len);
+        memcpy(dst + d, new_buf + nz, (size_t)len);
+        d += len;
+    }
+    return d;
+}

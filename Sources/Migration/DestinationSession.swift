@@ -41,6 +41,8 @@ public struct DestinationSession: Sendable {
     public private(set) var sourceChecksum: UInt64 = 0
     public private(set) var checksum: UInt64 = 0
     public private(set) var ignoredFlags: [String] = []
+    /// Made at the first ENCODED_PAGES frame.
+    public private(set) var decoder: PageDecoder?
     public var verified: Bool { phase == .done && checksum == sourceChecksum }
 
     public init(local: ImageHeader, ignoreCPUFlags: Bool, maxRegion: Int) {
@@ -104,6 +106,10 @@ public struct DestinationSession: Sendable {
             if phase == .finished { throw .malformed("PAGES after FINISH") }
             try takePages(f.payload, region: region)
             return .none
+        case .encodedPages:
+            if phase == .finished { throw .malformed("ENCODED_PAGES after FINISH") }
+            try takeEncodedPages(f.payload, region: region)
+            return .none
         case .roundEnd:
             if phase == .finished { throw .malformed("ROUND_END after FINISH") }
             var r = PayloadReader(f)
@@ -144,6 +150,28 @@ public struct DestinationSession: Sendable {
         default:
             throw .malformed("unexpected \(f.type) from the source")
         }
+    }
+
+    /// ENCODED_PAGES: decoded whole into a staging area before the region changes.
+    private mutating func takeEncodedPages(_ p: [UInt8], region: UnsafeMutableRawPointer) throws(WireError) {
+        if decoder == nil { decoder = PageDecoder(pageSize: pageSize) }
+        guard let d = decoder else { return }
+        // The count comes first: a round cannot hold more pages than the region.
+        if p.count >= 4 {
+            let n = Int(UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24)
+            guard n <= pageCount - inRound else {
+                throw .malformed("more pages in round \(rounds + 1) (\(UInt64(inRound) + UInt64(n))) than the region has (\(pageCount))")
+            }
+        }
+        var failure: WireError?
+        var n = 0
+        p.withUnsafeBytes { b in
+            do throws(WireError) { n = try d.apply(b, region: region, pageCount: pageCount) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        inRound += n
+        pagesReceived += n
+        bytesReceived += p.count + 8
     }
 
     /// PAGES: u32 n (1…64), n × u64 index, n × page. Every index is checked before any page

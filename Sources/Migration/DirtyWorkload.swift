@@ -27,9 +27,19 @@ public final class DirtyWorkload: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
     private let stoppedThreads = Atomic<Int>(0)
     private let writeCount = Atomic<Int>(0)
+    /// Auto-converge: the throttle in percent (0…99; see `setThrottle`).
+    private let throttlePercent = Atomic<Int>(0)
+    /// Dirty limit: the most pages/s each thread may write (0: no limit), millipages/s.
+    private let dirtyLimitMilli = Atomic<Int>(0)
+    /// Nanoseconds all threads spent asleep for the throttle (not for pacing).
+    private let throttledNS = Atomic<Int>(0)
     private var handles: [OSThread] = []
     private var startedAt: UInt64 = 0
     public private(set) var stoppedAt: UInt64 = 0
+
+    /// QEMU's CPU throttle timeslice (softmmu/cpu-throttle.c): a throttled vCPU runs this long,
+    /// then sleeps pct / (1 − pct) of it.
+    public static let throttleTimesliceNS: UInt64 = 10_000_000
 
     public init(base: UnsafeMutableRawPointer, pages: Int, hotPages: Int, rate: Double, threads: Int,
                 preservesValues: Bool = false) {
@@ -43,6 +53,24 @@ public final class DirtyWorkload: @unchecked Sendable {
 
     /// Writes done so far (all threads).
     public var writes: Int { writeCount.load(ordering: .relaxed) }
+    /// Thread-seconds spent asleep for the throttle so far (all threads).
+    public var throttledSeconds: Double { Double(throttledNS.load(ordering: .relaxed)) / 1e9 }
+    public var throttle: Int { throttlePercent.load(ordering: .relaxed) }
+
+    /// Auto-converge's throttle, as QEMU's cpu_throttle_set: each thread runs a 10 ms timeslice,
+    /// then sleeps `percent / (100 − percent)` of it, so it runs (100 − percent) % of the time.
+    /// The workload's rate is a rate of its *running* time (a vCPU's): a throttled thread
+    /// does not catch up on the writes it slept through. 0…99.
+    public func setThrottle(percent: Int) {
+        throttlePercent.store(max(0, min(percent, 99)), ordering: .relaxed)
+    }
+
+    /// Dirty limit, as QEMU's vcpu-dirty-limit: each thread writes at most this many pages
+    /// per second (it sleeps the rest); 0 lifts the limit.
+    public func setDirtyLimit(pagesPerSecond: Double) {
+        let milli = pagesPerSecond.isFinite && pagesPerSecond > 0 ? Int(min(pagesPerSecond, 1e12) * 1000) : 0
+        dirtyLimitMilli.store(milli, ordering: .relaxed)
+    }
 
     public func start(seed: UInt64) throws(SystemError) {
         startedAt = Clock.nanoseconds()
@@ -62,16 +90,23 @@ public final class DirtyWorkload: @unchecked Sendable {
         let perThread = rate / Double(threads)
         let page = System.pageSize
         let slots = UInt64(page / 8)
-        let t0 = Clock.nanoseconds()
         var x = seed | 1
-        var done = 0
         var value = UInt64(thread) << 56
+        // Writes owed: running time × the rate in force, so a change of limit or throttle
+        // applies from the moment it is made, and time asleep for the throttle earns nothing.
+        var credit = 0.0
+        var last = Clock.nanoseconds()
+        var sliceRun: UInt64 = 0
         while !stopFlag.load(ordering: .relaxed) {
             let now = Clock.nanoseconds()
-            let due = Int(Double(now - t0) * perThread / 1e9)
-            if done < due {
+            let elapsed = now &- last
+            last = now
+            let limit = Double(dirtyLimitMilli.load(ordering: .relaxed)) / 1000
+            let effective = limit > 0 ? min(perThread, limit) : perThread
+            credit += Double(elapsed) * effective / 1e9
+            if credit >= 1 {
                 // Catch up in bounded batches so a stop request is seen within microseconds.
-                let batch = min(due - done, 256)
+                let batch = Int(min(credit, 256))
                 for _ in 0..<batch {
                     x ^= x << 13; x ^= x >> 7; x ^= x << 17
                     let p = Int(x % UInt64(hotPages))
@@ -84,11 +119,27 @@ public final class DirtyWorkload: @unchecked Sendable {
                         word.storeBytes(of: value, as: UInt64.self)
                     }
                 }
-                done += batch
+                credit -= Double(batch)
                 writeCount.add(batch, ordering: .relaxed)
             } else {
-                let next = t0 + UInt64(Double(done + 1) / perThread * 1e9)
-                Clock.sleep(until: min(next, now + 1_000_000))
+                let wait = UInt64((1 - credit) / effective * 1e9)
+                Clock.sleep(until: now + min(max(wait, 1_000), 1_000_000))
+            }
+            // The throttle: after each timeslice of running, sleep its share.
+            let pct = throttlePercent.load(ordering: .relaxed)
+            sliceRun &+= Clock.nanoseconds() &- now
+            if pct > 0 && sliceRun >= Self.throttleTimesliceNS {
+                sliceRun = 0
+                let sleepNS = UInt64(Double(Self.throttleTimesliceNS) * Double(pct) / Double(100 - pct))
+                let s = Clock.nanoseconds()
+                // In 1 ms steps: a stop (the migration's pause) must not wait out a 990 ms sleep.
+                var e = s
+                while e < s + sleepNS && !stopFlag.load(ordering: .relaxed) {
+                    Clock.sleep(until: min(s + sleepNS, e + 1_000_000), spinNS: 0)
+                    e = Clock.nanoseconds()
+                }
+                throttledNS.add(Int(e &- s), ordering: .relaxed)
+                last = e   // no credit for the time asleep
             }
         }
         stoppedThreads.add(1, ordering: .acquiringAndReleasing)
@@ -120,5 +171,31 @@ public func fillRandom(_ base: UnsafeMutableRawPointer, length: Int, seed: UInt6
     for i in 0..<(length / 8) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17
         words[i] = x
+    }
+}
+
+/// An image with the shape a codec sees in real guests: `zeroRatio` of the pages zero (chosen
+/// at random), and in every other page `compressibility` of the 8-byte words zero (at random
+/// places), the rest random. With both 0 it is `fillRandom`.
+public func fillImage(_ base: UnsafeMutableRawPointer, length: Int, seed: UInt64, zeroRatio: Double, compressibility: Double) {
+    if zeroRatio <= 0 && compressibility <= 0 { fillRandom(base, length: length, seed: seed); return }
+    let page = System.pageSize
+    let words = base.assumingMemoryBound(to: UInt64.self)
+    let perPage = page / 8
+    var x = seed | 1
+    @inline(__always) func next() -> UInt64 { x ^= x << 13; x ^= x >> 7; x ^= x << 17; return x }
+    let zeroCut = UInt64(min(max(zeroRatio, 0), 1) * Double(UInt32.max))
+    let wordCut = UInt64(min(max(compressibility, 0), 1) * Double(UInt32.max))
+    for p in 0..<(length / page) {
+        let w = words + p * perPage
+        if next() & 0xFFFF_FFFF < zeroCut {
+            for i in 0..<perPage { w[i] = 0 }
+            continue
+        }
+        for i in 0..<perPage {
+            let r = next()
+            w[i] = r & 0xFFFF_FFFF < wordCut ? 0 : r
+        }
+        if w[0] == 0 { w[0] = 1 }   // never an accidental zero page
     }
 }

@@ -33,6 +33,15 @@ public struct HybridOutcome: Sendable {
     public var destinationWrites = 0
     /// on-demand: when the drain (a linear push of what was never faulted) started, s after resume.
     public var drainStartedAfter: Double?
+    public var throttleEngagedAt: Double?
+    public var throttleTriggers = 0
+    public var throttledSeconds = 0.0
+    /// Bytes the pre-copy rounds put on the link (after encoding).
+    public var precopyBytes = 0
+    public var encoding: EncoderStats?
+    public var decodeCPU: Double?
+    /// The switch, step by step (seconds): stop, sync, bitmap, discard, arm, resume.
+    public var switchSteps: [(String, Double)] = []
 }
 
 /// Hybrid migration: `precopyRounds` pre-copy rounds into the destination mapping (0: pure
@@ -51,8 +60,13 @@ public struct HybridEngine {
     /// never end for pages the workload does not touch).
     public let drainAfter: Double
     public let deadline: Double
+    public let throttle: ThrottlePolicy
+    public let costs: SwitchCosts?
 
-    public init(model: LinkModel, precopyRounds: Int, policy: EngineConfig.Policy, preempt: Bool, drainAfter: Double, deadline: Double) {
+    public init(model: LinkModel, precopyRounds: Int, policy: EngineConfig.Policy, preempt: Bool, drainAfter: Double, deadline: Double,
+                throttle: ThrottlePolicy = .none, costs: SwitchCosts? = nil) {
+        self.costs = costs
+        self.throttle = throttle
         self.model = model
         self.precopyRounds = precopyRounds
         self.policy = policy
@@ -72,40 +86,32 @@ public struct HybridEngine {
         // Made before anything starts: the engine's arrays, the uffd, the doorbell.
         let phase = try PostcopyPhase(policy: policy, source: source, destination: destination.base,
                                       bytesPerSecond: model.bandwidth, rttS: model.rtt, preempt: preempt)
-        var dirty: [Int] = []
-        dirty.reserveCapacity(pageCount)
-        var syncNS: UInt64 = 0
-        func sync() throws(SystemError) {
-            dirty.removeAll(keepingCapacity: true)
-            let s = Clock.nanoseconds()
-            try tracker.collect(into: &dirty)
-            syncNS += Clock.nanoseconds() - s
-            out.dirtySyncCount += 1
-        }
-
         try tracker.protectAll()
         let t0 = Clock.nanoseconds()
+        var loop = RoundLoop(model: model, tracker: tracker, workload: workload, link: link, throttle: throttle,
+                             pageCount: pageCount, t0: t0)
         var toSend = Array(0..<pageCount)
         for round in stride(from: 1, through: precopyRounds, by: 1) {
-            let rs = Clock.nanoseconds()
-            try link.send(toSend[...], from: source.base)
-            try link.endRound(round, pages: toSend.count)
-            try sync()
-            let re = Clock.nanoseconds()
-            let duration = Double(re - rs) / 1e9
-            out.rounds.append(PrecopyRound(round: round, endTime: Double(re - t0) / 1e9, duration: duration,
-                                           pagesSent: toSend.count, dirtyPages: dirty.count,
-                                           dirtyRate: duration > 0 ? Double(dirty.count) / duration : 0,
-                                           expectedDowntime: model.roundTime(bytes: (pageCount + 7) / 8)))
+            let r = try loop.round(round, pages: toSend, region: source.base) { _ in model.roundTime(bytes: (pageCount + 7) / 8) }
+            out.rounds.append(r)
             out.precopyPages += toSend.count
-            toSend = dirty
+            toSend = loop.dirty
         }
+        var dirty = loop.dirty
+        func sync() throws(SystemError) { try loop.sync(); dirty = loop.dirty }
 
         // Stop: pause the workload, take the last dirty set; what is missing at the
         // destination is what the last round's sync found (unsent) plus what was written since
         // (with no round at all: everything).
         let tStop = Clock.nanoseconds()
         workload.stop()
+        var mark = Clock.nanoseconds()
+        func step(_ name: String) {
+            let now = Clock.nanoseconds()
+            out.switchSteps.append((name, Double(now - mark) / 1e9))
+            mark = now
+        }
+        step("stop")
         let pending: [Int]
         if precopyRounds == 0 {
             pending = Array(0..<pageCount)
@@ -118,23 +124,33 @@ public struct HybridEngine {
             pending = (0..<pageCount).filter { set[$0] }
         }
         out.switchPages = pending.count
+        step("sync")
         // The switch message: a bitmap of the region, then the destination's go-ahead.
         out.switchBytes = (pageCount + 7) / 8
         out.predictedDowntime = model.roundTime(bytes: out.switchBytes)
         link.control(bytes: out.switchBytes)
+        step("bitmap")
         // The destination drops its stale copies (they fault in from the source from now on).
-        var i = 0
+        var i = 0, calls = 0
         while i < pending.count {
             var j = i + 1
             while j < pending.count && pending[j] == pending[j - 1] + 1 { j += 1 }
             try destination.advise(memlab_MADV_DONTNEED, name: "MADV_DONTNEED", offset: pending[i] * page, length: (j - i) * page)
+            calls += 1
             i = j
         }
+        step("discard")
         try phase.arm(pendingPages: pending)
+        step("arm")
         let dst = makeWorkload(destination.base)
         try dst.start(seed: seed)
+        step("resume")
         let tResume = Clock.nanoseconds()
         out.downtime = Double(tResume - tStop) / 1e9
+        if let c = costs {
+            out.predictedDowntime += c.postcopySwitch(regionPages: pageCount, syncs: precopyRounds > 0, discardCalls: calls,
+                                                      discardPages: pending.count, threads: dst.threads)
+        }
 
         // Post-copy: the workload runs at the destination until every page is there.
         let end = tResume + UInt64(deadline * 1e9)
@@ -155,7 +171,14 @@ public struct HybridEngine {
         let done = out.postcopy.engine.fullyInstalledAt
         out.totalTime = Double(done - t0) / 1e9
         out.postcopyTime = done > tResume ? Double(done - tResume) / 1e9 : 0
-        out.syncTime = Double(syncNS) / 1e9
+        out.syncTime = Double(loop.syncNS) / 1e9
+        out.dirtySyncCount = loop.syncCount
+        out.throttleEngagedAt = loop.throttle.engagedAt
+        out.throttleTriggers = loop.throttle.triggers
+        out.throttledSeconds = workload.throttledSeconds
+        out.precopyBytes = link.bytesOnWire
+        out.encoding = link.encoder?.stats
+        out.decodeCPU = link.decoder?.decodeCPU
         out.sourceWriteRate = workload.achievedRate
         out.destinationWriteRate = dst.achievedRate
         out.destinationWrites = dst.writes

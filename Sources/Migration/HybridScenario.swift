@@ -13,9 +13,10 @@ extension MigrationScenario {
         let page = System.pageSize
         let source = try AnonymousMapping(length: p.size)
         let pages = source.length / page
-        fillRandom(source.base, length: source.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
+        fillImage(source.base, length: source.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition),
+                  zeroRatio: p.zeroRatio, compressibility: p.compressibility)
         let model = LinkModel(bandwidth: p.bandwidthMbit * 1e6 / 8, rtt: p.rttMs / 1000)
-        let link = try EmulatedPageLink(model: model, length: source.length)
+        let link = try EmulatedPageLink(model: model, length: source.length, encoding: encoding(p))
         let tracker = try makeTracker(p.tracking, base: source.base, length: source.length)
         defer { tracker.close() }
         let hot = Int((Double(pages) * p.hotFraction).rounded(.up))
@@ -25,24 +26,45 @@ extension MigrationScenario {
         let rounds = variant == .postcopy ? 0 : p.precopyRounds
         let engine = HybridEngine(model: model, precopyRounds: rounds, policy: p.postcopyPolicy.engine,
                                   preempt: p.queue == .preempt, drainAfter: p.drainAfterS,
-                                  deadline: max(p.timeoutS - 5, 1))
+                                  deadline: max(p.timeoutS - 5, 1), throttle: throttlePolicy(p), costs: try switchCosts(p, ctx))
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
         let out = try engine.run(source: source, tracker: tracker, workload: workload, link: link,
                                  destinationWorkload: { DirtyWorkload(base: $0, pages: pages, hotPages: hot, rate: rate, threads: threads, preservesValues: true) },
                                  seed: 0xD57 &+ UInt64(ctx.repetition))
-        Self.record(out, model: model, pageSize: page, pages: pages, ctx: ctx)
+        Self.record(out, model: model, pageSize: page, pages: pages, ctx: ctx,
+                    fault: FaultModel(policy: p.postcopyPolicy, preempt: p.queue == .preempt, pushWindowBytes: EngineConfig().pushWindowBytes))
+        Self.recordThrottle(out.rounds, engagedAt: out.throttleEngagedAt, triggers: out.throttleTriggers,
+                            throttledSeconds: out.throttledSeconds, threads: threads, policy: throttlePolicy(p), ctx: ctx)
+        if let e = out.encoding { Self.recordEncoding(e, decodeCPU: out.decodeCPU, pageSize: page, ctx: ctx) }
         ctx.note("dirty tracking: \(tracker.mechanism); post-copy: the Transfer layer's fault engine, policy \(p.postcopyPolicy.rawValue), queue \(p.queue.rawValue), UFFDIO_COPY from the paused source")
     }
 
     /// Records a hybrid outcome with the pre-copy and post-copy names (docs/results-format.md, QEMU).
-    public static func record(_ out: HybridOutcome, model: LinkModel, pageSize: Int, pages: Int, ctx: RunContext) {
+    /// What a post-copy fault should cost on the link: the request's round trip and the page's
+    /// wire time, plus, on a FIFO link with a pusher, the push window booked ahead of it (the
+    /// preempt channel skips that queue). nil where the policy's behaviour has no such rule.
+    public struct FaultModel: Sendable {
+        public var policy: PostcopyPolicy
+        public var preempt: Bool
+        public var pushWindowBytes: Int
+        func predictedLatency(_ model: LinkModel, pageSize: Int) -> Double? {
+            switch policy {
+            case .backgroundPush: return model.rtt + model.wireTime(bytes: pageSize) + (preempt ? 0 : model.wireTime(bytes: pushWindowBytes))
+            case .onDemand: return model.rtt + model.wireTime(bytes: pageSize)
+            case .faultAround, .bubble: return nil
+            }
+        }
+    }
+
+    public static func record(_ out: HybridOutcome, model: LinkModel, pageSize: Int, pages: Int, ctx: RunContext, fault: FaultModel? = nil) {
         let pc = out.postcopy
         let postPages = pc.installedPending
-        let precopyBytes = out.precopyPages * pageSize
+        let precopyBytes = out.precopyBytes > 0 ? out.precopyBytes : out.precopyPages * pageSize
         let bytes = Double(precopyBytes + out.switchBytes) + Double(pc.bytes)
         ctx.record("total_time", out.totalTime, .s, better: .lower)
         ctx.record("downtime", out.downtime, .s, better: .lower)
         ctx.record("predicted_downtime", out.predictedDowntime, .s, better: .none)
+        for (name, seconds) in out.switchSteps { ctx.record("switch_\(name)_time", seconds, .s, better: .lower) }
         if out.predictedDowntime > 0 { ctx.record("downtime_model_ratio", out.downtime / out.predictedDowntime, .ratio, better: .none) }
         ctx.record("bytes_transferred", bytes, .bytes, better: .lower)
         ctx.record("pages_transferred", Double(out.precopyPages + postPages), .pages, better: .lower)
@@ -63,6 +85,12 @@ extension MigrationScenario {
         ctx.record("faults_joined", Double(pc.engine.joinedFaults), .count, better: .none)
         ctx.record("pages_pushed", Double(pc.engine.pushedPages), .pages, better: .none)
         ctx.record("duplicate_transfers", Double(pc.duplicates), .count, better: .lower)
+        if let f = fault, let predicted = f.predictedLatency(model, pageSize: pageSize), !pc.engine.faultLatencyNS.isEmpty {
+            let sorted = pc.engine.faultLatencyNS.sorted()
+            let median = Double(sorted[sorted.count / 2]) / 1e9
+            ctx.record("predicted_fault_latency", predicted, .s, better: .none)
+            ctx.record("fault_latency_model_ratio", median / predicted, .ratio, better: .none)
+        }
         if !pc.engine.faultLatencyNS.isEmpty {
             var h = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
             for v in pc.engine.faultLatencyNS { _ = h.record(max(v, 1)) }
@@ -71,7 +99,7 @@ extension MigrationScenario {
         ctx.record("handler_cpu_time", pc.engine.handlerCPUSeconds, .s, better: .lower)
         ctx.record("workload_write_rate", out.sourceWriteRate, .pagesPerSecond, better: .none)
         ctx.record("destination_write_rate", out.destinationWriteRate, .pagesPerSecond, better: .higher)
-        let predictedPre = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.pagesSent * pageSize) }
+        let predictedPre = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.bytesSent > 0 ? $1.bytesSent : $1.pagesSent * pageSize, cpu: $1.encodeSeconds) }
         // Post-copy at best moves the switch set at link speed (one RTT for the first request).
         let predictedTotal = predictedPre + out.predictedDowntime + model.wireTime(bytes: out.switchPages * pageSize) + model.rtt
         ctx.record("predicted_total_time", predictedTotal, .s, better: .none)

@@ -44,6 +44,13 @@ public struct MigrationScenario: TypedScenario {
         }
     }
     public enum Queue: String, CaseIterable, ParameterChoice { case fifo, preempt }
+    public enum Throttle: String, CaseIterable, ParameterChoice {
+        case none, autoConverge = "auto-converge", dirtyLimit = "dirty-limit"
+        var mode: ThrottlePolicy.Mode { ThrottlePolicy.Mode(rawValue: rawValue) ?? .none }
+    }
+    public enum ZeroPages: String, CaseIterable, ParameterChoice { case send, detect }
+    public enum Compress: String, CaseIterable, ParameterChoice { case none, zstd }
+    public enum ModelCosts: String, CaseIterable, ParameterChoice { case measure, off }
 
     public struct Parameters: ParameterSet {
         public init() {}
@@ -62,6 +69,39 @@ public struct MigrationScenario: TypedScenario {
         let drainAfterS = Parameter<Double>("drain_after_s", 0...3600, default: 0.5, unit: .s, help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)")
         let writtenFraction = Parameter<Double>("written_fraction", 0.0001...1, default: 0.1, unit: .ratio, help: "dirty-scan: fraction of pages written per step")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 120, unit: .s, help: "the repetition is killed after this long")
+        // Convergence by throttling (QEMU's auto-converge and dirty-limit), pre-copy and hybrid.
+        let throttle = Parameter<Throttle>("throttle", default: .none, help: "precopy/hybrid: slow the workload when a round dirties more than throttle_trigger % of what it sent (twice): auto-converge (its threads sleep throttle % of each 10 ms timeslice, raised each time) or dirty-limit (each thread's write rate capped at dirty_limit)")
+        let throttleInitial = Parameter<Int>("throttle_initial", 1...99, default: 20, unit: .percent, help: "auto-converge: the first throttle (QEMU cpu-throttle-initial)")
+        let throttleIncrement = Parameter<Int>("throttle_increment", 1...99, default: 10, unit: .percent, help: "auto-converge: added at each further trigger (QEMU cpu-throttle-increment)")
+        let throttleMax = Parameter<Int>("throttle_max", 1...99, default: 99, unit: .percent, help: "auto-converge: the cap (QEMU max-cpu-throttle)")
+        let throttleTrigger = Parameter<Int>("throttle_trigger", 1...100, default: 50, unit: .percent, help: "the trigger: a round's dirtied bytes above this share of its sent bytes (QEMU throttle-trigger-threshold)")
+        let dirtyLimit = Parameter<Double>("dirty_limit", 1...100_000_000, default: 256, unit: .pagesPerSecond, help: "dirty-limit: the most pages/s each workload thread writes once throttled (256 pages/s = QEMU's default vcpu-dirty-limit of 1 MB/s)")
+        // Fewer bytes: what the image holds, and how pages are encoded on the link.
+        let zeroRatio = Parameter<Double>("zero_ratio", 0...1, default: 0, unit: .ratio, help: "fraction of the region's pages that are zero")
+        let compressibility = Parameter<Double>("compressibility", 0...0.95, default: 0, unit: .ratio, help: "fraction of each non-zero page's 8-byte words that are zero (at random places): what a compressor can take away")
+        let zeroPages = Parameter<ZeroPages>("zero_pages", default: .send, help: "send: every page goes whole; detect: a zero page goes as its 13-byte header (QEMU's zero-page detection)")
+        let xbzrleCache = Parameter<Int>("xbzrle_cache", 0...(16 << 30), default: 0, unit: .bytes, help: "XBZRLE cache size (0: off): a re-sent page the cache holds goes as a run-length delta against the copy sent before (QEMU xbzrle-cache-size)")
+        let compress = Parameter<Compress>("compress", default: .none, help: "zstd: compress each page that is not zero and not a delta, with libzstd at compress_level")
+        let compressLevel = Parameter<Int>("compress_level", 1...19, default: 1, unit: .count, help: "compress=zstd: the zstd level")
+        let modelCosts = Parameter<ModelCosts>("model_costs", default: .measure, help: "measure: time this machine's stop and switch steps (sync, MADV_DONTNEED, post-copy arm, thread start; about 20 ms) before each repetition and add them to the predicted downtime; off: the link alone")
+    }
+
+    /// The switch costs for the model, measured now and recorded (nil with model_costs=off).
+    func switchCosts(_ p: Values, _ ctx: RunContext) throws -> SwitchCosts? {
+        guard p.modelCosts == .measure else { return nil }
+        let c = try SwitchCosts.measure()
+        for (name, v, _) in c.named { ctx.record(name, v, .s, better: .none) }
+        return c
+    }
+
+    func encoding(_ p: Values) -> EncodingConfig {
+        EncodingConfig(zeroPages: p.zeroPages == .detect, xbzrleCacheBytes: p.xbzrleCache,
+                       zstdLevel: p.compress == .zstd ? p.compressLevel : 0)
+    }
+
+    func throttlePolicy(_ p: Values) -> ThrottlePolicy {
+        ThrottlePolicy(mode: p.throttle.mode, initial: p.throttleInitial, increment: p.throttleIncrement,
+                       max: p.throttleMax, triggerPercent: p.throttleTrigger, dirtyLimitPagesPerSecond: p.dirtyLimit)
     }
 
     public func probe(_ variant: Variant, _ params: Values) -> Availability {
@@ -82,6 +122,21 @@ public struct MigrationScenario: TypedScenario {
 
     public func validate(_ variant: Variant, _ params: Values) throws(UsageError) {
         if params.size / System.pageSize < 2 { throw UsageError("size must hold at least two pages") }
+        if params.throttleInitial > params.throttleMax {
+            throw UsageError("throttle_initial (\(params.throttleInitial) %) is above throttle_max (\(params.throttleMax) %)")
+        }
+        if params.xbzrleCache != 0 && params.xbzrleCache < System.pageSize {
+            throw UsageError("xbzrle_cache must be 0 (off) or at least one page (\(System.pageSize) bytes)")
+        }
+        if params.xbzrleCache > params.size * 2 {
+            throw UsageError("xbzrle_cache of \(formatBytes(params.xbzrleCache)) is more than twice the region (\(formatBytes(params.size))): a cache larger than what it caches holds nothing more")
+        }
+        if variant == .postcopy && params.throttle != .none {
+            throw UsageError("throttle applies to pre-copy rounds; postcopy has none (use hybrid or precopy)")
+        }
+        if variant == .dirtyScan && (params.throttle != .none || !encoding(params).isRaw) {
+            throw UsageError("dirty-scan sends nothing: throttle, zero_pages, xbzrle_cache and compress do not apply")
+        }
     }
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double { params.timeoutS }
@@ -106,19 +161,23 @@ public struct MigrationScenario: TypedScenario {
         let page = System.pageSize
         let region = try AnonymousMapping(length: p.size)
         let pages = region.length / page
-        fillRandom(region.base, length: region.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition))
+        fillImage(region.base, length: region.length, seed: 0x6D69_6772 &+ UInt64(ctx.repetition),
+                  zeroRatio: p.zeroRatio, compressibility: p.compressibility)
         let model = LinkModel(bandwidth: p.bandwidthMbit * 1e6 / 8, rtt: p.rttMs / 1000)
-        let link = try EmulatedPageLink(model: model, length: region.length)
+        let link = try EmulatedPageLink(model: model, length: region.length, encoding: encoding(p))
         let tracker = try makeTracker(p.tracking, base: region.base, length: region.length)
         defer { tracker.close() }
         let workload = DirtyWorkload(base: region.base, pages: pages,
                                      hotPages: Int((Double(pages) * p.hotFraction).rounded(.up)),
                                      rate: Double(p.dirtyRate), threads: p.threads)
+        let costs = try switchCosts(p, ctx)
         let engine = PrecopyEngine(model: model, downtimeTarget: p.downtimeTargetMs / 1000,
-                                   maxRounds: p.maxRounds)
+                                   maxRounds: p.maxRounds, throttle: throttlePolicy(p), costs: costs)
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
         let out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
         Self.record(out, model: model, pageSize: page, pages: pages, tracker: tracker, ctx: ctx)
+        Self.recordThrottle(out.rounds, engagedAt: out.throttleEngagedAt, triggers: out.throttleTriggers,
+                            throttledSeconds: out.throttledSeconds, threads: p.threads, policy: throttlePolicy(p), ctx: ctx)
         if p.dirtyRate == 0 {
             ctx.check("idle_rounds", expected: 1, observed: Double(out.rounds.count), tolerance: 0,
                       describe: "an idle workload converges after the first round")
@@ -151,19 +210,22 @@ public struct MigrationScenario: TypedScenario {
         ctx.record("downtime", out.downtime, .s, better: .lower)
         ctx.record("predicted_downtime", out.predictedDowntime, .s, better: .none)
         if out.predictedDowntime > 0 { ctx.record("downtime_model_ratio", out.downtime / out.predictedDowntime, .ratio, better: .none) }
-        ctx.record("bytes_transferred", Double(out.pagesTransferred * pageSize), .bytes, better: .lower)
+        // What crossed the link: after encoding, headers included where the link has them.
+        ctx.record("bytes_transferred", Double(out.bytesOnWire > 0 ? out.bytesOnWire : out.pagesTransferred * pageSize), .bytes, better: .lower)
         ctx.record("pages_transferred", Double(out.pagesTransferred), .pages, better: .lower)
         ctx.record("transferred_ratio", Double(out.pagesTransferred) / Double(pages), .ratio, better: .lower)
         ctx.record("dirty_sync_count", Double(out.dirtySyncCount), .count, better: .none)
         ctx.record("rounds", Double(out.rounds.count), .count, better: .lower)
         ctx.record("converged", out.converged ? 1 : 0, .count, better: .higher)
+        if out.converged, let last = out.rounds.last { ctx.record("converged_at", last.endTime, .s, better: .lower) }
         ctx.record("stop_copy_pages", Double(out.stopPages), .pages, better: .lower)
         ctx.record("dirty_sync_time", out.syncTime, .s, better: .lower)
         ctx.record("workload_write_rate", out.workloadRate, .pagesPerSecond, better: .none)
-        let predictedTotal = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.pagesSent * pageSize) } + out.predictedDowntime
+        let predictedTotal = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.bytesSent > 0 ? $1.bytesSent : $1.pagesSent * pageSize, cpu: $1.encodeSeconds) } + out.predictedDowntime
         ctx.record("predicted_total_time", predictedTotal, .s, better: .none)
         if predictedTotal > 0 { ctx.record("total_time_model_ratio", out.totalTime / predictedTotal, .ratio, better: .none) }
         if let f = tracker?.writeFaults { ctx.record("write_faults", Double(f), .count, better: .none) }
+        if let e = out.encoding { recordEncoding(e, decodeCPU: out.decodeCPU, pageSize: pageSize, ctx: ctx) }
         let t = out.rounds.map(\.endTime)
         let iv = t.count > 1 ? (t.last! / Double(t.count)) : (t.first ?? 0)
         ctx.record(TimeSeries(name: "round_pages_sent", unit: .pages, intervalS: iv, t: t, values: out.rounds.map { Double($0.pagesSent) }))
@@ -182,6 +244,58 @@ public struct MigrationScenario: TypedScenario {
             ctx.note("did not converge: the round limit (\(out.rounds.count) rounds) ended pre-copy with \(out.stopPages) pages dirty at stop-and-copy")
         }
         if let tr = tracker { ctx.note("dirty tracking: \(tr.mechanism)") }
+    }
+
+    /// What the encoder did: QEMU's xbzrle counters (cache hits, misses, overflow, bytes
+    /// saved), zero pages, and zstd's ratio and CPU time.
+    public static func recordEncoding(_ e: EncoderStats, decodeCPU: Double? = nil, pageSize: Int, ctx: RunContext) {
+        ctx.record("encoded_pages", Double(e.pages), .pages, better: .none)
+        ctx.record("encoding_ratio", e.inputBytes > 0 ? Double(e.outputBytes) / Double(e.inputBytes) : 1, .ratio, better: .lower)
+        ctx.record("zero_pages", Double(e.zeroPages), .pages, better: .none)
+        ctx.record("raw_pages", Double(e.rawPages), .pages, better: .none)
+        ctx.record("xbzrle_pages", Double(e.xbzrlePages), .pages, better: .none)
+        ctx.record("xbzrle_cache_hits", Double(e.xbzrleHits), .count, better: .higher)
+        ctx.record("xbzrle_cache_misses", Double(e.xbzrleMisses), .count, better: .lower)
+        ctx.record("xbzrle_overflows", Double(e.xbzrleOverflows), .count, better: .lower)
+        ctx.record("xbzrle_unchanged", Double(e.xbzrleUnchanged), .count, better: .none)
+        ctx.record("xbzrle_bytes_saved", Double(e.xbzrleBytesSaved), .bytes, better: .higher)
+        ctx.record("compressed_pages", Double(e.zstdPages), .pages, better: .none)
+        if e.zstdIn > 0 { ctx.record("compression_ratio", Double(e.zstdOut) / Double(e.zstdIn), .ratio, better: .lower) }
+        ctx.record("encode_cpu_time", e.encodeCPU, .s, better: .lower)
+        if e.encodeCPU > 0 { ctx.record("encode_rate", Double(e.inputBytes) / e.encodeCPU, .bytesPerSecond, better: .higher) }
+        if let d = decodeCPU { ctx.record("decode_cpu_time", d, .s, better: .lower) }
+    }
+
+    /// Throttling: what was applied when, what it cost the workload, and whether it worked.
+    public static func recordThrottle(_ rounds: [PrecopyRound], engagedAt: Double?, triggers: Int, throttledSeconds: Double,
+                                      threads: Int, policy: ThrottlePolicy, ctx: RunContext) {
+        guard policy.mode != .none else { return }
+        ctx.record("throttle_triggers", Double(triggers), .count, better: .none)
+        ctx.record("throttle_max_percent", Double(rounds.map(\.throttlePercent).max() ?? 0), .percent, better: .lower)
+        if let t = engagedAt { ctx.record("throttle_engaged_at", t, .s, better: .none) }
+        let span = rounds.last?.endTime ?? 0
+        if span > 0 { ctx.record("throttle_sleep_fraction", throttledSeconds / (span * Double(max(threads, 1))), .ratio, better: .lower) }
+        // The cost to the guest: its write rate while throttled against before (same run).
+        let free = rounds.filter { $0.throttlePercent == 0 && !$0.dirtyLimited && $0.duration > 0 }
+        let held = rounds.filter { ($0.throttlePercent > 0 || $0.dirtyLimited) && $0.duration > 0 }
+        func rate(_ rs: [PrecopyRound]) -> Double {
+            let d = rs.reduce(0.0) { $0 + $1.duration }
+            return d > 0 ? rs.reduce(0.0) { $0 + $1.writeRate * $1.duration } / d : 0
+        }
+        if !free.isEmpty && !held.isEmpty && rate(free) > 0 {
+            ctx.record("unthrottled_write_rate", rate(free), .pagesPerSecond, better: .none)
+            ctx.record("throttled_write_rate", rate(held), .pagesPerSecond, better: .none)
+            ctx.record("workload_slowdown", 1 - rate(held) / rate(free), .ratio, better: .lower)
+        }
+        let t = rounds.map(\.endTime)
+        let iv = t.count > 1 ? (t.last! / Double(t.count)) : (t.first ?? 0)
+        ctx.record(TimeSeries(name: "round_throttle_percent", unit: .percent, intervalS: iv, t: t, values: rounds.map { Double($0.throttlePercent) }))
+        ctx.record(TimeSeries(name: "round_write_rate", unit: .pagesPerSecond, intervalS: iv, t: t, values: rounds.map(\.writeRate)))
+        switch policy.mode {
+        case .none: break
+        case .autoConverge: ctx.note("auto-converge: trigger \(policy.triggerPercent) %, throttle \(policy.initial) % + \(policy.increment) % a trigger, at most \(policy.max) %; each workload thread sleeps pct/(100−pct) of a 10 ms timeslice")
+        case .dirtyLimit: ctx.note("dirty-limit: trigger \(policy.triggerPercent) %, then each workload thread writes at most \(formatNumber(policy.dirtyLimitPagesPerSecond)) pages/s")
+        }
     }
 
     func runDirtyScan(_ ctx: RunContext, _ p: Values) throws {

@@ -20,6 +20,9 @@ public struct LinkModel: Sendable, Equatable {
     public func wireTime(bytes: Int) -> Double { Double(bytes) / bandwidth }
     /// A round of `bytes`: wire time plus the round trip of its acknowledgement.
     public func roundTime(bytes: Int) -> Double { wireTime(bytes: bytes) + rtt }
+    /// A round whose sender also spends `cpu` seconds encoding: encoding overlaps the wire,
+    /// so the slower of the two sets the pace.
+    public func roundTime(bytes: Int, cpu: Double) -> Double { max(wireTime(bytes: bytes), cpu) + rtt }
 }
 
 /// Where pre-copy sends pages: an emulated link in the same process, or TCP to a destination
@@ -35,6 +38,10 @@ public protocol PageLink: AnyObject {
     /// After the resume (outside the downtime): sends the checksum of the source at stop time;
     /// the destination compares its copy and answers.
     func verify(checksum: UInt64) throws -> CompletionVerdict
+    /// Bytes of page data put on the link so far (headers included; after any encoding).
+    var bytesOnWire: Int { get }
+    /// CPU seconds the sending thread spent encoding (and, on the emulated link, decoding).
+    var senderCPUSeconds: Double { get }
 }
 
 public struct CompletionVerdict: Sendable {
@@ -59,14 +66,31 @@ public final class EmulatedPageLink: PageLink {
     private var busyUntil: UInt64 = 0
     private let batchPages: Int
     private var sourceBase: UnsafeRawPointer?
+    public private(set) var bytesOnWire = 0
+    /// With an encoding: each batch is encoded into an ENCODED_PAGES payload and decoded into
+    /// the destination by the same decoder a TCP destination runs; the wire carries the frame.
+    public let encoder: PageEncoder?
+    public let decoder: PageDecoder?
+    private let frame: UnsafeMutableRawPointer?
+    public var senderCPUSeconds: Double { (encoder?.stats.encodeCPU ?? 0) + (decoder?.decodeCPU ?? 0) }
 
-    public init(model: LinkModel, length: Int, batchPages: Int = 16) throws(SystemError) {
+    public init(model: LinkModel, length: Int, batchPages: Int = 16, encoding: EncodingConfig = EncodingConfig()) throws(SystemError) {
         self.model = model
         self.destination = try AnonymousMapping(length: length)
         // Populated up front: the emulated destination's first-touch faults are not the link's.
         try destination.advise(memlab_MADV_POPULATE_WRITE, name: "MADV_POPULATE_WRITE")
-        self.batchPages = batchPages
+        let page = System.pageSize
+        if encoding.isRaw {
+            self.batchPages = batchPages
+            encoder = nil; decoder = nil; frame = nil
+        } else {
+            self.batchPages = Wire.pagesPerFrame
+            encoder = PageEncoder(config: encoding, pageSize: page)
+            decoder = PageDecoder(pageSize: page)
+            frame = .allocate(byteCount: PageEncoder.frameCapacity(pages: Wire.pagesPerFrame, pageSize: page), alignment: 64)
+        }
     }
+    deinit { frame?.deallocate() }
 
     public func send(_ pages: ArraySlice<Int>, from source: UnsafeRawPointer) throws {
         sourceBase = source
@@ -74,14 +98,27 @@ public final class EmulatedPageLink: PageLink {
         var i = pages.startIndex
         while i < pages.endIndex {
             let end = min(i + batchPages, pages.endIndex)
-            for k in i..<end {
-                let off = pages[k] * page
-                memcpy(destination.base + off, source + off, page)
+            let bytes: Int
+            if let encoder, let decoder, let frame {
+                let n = encoder.encodeFrame(pages[i..<end], from: source, into: frame)
+                _ = try decoder.apply(UnsafeRawBufferPointer(start: frame, count: n), region: destination.base,
+                                      pageCount: destination.length / page)
+                bytes = n + FrameHeader.size
+            } else {
+                for k in i..<end {
+                    let off = pages[k] * page
+                    memcpy(destination.base + off, source + off, page)
+                }
+                bytes = (end - i) * page
             }
-            let bytes = (end - i) * page
+            bytesOnWire += bytes
+            // The batch is booked on the wire after the one before it; this thread goes on to
+            // read (and encode) the next batch while that one is on the wire, as a sender
+            // with a socket buffer does.
             let now = Clock.nanoseconds()
+            let previous = busyUntil
             busyUntil = max(now, busyUntil) + UInt64(model.wireTime(bytes: bytes) * 1e9)
-            Clock.sleep(until: busyUntil)
+            Clock.sleep(until: previous)
             i = end
         }
     }
@@ -122,6 +159,16 @@ public struct PrecopyRound: Sendable {
     public let dirtyRate: Double
     /// Downtime if the migration stopped now: the dirty pages at the link's bandwidth + RTT.
     public let expectedDowntime: Double
+    /// Bytes this round put on the link (after encoding).
+    public var bytesSent = 0
+    /// The auto-converge throttle in force during the round, percent.
+    public var throttlePercent = 0
+    /// Whether the dirty limit was in force during the round.
+    public var dirtyLimited = false
+    /// The workload's writes per second during the round.
+    public var writeRate = 0.0
+    /// CPU seconds the sender spent encoding this round's pages.
+    public var encodeSeconds = 0.0
 }
 
 public struct PrecopyOutcome: Sendable {
@@ -138,6 +185,73 @@ public struct PrecopyOutcome: Sendable {
     public var syncTime = 0.0
     public var workloadWrites = 0
     public var workloadRate = 0.0
+    /// Seconds after the start when the throttle first engaged (nil: never).
+    public var throttleEngagedAt: Double?
+    /// Thread-seconds the workload slept for the throttle.
+    public var throttledSeconds = 0.0
+    public var throttleTriggers = 0
+    /// Bytes of page data on the link (after encoding), all rounds and the stop-and-copy.
+    public var bytesOnWire = 0
+    /// What the encoder did (zero pages, XBZRLE, compression), when the link encodes.
+    public var encoding: EncoderStats?
+    public var decodeCPU: Double?
+}
+
+/// The round loop pre-copy and hybrid share: send, end the round, sync the dirty log,
+/// measure, and let the throttle react.
+struct RoundLoop {
+    let model: LinkModel
+    let tracker: DirtyTracker
+    let workload: DirtyWorkload
+    let link: PageLink
+    var throttle: ThrottleController
+    let t0: UInt64
+    var dirty: [Int] = []
+    var syncNS: UInt64 = 0
+    var syncCount = 0
+
+    init(model: LinkModel, tracker: DirtyTracker, workload: DirtyWorkload, link: PageLink, throttle: ThrottlePolicy,
+         pageCount: Int, t0: UInt64) {
+        self.model = model
+        self.tracker = tracker
+        self.workload = workload
+        self.link = link
+        self.throttle = ThrottleController(throttle)
+        self.t0 = t0
+        dirty.reserveCapacity(pageCount)
+    }
+
+    mutating func sync() throws(SystemError) {
+        dirty.removeAll(keepingCapacity: true)
+        let s = Clock.nanoseconds()
+        try tracker.collect(into: &dirty)
+        syncNS += Clock.nanoseconds() - s
+        syncCount += 1
+    }
+
+    /// One round: `pages` from `region`; `dirty` holds what the next round must send.
+    mutating func round(_ n: Int, pages: [Int], region: UnsafeRawPointer, expectedDowntime: (Int) -> Double) throws -> PrecopyRound {
+        let page = System.pageSize
+        let rs = Clock.nanoseconds()
+        let w0 = workload.writes, b0 = link.bytesOnWire, c0 = link.senderCPUSeconds
+        let pct = throttle.percent, limited = throttle.limited
+        try link.send(pages[...], from: region)
+        try link.endRound(n, pages: pages.count)
+        try sync()
+        let re = Clock.nanoseconds()
+        let duration = Double(re - rs) / 1e9
+        var r = PrecopyRound(round: n, endTime: Double(re - t0) / 1e9, duration: duration,
+                             pagesSent: pages.count, dirtyPages: dirty.count,
+                             dirtyRate: duration > 0 ? Double(dirty.count) / duration : 0,
+                             expectedDowntime: expectedDowntime(dirty.count))
+        r.bytesSent = link.bytesOnWire - b0
+        r.encodeSeconds = link.senderCPUSeconds - c0
+        r.throttlePercent = pct
+        r.dirtyLimited = limited
+        r.writeRate = duration > 0 ? Double(workload.writes - w0) / duration : 0
+        throttle.afterRound(sent: r.bytesSent, dirtied: dirty.count * page, at: r.endTime, workload: workload)
+        return r
+    }
 }
 
 /// Pre-copy: send every page; then, round after round, send what the workload dirtied while
@@ -147,11 +261,16 @@ public struct PrecopyEngine {
     public let model: LinkModel
     public let downtimeTarget: Double
     public let maxRounds: Int
+    public let throttle: ThrottlePolicy
+    /// This machine's costs of the stop beyond the link (nil: the link alone).
+    public let costs: SwitchCosts?
 
-    public init(model: LinkModel, downtimeTarget: Double, maxRounds: Int) {
+    public init(model: LinkModel, downtimeTarget: Double, maxRounds: Int, throttle: ThrottlePolicy = .none, costs: SwitchCosts? = nil) {
+        self.costs = costs
         self.model = model
         self.downtimeTarget = downtimeTarget
         self.maxRounds = maxRounds
+        self.throttle = throttle
     }
 
     public func run(region: UnsafeMutableRawPointer, length: Int, tracker: DirtyTracker,
@@ -159,40 +278,32 @@ public struct PrecopyEngine {
         let page = System.pageSize
         let pageCount = length / page
         var out = PrecopyOutcome()
-        var dirty: [Int] = []
-        dirty.reserveCapacity(pageCount)
-        var syncNS: UInt64 = 0
-        func sync() throws(SystemError) {
-            dirty.removeAll(keepingCapacity: true)
-            let s = Clock.nanoseconds()
-            try tracker.collect(into: &dirty)
-            syncNS += Clock.nanoseconds() - s
-            out.dirtySyncCount += 1
-        }
 
         // Arm tracking before the first page leaves: a write from here on is seen.
         try tracker.protectAll()
         let t0 = Clock.nanoseconds()
+        var loop = RoundLoop(model: model, tracker: tracker, workload: workload, link: link, throttle: throttle,
+                             pageCount: pageCount, t0: t0)
         var toSend = Array(0..<pageCount)
         var round = 0
+        // Bytes a page costs on the link: a page, until a round shows what encoding makes of
+        // it (QEMU likewise predicts from the bandwidth it measured, encoding included).
+        var perPage = Double(page), cpuPerPage = 0.0
         while true {
             round += 1
-            let rs = Clock.nanoseconds()
-            try link.send(toSend[...], from: region)
-            try link.endRound(round, pages: toSend.count)
-            try sync()
-            let re = Clock.nanoseconds()
-            let duration = Double(re - rs) / 1e9
-            let expected = model.roundTime(bytes: dirty.count * page)
-            out.rounds.append(PrecopyRound(round: round, endTime: Double(re - t0) / 1e9, duration: duration,
-                                           pagesSent: toSend.count, dirtyPages: dirty.count,
-                                           dirtyRate: duration > 0 ? Double(dirty.count) / duration : 0,
-                                           expectedDowntime: expected))
+            let r = try loop.round(round, pages: toSend, region: region) { [perPage] in model.roundTime(bytes: Int(Double($0) * perPage)) }
+            out.rounds.append(r)
             out.pagesTransferred += toSend.count
-            if model.wireTime(bytes: dirty.count * page) <= downtimeTarget { out.converged = true; break }
+            if r.bytesSent > 0 && r.pagesSent > 0 {
+                perPage = Double(r.bytesSent) / Double(r.pagesSent)
+                cpuPerPage = r.encodeSeconds / Double(r.pagesSent)
+            }
+            if model.wireTime(bytes: Int(Double(loop.dirty.count) * perPage)) <= downtimeTarget { out.converged = true; break }
             if round >= maxRounds { break }
-            toSend = dirty
+            toSend = loop.dirty
         }
+        var dirty = loop.dirty
+        func sync() throws(SystemError) { try loop.sync(); dirty = loop.dirty }
 
         // Stop-and-copy: pause, take the last dirty set, send it, wait for the destination.
         let tStop = Clock.nanoseconds()
@@ -206,7 +317,8 @@ public struct PrecopyEngine {
             dirty = merged.sorted()
         }
         out.stopPages = dirty.count
-        out.predictedDowntime = model.roundTime(bytes: dirty.count * page)
+        out.predictedDowntime = model.roundTime(bytes: Int(Double(dirty.count) * perPage), cpu: cpuPerPage * Double(dirty.count))
+            + (costs?.precopyStop(regionPages: pageCount) ?? 0)
         try link.send(dirty[...], from: region)
         out.pagesTransferred += dirty.count
         let tAck = try link.finish(pages: out.pagesTransferred)
@@ -215,9 +327,16 @@ public struct PrecopyEngine {
         out.verdict = try link.verify(checksum: out.sourceChecksum)
         out.downtime = Double(tAck - tStop) / 1e9
         out.totalTime = Double(tAck - t0) / 1e9
-        out.syncTime = Double(syncNS) / 1e9
+        out.syncTime = Double(loop.syncNS) / 1e9
+        out.dirtySyncCount = loop.syncCount
         out.workloadWrites = workload.writes
         out.workloadRate = workload.achievedRate
+        out.throttleEngagedAt = loop.throttle.engagedAt
+        out.throttleTriggers = loop.throttle.triggers
+        out.throttledSeconds = workload.throttledSeconds
+        out.bytesOnWire = link.bytesOnWire
+        out.encoding = (link as? EmulatedPageLink)?.encoder?.stats ?? (link as? TCPLink)?.encoder?.stats
+        out.decodeCPU = (link as? EmulatedPageLink)?.decoder?.decodeCPU
         return out
     }
 }

@@ -21,11 +21,14 @@ public enum Wire {
 public enum MessageType: UInt8, Sendable, CustomStringConvertible {
     case hello = 1, welcome = 2, refuse = 3, pages = 4, roundEnd = 5, roundAck = 6
     case finish = 7, resumed = 8, verify = 9, verified = 10, error = 11, ping = 12, pong = 13
+    /// Pages as `PageEncoder` writes them (zero, XBZRLE delta, zstd or raw, per page).
+    case encodedPages = 14
     public var description: String {
         switch self {
         case .hello: "HELLO"; case .welcome: "WELCOME"; case .refuse: "REFUSE"; case .pages: "PAGES"
         case .roundEnd: "ROUND_END"; case .roundAck: "ROUND_ACK"; case .finish: "FINISH"; case .resumed: "RESUMED"
         case .verify: "VERIFY"; case .verified: "VERIFIED"; case .error: "ERROR"; case .ping: "PING"; case .pong: "PONG"
+        case .encodedPages: "ENCODED_PAGES"
         }
     }
 }
@@ -316,12 +319,17 @@ public final class TCPLink: PageLink {
     public let pageSize: Int
     private var buffer: UnsafeMutableRawPointer
     private var totalSent = 0
+    public let encoder: PageEncoder?
+    public var bytesOnWire: Int { connection.bytesSent }
+    public var senderCPUSeconds: Double { encoder?.stats.encodeCPU ?? 0 }
 
-    /// Connects the protocol: HELLO with the image header, WELCOME or REFUSE back.
-    public init(connection: WireConnection, header: ImageHeader) throws(WireError) {
+    /// Connects the protocol: HELLO with the image header, WELCOME or REFUSE back. With an
+    /// encoding, pages go as ENCODED_PAGES frames.
+    public init(connection: WireConnection, header: ImageHeader, encoding: EncodingConfig = EncodingConfig()) throws(WireError) {
         self.connection = connection
         self.pageSize = header.pageSize
-        buffer = .allocate(byteCount: 4 + Wire.pagesPerFrame * (8 + header.pageSize), alignment: 8)
+        encoder = encoding.isRaw ? nil : PageEncoder(config: encoding, pageSize: header.pageSize)
+        buffer = .allocate(byteCount: PageEncoder.frameCapacity(pages: Wire.pagesPerFrame, pageSize: header.pageSize), alignment: 8)
         var w = PayloadWriter()
         w.u32(Wire.protocolVersion)
         w.text(header.encode())
@@ -349,6 +357,12 @@ public final class TCPLink: PageLink {
         var i = pages.startIndex
         while i < pages.endIndex {
             let n = min(Wire.pagesPerFrame, pages.endIndex - i)
+            if let encoder {
+                let len = encoder.encodeFrame(pages[i..<(i + n)], from: source, into: buffer)
+                try connection.send(.encodedPages, buffer, len)
+                i += n
+                continue
+            }
             buffer.storeBytes(of: UInt32(n).littleEndian, as: UInt32.self)
             for k in 0..<n { (buffer + 4 + 8 * k).storeBytes(of: UInt64(pages[i + k]).littleEndian, toByteOffset: 0, as: UInt64.self) }
             let data = buffer + 4 + 8 * n
@@ -395,6 +409,9 @@ public struct MigrationDestination {
         public var checksum: UInt64 = 0
         public var sourceChecksum: UInt64 = 0
         public var ignoredFlags: [String] = []
+        /// Pages that came as ENCODED_PAGES, and the CPU time their decoding took.
+        public var decodedPages = 0
+        public var decodeCPU = 0.0
         public var verified: Bool { checksum == sourceChecksum }
     }
 
@@ -447,6 +464,7 @@ public struct MigrationDestination {
             report.pagesReceived = s.pagesReceived
             report.rounds = s.rounds
             report.bytesReceived = s.bytesReceived
+            if let d = s.decoder { report.decodedPages = d.pagesDecoded; report.decodeCPU = d.decodeCPU }
             switch step {
             case .none: break
             case .reply(let type, let payload): try c.send(type, payload)

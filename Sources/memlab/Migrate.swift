@@ -94,9 +94,19 @@ struct MigrateSource: ParsableCommand {
     @Option(help: "Stop-and-copy after this many rounds even if not converged.") var maxRounds = 30
     @Option(help: "Seconds without progress from the destination before giving up.") var timeout = 10.0
     @Option(help: "Write the result (metrics, rounds, checks) as a memlab.result/1 document to this file, also when the migration fails.") var json: String?
+    @Option(help: "Fraction of the region's pages that are zero (0…1).") var zeroRatio = 0.0
+    @Option(help: "Fraction of each non-zero page's 8-byte words that are zero (0…0.95): what a compressor can take away.") var compressibility = 0.0
+    @Flag(help: "Send zero pages as their header only (QEMU's zero-page detection).") var zeroPages = false
+    @Option(help: "XBZRLE cache size (K, M, G suffix; 0: off): re-sent pages go as deltas against the copy sent before.") var xbzrleCache = "0"
+    @Option(help: "Compress pages with zstd at this level (1…19; 0: off).") var zstd = 0
+    @Option(help: "Throttle the workload when rounds dirty too much: none, auto-converge, dirty-limit.") var throttle = "none"
+    @Option(help: "dirty-limit: the most pages/s each workload thread writes once throttled.") var dirtyLimit = 256.0
 
     var params: [String: ParamValue] {
         var p: [String: ParamValue] = [
+            "zero_ratio": .double(zeroRatio), "compressibility": .double(compressibility), "zero_pages": .string(zeroPages ? "detect" : "send"),
+            "xbzrle_cache": .int(parseSize(xbzrleCache) ?? 0), "compress": .string(zstd > 0 ? "zstd" : "none"), "compress_level": .int(zstd),
+            "throttle": .string(throttle), "dirty_limit": .double(dirtyLimit),
             "connect": .string(connect), "size": .int(parseSize(size) ?? 0), "dirty_rate": .int(dirtyRate),
             "threads": .int(threads), "bandwidth_mbit": .double(bandwidthMbit), "delay_ms": .double(delayMs),
             "downtime_target_ms": .double(downtimeTargetMs), "max_rounds": .int(maxRounds), "timeout_s": .double(timeout),
@@ -129,11 +139,22 @@ struct MigrateSource: ParsableCommand {
         try NetLimits.check("max-rounds", maxRounds, NetLimits.maxRounds)
         try NetLimits.check("threads", threads, NetLimits.threads)
         try NetLimits.check("dirty-rate", dirtyRate, NetLimits.dirtyRate)
+        try NetLimits.check("zero-ratio", zeroRatio, 0...1, unit: "")
+        try NetLimits.check("compressibility", compressibility, 0...0.95, unit: "")
+        try NetLimits.check("dirty-limit", dirtyLimit, 1...100_000_000, unit: "pages/s")
+        if zstd != 0 { try NetLimits.check("zstd", zstd, EncodingConfig.levels) }
+        let cacheBytes: Int
+        if xbzrleCache == "0" { cacheBytes = 0 } else { cacheBytes = try NetLimits.size("xbzrle-cache", xbzrleCache, atLeast: System.pageSize) }
+        guard let mode = ThrottlePolicy.Mode(rawValue: throttle) else {
+            throw UsageError("--throttle '\(throttle)': expected \(ThrottlePolicy.Mode.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        let encoding = EncodingConfig(zeroPages: zeroPages, xbzrleCacheBytes: cacheBytes, zstdLevel: zstd)
+        let policy = ThrottlePolicy(mode: mode, dirtyLimitPagesPerSecond: dirtyLimit)
         let wp = WriteProtectTracking.probe()
         guard wp.usable else { throw failed("dirty tracking unusable: \(wp.reason ?? "?")") }
         let page = System.pageSize
         let region = try AnonymousMapping(length: bytes)
-        fillRandom(region.base, length: region.length, seed: 0x6D69_6772)
+        fillImage(region.base, length: region.length, seed: 0x6D69_6772, zeroRatio: zeroRatio, compressibility: compressibility)
 
         let delayNS = UInt64(delayMs * 1e6)
         let socket: Socket
@@ -142,7 +163,7 @@ struct MigrateSource: ParsableCommand {
         do { conn = try WireConnection(socket: socket, delayNS: delayNS, timeoutS: timeout) } catch { throw failed(error.description) }
         defer { conn.close() }
         let link: TCPLink
-        do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0)) } catch { throw failed(error.description) }
+        do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0), encoding: encoding) } catch { throw failed(error.description) }
         let rtts: [Double]
         do { rtts = try link.measureRTT(count: 5) } catch { throw failed(error.description) }
         let measuredRTT = rtts[rtts.count / 2]
@@ -153,7 +174,8 @@ struct MigrateSource: ParsableCommand {
         let workload = DirtyWorkload(base: region.base, pages: region.length / page, hotPages: region.length / page,
                                      rate: Double(dirtyRate), threads: threads)
         try workload.start(seed: 0x5EED)
-        let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTargetMs / 1000, maxRounds: maxRounds)
+        let costs = try SwitchCosts.measure()
+        let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTargetMs / 1000, maxRounds: maxRounds, throttle: policy, costs: costs)
         let out: PrecopyOutcome
         do {
             out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
@@ -163,6 +185,9 @@ struct MigrateSource: ParsableCommand {
         }
         let ctx = RunContext(variant: "precopy-tcp", params: Params([:]), repetition: 1, isWarmup: false)
         MigrationScenario.record(out, model: model, pageSize: page, pages: region.length / page, tracker: tracker, ctx: ctx)
+        MigrationScenario.recordThrottle(out.rounds, engagedAt: out.throttleEngagedAt, triggers: out.throttleTriggers,
+                                         throttledSeconds: out.throttledSeconds, threads: threads, policy: policy, ctx: ctx)
+        for (name, v, _) in costs.named { ctx.record(name, v, .s, better: .none) }
         ctx.record("measured_rtt", measuredRTT, .s, better: .lower)
         ctx.record("wire_bytes_sent", Double(conn.bytesSent), .bytes, better: .lower)
         ctx.note("model: \(bandwidthMbit) Mbit/s, RTT \(model.rtt * 1000) ms (\(rttMs == nil ? "measured with PING/PONG" : "given")); delay stage \(delayMs) ms one way on each side's receive")
@@ -262,6 +287,10 @@ struct MigrateDestination: ParsableCommand {
             ctx.record("bytes_received", Double(r.bytesReceived), .bytes, better: .none)
             ctx.record("rounds", Double(r.rounds), .count, better: .none)
             ctx.record("session_time", session, .s, better: .lower)
+            if r.decodedPages > 0 {
+                ctx.record("decoded_pages", Double(r.decodedPages), .pages, better: .none)
+                ctx.record("decode_cpu_time", r.decodeCPU, .s, better: .lower)
+            }
             if let h = r.header {
                 ctx.record("region_bytes", Double(h.regionBytes), .bytes, better: .none)
                 ctx.note("source: \(h.arch), \(h.cpu.model), \(h.cpu.flags.count) CPU flags")

@@ -278,6 +278,11 @@ int memlab_fork_compare_pages(const void *base, const void *expected, size_t pag
 /// Reference fault handler (one message per read, one UFFDIO_COPY per fault) for the bench.
 /// `mode`: 0 blocking read, 1 poll, 2 busy (non-blocking read in a loop), 3 epoll.
 long memlab_ref_fault_handler(int uffd, const void *src, void *region, size_t len, int mode);
+/// Reference XBZRLE encoder (QEMU's delta format: runs of unchanged bytes and of changed
+/// bytes, lengths in ULEB128, changed bytes copied; a trailing unchanged run is not written).
+/// Returns the encoded length, 0 when `new_buf` equals `old_buf`, -1 when the encoding would
+/// exceed `dlen` (QEMU's overflow: the page goes raw).
+long memlab_ref_xbzrle_encode(const uint8_t *old_buf, const uint8_t *new_buf, long slen, uint8_t *dst, long dlen);
 /// Follows `steps` links of a pointer chase; each element holds the index of the next.
 uint64_t memlab_ref_chase(const uint64_t *base, uint64_t start, uint64_t steps);
 
