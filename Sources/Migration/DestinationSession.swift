@@ -41,8 +41,9 @@ public struct DestinationSession: Sendable {
     public private(set) var sourceChecksum: UInt64 = 0
     public private(set) var checksum: UInt64 = 0
     public private(set) var ignoredFlags: [String] = []
-    /// Made at the first ENCODED_PAGES frame.
-    public private(set) var decoder: PageDecoder?
+    /// Made at the first page frame.
+    private var sink: PageSink?
+    public var decoder: PageDecoder? { sink?.decoder }
     public var verified: Bool { phase == .done && checksum == sourceChecksum }
 
     public init(local: ImageHeader, ignoreCPUFlags: Bool, maxRegion: Int) {
@@ -102,13 +103,9 @@ public struct DestinationSession: Sendable {
         case .ping:
             guard f.payload.count == 8 else { throw .malformed("PING payload of \(f.payload.count) bytes (a u64 nonce: 8)") }
             return .reply(.pong, f.payload)
-        case .pages:
-            if phase == .finished { throw .malformed("PAGES after FINISH") }
-            try takePages(f.payload, region: region)
-            return .none
-        case .encodedPages:
-            if phase == .finished { throw .malformed("ENCODED_PAGES after FINISH") }
-            try takeEncodedPages(f.payload, region: region)
+        case .pages, .encodedPages:
+            if phase == .finished { throw .malformed("\(f.type) after FINISH") }
+            try takePages(f, region: region)
             return .none
         case .roundEnd:
             if phase == .finished { throw .malformed("ROUND_END after FINISH") }
@@ -152,41 +149,76 @@ public struct DestinationSession: Sendable {
         }
     }
 
-    /// ENCODED_PAGES: decoded whole into a staging area before the region changes.
-    private mutating func takeEncodedPages(_ p: [UInt8], region: UnsafeMutableRawPointer) throws(WireError) {
-        if decoder == nil { decoder = PageDecoder(pageSize: pageSize) }
-        guard let d = decoder else { return }
-        // The count comes first: a round cannot hold more pages than the region.
-        if p.count >= 4 {
-            let n = Int(UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24)
-            guard n <= pageCount - inRound else {
-                throw .malformed("more pages in round \(rounds + 1) (\(UInt64(inRound) + UInt64(n))) than the region has (\(pageCount))")
-            }
+    /// PAGES or ENCODED_PAGES: the round's bound first, then the sink (every index checked
+    /// before any page is copied, so a bad frame changes nothing).
+    private mutating func takePages(_ f: Frame, region: UnsafeMutableRawPointer) throws(WireError) {
+        if sink == nil { sink = PageSink(pageSize: pageSize, pageCount: pageCount) }
+        let n = PageSink.declaredCount(f.payload)
+        guard n <= pageCount - inRound else {
+            throw .malformed("more pages in round \(rounds + 1) (\(UInt64(inRound) + UInt64(n))) than the region has (\(pageCount))")
         }
-        var failure: WireError?
-        var n = 0
-        p.withUnsafeBytes { b in
-            do throws(WireError) { n = try d.apply(b, region: region, pageCount: pageCount) } catch { failure = error }
-        }
-        if let failure { throw failure }
-        inRound += n
-        pagesReceived += n
-        bytesReceived += p.count + 8
+        let took = try sink!.take(f, region: region)
+        inRound += took
+        pagesReceived += took
+        bytesReceived += f.payload.count + 8
     }
 
-    /// PAGES: u32 n (1…64), n × u64 index, n × page. Every index is checked before any page
-    /// is copied, so a bad frame changes nothing.
-    private mutating func takePages(_ p: [UInt8], region: UnsafeMutableRawPointer) throws(WireError) {
+    /// Pages that arrived on multifd channels since the last control message (their syncs
+    /// are in): they count toward the round as if they had come on this connection.
+    public mutating func channelPages(_ n: Int, bytes: Int) throws(WireError) {
+        guard n >= 0, n <= pageCount - inRound else {
+            throw .malformed("multifd channels delivered \(n) pages in round \(rounds + 1); the region has \(pageCount), \(inRound) already in")
+        }
+        inRound += n
+        pagesReceived += n
+        bytesReceived += bytes
+    }
+}
+
+/// Page frames into a region: PAGES (u32 n, n × u64 index, n × page) and ENCODED_PAGES
+/// (PageDecoder). Every index is checked before any page is copied. The control connection
+/// and each multifd channel have one.
+public struct PageSink: @unchecked Sendable {
+    // @unchecked: the decoder is a class used only by the sink's one owner thread.
+    public let pageSize: Int
+    public let pageCount: Int
+    public private(set) var decoder: PageDecoder?
+
+    public init(pageSize: Int, pageCount: Int) {
+        self.pageSize = pageSize
+        self.pageCount = pageCount
+    }
+
+    /// The page count a frame's payload starts with (0 when too short to say).
+    static func declaredCount(_ p: [UInt8]) -> Int {
+        p.count >= 4 ? Int(UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24) : 0
+    }
+
+    /// Applies a PAGES or ENCODED_PAGES frame; returns its page count.
+    public mutating func take(_ f: Frame, region: UnsafeMutableRawPointer) throws(WireError) -> Int {
+        switch f.type {
+        case .pages: return try takeRaw(f.payload, region: region)
+        case .encodedPages:
+            if decoder == nil { decoder = PageDecoder(pageSize: pageSize) }
+            guard let d = decoder else { return 0 }
+            var failure: WireError?
+            var n = 0
+            f.payload.withUnsafeBytes { b in
+                do throws(WireError) { n = try d.apply(b, region: region, pageCount: pageCount) } catch { failure = error }
+            }
+            if let failure { throw failure }
+            return n
+        default: throw .malformed("\(f.type) is not a page frame")
+        }
+    }
+
+    private func takeRaw(_ p: [UInt8], region: UnsafeMutableRawPointer) throws(WireError) -> Int {
         guard p.count >= 4 else { throw .malformed("PAGES payload of \(p.count) bytes") }
-        let n = Int(UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24)
+        let n = Self.declaredCount(p)
         guard n >= 1, n <= Wire.pagesPerFrame else { throw .malformed("PAGES frame of \(n) pages (1…\(Wire.pagesPerFrame))") }
         // n ≤ 64 and pageSize ≤ 1 GiB (ImageHeader.parse): no overflow.
         guard p.count == 4 + n * (8 + pageSize) else {
             throw .malformed("PAGES frame of \(p.count) bytes does not hold \(n) pages of \(pageSize) bytes")
-        }
-        // Within a round the source sends each dirty page once.
-        guard inRound + n <= pageCount else {
-            throw .malformed("more pages in round \(rounds + 1) (\(inRound + n)) than the region has (\(pageCount))")
         }
         let pages = UInt64(pageCount), size = pageSize
         let bad: UInt64? = p.withUnsafeBytes { b -> UInt64? in
@@ -201,8 +233,6 @@ public struct DestinationSession: Sendable {
             return nil
         }
         if let idx = bad { throw .malformed("page index \(idx) outside the \(pageCount)-page region") }
-        inRound += n
-        pagesReceived += n
-        bytesReceived += p.count + 8
+        return n
     }
 }

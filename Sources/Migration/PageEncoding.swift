@@ -52,6 +52,15 @@ public struct EncoderStats: Sendable, Equatable {
     /// Thread CPU seconds spent encoding (source) and decoding (destination).
     public var encodeCPU = 0.0
     public var decodeCPU = 0.0
+
+    /// Adds another encoder's counts (multifd: one encoder a channel).
+    public mutating func add(_ o: EncoderStats) {
+        pages += o.pages; rawPages += o.rawPages; zeroPages += o.zeroPages
+        xbzrlePages += o.xbzrlePages; xbzrleHits += o.xbzrleHits; xbzrleMisses += o.xbzrleMisses
+        xbzrleOverflows += o.xbzrleOverflows; xbzrleUnchanged += o.xbzrleUnchanged; xbzrleBytesSaved += o.xbzrleBytesSaved
+        zstdPages += o.zstdPages; zstdIn += o.zstdIn; zstdOut += o.zstdOut
+        inputBytes += o.inputBytes; outputBytes += o.outputBytes; encodeCPU += o.encodeCPU; decodeCPU += o.decodeCPU
+    }
 }
 
 func threadCPUSeconds() -> Double {

@@ -335,7 +335,7 @@ public struct PrecopyEngine {
         out.throttleTriggers = loop.throttle.triggers
         out.throttledSeconds = workload.throttledSeconds
         out.bytesOnWire = link.bytesOnWire
-        out.encoding = (link as? EmulatedPageLink)?.encoder?.stats ?? (link as? TCPLink)?.encoder?.stats
+        out.encoding = (link as? EmulatedPageLink)?.encoder?.stats ?? (link as? TCPLink)?.encoderStats
         out.decodeCPU = (link as? EmulatedPageLink)?.decoder?.decodeCPU
         return out
     }

@@ -23,12 +23,17 @@ public enum MessageType: UInt8, Sendable, CustomStringConvertible {
     case finish = 7, resumed = 8, verify = 9, verified = 10, error = 11, ping = 12, pong = 13
     /// Pages as `PageEncoder` writes them (zero, XBZRLE delta, zstd or raw, per page).
     case encodedPages = 14
+    /// Multifd: CHANNELS(u32 n, u64 token) on the control connection; CHANNEL_HELLO(u64 token,
+    /// u32 index, u32 n) first on each channel; CHANNEL_SYNC(u32 sequence, u32 pages, u32 last)
+    /// on each channel before ROUND_END and FINISH; CHANNELS_READY(u32 n) back.
+    case channels = 15, channelHello = 16, channelSync = 17, channelsReady = 18
     public var description: String {
         switch self {
         case .hello: "HELLO"; case .welcome: "WELCOME"; case .refuse: "REFUSE"; case .pages: "PAGES"
         case .roundEnd: "ROUND_END"; case .roundAck: "ROUND_ACK"; case .finish: "FINISH"; case .resumed: "RESUMED"
         case .verify: "VERIFY"; case .verified: "VERIFIED"; case .error: "ERROR"; case .ping: "PING"; case .pong: "PONG"
         case .encodedPages: "ENCODED_PAGES"
+        case .channels: "CHANNELS"; case .channelHello: "CHANNEL_HELLO"; case .channelSync: "CHANNEL_SYNC"; case .channelsReady: "CHANNELS_READY"
         }
     }
 }
@@ -225,12 +230,15 @@ public final class WireConnection: Sendable {
                 type = m
                 length = l
             }
-            var payload = [UInt8](repeating: 0, count: length)
-            if length > 0 {
-                let n = payload.withUnsafeMutableBytes { readExactly($0.baseAddress!, length) }
-                if n != length {
-                    _ = push(.failure(.malformed("truncated \(type): connection closed after \(max(n, 0)) of \(length) payload bytes"))); return
-                }
+            // Read straight into the array's storage: no zeroing pass over 260 KiB page frames.
+            var read = 0
+            let payload = [UInt8](unsafeUninitializedCapacity: length) { buf, count in
+                read = length > 0 ? readExactly(buf.baseAddress!, length) : 0
+                count = length
+                if read != length { buf.baseAddress.map { p in (p + max(read, 0)).initialize(repeating: 0, count: length - max(read, 0)) } }
+            }
+            if read != length {
+                _ = push(.failure(.malformed("truncated \(type): connection closed after \(max(read, 0)) of \(length) payload bytes"))); return
             }
             if !push(.success(Frame(type: type, payload: payload))) { return }
         }
@@ -320,8 +328,63 @@ public final class TCPLink: PageLink {
     private var buffer: UnsafeMutableRawPointer
     private var totalSent = 0
     public let encoder: PageEncoder?
-    public var bytesOnWire: Int { connection.bytesSent }
-    public var senderCPUSeconds: Double { encoder?.stats.encodeCPU ?? 0 }
+    public var bytesOnWire: Int { connection.bytesSent + channelBytes }
+    public var senderCPUSeconds: Double { (encoder?.stats.encodeCPU ?? 0) + senders.reduce(0.0) { $0 + ($1.encoder?.stats.encodeCPU ?? 0) } }
+    /// Multifd channels (empty: every page on the control connection).
+    private var senders: [ChannelSender] = []
+    private var syncSequence: UInt32 = 0
+    private var shares: [[Int]] = []
+    /// Bytes put on the channels (page frames and syncs).
+    public var channelBytes: Int { senders.reduce(0) { $0 + $1.connection.bytesSent } }
+    /// The encoders' counts, all channels together (or the control connection's).
+    public var encoderStats: EncoderStats? {
+        if senders.isEmpty { return encoder?.stats }
+        guard senders.contains(where: { $0.encoder != nil }) else { return nil }
+        var t = EncoderStats()
+        for s in senders { if let e = s.encoder?.stats { t.add(e) } }
+        return t
+    }
+
+    /// Opens `count` multifd channels with `open` (a new connection to the destination each).
+    public func openChannels(_ count: Int, encoding: EncodingConfig, open: () throws(WireError) -> WireConnection) throws(WireError) {
+        guard (1...Multifd.maxChannels).contains(count) else { throw .invalid("\(count) multifd channels (1…\(Multifd.maxChannels))") }
+        let token = UInt64.random(in: .min ... .max)
+        var w = PayloadWriter()
+        w.u32(UInt32(count)); w.u64(token)
+        try connection.send(.channels, w.bytes)
+        for i in 0..<count {
+            let c = try open()
+            var h = PayloadWriter()
+            h.u64(token); h.u32(UInt32(i)); h.u32(UInt32(count))
+            do throws(WireError) {
+                try c.send(.channelHello, h.bytes)
+                senders.append(try ChannelSender(index: i, connection: c, encoding: encoding, pageSize: pageSize))
+            } catch {
+                c.close()
+                throw error
+            }
+        }
+        shares = Array(repeating: [], count: count)
+        let f = try connection.receive(waitingFor: "CHANNELS_READY")
+        guard f.type == .channelsReady else { throw .malformed("expected CHANNELS_READY, got \(f.type)") }
+        var r = PayloadReader(f)
+        let n = try r.u32()
+        try r.end()
+        guard n == UInt32(count) else { throw .mismatch("destination took \(n) channels, \(count) opened") }
+    }
+
+    /// Stops the channel threads and closes their connections.
+    public func close() {
+        for s in senders { s.close() }
+        senders.removeAll()
+    }
+
+    /// Every channel's CHANNEL_SYNC, before a ROUND_END or FINISH on the control connection.
+    private func syncChannels(last: Bool) throws(WireError) {
+        guard !senders.isEmpty else { return }
+        syncSequence &+= 1
+        for s in senders { try s.sync(sequence: syncSequence, last: last) }
+    }
 
     /// Connects the protocol: HELLO with the image header, WELCOME or REFUSE back. With an
     /// encoding, pages go as ENCODED_PAGES frames.
@@ -354,6 +417,20 @@ public final class TCPLink: PageLink {
     }
 
     public func send(_ pages: ArraySlice<Int>, from source: UnsafeRawPointer) throws {
+        if !senders.isEmpty {
+            // A page always on channel index mod n: its XBZRLE history stays on one channel.
+            let n = senders.count
+            for k in 0..<n { shares[k].removeAll(keepingCapacity: true) }
+            for p in pages { shares[p % n].append(p) }
+            for k in 0..<n { senders[k].start(shares[k], from: source) }
+            var failure: WireError?
+            for s in senders {
+                do throws(WireError) { try s.wait() } catch { if failure == nil { failure = error } }
+            }
+            if let failure { throw failure }
+            totalSent += pages.count
+            return
+        }
         var i = pages.startIndex
         while i < pages.endIndex {
             let n = min(Wire.pagesPerFrame, pages.endIndex - i)
@@ -374,6 +451,7 @@ public final class TCPLink: PageLink {
     }
 
     public func endRound(_ round: Int, pages: Int) throws {
+        try syncChannels(last: false)
         var w = PayloadWriter()
         w.u32(UInt32(clamping: round)); w.u32(UInt32(clamping: pages))
         try connection.send(.roundEnd, w.bytes)
@@ -381,6 +459,7 @@ public final class TCPLink: PageLink {
     }
 
     public func finish(pages: Int) throws -> UInt64 {
+        try syncChannels(last: true)
         var w = PayloadWriter()
         w.u64(UInt64(totalSent))
         try connection.send(.finish, w.bytes)
@@ -412,6 +491,9 @@ public struct MigrationDestination {
         /// Pages that came as ENCODED_PAGES, and the CPU time their decoding took.
         public var decodedPages = 0
         public var decodeCPU = 0.0
+        /// Multifd channels taken, and the pages counted through them and the control connection.
+        public var channels = 0
+        public var channelPages = 0
         public var verified: Bool { checksum == sourceChecksum }
     }
 
@@ -420,11 +502,14 @@ public struct MigrationDestination {
     public let maxRegion: Int
     public init(ignoreCPUFlags: Bool, maxRegion: Int) { self.ignoreCPUFlags = ignoreCPUFlags; self.maxRegion = maxRegion }
 
-    public func serve(_ c: WireConnection, log: (String) -> Void) throws(WireError) -> Report {
+    /// `listener`: where multifd channels connect (nil: a CHANNELS request is refused).
+    public func serve(_ c: WireConnection, listener: Listener? = nil, log: (String) -> Void) throws(WireError) -> Report {
         var session = DestinationSession(local: .local(regionBytes: 0, checksum: 0), ignoreCPUFlags: ignoreCPUFlags, maxRegion: maxRegion)
         var report = Report()
+        var receivers: [ChannelReceiver] = []
+        defer { for r in receivers { r.close() } }
         do {
-            return try serveInner(c, &session, &report, log: log)
+            return try serveInner(c, &session, &report, listener: listener, receivers: &receivers, log: log)
         } catch {
             // Tell the source why, if it is still there (a REFUSE already told it).
             if case .refused = error {} else { c.sendError(error.description) }
@@ -432,8 +517,8 @@ public struct MigrationDestination {
         }
     }
 
-    private func serveInner(_ c: WireConnection, _ s: inout DestinationSession, _ report: inout Report,
-                            log: (String) -> Void) throws(WireError) -> Report {
+    private func serveInner(_ c: WireConnection, _ s: inout DestinationSession, _ report: inout Report, listener: Listener?,
+                            receivers: inout [ChannelReceiver], log: (String) -> Void) throws(WireError) -> Report {
         switch try s.hello(try c.receive(waitingFor: "HELLO")) {
         case .refuse(let reason, let toPeer):
             try? c.send(.refuse, Array(toPeer.utf8))
@@ -458,13 +543,46 @@ public struct MigrationDestination {
         try c.send(.welcome, w.bytes)
         if let h = report.header { log("accepted a \(h.regionBytes)-byte image from a \(h.arch) source (\(h.cpu.model))") }
 
+        var syncSequence: UInt32 = 0
+        var channelBytesSeen = 0
         while true {
             let f = try c.receive(waitingFor: s.phase == .finished ? "VERIFY" : "pages or the end of round \(s.rounds + 1)")
+            if f.type == .channels {
+                guard receivers.isEmpty, s.phase == .pages, s.pagesReceived == 0, s.rounds == 0 else {
+                    throw .malformed("CHANNELS after pages or a second time")
+                }
+                guard let listener else { throw .refused("this destination takes no multifd channels") }
+                receivers = try acceptChannels(f, listener: listener, control: c, pageSize: s.pageSize, pageCount: s.pageCount, region: region.base)
+                var w = PayloadWriter()
+                w.u32(UInt32(receivers.count))
+                try c.send(.channelsReady, w.bytes)
+                log("multifd: \(receivers.count) channels")
+                report.channels = receivers.count
+                continue
+            }
+            if (f.type == .roundEnd || f.type == .finish) && !receivers.isEmpty && s.phase == .pages {
+                // The control message counts the pages of every channel: take it only when
+                // each channel's sync is in.
+                syncSequence &+= 1
+                var pages = 0
+                for r in receivers {
+                    let sync = try r.nextSync(syncSequence, timeoutS: c.timeoutS)
+                    if sync.last != (f.type == .finish) {
+                        throw .mismatch("multifd channel \(r.index): its sync \(syncSequence) says last=\(sync.last), the control stream sent \(f.type)")
+                    }
+                    pages += sync.pages
+                }
+                let bytes = receivers.reduce(0) { $0 + $1.bytesReceived }
+                try s.channelPages(pages, bytes: bytes - channelBytesSeen)
+                channelBytesSeen = bytes
+                report.decodeCPU = receivers.reduce(0.0) { $0 + $1.decodeCPU }
+            }
             let step = try s.handle(f, region: region.base)
             report.pagesReceived = s.pagesReceived
             report.rounds = s.rounds
             report.bytesReceived = s.bytesReceived
             if let d = s.decoder { report.decodedPages = d.pagesDecoded; report.decodeCPU = d.decodeCPU }
+            if !receivers.isEmpty { report.channelPages = s.pagesReceived }
             switch step {
             case .none: break
             case .reply(let type, let payload): try c.send(type, payload)
@@ -478,6 +596,46 @@ public struct MigrationDestination {
                 return report
             }
         }
+    }
+}
+
+extension MigrationDestination {
+    /// CHANNELS(n, token): accepts n connections, each opening with CHANNEL_HELLO(token,
+    /// index, n), every index once; anything else fails the migration with the reason.
+    func acceptChannels(_ f: Frame, listener: Listener, control c: WireConnection, pageSize: Int, pageCount: Int,
+                        region: UnsafeMutableRawPointer) throws(WireError) -> [ChannelReceiver] {
+        var r = PayloadReader(f)
+        let n = try r.u32(), token = try r.u64()
+        try r.end()
+        guard n >= 1, n <= UInt32(Multifd.maxChannels) else { throw .malformed("CHANNELS asks for \(n) channels (1…\(Multifd.maxChannels))") }
+        var slots = [ChannelReceiver?](repeating: nil, count: Int(n))
+        var failure: WireError?
+        for _ in 0..<Int(n) {
+            do throws(WireError) {
+                let sock: Socket
+                do { sock = try listener.accept(timeoutS: c.timeoutS, waitingFor: "a multifd channel") } catch { throw WireError(error) }
+                let conn = try WireConnection(socket: sock, delayNS: c.delayNS, timeoutS: c.timeoutS)
+                let h = try conn.receive(waitingFor: "CHANNEL_HELLO")
+                var hr = PayloadReader(h)
+                guard h.type == .channelHello else { conn.close(); throw .malformed("a channel opened with \(h.type), not CHANNEL_HELLO") }
+                let t = try hr.u64(), index = try hr.u32(), count = try hr.u32()
+                try hr.end()
+                guard t == token else { conn.close(); throw .refused("a channel with another migration's token") }
+                guard count == n, index < n, slots[Int(index)] == nil else {
+                    conn.close(); throw .malformed("CHANNEL_HELLO index \(index) of \(count); CHANNELS asked for \(n), each index once")
+                }
+                slots[Int(index)] = try ChannelReceiver(index: Int(index), connection: conn, pageSize: pageSize, pageCount: pageCount, region: region)
+            } catch {
+                failure = error
+                break
+            }
+        }
+        let taken = slots.compactMap { $0 }
+        if let failure {
+            for t in taken { t.close() }
+            throw failure
+        }
+        return taken
     }
 }
 

@@ -321,6 +321,7 @@ struct BenchCommand: ParsableCommand {
         print(String(format: "sampler read (pread, fixed buffer)  %.0f ns vs open+read+parse %.0f ns (%.1fx)", counter.pread, counter.reopen, counter.reopen / counter.pread))
         print(worst <= 1.10 ? "Swift within 10% of C on every loop" : String(format: "Swift/C ratio %.2f exceeds 1.10 on at least one loop", worst))
         encodingSection()
+        multifdSection()
         faultSection()
     }
 
@@ -338,6 +339,26 @@ struct BenchCommand: ParsableCommand {
                                gbs >= 1 && r.ratio <= 1.2 ? "" : "  MISSED"))
             } catch { print("encoding section skipped: \(error)"); return }
         }
+    }
+
+    /// Multifd over loopback (issue 14's target: N=4 at least 1.5× N=1 in pages/s).
+    func multifdSection() {
+        print("")
+        print("multifd: an idle pre-copy over loopback TCP to a destination thread, pages/s (median of \(rounds) alternating rounds)")
+        let size = min(sizeMB, 256) << 20
+        do {
+            let image = try AnonymousMapping(length: size)
+            for (label, enc, fill) in [("raw pages", EncodingConfig(), 0.0), ("zstd 3, pages half zero words", EncodingConfig(zstdLevel: 3), 0.5)] {
+                fillImage(image.base, length: size, seed: 7, zeroRatio: 0, compressibility: fill)
+                var times: [Int: [Double]] = [1: [], 4: []]
+                for r in 0..<rounds {
+                    for n in (r % 2 == 0 ? [1, 4] : [4, 1]) { times[n]!.append(try MultifdBench.migrate(image: image, channels: n, encoding: enc)) }
+                }
+                let rate1 = Double(size / 4096) / Bench.median(times[1]!), rate4 = Double(size / 4096) / Bench.median(times[4]!)
+                print(label.padding(toLength: 34, withPad: " ", startingAt: 0)
+                      + String(format: "N=1 %9.0f pages/s  N=4 %9.0f pages/s  %.2fx (target ≥ 1.5x)%@", rate1, rate4, rate4 / rate1, rate4 / rate1 >= 1.5 ? "" : "  MISSED"))
+            }
+        } catch { print("multifd section skipped: \(error)") }
     }
 
     /// Fault handling: memlab's fault engine against the C reference handler, same wait mode.

@@ -101,12 +101,13 @@ struct MigrateSource: ParsableCommand {
     @Option(help: "Compress pages with zstd at this level (1…19; 0: off).") var zstd = 0
     @Option(help: "Throttle the workload when rounds dirty too much: none, auto-converge, dirty-limit.") var throttle = "none"
     @Option(help: "dirty-limit: the most pages/s each workload thread writes once throttled.") var dirtyLimit = 256.0
+    @Option(help: "Multifd: page data on this many extra TCP connections, one sender thread each (0: all on the control connection; at most 16).") var channels = 0
 
     var params: [String: ParamValue] {
         var p: [String: ParamValue] = [
             "zero_ratio": .double(zeroRatio), "compressibility": .double(compressibility), "zero_pages": .string(zeroPages ? "detect" : "send"),
             "xbzrle_cache": .int(parseSize(xbzrleCache) ?? 0), "compress": .string(zstd > 0 ? "zstd" : "none"), "compress_level": .int(zstd),
-            "throttle": .string(throttle), "dirty_limit": .double(dirtyLimit),
+            "throttle": .string(throttle), "dirty_limit": .double(dirtyLimit), "channels": .int(channels),
             "connect": .string(connect), "size": .int(parseSize(size) ?? 0), "dirty_rate": .int(dirtyRate),
             "threads": .int(threads), "bandwidth_mbit": .double(bandwidthMbit), "delay_ms": .double(delayMs),
             "downtime_target_ms": .double(downtimeTargetMs), "max_rounds": .int(maxRounds), "timeout_s": .double(timeout),
@@ -142,6 +143,7 @@ struct MigrateSource: ParsableCommand {
         try NetLimits.check("zero-ratio", zeroRatio, 0...1, unit: "")
         try NetLimits.check("compressibility", compressibility, 0...0.95, unit: "")
         try NetLimits.check("dirty-limit", dirtyLimit, 1...100_000_000, unit: "pages/s")
+        try NetLimits.check("channels", channels, 0...Multifd.maxChannels)
         if zstd != 0 { try NetLimits.check("zstd", zstd, EncodingConfig.levels) }
         let cacheBytes: Int
         if xbzrleCache == "0" { cacheBytes = 0 } else { cacheBytes = try NetLimits.size("xbzrle-cache", xbzrleCache, atLeast: System.pageSize) }
@@ -164,6 +166,17 @@ struct MigrateSource: ParsableCommand {
         defer { conn.close() }
         let link: TCPLink
         do { link = try TCPLink(connection: conn, header: .local(regionBytes: region.length, checksum: 0), encoding: encoding) } catch { throw failed(error.description) }
+        defer { link.close() }
+        if channels > 0 {
+            let address = try SocketAddress.tcp(connect)
+            do {
+                try link.openChannels(channels, encoding: encoding) { () throws(WireError) -> WireConnection in
+                    let sock: Socket
+                    do throws(SocketError) { sock = try Socket.connect(address, timeoutS: timeout) } catch { throw WireError(error) }
+                    return try WireConnection(socket: sock, delayNS: delayNS, timeoutS: timeout)
+                }
+            } catch { throw failed("multifd: \(error)") }
+        }
         let rtts: [Double]
         do { rtts = try link.measureRTT(count: 5) } catch { throw failed(error.description) }
         let measuredRTT = rtts[rtts.count / 2]
@@ -189,6 +202,11 @@ struct MigrateSource: ParsableCommand {
                                          throttledSeconds: out.throttledSeconds, threads: threads, policy: policy, ctx: ctx)
         for (name, v, _) in costs.named { ctx.record(name, v, .s, better: .none) }
         ctx.record("measured_rtt", measuredRTT, .s, better: .lower)
+        ctx.record("channels", Double(channels), .count, better: .none)
+        if out.totalTime > 0 { ctx.record("throughput", Double(link.bytesOnWire) / out.totalTime, .bytesPerSecond, better: .higher) }
+        var usage = rusage()
+        getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+        ctx.record("source_cpu_time", Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6, .s, better: .lower)
         ctx.record("wire_bytes_sent", Double(conn.bytesSent), .bytes, better: .lower)
         ctx.note("model: \(bandwidthMbit) Mbit/s, RTT \(model.rtt * 1000) ms (\(rttMs == nil ? "measured with PING/PONG" : "given")); delay stage \(delayMs) ms one way on each side's receive")
         for m in ctx.output.metrics {
@@ -261,19 +279,18 @@ struct MigrateDestination: ParsableCommand {
             return fail(text)
         }
         let listener: Listener
-        do { listener = try Listener.listen(try SocketAddress.tcp(listen), backlog: 1) } catch { throw failed(error.description) }
+        do { listener = try Listener.listen(try SocketAddress.tcp(listen), backlog: Int32(Multifd.maxChannels + 1)) } catch { throw failed(error.description) }
         print("listening on \(listen); largest image taken: \(cap) bytes\(maxRegion == nil ? " (half of MemAvailable)" : "")")
         fflush(nil)
         let socket: Socket
         do { socket = try listener.accept(timeoutS: acceptTimeout, waitingFor: "source") } catch { throw failed(error.description) }
-        listener.socket.close()
         let accepted = Clock.nanoseconds()
         let conn: WireConnection
         do { conn = try WireConnection(socket: socket, delayNS: UInt64(delayMs * 1e6), timeoutS: timeout) } catch { throw failed(error.description) }
         defer { conn.close() }
         let r: MigrationDestination.Report
         do {
-            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags, maxRegion: cap).serve(conn) { print($0); fflush(nil) }
+            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags, maxRegion: cap).serve(conn, listener: listener) { print($0); fflush(nil) }
         } catch {
             throw failed(error.description)
         }
@@ -287,6 +304,10 @@ struct MigrateDestination: ParsableCommand {
             ctx.record("bytes_received", Double(r.bytesReceived), .bytes, better: .none)
             ctx.record("rounds", Double(r.rounds), .count, better: .none)
             ctx.record("session_time", session, .s, better: .lower)
+            ctx.record("channels", Double(r.channels), .count, better: .none)
+            var usage = rusage()
+            getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+            ctx.record("cpu_time", Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6, .s, better: .lower)
             if r.decodedPages > 0 {
                 ctx.record("decoded_pages", Double(r.decodedPages), .pages, better: .none)
                 ctx.record("decode_cpu_time", r.decodeCPU, .s, better: .lower)
