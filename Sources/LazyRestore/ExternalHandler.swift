@@ -171,8 +171,16 @@ public enum ExternalFaultHandler {
             }
             let (config, why) = SessionConfig.decode(words)
             guard let config else { closeAll(); writeStderr("memlab _uffdhandler: refused session: \(why ?? "?")\n"); return 2 }
+            // The first descriptor must be a userfaultfd: read(2) on anything else would hand
+            // the fault loop bytes that are not uffd_msg.
+            var link = [CChar](repeating: 0, count: 64)
+            let n = readlink("/proc/self/fd/\(fds[0])", &link, link.count - 1)
+            let target = n > 0 ? String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+            if target != "anon_inode:[userfaultfd]" {
+                closeAll(); writeStderr("memlab _uffdhandler: the first descriptor is '\(target)', not a userfaultfd\n"); return 2
+            }
             var st = stat()
-            if fstat(fds[1], &st) != 0 || UInt64(st.st_size) < config.imageLength {
+            if fstat(fds[1], &st) != 0 || (st.st_mode & S_IFMT) != S_IFREG || UInt64(st.st_size) < config.imageLength {
                 closeAll(); writeStderr("memlab _uffdhandler: the image descriptor holds \(st.st_size) bytes, fewer than \(config.imageLength)\n"); return 2
             }
             let image = mmap(nil, Int(config.imageLength), PROT_READ, MAP_SHARED, fds[1], 0)
@@ -359,6 +367,8 @@ final class ExternalHandlerProcess {
             throw ScenarioError.failed("the handler's socket \(sockPath): \(error)")
         }
         let logPath = "\(directory)/uffdhandler-\(tag).log"
+        // The process record lives in the run's directory under the first base.
+        _ = try RunDirectory.make()
         let pid = try ChildProcess.spawn(ChildProcess.selfExecutable, ["_uffdhandler", "--connect=\(sockPath)", "--parent=\(getpid())"], outputPath: logPath)
         let record = RunDirectory.recordProcess(pid)
         func abandon(_ why: String) -> Error {

@@ -109,10 +109,11 @@ public struct LazyRestoreScenario: TypedScenario {
         let size = params.size
         if size % System.pageSize != 0 { throw UsageError("size must be a multiple of the page size (\(System.pageSize) bytes)") }
         // Image + region + resident baseline (+ a staging copy for move/continue).
-        let copies = params.resolve == .copy ? 3 : 4
+        // handler=external: and the image's memfd the handler process reads.
+        let copies = params.resolve == .copy && params.handler != .external ? 3 : 4
         if let info = try? MemInfo.current(), UInt64(size * copies) > info.memAvailable {
             let avail = Int(info.memAvailable)
-            throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? ", staging" : "")); MemAvailable is \(formatBytes(avail))")
+            throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? (params.handler == .external ? ", the handler's image memfd" : ", staging") : "")); MemAvailable is \(formatBytes(avail))")
         }
         if params.policy == .huge && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.region == .memfd && params.resolve != .copy {
@@ -139,6 +140,9 @@ public struct LazyRestoreScenario: TypedScenario {
         }
         if params.pushUntil == .resident && !(params.policy == .backgroundPush || params.policy == .bubble || params.policy == .criuPush) {
             throw UsageError("push_until=resident needs a pushing policy: background-push, bubble or criu-push")
+        }
+        if params.pushUntil == .resident && params.dropEvery > 0 {
+            throw UsageError("push_until=resident waits for every page, and pages the workload drops (drop_every) are never pushed: leave one of them at its default")
         }
         for (name, after) in [("remap_after", params.remapAfter), ("fork_after", params.forkAfter)] where after > 0 {
             if params.threads != 1 { throw UsageError("\(name) needs threads=1 (the one workload thread moves or forks; others would still use the old addresses)") }

@@ -74,6 +74,31 @@ extension KernelTests {
             #expect(memlabLitter().isEmpty, "left behind: \(memlabLitter())")
         }
 
+        /// The runner SIGKILLed mid-restore: the handler process dies with it (PDEATHSIG
+        /// through the repetition's child), and the next memlab finds nothing left.
+        @Test func theHandlerProcessDiesWithTheRunner() throws {
+            let dir = TempDir()
+            func handlers() -> [Int32] {
+                ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { Int32($0) }.filter { pid in
+                    guard let d = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+                    return String(decoding: d, as: UTF8.self).contains("_uffdhandler")
+                }
+            }
+            #expect(handlers().isEmpty, "a handler process from before: \(handlers())")
+            let (p, _, _) = try Memlab.start(["run", "lazy-restore", "--repeat", "1", "--quiet"] +
+                                              ["size=64M", "accesses=100000000", "link=none", "handler=external", "workload=random", "zero_ratio=0"].flatMap { ["--set", $0] },
+                                              stateDir: dir.path)
+            let seen = waitFor(20) { !handlers().isEmpty }
+            #expect(seen, "no handler process started")
+            let started = handlers()
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            #expect(waitFor(10) { started.allSatisfy { kill($0, 0) != 0 } }, "handler processes \(started) outlived the runner")
+            // The next memlab sweeps the dead run's directory (and its process record).
+            _ = try Memlab.run(["restore"], stateDir: dir.path)
+            #expect(memlabLitter().isEmpty, "left behind: \(memlabLitter())")
+        }
+
         /// criu-push: chunks start at 64 KiB, double while no fault comes, reach 4 MiB, and
         /// fall back on faults; both pushes report the time to a fully resident region.
         @Test func criuPushGrowsAndResetsItsChunks() throws {
@@ -147,6 +172,7 @@ extension KernelTests {
                 (["handler=sideways"], "handler"),
                 (["push_until=resident"], "pushing policy"),
                 (["push_until=forever"], "push_until"),
+                (["policy=criu-push", "push_until=resident", "drop_every=5"], "drop_every"),
                 (["region=hugetlb"], "policy=huge"),
                 (["region=hugetlb", "policy=huge", "size=3M"], "2M"),
                 (["region=hugetlb", "policy=huge", "resolve=move"], "resolve"),
