@@ -80,8 +80,11 @@ struct HandlerStats: Equatable {
     var pid: Int32 = 0
     var copies = 0, zeroFaults = 0, eexist = 0, bytesCopied = 0, ioctls = 0, outside = 0
     var cpuNS: UInt64 = 0
+    /// Words 9 and 10 of the header: a failed call's errno and which call (1 copy,
+    /// 2 zeropage, 3 read/wait, 4 wake, 5 epoll). This handler exits instead of reporting one
+    /// (`HandlerSession.fatal`), so it sends 0; a peer's nonzero value is still decoded.
     var failureErrno: Int32 = 0
-    var failureCall: UInt64 = 0   // 1 copy, 2 zeropage, 3 read/wait, 4 wake, 5 epoll
+    var failureCall: UInt64 = 0
     var latencies: [UInt64] = []
 
     func header() -> [UInt64] {
@@ -213,8 +216,6 @@ final class HandlerSession: @unchecked Sendable {
     let pageSize: Int
     let copies = Atomic<Int>(0), zeroFaults = Atomic<Int>(0), eexist = Atomic<Int>(0), ioctls = Atomic<Int>(0), outside = Atomic<Int>(0)
     let cpuNS = Atomic<UInt64>(0)
-    let failureErrno = Atomic<Int32>(0)
-    let failureCall = Atomic<Int>(0)
     let capacity: Int
     let latencies: UnsafeMutablePointer<UInt64>
     let latencyCounts: UnsafeMutablePointer<Int>
@@ -233,8 +234,12 @@ final class HandlerSession: @unchecked Sendable {
     }
     deinit { latencies.deallocate(); latencyCounts.deallocate(); free(zero) }
 
-    func fail(_ e: Int32, _ call: Int) {
-        if failureErrno.compareExchange(expected: 0, desired: e == 0 ? EIO : e, ordering: .relaxed).exchanged { failureCall.store(call, ordering: .relaxed) }
+    /// An ioctl or a read that failed leaves a faulting thread of the restore waiting: the
+    /// process ends at once with the reason, which the restore's watchdog sees within 20 ms
+    /// (the log is in its failure), instead of the restore waiting out its deadline.
+    func fatal(_ what: String, _ e: Int32) -> Never {
+        writeStderr("memlab _uffdhandler: \(what) failed: \(String(cString: strerror(e))); a faulting thread would wait for ever, exiting\n")
+        _exit(3)
     }
 
     /// Starts the threads, says READY through `ready`, waits for every doorbell.
@@ -254,7 +259,7 @@ final class HandlerSession: @unchecked Sendable {
         s.copies = copies.load(ordering: .relaxed); s.zeroFaults = zeroFaults.load(ordering: .relaxed); s.eexist = eexist.load(ordering: .relaxed)
         s.bytesCopied = s.copies * pageSize; s.ioctls = ioctls.load(ordering: .relaxed); s.outside = outside.load(ordering: .relaxed)
         s.cpuNS = cpuNS.load(ordering: .relaxed)
-        s.failureErrno = failureErrno.load(ordering: .relaxed); s.failureCall = UInt64(failureCall.load(ordering: .relaxed))
+        // An ioctl that failed ended the process (`fatal`): a session that reports has none.
         for k in 0..<Int(config.threads) { s.latencies.append(contentsOf: UnsafeBufferPointer(start: latencies + k * capacity, count: latencyCounts[k])) }
         return s
     }
@@ -275,12 +280,11 @@ final class HandlerSession: @unchecked Sendable {
             buffer.deallocate()
             cpuNS.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed)
         }
-        if mode == .epoll && epfd < 0 { fail(errno, 5); return }
+        if mode == .epoll && epfd < 0 { fatal("epoll_create1/epoll_ctl(userfaultfd)", errno) }
         let start = UInt(config.regionAddress), end = start + UInt(config.regionLength)
         let bells = UInt(config.doorbellAddress), bellsEnd = bells + UInt(config.threads) * UInt(pageSize)
         let batch = Int(config.batch)
         var exit = false
-        var errors = 0
         while !exit {
             var n = 0
             do throws(SystemError) {
@@ -294,12 +298,7 @@ final class HandlerSession: @unchecked Sendable {
                 case .busy: n = try uffd.read(into: buffer, max: batch)
                 }
             } catch {
-                // A broken descriptor would spin: give up after a few, the restore's
-                // deadline releases its workload.
-                fail(error.errno, 3)
-                errors += 1
-                if errors > 100 { return }
-                continue
+                fatal("waiting on or reading the userfaultfd", error.errno)
             }
             let now = Clock.nanoseconds()
             for i in 0..<n where buffer[i].event == UInt32(memlab_UFFD_EVENT_PAGEFAULT) {
@@ -320,16 +319,16 @@ final class HandlerSession: @unchecked Sendable {
                         if error.errno == EEXIST {
                             // Installed by another handler thread since: only a wake is missing.
                             eexist.add(1, ordering: .relaxed)
-                            do throws(SystemError) { try uffd.wake(dst, length: pageSize) } catch { fail(error.errno, 4) }
+                            do throws(SystemError) { try uffd.wake(dst, length: pageSize) } catch { fatal("UFFDIO_WAKE at 0x\(String(a, radix: 16))", error.errno) }
                         } else {
-                            fail(error.errno, config.zeropage == 1 && memcmp(src, zero, pageSize) == 0 ? 2 : 1)
+                            fatal("\(config.zeropage == 1 && memcmp(src, zero, pageSize) == 0 ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY") at 0x\(String(a, radix: 16))", error.errno)
                         }
                     }
                     if nLat < capacity { lat[nLat] = Clock.nanoseconds() &- now; nLat += 1 }
                 } else if a >= bells && a < bellsEnd {
                     // This thread's doorbell: answer it and leave after the batch.
                     do throws(SystemError) { try uffd.zeropage(dst, length: pageSize) } catch {
-                        if error.errno != EEXIST { fail(error.errno, 2) }
+                        if error.errno != EEXIST { fatal("UFFDIO_ZEROPAGE of the doorbell", error.errno) }
                     }
                     exit = true
                 } else {
