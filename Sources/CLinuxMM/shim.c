@@ -392,4 +392,57 @@ long memlab_ref_xbzrle_encode(const uint8_t *old_buf, const uint8_t *new_buf, lo
         d += len;
     }
     return d;
+
+#include <sys/socket.h>
+
+ssize_t memlab_send_fds(int sock, const int *fds, int nfds, const void *data, size_t len) {
+    if (nfds < 1 || nfds > 8 || len == 0) { errno = EINVAL; return -1; }
+    union { struct cmsghdr h; char buf[CMSG_SPACE(8 * sizeof(int))]; } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = { .iov_base = (void *)data, .iov_len = len };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = CMSG_SPACE(nfds * sizeof(int)) };
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
+    ssize_t r;
+    do { r = sendmsg(sock, &m, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r;
+}
+
+ssize_t memlab_recv_fds(int sock, int *fds, int maxfds, int *nfds, void *data, size_t len) {
+    *nfds = 0;
+    if (maxfds < 1 || maxfds > 8 || len == 0) { errno = EINVAL; return -1; }
+    union { struct cmsghdr h; char buf[CMSG_SPACE(8 * sizeof(int))]; } u;
+    memset(&u, 0, sizeof u);
+    struct iovec iov = { .iov_base = data, .iov_len = len };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf };
+    ssize_t r;
+    do { r = recvmsg(sock, &m, MSG_CMSG_CLOEXEC | MSG_WAITALL); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -1;
+    int got = 0, excess = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            if (got < maxfds) fds[got++] = fd; else { close(fd); excess = 1; }
+        }
+    }
+    if (excess || (m.msg_flags & MSG_CTRUNC)) {
+        for (int i = 0; i < got; i++) close(fds[i]);
+        errno = EMSGSIZE;
+        return -1;
+    }
+    *nfds = got;
+    return r;
+}
+
+pid_t memlab_peer_pid(int sock) {
+    struct ucred cr;
+    socklen_t l = sizeof cr;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cr, &l) != 0) return -1;
+    return cr.pid;
 }

@@ -5,7 +5,8 @@ import LazyRestore
 import Workloads
 
 /// memlab re-executing itself: a repetition's child (`_child`), a worker beside it
-/// (`_guest`), a lazy-restore page source (`_pagesource`). Each is a subcommand of `memlab`
+/// (`_guest`), a lazy-restore page source (`_pagesource`), a lazy-restore fault handler
+/// (`_uffdhandler`). Each is a subcommand of `memlab`
 /// that its help does not show, with typed options; every value is range-checked before the
 /// code runs (a command line is hostile input like any other), and a refusal exits 2 saying
 /// why. The memlab target starts them before anything else: no startup recovery, no settings
@@ -13,7 +14,7 @@ import Workloads
 ///
 /// A target of its own so memlab-fuzz can parse these command lines as memlab does.
 public enum HiddenEntryPoints {
-    public static let commands: [any ParsableCommand.Type] = [ChildCommand.self, GuestCommand.self, PageSourceProcessCommand.self]
+    public static let commands: [any ParsableCommand.Type] = [ChildCommand.self, GuestCommand.self, PageSourceProcessCommand.self, UffdHandlerCommand.self]
 
     /// The hidden command called `name` (argv[1]), if it is one.
     public static func command(named name: String) -> (any ParsableCommand.Type)? {
@@ -158,6 +159,33 @@ public struct PageSourceProcessCommand: ParsableCommand {
 
     public func run() throws {
         let status = PageServer.serve(options)
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+/// `memlab _uffdhandler --connect=PATH --parent=PID`: lazy restore's external fault handler
+/// (handler=external). It connects to the restore's Unix socket, receives the userfaultfd
+/// and the image (SCM_RIGHTS) for each session and resolves the restoring process's faults
+/// from another process, as CRIU's lazy-pages daemon does. Dies with its parent.
+public struct UffdHandlerCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "_uffdhandler", abstract: "A lazy-restore fault handler process (started by a restore with handler=external).",
+        shouldDisplay: false)
+
+    @Option(help: ArgumentHelp("The restore's Unix socket (at most \(ExternalFaultHandler.maxPathBytes) bytes).", valueName: "path")) public var connect: String
+    @Option(help: "The restore that started it: dies with it; exits 1 if its parent is already another.") public var parent: Int32
+
+    public init() {}
+
+    public func validate() throws {
+        if connect.isEmpty || connect.utf8.count > ExternalFaultHandler.maxPathBytes || connect.utf8.contains(0) {
+            throw ValidationError("--connect '\(connect)': expected a socket path of 1…\(ExternalFaultHandler.maxPathBytes) bytes")
+        }
+        if parent <= 0 { throw ValidationError("--parent \(parent): expected a process id") }
+    }
+
+    public func run() throws {
+        let status = ExternalFaultHandler.serve(connect: connect, parent: parent)
         if status != 0 { throw ExitCode(status) }
     }
 }

@@ -31,7 +31,9 @@ public struct LazyRestoreScenario: TypedScenario {
 
     public enum LinkKind: String, CaseIterable, ParameterChoice { case emulated, none }
     public enum Queue: String, CaseIterable, ParameterChoice { case fifo, preempt }
-    public enum RegionKind: String, CaseIterable, ParameterChoice { case anon, memfd }
+    public enum RegionKind: String, CaseIterable, ParameterChoice { case anon, memfd, hugetlb }
+    public enum HandlerKind: String, CaseIterable, ParameterChoice { case inProcess = "in-process", external }
+    public enum PushUntil: String, CaseIterable, ParameterChoice { case workload, resident }
     public enum ZeroPages: String, CaseIterable, ParameterChoice { case zeropage, transfer }
     public enum ReplayMode: String, CaseIterable, ParameterChoice { case before, concurrent }
     public enum SourceKind: String, CaseIterable, ParameterChoice { case memory, unix, tcp, file }
@@ -57,7 +59,10 @@ public struct LazyRestoreScenario: TypedScenario {
         let wait = Parameter<EngineConfig.WaitMode>("wait", default: .blocking, help: "how handler threads wait for faults: blocking read, ppoll, epoll_wait (one epoll instance per handler thread), busy polling")
         let handlerThreads = Parameter<Int>("handler_threads", 1...16, default: 1, unit: .count, help: "fault handler threads")
         let batch = Parameter<Int>("batch", 1...64, default: 64, unit: .count, help: "messages read per read(2)")
-        let region = Parameter<RegionKind>("region", default: .anon, help: "resolve=copy: the destination region is anonymous memory, or a memfd (shmem, MAP_SHARED) registered in MISSING mode and filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into the page cache")
+        let region = Parameter<RegionKind>("region", default: .anon, help: "resolve=copy: the destination region is anonymous memory, or a memfd (shmem, MAP_SHARED) registered in MISSING mode and filled by UFFDIO_COPY / UFFDIO_ZEROPAGE into the page cache; hugetlb: 2 MiB hugetlbfs pages (policy=huge; resolve=copy: MAP_HUGETLB in MISSING mode, UFFDIO_COPY of 2 MiB; resolve=continue: an MFD_HUGETLB memfd whose page cache is filled first, MINOR faults, UFFDIO_CONTINUE), the pool borrowed for the run")
+        let handler = Parameter<HandlerKind>("handler", default: .inProcess, help: "in-process: the fault engine's threads in the restoring process; external: the restoring process passes its userfaultfd and a memfd of the image over a Unix socket (SCM_RIGHTS) to a separate handler process (memlab _uffdhandler, as CRIU lazy-pages / Firecracker), which resolves faults with UFFDIO_COPY into it; on-demand, link=none, source=memory, resolve=copy; the hop is measured against the in-process handler in the same repetition")
+        let killHandlerAfterS = Parameter<Double>("kill_handler_after_s", 0...3600, default: 0, unit: .s, help: "testing: SIGKILL the external handler process this long after resume (0: never; handler=external)")
+        let pushUntil = Parameter<PushUntil>("push_until", default: .workload, help: "a pushing policy (background-push, bubble, criu-push): workload: the push stops when the workload is done; resident: the restore goes on until every page is in (time_to_full_restore always measured)")
         let resolve = Parameter<EngineConfig.Resolve>("resolve", default: .copy, help: "copy: UFFDIO_COPY (anon, MISSING); move: UFFDIO_MOVE from a staging copy; continue: memfd, MINOR faults, UFFDIO_CONTINUE")
         let zeroRatio = Parameter<Double>("zero_ratio", 0...1, default: 0.1, unit: .ratio, help: "fraction of image pages that are zero")
         let zeroPages = Parameter<ZeroPages>("zero_pages", default: .zeropage, help: "known-zero pages: UFFDIO_ZEROPAGE locally, or transferred like any page")
@@ -92,6 +97,11 @@ public struct LazyRestoreScenario: TypedScenario {
         if params.resolve == .move && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
         if params.resolve == .continue && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
         if params.region == .memfd && !f.contains(.missingShmem) { return .unusable("MISSING faults on shmem need Linux 4.11+ (UFFD_FEATURE_MISSING_SHMEM)") }
+        if params.region == .hugetlb {
+            if HugeTLB.pool(pageBytes: 2 << 20) == nil { return .unusable("no 2 MiB hugetlb pool on this kernel (CONFIG_HUGETLBFS)") }
+            if params.resolve == .continue && !f.contains(.minorHugetlbfs) { return .unusable("MINOR faults on hugetlbfs need Linux 5.13+ (UFFD_FEATURE_MINOR_HUGETLBFS)") }
+            if params.resolve == .copy && !f.contains(.missingHugetlbfs) { return .unusable("MISSING faults on hugetlbfs need UFFD_FEATURE_MISSING_HUGETLBFS") }
+        }
         return .usable
     }
 
@@ -99,14 +109,40 @@ public struct LazyRestoreScenario: TypedScenario {
         let size = params.size
         if size % System.pageSize != 0 { throw UsageError("size must be a multiple of the page size (\(System.pageSize) bytes)") }
         // Image + region + resident baseline (+ a staging copy for move/continue).
-        let copies = params.resolve == .copy ? 3 : 4
+        // handler=external: and the image's memfd the handler process reads.
+        let copies = params.resolve == .copy && params.handler != .external ? 3 : 4
         if let info = try? MemInfo.current(), UInt64(size * copies) > info.memAvailable {
             let avail = Int(info.memAvailable)
-            throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? ", staging" : "")); MemAvailable is \(formatBytes(avail))")
+            throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? (params.handler == .external ? ", the handler's image memfd" : ", staging") : "")); MemAvailable is \(formatBytes(avail))")
         }
         if params.policy == .huge && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.region == .memfd && params.resolve != .copy {
             throw UsageError("region=memfd goes with resolve=copy (move takes anonymous pages only; continue always uses a memfd)")
+        }
+        if params.region == .hugetlb {
+            if size % (2 << 20) != 0 { throw UsageError("region=hugetlb needs a size that is a multiple of 2M (one hugetlb page)") }
+            if params.resolve == .move { throw UsageError("region=hugetlb goes with resolve=copy (MISSING, UFFDIO_COPY of 2 MiB) or resolve=continue (MINOR on an MFD_HUGETLB memfd); UFFDIO_MOVE takes anonymous pages only") }
+            if params.policy != .huge { throw UsageError("region=hugetlb needs policy=huge: a hugetlb page is installed whole (2 MiB per UFFDIO_COPY / UFFDIO_CONTINUE), never 4K at a time") }
+            if params.dropEvery > 0 { throw UsageError("drop_every is tested on region=anon only") }
+            let memTotal = Int((try? MemInfo.current().memTotal) ?? 0)
+            if memTotal > 0 && size > memTotal / 2 { throw UsageError("region=hugetlb: a pool of \(formatBytes(size)) would be more than half of this machine's \(formatBytes(memTotal)): ask for less") }
+        }
+        if params.handler == .external {
+            func refuse(_ what: String) -> UsageError { UsageError("handler=external \(what)") }
+            if params.link != LinkKind.none { throw refuse("measures the handler hop itself: use link=none (no emulated link on top)") }
+            if params.policy != .onDemand { throw refuse("serves faults on demand: use policy=on-demand (the push policies run in the in-process engine)") }
+            if params.source != .memory { throw refuse("reads the image from a memfd passed with the userfaultfd: use source=memory") }
+            if params.resolve != .copy || params.region == .hugetlb { throw refuse("resolves with UFFDIO_COPY into region=anon or region=memfd: use resolve=copy") }
+            if params.dropEvery > 0 || params.remapAfter > 0 || params.forkAfter > 0 { throw refuse("does not follow REMOVE, REMAP or FORK events: leave drop_every, remap_after and fork_after at 0") }
+            if params.injectSourceFailureS > 0 { throw refuse("has no page source to fail: use kill_handler_after_s") }
+        } else if params.killHandlerAfterS > 0 {
+            throw UsageError("kill_handler_after_s needs handler=external")
+        }
+        if params.pushUntil == .resident && !(params.policy == .backgroundPush || params.policy == .bubble || params.policy == .criuPush) {
+            throw UsageError("push_until=resident needs a pushing policy: background-push, bubble or criu-push")
+        }
+        if params.pushUntil == .resident && params.dropEvery > 0 {
+            throw UsageError("push_until=resident waits for every page, and pages the workload drops (drop_every) are never pushed: leave one of them at its default")
         }
         for (name, after) in [("remap_after", params.remapAfter), ("fork_after", params.forkAfter)] where after > 0 {
             if params.threads != 1 { throw UsageError("\(name) needs threads=1 (the one workload thread moves or forks; others would still use the old addresses)") }
@@ -120,7 +156,9 @@ public struct LazyRestoreScenario: TypedScenario {
         if params.region == .memfd && params.policy == .huge {
             throw UsageError("policy huge needs an anonymous THP region: use region=anon")
         }
-        if params.policy == .huge && params.resolve != .copy { throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region)") }
+        if params.policy == .huge && params.resolve != .copy && !(params.region == .hugetlb && params.resolve == .continue) {
+            throw UsageError("policy huge works with resolve=copy (a THP-aligned anonymous region), or resolve=continue on region=hugetlb")
+        }
         if params.resolve == .continue && params.zeroPages == .transfer {} // allowed: zero pages copied through the cache
         if params.workload == .trace {
             if params.traceFile.isEmpty { throw UsageError("workload=trace needs trace_file=PATH (one page index or @byte offset per line)") }
@@ -147,11 +185,25 @@ public struct LazyRestoreScenario: TypedScenario {
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double { params.sourceDeadlineS * 3 + 60 }
 
+    /// region=hugetlb borrows the 2 MiB pool (nr_hugepages) through the settings guard: one
+    /// page per 2 MiB of the region (MISSING: the private MAP_HUGETLB mapping; MINOR: the
+    /// memfd's page cache, which both of its mappings share). A pool the kernel cannot grow
+    /// that far reads back short, and the run is skipped with the reason.
+    public func settings(_ variant: Variant, _ params: Values) -> [KnobSetting] {
+        guard variant == .restore, params.region == .hugetlb else { return [] }
+        let needed = (params.size + (2 << 20) - 1) / (2 << 20)
+        return [KnobSetting(HugeTLB.poolKnob(pageBytes: 2 << 20), String(needed), isCapacity: true)]
+    }
+
+    var restoreRegion: (Values) -> RestoreRegion {
+        { p in p.region == .hugetlb ? .hugetlb : p.region == .memfd && p.resolve == .copy ? .memfd : .anon }
+    }
+
     func config(_ p: Values) -> EngineConfig {
         var c = EngineConfig()
         c.policy = p.policy
         c.resolve = p.resolve
-        c.shmemRegion = p.region == .memfd
+        c.shmemRegion = p.region == .memfd && p.resolve == .copy
         c.wait = p.wait
         c.handlerThreads = p.handlerThreads
         c.batch = p.batch
@@ -159,7 +211,8 @@ public struct LazyRestoreScenario: TypedScenario {
         c.maxWindowPages = p.maxWindowPages
         c.pushChunkPages = max(p.pushChunk / System.pageSize, 1)
         c.pushWindowBytes = p.pushWindow
-        c.zeropage = p.zeroPages == .zeropage
+        // hugetlbfs has no UFFDIO_ZEROPAGE: its zero pages are copied like any other.
+        c.zeropage = p.zeroPages == .zeropage && p.region != .hugetlb
         return c
     }
 
@@ -189,6 +242,7 @@ public struct LazyRestoreScenario: TypedScenario {
     }
 
     func runRestore(_ ctx: RunContext, _ p: Values) throws {
+        if p.handler == .external { return try runExternal(ctx, p) }
         let pages = p.size / System.pageSize
         // A new image per repetition, except from a remote source: it serves one image.
         let seed = UInt64(p.seed) &+ (p.sourceAddress.isEmpty ? UInt64(ctx.repetition) &* 7919 : 0)
@@ -232,7 +286,8 @@ public struct LazyRestoreScenario: TypedScenario {
         let r = try performRestore(config: cfg, image: image, traces: traces, link: link(p), reapOrder: reap,
                                    deadlineS: deadlineS, injectFailureAfterS: inject > 0 ? inject : nil,
                                    source: source, killSourceAfterS: killAfter > 0 ? killAfter : nil,
-                                   dropEvery: p.dropEvery, remapAfter: p.remapAfter, forkAfter: p.forkAfter)
+                                   dropEvery: p.dropEvery, remapAfter: p.remapAfter, forkAfter: p.forkAfter,
+                                   region: restoreRegion(p), untilResident: p.pushUntil == .resident)
         if let f = r.failed { throw ScenarioError.failed(f) }
 
         // This machine's floors, measured in this repetition (after the restore: it does not
@@ -257,6 +312,30 @@ public struct LazyRestoreScenario: TypedScenario {
         ctx.record("time_to_first_response", Double(w.firstResponseNS &- w.startNS) / 1e9, .s, better: .lower)
         if let full = r.fullyInstalledS { ctx.record("time_to_full_restore", full, .s, better: .lower) }
         ctx.record("bytes_transferred", Double(r.bytes), .bytes, better: .lower)
+        ctx.record("link_bytes", Double(r.linkBytes), .bytes, better: .none)
+        if p.link == LinkKind.emulated {
+            ctx.check("link_carried_every_transfer", expected: Double(r.bytes), observed: Double(r.linkBytes), tolerance: 0,
+                      describe: "bytes booked on the emulated link = bytes transferred (pages sent × the page size)")
+        }
+        if cfg.pusher {
+            ctx.record("push_chunks", Double(r.engine.pushChunks), .count, better: .none)
+            ctx.record("push_chunk_max", Double(r.engine.pushChunkMaxPages * System.pageSize), .bytes, better: .none)
+            if r.engine.pushChunks > 0 { ctx.record("push_chunk_mean", Double(r.engine.pushChunkPagesSent * System.pageSize) / Double(r.engine.pushChunks), .bytes, better: .none) }
+            if cfg.policy == .criuPush {
+                ctx.record("push_chunk_resets", Double(r.engine.pushChunkResets), .count, better: .none)
+                ctx.record("push_chunk_doublings", Double(r.engine.pushChunkDoublings), .count, better: .none)
+            }
+        }
+        if p.region == .hugetlb, let used = r.hugetlbPagesInUse {
+            // MISSING: a huge page per 2 MiB block installed; MINOR: the memfd's page cache
+            // was filled whole before the restore.
+            let blocks = p.resolve == .continue ? p.size / (2 << 20) : (r.installedPages + 511) / 512
+            ctx.record("hugetlb_pages_in_use", Double(used), .pages, better: .none)
+            ctx.check("hugetlb_pages_in_use", expected: Double(blocks), observed: Double(used), tolerance: 0,
+                      describe: p.resolve == .continue ? "2 MiB pool pages in use = the memfd's size ÷ 2 MiB (its page cache, filled before the restore)"
+                                                       : "2 MiB pool pages in use = 2 MiB blocks installed by UFFDIO_COPY")
+            ctx.note("region=hugetlb: 2 MiB hugetlbfs pages, \(p.resolve == .continue ? "MINOR faults on an MFD_HUGETLB memfd (page cache filled first), UFFDIO_CONTINUE" : "MISSING faults, UFFDIO_COPY") of 2 MiB per fault; zero pages are copied (hugetlbfs has no UFFDIO_ZEROPAGE)")
+        }
         ctx.record("postcopy_requests", Double(r.engine.remoteFaults), .count, better: .lower)
         ctx.record("faults_remote", Double(r.engine.remoteFaults), .count, better: .lower)
         ctx.record("faults_local", Double(r.engine.localFaults), .count, better: .none)

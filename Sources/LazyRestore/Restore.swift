@@ -12,7 +12,10 @@ struct RestoreOutcome {
     var workload = WorkloadOutcome()
     var engine = FaultEngine.Counters()
     var failed: String?
+    /// Bytes really moved (pages sent × the page size), whatever the link; and the bytes the
+    /// emulated link booked (0 with link=none: nothing crossed a modelled link).
     var bytes: UInt64 = 0
+    var linkBytes: UInt64 = 0
     var duplicates = 0
     var mismatched = 0
     var touchedNotInstalled = 0
@@ -41,14 +44,21 @@ struct RestoreOutcome {
     var regionMoved = false
     var moveErrno: Int32 = 0
     var forkChildMismatches: Int?
+    /// region=hugetlb: huge pages of the 2 MiB pool this restore put in use (in use at the
+    /// end, before the region is unmapped, less in use before it was mapped).
+    var hugetlbPagesInUse: Int?
 }
+
+/// What the destination region is: anonymous memory, a memfd (shmem), or hugetlbfs (2 MiB).
+enum RestoreRegion: Equatable { case anon, memfd, hugetlb }
 
 /// One lazy restore: a fresh region registered with userfaultfd, handler threads, a pusher
 /// if the policy has one, the workload released at `resume`; torn down and verified.
 func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces, link: EmulatedLink,
                     reapOrder: [Int32]?, deadlineS: Double, injectFailureAfterS: Double? = nil,
                     source: PageSource? = nil, killSourceAfterS: Double? = nil, dropEvery: Int = 0,
-                    remapAfter: Int = 0, forkAfter: Int = 0) throws -> RestoreOutcome {
+                    remapAfter: Int = 0, forkAfter: Int = 0, region regionKind: RestoreRegion = .anon,
+                    untilResident: Bool = false) throws -> RestoreOutcome {
     let remote = source.flatMap { $0.kind == .memory ? nil : $0 }
     // A source may serve several restores (working-set-replay): count this one's share.
     let requests0 = remote?.requests.load(ordering: .relaxed) ?? 0
@@ -64,9 +74,13 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
     var stagingAnon: AnonymousMapping?
     var region: UnsafeMutableRawPointer
     var staging: UnsafeMutableRawPointer?
+    func hugetlbInUse() -> Int { HugeTLB.pool(pageBytes: 2 << 20).map { $0.total - $0.free } ?? 0 }
+    let hugetlbBefore = regionKind == .hugetlb ? hugetlbInUse() : 0
     switch config.resolve {
     case .continue:
-        let f = try FileMapping.memfd(name: "memlab-lazy-restore", length: length)
+        // MINOR faults: a memfd (shmem, or hugetlbfs with MFD_HUGETLB) whose page cache is
+        // filled first through a second mapping; the registered one maps it on CONTINUE.
+        let f = try FileMapping.memfd(name: "memlab-lazy-restore", length: length, hugetlb: regionKind == .hugetlb)
         let c = try FileMapping(fd: f.fd, length: length)
         memset(c.base, 0, length) // every page in the page cache: MINOR faults, not MISSING
         file = f; cache = c
@@ -88,12 +102,17 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
         // Shmem in MISSING mode: UFFDIO_COPY / UFFDIO_ZEROPAGE allocate the page-cache page.
         file = try FileMapping.memfd(name: "memlab-lazy-restore", length: length)
         region = file!.base
+    case .copy where regionKind == .hugetlb:
+        // hugetlbfs in MISSING mode: each fault is answered by one UFFDIO_COPY of 2 MiB.
+        anon = try AnonymousMapping(length: length, kind: .hugetlb2M)
+        region = anon!.base
     case .copy:
         anon = try AnonymousMapping(length: length, kind: config.policy == .huge ? .thp : .base)
         region = anon!.base
     }
     var features: Userfaultfd.Features = [.threadID, .eventRemove, .eventUnmap]
-    if config.resolve == .continue { features.insert(.minorShmem) }
+    if config.resolve == .continue { features.insert(regionKind == .hugetlb ? .minorHugetlbfs : .minorShmem) }
+    if config.resolve == .copy && regionKind == .hugetlb { features.insert(.missingHugetlbfs) }
     if config.shmemRegion { features.insert(.missingShmem) }
     // Followed, not just survived: a whole-region mremap and a fork of the restored process.
     if remapAfter > 0 { features.insert(.eventRemap) }
@@ -122,7 +141,9 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
     let deadline = resume + UInt64(deadlineS * 1e9)
     var injected = false
     var killed = false
-    while !workload.done {
+    // push_until=resident: the restore ends when every page is in, not when the workload
+    // is done (the pusher's time to a fully resident region is then always measured).
+    while !workload.done || (untilResident && cfg.pusher && !engine.isComplete) {
         let now = Clock.nanoseconds()
         if let inject = injectFailureAfterS, !injected, now > resume + UInt64(inject * 1e9) {
             engine.fail(errno: EPIPE, reason: SystemError(errno: EPIPE, call: "source (injected failure)").description)
@@ -148,7 +169,7 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
         // A coarse watchdog (deadline, failures, a dead source): a fine-grained one would
         // wake a vCPU a thousand times a second and so change the very wake-up latency the
         // fault round trip is made of.
-        Clock.sleep(until: now + 20_000_000, spinNS: 0)
+        Clock.sleep(until: now + (workload.done ? 2_000_000 : 20_000_000), spinNS: 0)
     }
     let w = workload.join()
     out.engine = engine.stop()
@@ -158,7 +179,7 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
     let moved = region != original
 
     out.workload = w
-    out.bytes = link.bytesTransferred
+    out.linkBytes = link.bytesTransferred
     out.downtimeNS = released &- resume
     if out.failed == nil {
         let threads = min(traces.threads, FaultEngine.maxThreads)
@@ -188,6 +209,9 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
         if traces.touched[p] != 0 && !installed[p] && !dropped[p] { out.touchedNotInstalled += 1 }
     }
     out.duplicates += out.engine.eexist
+    // What was really moved: every transfer of a page, with a link modelled or not (the
+    // link's own count is 0 with link=none, where no transfer is booked on it).
+    out.bytes = UInt64(out.pagesSent) &* UInt64(pageSize)
     out.installedPages = installed.reduce(0) { $0 + ($1 ? 1 : 0) }
     if config.shmemRegion && out.failed == nil {
         // UFFDIO_COPY / ZEROPAGE into shmem allocate page-cache pages: exactly the installed
@@ -202,6 +226,7 @@ func performRestore(config: EngineConfig, image: PageImage, traces: AccessTraces
             for p in 0..<pages where dropped[p] && memcmp(region + p * pageSize, zero, pageSize) != 0 { out.droppedNonZero += 1 }
         }
     }
+    if regionKind == .hugetlb { out.hugetlbPagesInUse = hugetlbInUse() - hugetlbBefore }
     out.regionMoved = moved
     out.moveErrno = workload.moveErrno.load(ordering: .relaxed)
     if forkAfter > 0 { out.forkChildMismatches = workload.forkResult.load(ordering: .relaxed) }

@@ -11,6 +11,10 @@ public struct EngineConfig: Sendable {
     public enum Policy: String, Sendable, CaseIterable {
         case onDemand = "on-demand", faultAround = "fault-around", faultAroundAdaptive = "fault-around-adaptive"
         case backgroundPush = "background-push", bubble, workingSetReplay = "working-set-replay", huge
+        /// CRIU lazy-pages' push: from the lowest missing address, in chunks that start at
+        /// `criuMinChunkBytes`, double after every chunk sent while no fault arrived, up to
+        /// `criuMaxChunkBytes`, and fall back to the smallest on every fault.
+        case criuPush = "criu-push"
     }
     public enum Resolve: String, Sendable, CaseIterable { case copy, move, `continue` }
     public enum WaitMode: String, Sendable, CaseIterable { case blocking, poll, epoll, busy }
@@ -33,7 +37,10 @@ public struct EngineConfig: Sendable {
     /// working-set-replay, concurrent mode: the pusher installs these pages first, in order.
     public var pushOrder: [Int32] = []
     /// Whether a background pusher runs.
-    public var pusher: Bool { policy == .backgroundPush || policy == .bubble || (policy == .workingSetReplay && !pushOrder.isEmpty) }
+    public var pusher: Bool { policy == .backgroundPush || policy == .bubble || policy == .criuPush || (policy == .workingSetReplay && !pushOrder.isEmpty) }
+    /// criu-push's chunk bounds (CRIU's DEFAULT_XFER_LEN and MAX_XFER_LEN in criu/uffd.c).
+    public var criuMinChunkBytes = 64 << 10
+    public var criuMaxChunkBytes = 4 << 20
     public init() {}
 }
 
@@ -261,6 +268,15 @@ public final class FaultEngine: Sendable {
     private let adaptiveNext = Atomic<Int>(-1)
     private let pushCursor = Atomic<Int>(0)
     private let pivot = Atomic<Int>(-1)
+    /// criu-push: a fault arrived since the pusher's last chunk (it starts again small).
+    private let faultSincePush = Atomic<Bool>(false)
+    /// The pusher's chunks: how many, the largest (pages), and (criu-push) how often a fault
+    /// sent the chunk size back to the smallest, and how often it doubled.
+    private let pushChunks = Atomic<Int>(0)
+    private let pushChunkMaxPages = Atomic<Int>(0)
+    private let pushChunkResets = Atomic<Int>(0)
+    private let pushChunkDoublings = Atomic<Int>(0)
+    private let pushChunkPagesSent = Atomic<Int>(0)
 
     /// Handler-side latency of each remote fault (read → installed and woken), ns.
     private let faultLatency: AppendLog
@@ -426,6 +442,11 @@ public final class FaultEngine: Sendable {
         c.wakes = wakes.load(ordering: .relaxed)
         c.claimedPages = claimed.load(ordering: .relaxed)
         c.pushedPages = pushedPages.load(ordering: .relaxed)
+        c.pushChunks = pushChunks.load(ordering: .relaxed)
+        c.pushChunkMaxPages = pushChunkMaxPages.load(ordering: .relaxed)
+        c.pushChunkResets = pushChunkResets.load(ordering: .relaxed)
+        c.pushChunkDoublings = pushChunkDoublings.load(ordering: .relaxed)
+        c.pushChunkPagesSent = pushChunkPagesSent.load(ordering: .relaxed)
         c.handlerCPUSeconds = Double(handlerCPU.load(ordering: .relaxed)) / 1e9
         c.fullyInstalledAt = fullyInstalledAt.load(ordering: .relaxed)
         let tf = threadFaults.withLock { $0 }
@@ -762,6 +783,8 @@ public final class FaultEngine: Sendable {
     func handleFault(page: Int, time: UInt64, tid: UInt32, list: UnsafeMutablePointer<Int32>, scratch: UnsafeMutablePointer<Delivery>,
                      threadCounts: UnsafeMutablePointer<Int>, channel: Int = 0) {
         messages.add(1, ordering: .relaxed)
+        // CRIU resets its transfer length on every page fault it handles.
+        if config.policy == .criuPush { faultSincePush.store(true, ordering: .relaxed) }
         switch state.load(page) {
         case PageState.installedFault, PageState.installedPrefetch, PageState.installedLocal:
             localFaults.add(1, ordering: .relaxed)
@@ -825,7 +848,7 @@ public final class FaultEngine: Sendable {
             pushCursor.store(page + 1, ordering: .relaxed)
         case .bubble:
             pivot.store(page, ordering: .relaxed)
-        case .onDemand, .workingSetReplay:
+        case .onDemand, .workingSetReplay, .criuPush:
             break
         }
         var n = 0
@@ -1080,9 +1103,13 @@ public final class FaultEngine: Sendable {
     func pusherLoop() {
         _ = memlab_set_timerslack(1)
         let cpu0 = memlab_thread_cpu_ns()
-        let chunk = max(config.pushChunkPages, 1)
-        let list = UnsafeMutablePointer<Int32>.allocate(capacity: chunk + 1)
-        let scratch = UnsafeMutablePointer<Delivery>.allocate(capacity: chunk + 1)
+        let criu = config.policy == .criuPush
+        let criuMin = max(config.criuMinChunkBytes / pageSize, 1)
+        let criuMax = max(config.criuMaxChunkBytes / pageSize, criuMin)
+        let capacity = max(config.pushChunkPages, 1, criu ? criuMax : 1)
+        var chunk = criu ? criuMin : max(config.pushChunkPages, 1)
+        let list = UnsafeMutablePointer<Int32>.allocate(capacity: capacity + 1)
+        let scratch = UnsafeMutablePointer<Delivery>.allocate(capacity: capacity + 1)
         defer { list.deallocate(); scratch.deallocate(); handlerCPU.add(memlab_thread_cpu_ns() &- cpu0, ordering: .relaxed) }
         let windowNS = link.transmitNS(config.pushWindowBytes)
         var linear = 0
@@ -1098,6 +1125,11 @@ public final class FaultEngine: Sendable {
                     Clock.sleep(until: now + (backlog - windowNS), spinNS: 0)
                     continue
                 }
+            }
+            if criu && faultSincePush.exchange(false, ordering: .relaxed) {
+                // A fault since the last chunk: CRIU goes back to DEFAULT_XFER_LEN.
+                if chunk != criuMin { pushChunkResets.add(1, ordering: .relaxed) }
+                chunk = criuMin
             }
             var n = 0
             // 1. Replay: the recorded working set first, in its order.
@@ -1129,6 +1161,26 @@ public final class FaultEngine: Sendable {
                     if n > 1 { sortInt32(list, n) }
                 }
             }
+            // 3a. criu-push: the next window of `chunk` pages from the lowest address not yet
+            // pushed; the missing pages in it go as one transfer (zero pages are installed
+            // locally on claim and pages a fault brought are skipped, as CRIU skips what it
+            // has already transferred). Faults never move the cursor.
+            var window = 0
+            if n == 0 && criu {
+                let stop = min(pages, linear + chunk)
+                window = stop - linear
+                var p = linear
+                while p < stop {
+                    if state.load(p) == PageState.missing && claim(p, as: PageState.inflightPrefetch) { list[n] = Int32(p); n += 1 }
+                    p += 1
+                }
+                linear = stop
+                if n == 0 {
+                    if linear >= pages && claimed.load(ordering: .relaxed) >= pages { break }
+                    if linear >= pages { Clock.sleep(nanoseconds: 100_000) }
+                    continue
+                }
+            }
             // 3. Linear push, from the cursor a fault moved (QEMU restarts there).
             if n == 0 && config.policy != .workingSetReplay {
                 if config.policy == .backgroundPush {
@@ -1156,6 +1208,16 @@ public final class FaultEngine: Sendable {
                 continue
             }
             send(list, n, urgent: false, faultPage: -1, faultTime: 0, scratch: scratch, channel: pusherChannel)
+            pushChunks.add(1, ordering: .relaxed)
+            pushChunkPagesSent.add(n, ordering: .relaxed)
+            // criu-push's chunk is its address window; the others' is what they sent.
+            let size = criu ? window : n
+            if size > pushChunkMaxPages.load(ordering: .relaxed) { pushChunkMaxPages.store(size, ordering: .relaxed) }
+            if criu && chunk < criuMax {
+                // CRIU doubles the transfer length after each transfer (until a fault).
+                chunk = min(chunk * 2, criuMax)
+                pushChunkDoublings.add(1, ordering: .relaxed)
+            }
         }
     }
 
@@ -1227,6 +1289,11 @@ extension FaultEngine {
         public var ioctls = 0, wakes = 0
         /// Pages claimed (transferred or installed locally), and those claimed by the pusher.
         public var claimedPages = 0, pushedPages = 0
+        /// The pusher's transfers, the largest (pages), and criu-push's resets to the
+        /// smallest chunk (a fault arrived) and doublings (none did).
+        public var pushChunks = 0, pushChunkMaxPages = 0, pushChunkResets = 0, pushChunkDoublings = 0
+        /// Pages the pusher's chunks carried (fault-around windows are not in it).
+        public var pushChunkPagesSent = 0
         /// CPU time of the engine's threads.
         public var handlerCPUSeconds = 0.0
         /// CLOCK_MONOTONIC ns when the last page was installed (0: never).

@@ -14,14 +14,14 @@ import Testing
 /// started before memlab's startup recovery and signal handler.
 @Suite struct HiddenCommandLines {
     @Test func everyOneIsHiddenFromHelp() throws {
-        #expect(HiddenEntryPoints.commands.count == 3)
+        #expect(HiddenEntryPoints.commands.count == 4)
         for c in HiddenEntryPoints.commands {
             #expect(!c.configuration.shouldDisplay && c.configuration.commandName?.hasPrefix("_") == true)
         }
         let dir = TempDir()
         let help = try Memlab.run(["--help"], stateDir: dir.path)
         #expect(help.status == 0)
-        for name in ["_child", "_guest", "_pagesource"] { #expect(!help.stdout.contains(name), "\(name) in memlab --help") }
+        for name in ["_child", "_guest", "_pagesource", "_uffdhandler"] { #expect(!help.stdout.contains(name), "\(name) in memlab --help") }
     }
 
     /// What the spawners write parses back to what they meant (paths that look like options,

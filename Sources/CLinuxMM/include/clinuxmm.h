@@ -306,4 +306,16 @@ static const int memlab_SWAP_FLAG_PRIO_MASK = 0x7fff;
 int memlab_swapon(const char *path, int flags);
 int memlab_swapoff(const char *path);
 
+// ---- descriptors over a Unix socket (SCM_RIGHTS; CMSG_* are macros Swift cannot call) ----
+/// Sends `len` bytes of `data` with `nfds` (1…8) descriptors attached, in one sendmsg
+/// (MSG_NOSIGNAL). Returns bytes sent or -1 (errno).
+ssize_t memlab_send_fds(int sock, const int *fds, int nfds, const void *data, size_t len);
+/// Receives up to `len` bytes and at most `maxfds` (1…8) descriptors (MSG_CMSG_CLOEXEC).
+/// `*nfds` is how many arrived. Descriptors beyond `maxfds`, or a truncated control message,
+/// close whatever arrived and fail with EMSGSIZE: a peer cannot leak descriptors into us.
+/// Returns bytes received (0: end of stream) or -1 (errno).
+ssize_t memlab_recv_fds(int sock, int *fds, int maxfds, int *nfds, void *data, size_t len);
+/// The pid of the process on the other end of a Unix socket (SO_PEERCRED), or -1.
+pid_t memlab_peer_pid(int sock);
+
 #endif
