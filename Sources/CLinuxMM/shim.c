@@ -392,6 +392,7 @@ long memlab_ref_xbzrle_encode(const uint8_t *old_buf, const uint8_t *new_buf, lo
         d += len;
     }
     return d;
+}
 
 #include <sys/socket.h>
 
