@@ -114,5 +114,70 @@ extension KernelTests {
             let d = try #require(runs(try loadJSON(dir.file("dst.json"))).first)
             #expect(median(d, "decoded_pages") == median(s, "pages_transferred"))
         }
+
+        /// Multifd between two processes: three channels with every encoding on; each page
+        /// arrives and verifies, the channels are counted at both ends.
+        @Test func multifdChannelsCarryEveryPage() throws {
+            let dir = TempDir()
+            let port = "27232"
+            let (dst, dstOut, _) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "10",
+                                                    "--accept-timeout", "30", "--json", dir.file("dst.json")], stateDir: dir.path)
+            defer { if dst.isRunning { dst.terminate() } }
+            usleep(300_000)
+            let src = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:\(port)", "--size", "16M", "--dirty-rate", "20000",
+                                      "--bandwidth-mbit", "500", "--channels", "3", "--zero-ratio", "0.2", "--compressibility", "0.5",
+                                      "--zero-pages", "--xbzrle-cache", "16M", "--zstd", "1", "--json", dir.file("src.json")], stateDir: dir.path)
+            let dstText = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            #expect(src.status == 0, "source: \(src.stdout) \(src.stderr)")
+            #expect(dst.terminationStatus == 0, "destination: \(dstText)")
+            #expect(dstText.contains("multifd: 3 channels"), "\(dstText)")
+            let s = try #require(runs(try loadJSON(dir.file("src.json"))).first)
+            #expect(median(s, "channels") == 3)
+            #expect((median(s, "xbzrle_cache_hits") ?? 0) > 0, "a page stays on its channel, so its cache entry is found again")
+            let d = try #require(runs(try loadJSON(dir.file("dst.json"))).first)
+            #expect(median(d, "channels") == 3)
+            #expect(median(d, "pages_received") == median(s, "pages_transferred"))
+        }
+
+        /// A source whose channel disagrees with the control stream: the destination fails
+        /// with the channel and the counts, in time; so does one whose ROUND_END counts more
+        /// pages than its channels carried.
+        @Test(arguments: [false, true])
+        func multifdChannelThatDisagreesFailsTheMigration(lieInSync: Bool) throws {
+            let dir = TempDir()
+            let port: UInt16 = lieInSync ? 27233 : 27234
+            let (dst, dstOut, dstErr) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "3",
+                                                          "--accept-timeout", "10"], stateDir: dir.path)
+            defer { if dst.isRunning { dst.terminate() } }
+            let control = try #require(WireTestClient(port: port))
+            control.send(1, WireTestClient.le32(1) + Array(localImageHeader(regionBytes: "16384").utf8))
+            #expect(control.readFrame()?.type == 2, "WELCOME")
+            control.send(15, WireTestClient.le32(2) + WireTestClient.le64(42))
+            var channels: [WireTestClient] = []
+            for i in 0..<2 {
+                let c = try #require(WireTestClient(port: port))
+                c.send(16, WireTestClient.le64(42) + WireTestClient.le32(UInt32(i)) + WireTestClient.le32(2))
+                channels.append(c)
+            }
+            let ready = control.readFrame()
+            #expect(ready?.type == 18 && ready?.payload == WireTestClient.le32(2), "CHANNELS_READY: \(String(describing: ready))")
+            // Channel 0 carries page 0; channel 1 nothing.
+            channels[0].send(4, WireTestClient.le32(1) + WireTestClient.le64(0) + [UInt8](repeating: 7, count: 4096))
+            channels[0].send(17, WireTestClient.le32(1) + WireTestClient.le32(lieInSync ? 2 : 1) + WireTestClient.le32(0))
+            channels[1].send(17, WireTestClient.le32(1) + WireTestClient.le32(0) + WireTestClient.le32(0))
+            control.send(5, WireTestClient.le32(1) + WireTestClient.le32(lieInSync ? 1 : 3))
+            let start = Date()
+            _ = dstOut.fileHandleForReading.readDataToEndOfFile()
+            let err = String(decoding: dstErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            #expect(dst.terminationStatus == 1)
+            if lieInSync {
+                #expect(err.contains("multifd channel 0 says 2 pages since its last sync, 1 arrived"), "\(err)")
+            } else {
+                #expect(err.contains("source says 3 pages, 1 arrived"), "\(err)")
+            }
+            #expect(Date().timeIntervalSince(start) < 5)
+        }
     }
 }
