@@ -33,6 +33,9 @@ public final class DirtyWorkload: @unchecked Sendable {
     private let dirtyLimitMilli = Atomic<Int>(0)
     /// Nanoseconds all threads spent asleep for the throttle (not for pacing).
     private let throttledNS = Atomic<Int>(0)
+    /// Posted by `stop` once per thread: a thread asleep between writes (pacing or throttle)
+    /// wakes at once, so the pause is not a sleep's length late.
+    private let wake = Semaphore()
     private var handles: [OSThread] = []
     private var startedAt: UInt64 = 0
     public private(set) var stoppedAt: UInt64 = 0
@@ -123,7 +126,7 @@ public final class DirtyWorkload: @unchecked Sendable {
                 writeCount.add(batch, ordering: .relaxed)
             } else {
                 let wait = UInt64((1 - credit) / effective * 1e9)
-                Clock.sleep(until: now + min(max(wait, 1_000), 1_000_000))
+                _ = wake.wait(seconds: Double(min(max(wait, 1_000), 1_000_000)) / 1e9)
             }
             // The throttle: after each timeslice of running, sleep its share.
             let pct = throttlePercent.load(ordering: .relaxed)
@@ -135,7 +138,7 @@ public final class DirtyWorkload: @unchecked Sendable {
                 // In 1 ms steps: a stop (the migration's pause) must not wait out a 990 ms sleep.
                 var e = s
                 while e < s + sleepNS && !stopFlag.load(ordering: .relaxed) {
-                    Clock.sleep(until: min(s + sleepNS, e + 1_000_000), spinNS: 0)
+                    _ = wake.wait(seconds: Double(min(s + sleepNS - e, 1_000_000)) / 1e9)
                     e = Clock.nanoseconds()
                 }
                 throttledNS.add(Int(e &- s), ordering: .relaxed)
@@ -150,6 +153,7 @@ public final class DirtyWorkload: @unchecked Sendable {
     @discardableResult
     public func stop() -> UInt64 {
         stopFlag.store(true, ordering: .releasing)
+        for _ in handles { wake.post() }
         for h in handles { h.join() }
         handles.removeAll()
         stoppedAt = Clock.nanoseconds()

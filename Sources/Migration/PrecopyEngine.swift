@@ -298,7 +298,9 @@ public struct PrecopyEngine {
                 perPage = Double(r.bytesSent) / Double(r.pagesSent)
                 cpuPerPage = r.encodeSeconds / Double(r.pagesSent)
             }
-            if model.wireTime(bytes: Int(Double(loop.dirty.count) * perPage)) <= downtimeTarget { out.converged = true; break }
+            // The rest must fit the target on the wire and in the encoder (whichever is slower).
+            let rest = Double(loop.dirty.count)
+            if max(model.wireTime(bytes: Int(rest * perPage)), cpuPerPage * rest) <= downtimeTarget { out.converged = true; break }
             if round >= maxRounds { break }
             toSend = loop.dirty
         }
