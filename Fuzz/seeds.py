@@ -78,6 +78,23 @@ write("migration", "bad-dest-encoded-xbzrle-truncated-run", b"\x00" + hello() + 
 write("migration", "bad-dest-encoded-zstd-garbage", b"\x00" + hello() + enc((0, 3, b"\x28\xb5\x2f\xfd" + b"\x00" * 12)))
 write("migration", "bad-dest-encoded-duplicate-index", b"\x00" + hello() + enc((1, 1, b""), (1, 1, b"")))
 write("migration", "bad-dest-encoded-unknown-kind", b"\x00" + hello() + enc((1, 9, b"")))
+# SWITCH (19): u32 port, u32 pending, u32 rate, u32 threads, u32 hot pages, bitmap (1 byte for 4 pages).
+SWITCH = 19
+def switch(port=4000, count=2, rate=100, threads=1, hot=4, bitmap=b"\x05"):
+    return frame(SWITCH, struct.pack("<IIIII", port, count, rate, threads, hot) + bitmap)
+sregion = bytearray(16384)
+sregion[4096:8192] = b"\x22" * 4096
+sregion[12288:16384] = b"\x33" * 4096
+# Pages 1 and 3 came by pre-copy; 0 and 2 are missing (the fuzz target zeroes them: what a
+# source at stop time would have had there in this seed).
+write("migration", "ok-dest-hybrid-switch", b"\x00" + hello() + pages([1, 3], [0x22, 0x33]) + frame(ROUND_END, struct.pack("<II", 1, 2))
+      + switch() + u64(VERIFY, fnv(bytes(sregion))))
+write("migration", "bad-dest-switch-count-disagrees", b"\x00" + hello() + switch(count=3))
+write("migration", "bad-dest-switch-bit-past-region", b"\x00" + hello() + switch(count=3, bitmap=b"\x15"))
+write("migration", "bad-dest-switch-bitmap-short", b"\x00" + hello() + frame(SWITCH, struct.pack("<IIIII", 4000, 0, 1, 1, 1)))
+write("migration", "bad-dest-switch-threads-0", b"\x00" + hello() + switch(threads=0))
+write("migration", "bad-dest-switch-mid-round", b"\x00" + hello() + pages([1], [0x22]) + switch())
+write("migration", "bad-dest-pages-after-switch", b"\x00" + hello() + switch() + pages([0], [0x11]))
 write("migration", "bad-dest-encoded-raw-short", b"\x00" + hello() + enc((1, 0, b"\x01" * 100)))
 write("migration", "bad-dest-region-near-intmax", b"\x00" + hello(region=9223372036854771712))
 write("migration", "bad-dest-region-overflows-int", b"\x00" + hello(region=99999999999999999999))

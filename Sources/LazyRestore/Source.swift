@@ -38,7 +38,8 @@ final class PageSource: PageFetcher, @unchecked Sendable {
     /// One connection and its preallocated request buffers. `@unchecked Sendable`: the
     /// buffers are used only under `lock` (one fetch at a time) and freed by this type.
     final class Channel: @unchecked Sendable {
-        let socket: Socket
+        /// Replaced (under `lock`) when a lost connection is re-established (recovery).
+        var socket: Socket
         var fd: Int32 { socket.fd }
         let lock = Lock<Int>(0)
         let request: UnsafeMutableRawPointer
@@ -67,6 +68,14 @@ final class PageSource: PageFetcher, @unchecked Sendable {
     let requests = Atomic<Int>(0)
     let bytesReceived = Atomic<Int>(0)
     let fetchNS = Atomic<UInt64>(0)
+    /// Recovery (post-copy over TCP): where to reconnect and for how long to keep trying
+    /// after a connection is lost (0: a lost connection fails the fetch, as before).
+    var recoverAddress: SocketAddress?
+    var recoverS = 0.0
+    var connectTimeoutS = 10.0
+    let reconnects = Atomic<Int>(0)
+    let pausedNS = Atomic<UInt64>(0)
+    let reRequested = Atomic<Int>(0)
     private let stopped = Atomic<Bool>(false)
     private let reaped = Atomic<Bool>(false)
 
@@ -274,7 +283,16 @@ final class PageSource: PageFetcher, @unchecked Sendable {
                     n += 1; total += take
                     if take == remaining { i += 1; off = 0 } else { off += take }
                 }
-                try exchange(ch, n, total)
+                do throws(FetchFailure) {
+                    try exchange(ch, n, total)
+                } catch {
+                    // Post-copy recovery: the faults wait (this thread holds them) while a
+                    // new connection is made; then the same pages are asked for again.
+                    guard recoverS > 0, let address = recoverAddress else { throw error }
+                    try recover(ch, address: address, after: error)
+                    reRequested.add(total, ordering: .relaxed)
+                    try exchange(ch, n, total)
+                }
             }
         }
     }
@@ -302,6 +320,34 @@ final class PageSource: PageFetcher, @unchecked Sendable {
             try recvAll(ch.fd, landing + Int(ch.pieces[2 * k]) * pageSize, Int(ch.pieces[2 * k + 1]) * pageSize)
         }
         bytesReceived.add(length, ordering: .relaxed)
+    }
+
+    /// Replaces a lost connection: retries connecting (and the source's HELLO) until one is
+    /// up or `recoverS` has passed; the time is the pause. Not on the fault path's hot side:
+    /// it runs only after a failure.
+    private func recover(_ ch: Channel, address: SocketAddress, after failure: FetchFailure) throws(FetchFailure) {
+        let t0 = Clock.nanoseconds()
+        ch.socket.shutdown()
+        ch.socket.close()
+        while true {
+            if stopped.load(ordering: .relaxed) { throw failure }
+            if Clock.seconds(since: t0) > recoverS {
+                pausedNS.add(Clock.nanoseconds() &- t0, ordering: .relaxed)
+                throw FetchFailure(errno: ETIMEDOUT, what: "the page connection was lost and no new one came up within the recovery deadline")
+            }
+            if let socket = try? Socket.connect(address, timeoutS: min(connectTimeoutS, 1)) {
+                socket.setTimeouts(seconds: connectTimeoutS)
+                socket.setNoDelay()
+                if (try? Self.readHello(socket.fd, pages: pages, pageSize: pageSize)) != nil {
+                    ch.socket = socket
+                    reconnects.add(1, ordering: .relaxed)
+                    pausedNS.add(Clock.nanoseconds() &- t0, ordering: .relaxed)
+                    return
+                }
+                socket.close()
+            }
+            Clock.sleep(nanoseconds: 50_000_000)
+        }
     }
 
     @inline(__always)
@@ -421,14 +467,26 @@ public enum PageServer {
         }
     }
 
-    static func acceptLoop(_ listener: Listener, image: PageImage, options o: PageServerOptions) -> Int32 {
+    /// Serves `image` on `listener` from the calling thread until `until()` says stop (checked
+    /// at least every 200 ms): migration's source serving its paused memory during post-copy.
+    public static func serve(_ listener: Listener, image: PageImage, maxConnections: Int, idleTimeoutS: Double,
+                             until: @escaping () -> Bool) -> Int32 {
+        var o = PageServerOptions()
+        o.kind = .tcp
+        o.maxConnections = maxConnections
+        o.idleTimeoutS = idleTimeoutS
+        return acceptLoop(listener, image: image, options: o, until: until)
+    }
+
+    static func acceptLoop(_ listener: Listener, image: PageImage, options o: PageServerOptions, until: (() -> Bool)? = nil) -> Int32 {
         let conns = Connections()
         var warnedNS: UInt64 = 0
         while true {
             conns.reap()
+            if let until, until() { return 0 }
             // Wake at least once a second, so ended threads are joined without a new connection.
             let readable: Bool
-            do { readable = try listener.waitReadable(timeoutMS: 1000) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
+            do { readable = try listener.waitReadable(timeoutMS: until == nil ? 1000 : 200) } catch { writeStderr("memlab _pagesource: \(error)\n"); return 1 }
             if !readable { continue }
             let c: Socket
             switch listener.acceptNow() {
@@ -535,5 +593,28 @@ public enum PageServer {
             }
         }
         return true
+    }
+}
+
+extension PageSource: RemotePageFetcher {
+    var bytesFetched: Int { bytesReceived.load(ordering: .relaxed) }
+    var requestsSent: Int { requests.load(ordering: .relaxed) }
+    var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+    var pausedSeconds: Double { Double(pausedNS.load(ordering: .relaxed)) / 1e9 }
+    var reRequestedPages: Int { reRequested.load(ordering: .relaxed) }
+    func close() { stop() }
+}
+
+public enum RemotePages {
+    /// `channels` connections to the page server at `address` (IPv4:PORT), each past a HELLO
+    /// that must match `image`'s pages and page size. A connection that fails mid-transfer is
+    /// replaced for up to `recoverS` seconds (0: it fails the fetch); `timeoutS` bounds each
+    /// wait for an answer, so a dead link is noticed.
+    public static func connect(address: String, image: PageImage, channels: Int, timeoutS: Double, recoverS: Double) throws -> any RemotePageFetcher {
+        let s = try PageSource.remote(address: address, image: image, channels: channels, timeoutS: timeoutS)
+        s.recoverAddress = try SocketAddress.tcp(address)
+        s.recoverS = recoverS
+        s.connectTimeoutS = timeoutS
+        return s
     }
 }

@@ -8,7 +8,17 @@ import Transfer
 /// no clock and no mapping (the caller maps the region once the HELLO is accepted). Both
 /// `MigrationDestination.serve` and the fuzzer drive this same code.
 public struct DestinationSession: Sendable {
-    public enum Phase: Sendable, Equatable { case hello, pages, finished, done }
+    public enum Phase: Sendable, Equatable { case hello, pages, postcopy, finished, done }
+
+    /// What a SWITCH asks for: where the source serves its pages, which are missing, and the
+    /// workload to resume.
+    public struct Switch: Sendable, Equatable {
+        public var port: UInt16
+        public var pending: [Int]
+        public var rate: Int
+        public var threads: Int
+        public var hotPages: Int
+    }
 
     public enum HelloOutcome: Sendable, Equatable {
         /// Take the image; `warning` when CPU flags are missing and ignored.
@@ -97,7 +107,7 @@ public struct DestinationSession: Sendable {
     /// the caller). Throws for anything the protocol does not allow at this point.
     public mutating func handle(_ f: Frame, region: UnsafeMutableRawPointer) throws(WireError) -> Step {
         guard phase == .pages || phase == .finished else {
-            throw .malformed(phase == .hello ? "\(f.type) before HELLO" : "\(f.type) after VERIFY")
+            throw .malformed(phase == .hello ? "\(f.type) before HELLO" : phase == .postcopy ? "\(f.type) during post-copy" : "\(f.type) after VERIFY")
         }
         switch f.type {
         case .ping:
@@ -161,6 +171,44 @@ public struct DestinationSession: Sendable {
         inRound += took
         pagesReceived += took
         bytesReceived += f.payload.count + 8
+    }
+
+    /// SWITCH: between rounds (after a ROUND_ACK, or before any), the bitmap exactly the
+    /// region's, its count the number of bits set, no bit past the last page; the workload's
+    /// rate and threads within what memlab runs. After it only POSTCOPY's end and VERIFY.
+    public mutating func switchToPostcopy(_ f: Frame) throws(WireError) -> Switch {
+        guard phase == .pages else { throw .malformed("SWITCH \(phase == .hello ? "before HELLO" : "after the migration ended")") }
+        guard inRound == 0 else { throw .malformed("SWITCH in the middle of round \(rounds + 1) (\(inRound) pages in)") }
+        let bitmapBytes = (pageCount + 7) / 8
+        guard f.payload.count == 20 + bitmapBytes else {
+            throw .malformed("SWITCH of \(f.payload.count) bytes; a \(pageCount)-page region needs 20 + \(bitmapBytes)")
+        }
+        var r = PayloadReader(f)
+        let port = try r.u32(), count = try r.u32(), rate = try r.u32(), threads = try r.u32(), hot = try r.u32()
+        guard port >= 1 && port <= 65535 else { throw .malformed("SWITCH names port \(port)") }
+        guard rate <= 100_000_000 else { throw .malformed("SWITCH asks for a workload of \(rate) pages/s (at most 100000000)") }
+        guard threads >= 1 && threads <= 64 else { throw .malformed("SWITCH asks for \(threads) workload threads (1…64)") }
+        guard hot >= 1 && UInt64(hot) <= UInt64(pageCount) else { throw .malformed("SWITCH asks for \(hot) hot pages of \(pageCount)") }
+        var pending: [Int] = []
+        pending.reserveCapacity(Int(min(UInt64(count), UInt64(pageCount))))
+        for byte in 0..<bitmapBytes {
+            let b = f.payload[20 + byte]
+            if b == 0 { continue }
+            for bit in 0..<8 where b & (1 << bit) != 0 {
+                let page = byte * 8 + bit
+                guard page < pageCount else { throw .malformed("SWITCH bitmap marks page \(page) of a \(pageCount)-page region") }
+                pending.append(page)
+            }
+        }
+        guard UInt64(pending.count) == UInt64(count) else { throw .mismatch("SWITCH says \(count) pages are missing; its bitmap marks \(pending.count)") }
+        phase = .postcopy
+        return Switch(port: UInt16(port), pending: pending, rate: Int(rate), threads: Int(threads), hotPages: Int(hot))
+    }
+
+    /// Post-copy is over: every missing page is in. VERIFY may follow.
+    public mutating func postcopyDone() throws(WireError) {
+        guard phase == .postcopy else { throw .malformed("post-copy ended outside post-copy") }
+        phase = .finished
     }
 
     /// Pages that arrived on multifd channels since the last control message (their syncs

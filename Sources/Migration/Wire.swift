@@ -27,6 +27,11 @@ public enum MessageType: UInt8, Sendable, CustomStringConvertible {
     /// u32 index, u32 n) first on each channel; CHANNEL_SYNC(u32 sequence, u32 pages, u32 last)
     /// on each channel before ROUND_END and FINISH; CHANNELS_READY(u32 n) back.
     case channels = 15, channelHello = 16, channelSync = 17, channelsReady = 18
+    /// Post-copy between two processes: SWITCH(u32 port, u32 pending, u32 rate, u32 threads,
+    /// u32 hot pages, bitmap); POSTCOPY_RESUMED(u32 pending); PROGRESS(u64 installed);
+    /// POSTCOPY_DONE(7 × u64: installed, remote faults, reconnects, paused ns, re-requested
+    /// pages, fetched bytes, destination writes).
+    case switchToPostcopy = 19, postcopyResumed = 20, progress = 21, postcopyDone = 22
     public var description: String {
         switch self {
         case .hello: "HELLO"; case .welcome: "WELCOME"; case .refuse: "REFUSE"; case .pages: "PAGES"
@@ -34,6 +39,7 @@ public enum MessageType: UInt8, Sendable, CustomStringConvertible {
         case .verify: "VERIFY"; case .verified: "VERIFIED"; case .error: "ERROR"; case .ping: "PING"; case .pong: "PONG"
         case .encodedPages: "ENCODED_PAGES"
         case .channels: "CHANNELS"; case .channelHello: "CHANNEL_HELLO"; case .channelSync: "CHANNEL_SYNC"; case .channelsReady: "CHANNELS_READY"
+        case .switchToPostcopy: "SWITCH"; case .postcopyResumed: "POSTCOPY_RESUMED"; case .progress: "PROGRESS"; case .postcopyDone: "POSTCOPY_DONE"
         }
     }
 }
@@ -491,6 +497,8 @@ public struct MigrationDestination {
         /// Pages that came as ENCODED_PAGES, and the CPU time their decoding took.
         public var decodedPages = 0
         public var decodeCPU = 0.0
+        /// Post-copy, when the source switched to it.
+        public var postcopy: RemotePostcopy.DestinationReport?
         /// Multifd channels taken, and the pages counted through them and the control connection.
         public var channels = 0
         public var channelPages = 0
@@ -503,13 +511,14 @@ public struct MigrationDestination {
     public init(ignoreCPUFlags: Bool, maxRegion: Int) { self.ignoreCPUFlags = ignoreCPUFlags; self.maxRegion = maxRegion }
 
     /// `listener`: where multifd channels connect (nil: a CHANNELS request is refused).
-    public func serve(_ c: WireConnection, listener: Listener? = nil, log: (String) -> Void) throws(WireError) -> Report {
+    public func serve(_ c: WireConnection, listener: Listener? = nil, postcopy: RemotePostcopy.DestinationConfig? = nil,
+                      log: (String) -> Void) throws(WireError) -> Report {
         var session = DestinationSession(local: .local(regionBytes: 0, checksum: 0), ignoreCPUFlags: ignoreCPUFlags, maxRegion: maxRegion)
         var report = Report()
         var receivers: [ChannelReceiver] = []
         defer { for r in receivers { r.close() } }
         do {
-            return try serveInner(c, &session, &report, listener: listener, receivers: &receivers, log: log)
+            return try serveInner(c, &session, &report, listener: listener, postcopy: postcopy, receivers: &receivers, log: log)
         } catch {
             // Tell the source why, if it is still there (a REFUSE already told it).
             if case .refused = error {} else { c.sendError(error.description) }
@@ -518,7 +527,8 @@ public struct MigrationDestination {
     }
 
     private func serveInner(_ c: WireConnection, _ s: inout DestinationSession, _ report: inout Report, listener: Listener?,
-                            receivers: inout [ChannelReceiver], log: (String) -> Void) throws(WireError) -> Report {
+                            postcopy: RemotePostcopy.DestinationConfig?, receivers: inout [ChannelReceiver],
+                            log: (String) -> Void) throws(WireError) -> Report {
         switch try s.hello(try c.receive(waitingFor: "HELLO")) {
         case .refuse(let reason, let toPeer):
             try? c.send(.refuse, Array(toPeer.utf8))
@@ -547,6 +557,16 @@ public struct MigrationDestination {
         var channelBytesSeen = 0
         while true {
             let f = try c.receive(waitingFor: s.phase == .finished ? "VERIFY" : "pages or the end of round \(s.rounds + 1)")
+            if f.type == .switchToPostcopy {
+                guard let postcopy else { throw .refused("this destination takes no post-copy (start it with --postcopy-policy)") }
+                guard receivers.isEmpty else { throw .malformed("SWITCH with multifd channels (post-copy takes none)") }
+                let sw = try s.switchToPostcopy(f)
+                guard let host = c.socket.peerIPv4() else { throw .invalid("cannot read the source's address from the connection") }
+                report.postcopy = try RemotePostcopy.runDestination(sw, host: host, region: region, pageSize: s.pageSize,
+                                                                    config: postcopy, control: c, log: log)
+                try s.postcopyDone()
+                continue
+            }
             if f.type == .channels {
                 guard receivers.isEmpty, s.phase == .pages, s.pagesReceived == 0, s.rounds == 0 else {
                     throw .malformed("CHANNELS after pages or a second time")

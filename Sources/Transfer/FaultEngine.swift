@@ -84,6 +84,19 @@ public protocol PageFetcher: AnyObject, Sendable {
     func fetch(channel: Int, runs: UnsafePointer<Delivery>, count: Int) throws(FetchFailure)
 }
 
+/// A page fetcher from a page server elsewhere (lazy restore's TCP page source, used by
+/// migration's post-copy between hosts), with its counts and recovery.
+public protocol RemotePageFetcher: PageFetcher {
+    var bytesFetched: Int { get }
+    var requestsSent: Int { get }
+    /// Connections re-established after one was lost, the time the faults waited for them,
+    /// and the pages asked for again on the new connection.
+    var reconnectCount: Int { get }
+    var pausedSeconds: Double { get }
+    var reRequestedPages: Int { get }
+    func close()
+}
+
 /// A min-heap on arrival over preallocated storage (each page is claimed once, so `pages`
 /// deliveries bound it). Used only under the engine's lock; frees its own storage.
 final class DeliveryHeap {

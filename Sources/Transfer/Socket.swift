@@ -156,6 +156,19 @@ public final class Socket: Sendable {
 
 /// A listening socket; `port` is the one bound (the kernel's pick for port 0). A Unix
 /// socket's path is removed when the listener closes.
+extension Socket {
+    /// The peer's IPv4 address as text (nil for another family or an error).
+    public func peerIPv4() -> String? {
+        var sa = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard rc == 0, sa.sin_family == sa_family_t(AF_INET) else { return nil }
+        var buf = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        guard inet_ntop(AF_INET, &sa.sin_addr, &buf, socklen_t(buf.count)) != nil else { return nil }
+        return String(cString: buf)
+    }
+}
+
 public final class Listener: Sendable {
     public let socket: Socket
     public let port: UInt16

@@ -8,6 +8,7 @@ import LinuxMM
 import Scenarios
 import Transfer
 import Migration
+import LazyRestore
 
 /// Two-process (two-host) pre-copy migration and the snapshot CPU-flag check. The protocol and
 /// the snapshot format are in docs/migration-protocol.md.
@@ -102,12 +103,15 @@ struct MigrateSource: ParsableCommand {
     @Option(help: "Throttle the workload when rounds dirty too much: none, auto-converge, dirty-limit.") var throttle = "none"
     @Option(help: "dirty-limit: the most pages/s each workload thread writes once throttled.") var dirtyLimit = 256.0
     @Option(help: "Multifd: page data on this many extra TCP connections, one sender thread each (0: all on the control connection; at most 16).") var channels = 0
+    @Option(help: "precopy (rounds, then stop-and-copy), postcopy (stop at once; the destination pulls every page) or hybrid (--precopy-rounds rounds, then post-copy). Post-copy needs a destination started with --postcopy-policy.") var mode = "precopy"
+    @Option(help: "hybrid: pre-copy rounds before the switch to post-copy.") var precopyRounds = 2
 
     var params: [String: ParamValue] {
         var p: [String: ParamValue] = [
             "zero_ratio": .double(zeroRatio), "compressibility": .double(compressibility), "zero_pages": .string(zeroPages ? "detect" : "send"),
             "xbzrle_cache": .int(parseSize(xbzrleCache) ?? 0), "compress": .string(zstd > 0 ? "zstd" : "none"), "compress_level": .int(zstd),
             "throttle": .string(throttle), "dirty_limit": .double(dirtyLimit), "channels": .int(channels),
+            "mode": .string(mode), "precopy_rounds": .int(precopyRounds),
             "connect": .string(connect), "size": .int(parseSize(size) ?? 0), "dirty_rate": .int(dirtyRate),
             "threads": .int(threads), "bandwidth_mbit": .double(bandwidthMbit), "delay_ms": .double(delayMs),
             "downtime_target_ms": .double(downtimeTargetMs), "max_rounds": .int(maxRounds), "timeout_s": .double(timeout),
@@ -144,14 +148,17 @@ struct MigrateSource: ParsableCommand {
         try NetLimits.check("compressibility", compressibility, 0...0.95, unit: "")
         try NetLimits.check("dirty-limit", dirtyLimit, 1...100_000_000, unit: "pages/s")
         try NetLimits.check("channels", channels, 0...Multifd.maxChannels)
+        guard ["precopy", "postcopy", "hybrid"].contains(mode) else { throw UsageError("--mode '\(mode)': expected precopy, postcopy or hybrid") }
+        try NetLimits.check("precopy-rounds", precopyRounds, 1...NetLimits.maxRounds.upperBound)
+        if mode != "precopy" && channels > 0 { throw UsageError("--channels goes with --mode precopy (post-copy pulls pages on connections of its own)") }
         if zstd != 0 { try NetLimits.check("zstd", zstd, EncodingConfig.levels) }
         let cacheBytes: Int
         if xbzrleCache == "0" { cacheBytes = 0 } else { cacheBytes = try NetLimits.size("xbzrle-cache", xbzrleCache, atLeast: System.pageSize) }
-        guard let mode = ThrottlePolicy.Mode(rawValue: throttle) else {
+        guard let throttleMode = ThrottlePolicy.Mode(rawValue: throttle) else {
             throw UsageError("--throttle '\(throttle)': expected \(ThrottlePolicy.Mode.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         let encoding = EncodingConfig(zeroPages: zeroPages, xbzrleCacheBytes: cacheBytes, zstdLevel: zstd)
-        let policy = ThrottlePolicy(mode: mode, dirtyLimitPagesPerSecond: dirtyLimit)
+        let policy = ThrottlePolicy(mode: throttleMode, dirtyLimitPagesPerSecond: dirtyLimit)
         let wp = WriteProtectTracking.probe()
         guard wp.usable else { throw failed("dirty tracking unusable: \(wp.reason ?? "?")") }
         let page = System.pageSize
@@ -188,6 +195,27 @@ struct MigrateSource: ParsableCommand {
                                      rate: Double(dirtyRate), threads: threads)
         try workload.start(seed: 0x5EED)
         let costs = try SwitchCosts.measure()
+        if mode != "precopy" {
+            let out: RemotePostcopy.Outcome
+            do {
+                out = try RemotePostcopy.runSource(link: link, region: region, tracker: tracker, workload: workload, model: model,
+                                                   precopyRounds: mode == "hybrid" ? precopyRounds : 0, throttle: policy, timeoutS: timeout) { l, image, until in
+                    _ = PageServer.serve(l, image: image, maxConnections: 16, idleTimeoutS: 0, until: until)
+                }
+            } catch {
+                workload.stop()
+                throw failed("migration failed: \(error)")
+            }
+            let ctx = RunContext(variant: "\(mode)-tcp", params: Params([:]), repetition: 1, isWarmup: false)
+            recordPostcopy(out, model: model, costs: costs, ctx: ctx)
+            ctx.record("measured_rtt", measuredRTT, .s, better: .lower)
+            for m in ctx.output.metrics { print("\(m.name.padding(toLength: 26, withPad: " ", startingAt: 0)) \(formatNumber(m.value)) \(m.unit.rawValue)") }
+            if let path = json { try writeMigrateDocument(path, variant: "\(mode)-tcp", params: params, output: ctx.output, started: started, startNS: startNS) }
+            let bad = ctx.output.checks.filter { !$0.agrees }
+            if !bad.isEmpty { throw failed("destination contents differ from the source: \(bad.map(\.name).joined(separator: ", "))") }
+            print("migrated (\(mode)) and verified: destination checksum \(String(out.destinationChecksum, radix: 16)) equals the source's")
+            return
+        }
         let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTargetMs / 1000, maxRounds: maxRounds, throttle: policy, costs: costs)
         let out: PrecopyOutcome
         do {
@@ -225,6 +253,44 @@ struct MigrateSource: ParsableCommand {
     }
 }
 
+extension MigrateSource {
+    /// A post-copy or hybrid migration's figures, with the pre-copy and post-copy names.
+    func recordPostcopy(_ out: RemotePostcopy.Outcome, model: LinkModel, costs: SwitchCosts, ctx: RunContext) {
+        let page = System.pageSize
+        ctx.record("total_time", out.totalTime, .s, better: .lower)
+        ctx.record("downtime", out.downtime, .s, better: .lower)
+        let pages = out.switchPages
+        // The switch: the message and its answer, and the destination's discard, arm and thread starts.
+        let predictedDowntime = model.roundTime(bytes: out.switchBytes)
+            + costs.postcopySwitch(regionPages: 0, syncs: false, discardCalls: 1, discardPages: pages, threads: threads)
+        ctx.record("predicted_downtime", predictedDowntime, .s, better: .none)
+        ctx.record("downtime_model_ratio", out.downtime / predictedDowntime, .ratio, better: .none)
+        let predictedTotal = out.rounds.reduce(0.0) { $0 + model.roundTime(bytes: $1.bytesSent, cpu: $1.encodeSeconds) }
+            + predictedDowntime + model.wireTime(bytes: pages * page) + model.rtt
+        ctx.record("predicted_total_time", predictedTotal, .s, better: .none)
+        ctx.record("total_time_model_ratio", out.totalTime / predictedTotal, .ratio, better: .none)
+        ctx.record("rounds", Double(out.rounds.count), .count, better: .none)
+        ctx.record("precopy_pages", Double(out.precopyPages), .pages, better: .none)
+        ctx.record("switch_pages", Double(pages), .pages, better: .lower)
+        ctx.record("switch_bytes", Double(out.switchBytes), .bytes, better: .none)
+        ctx.record("postcopy_pages", Double(out.installed), .pages, better: .none)
+        ctx.record("postcopy_time", out.postcopyTime, .s, better: .lower)
+        ctx.record("postcopy_requests", Double(out.remoteFaults), .count, better: .lower)
+        ctx.record("postcopy_bytes", Double(out.fetchedBytes), .bytes, better: .none)
+        ctx.record("postcopy_reconnects", Double(out.reconnects), .count, better: .none)
+        ctx.record("postcopy_paused_time", out.pausedSeconds, .s, better: .lower)
+        ctx.record("postcopy_rerequested_pages", Double(out.reRequestedPages), .pages, better: .lower)
+        ctx.record("destination_writes", Double(out.destinationWrites), .count, better: .none)
+        ctx.record("dirty_sync_count", Double(out.dirtySyncCount), .count, better: .none)
+        ctx.check("destination_checksum", expected: Double(out.sourceChecksum >> 11), observed: Double(out.destinationChecksum >> 11), tolerance: 0,
+                  describe: "checksum of the destination equals the source's at stop time (top 53 bits), after post-copy")
+        if out.reconnects > 0 {
+            ctx.note("post-copy recovered: \(out.reconnects) page connection(s) replaced; the faults waited \(formatNumber(out.pausedSeconds)) s; \(out.reRequestedPages) pages asked for again")
+        }
+        for (name, v, _) in costs.named { ctx.record(name, v, .s, better: .none) }
+    }
+}
+
 struct MigrateDestination: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "destination",
         abstract: "Receive one migration: check CPU flags, take the pages, resume, verify.")
@@ -236,9 +302,13 @@ struct MigrateDestination: ParsableCommand {
     @Option(help: "The largest image taken (K, M, G, T suffix); a bigger HELLO is refused before anything is allocated. Default: half of MemAvailable.") var maxRegion: String?
     @Flag(help: "Go on when this CPU lacks flags the source had (the guest may crash on an instruction it lacks).") var ignoreCPUFlags = false
     @Option(help: "Write what this side received and verified as a memlab.result/1 document to this file, also when the migration fails.") var json: String?
+    @Option(help: "Take post-copy and hybrid migrations, pulling missing pages with this policy: on-demand or background-push.") var postcopyPolicy = "background-push"
+    @Option(help: "Post-copy: seconds without an answer before a page connection counts as lost.") var fetchTimeout = 1.0
+    @Option(help: "Post-copy recovery: seconds to keep trying to replace a lost page connection (the faults wait meanwhile; 0: a lost connection fails the migration).") var recover = 30.0
 
     var params: [String: ParamValue] {
-        var p: [String: ParamValue] = ["listen": .string(listen), "delay_ms": .double(delayMs), "timeout_s": .double(timeout),
+        var p: [String: ParamValue] = ["postcopy_policy": .string(postcopyPolicy), "fetch_timeout_s": .double(fetchTimeout), "recover_s": .double(recover),
+                                       "listen": .string(listen), "delay_ms": .double(delayMs), "timeout_s": .double(timeout),
                                        "accept_timeout_s": .double(acceptTimeout), "ignore_cpu_flags": .bool(ignoreCPUFlags)]
         if let maxRegion { p["max_region"] = .int(parseSize(maxRegion) ?? 0) }
         return p
@@ -261,6 +331,14 @@ struct MigrateDestination: ParsableCommand {
         if let json { try Session.checkWritable(json, what: "--json") }
         try NetLimits.check("delay-ms", delayMs, NetLimits.delayMs, unit: "ms")
         let cap = try maxRegion.map { try NetLimits.size("max-region", $0, atLeast: System.pageSize) } ?? Self.defaultMaxRegion()
+        guard let policy = EngineConfig.Policy(rawValue: postcopyPolicy), policy == .onDemand || policy == .backgroundPush else {
+            throw UsageError("--postcopy-policy '\(postcopyPolicy)': expected on-demand or background-push")
+        }
+        try NetLimits.check("fetch-timeout", fetchTimeout, NetLimits.timeoutS, lowerOpen: true, unit: "s")
+        try NetLimits.check("recover", recover, 0...3600, unit: "s")
+        let postcopy = RemotePostcopy.DestinationConfig(policy: policy, fetchTimeoutS: fetchTimeout, recoverS: recover, deadlineS: 3600) { address, image, fetchTimeout, recover in
+            try RemotePages.connect(address: address, image: image, channels: 2, timeoutS: fetchTimeout, recoverS: recover)
+        }
         // It waits for a source: let the usual signals end it, even when the mask it inherited
         // blocks them (as `memlab pagesource` does).
         var set = sigset_t()
@@ -290,12 +368,16 @@ struct MigrateDestination: ParsableCommand {
         defer { conn.close() }
         let r: MigrationDestination.Report
         do {
-            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags, maxRegion: cap).serve(conn, listener: listener) { print($0); fflush(nil) }
+            r = try MigrationDestination(ignoreCPUFlags: ignoreCPUFlags, maxRegion: cap).serve(conn, listener: listener, postcopy: postcopy) { print($0); fflush(nil) }
         } catch {
             throw failed(error.description)
         }
         let session = Clock.seconds(since: accepted)
-        print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
+        if let pc = r.postcopy {
+            print("received \(r.pagesReceived) pages in \(r.rounds) rounds (\(r.bytesReceived) bytes), then \(pc.installed) by post-copy (\(pc.remoteFaults) faults, \(pc.reconnects) page connections replaced)")
+        } else {
+            print("received \(r.pagesReceived) pages in \(r.rounds) rounds + stop-and-copy (\(r.bytesReceived) bytes)")
+        }
         if !r.ignoredFlags.isEmpty { print("cpu flags ignored: \(CPUIdentity.list(r.ignoredFlags))") }
         print("verified: checksum \(String(r.checksum, radix: 16)) equals the source's")
         if let path = json {
@@ -305,6 +387,20 @@ struct MigrateDestination: ParsableCommand {
             ctx.record("rounds", Double(r.rounds), .count, better: .none)
             ctx.record("session_time", session, .s, better: .lower)
             ctx.record("channels", Double(r.channels), .count, better: .none)
+            if let pc = r.postcopy {
+                ctx.record("postcopy_pages", Double(pc.installed), .pages, better: .none)
+                ctx.record("postcopy_requests", Double(pc.remoteFaults), .count, better: .lower)
+                ctx.record("postcopy_reconnects", Double(pc.reconnects), .count, better: .none)
+                ctx.record("postcopy_paused_time", pc.pausedSeconds, .s, better: .lower)
+                ctx.record("postcopy_rerequested_pages", Double(pc.reRequestedPages), .pages, better: .lower)
+                ctx.record("postcopy_time", pc.postcopyTime, .s, better: .lower)
+                ctx.record("switch_local_time", pc.downtimeLocal, .s, better: .lower)
+                if !pc.faultLatencyNS.isEmpty {
+                    let sorted = pc.faultLatencyNS.sorted()
+                    ctx.record("fault_latency_p50", Double(sorted[sorted.count / 2]), .ns, better: .lower)
+                    ctx.record("fault_latency_max", Double(sorted[sorted.count - 1]), .ns, better: .lower)
+                }
+            }
             var usage = rusage()
             getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
             ctx.record("cpu_time", Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6, .s, better: .lower)

@@ -179,5 +179,76 @@ extension KernelTests {
             }
             #expect(Date().timeIntervalSince(start) < 5)
         }
+
+        /// Post-copy and hybrid between two processes: the destination pulls every missing
+        /// page from the source's page server through the fault engine while the workload
+        /// runs there; every page arrives once and the contents verify.
+        @Test(arguments: ["postcopy", "hybrid"])
+        func postcopyBetweenTwoProcesses(mode: String) throws {
+            let dir = TempDir()
+            let port = mode == "postcopy" ? "27235" : "27236"
+            let (dst, dstOut, _) = try Memlab.start(["migrate", "destination", "--listen", "127.0.0.1:\(port)", "--timeout", "10",
+                                                    "--accept-timeout", "30", "--postcopy-policy", "background-push", "--json", dir.file("dst.json")],
+                                                   stateDir: dir.path)
+            defer { if dst.isRunning { dst.terminate() } }
+            usleep(300_000)
+            let src = try Memlab.run(["migrate", "source", "--connect", "127.0.0.1:\(port)", "--size", "16M", "--dirty-rate", "20000",
+                                      "--bandwidth-mbit", "1000", "--mode", mode, "--json", dir.file("src.json")], stateDir: dir.path)
+            let dstText = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            #expect(src.status == 0, "source: \(src.stdout) \(src.stderr)")
+            #expect(dst.terminationStatus == 0, "destination: \(dstText)")
+            let s = try #require(runs(try loadJSON(dir.file("src.json"))).first)
+            let checks = try #require(s["checks"] as? [[String: Any]])
+            #expect(checks.contains { $0["name"] as? String == "destination_checksum" && $0["agrees"] as? Bool == true }, "\(checks)")
+            let switched = try #require(median(s, "switch_pages"))
+            if mode == "postcopy" { #expect(switched == 4096) } else { #expect(switched > 0 && switched < 4096) }
+            #expect(median(s, "postcopy_pages") == switched)
+            #expect(median(s, "postcopy_bytes") == switched * 4096, "every missing page fetched once")
+            #expect((median(s, "destination_writes") ?? 0) > 0, "the workload ran at the destination")
+            #expect(median(s, "postcopy_reconnects") == 0)
+            let d = try #require(runs(try loadJSON(dir.file("dst.json"))).first)
+            #expect(median(d, "postcopy_pages") == switched)
+        }
+
+        /// Post-copy recovery: the veth between two namespaces goes down mid post-copy and
+        /// comes back; the destination's faults wait, a new page connection picks up, and the
+        /// migration ends verified, reporting the pause and the pages asked for again.
+        @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip"), "needs ip (iproute2)"))
+        func postcopyRecoversFromALinkCut() throws {
+            let pair = try NamespacePair(rateMbit: 50)
+            defer { pair.remove() }
+            let dir = TempDir()
+            let port = "27237"
+            let (dst, dstOut, _) = try Memlab.start(["migrate", "destination", "--listen", "\(NamespacePair.destinationAddress):\(port)", "--timeout", "20",
+                                                    "--accept-timeout", "30", "--postcopy-policy", "background-push", "--fetch-timeout", "0.5",
+                                                    "--recover", "20", "--json", dir.file("dst.json")],
+                                                   stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.destination])
+            defer { if dst.isRunning { dst.terminate() } }
+            let (src, srcOut, srcErr) = try Memlab.start(["migrate", "source", "--connect", "\(NamespacePair.destinationAddress):\(port)", "--size", "32M",
+                                                          "--dirty-rate", "5000", "--bandwidth-mbit", "50", "--mode", "postcopy", "--timeout", "20",
+                                                          "--json", dir.file("src.json")],
+                                                         stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
+            defer { if src.isRunning { src.terminate() } }
+            // 32 MiB at 50 Mbit/s is about 5.4 s of post-copy: cut the link for 2 s in the middle.
+            usleep(2_000_000)
+            _ = try? Process.run(URL(fileURLWithPath: "/usr/sbin/ip"), arguments: ["-n", NamespacePair.source, "link", "set", "memlab-va", "down"]).waitUntilExit()
+            usleep(2_000_000)
+            _ = try? Process.run(URL(fileURLWithPath: "/usr/sbin/ip"), arguments: ["-n", NamespacePair.source, "link", "set", "memlab-va", "up"]).waitUntilExit()
+            let out = String(decoding: srcOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            let err = String(decoding: srcErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            src.waitUntilExit()
+            let dstText = String(decoding: dstOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            dst.waitUntilExit()
+            #expect(src.terminationStatus == 0, "source: \(out) \(err)")
+            #expect(dst.terminationStatus == 0, "destination: \(dstText)")
+            let s = try #require(runs(try loadJSON(dir.file("src.json"))).first)
+            let checks = try #require(s["checks"] as? [[String: Any]])
+            #expect(checks.contains { $0["name"] as? String == "destination_checksum" && $0["agrees"] as? Bool == true }, "\(checks)")
+            #expect((median(s, "postcopy_reconnects") ?? 0) >= 1, "\(out)")
+            #expect((median(s, "postcopy_paused_time") ?? 0) > 0.5)
+            #expect((median(s, "postcopy_rerequested_pages") ?? 0) > 0)
+            #expect(median(s, "postcopy_pages") == 8192)
+        }
     }
 }

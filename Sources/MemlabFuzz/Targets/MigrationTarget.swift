@@ -62,6 +62,17 @@ enum MigrationFuzz {
         for f in frames.dropFirst() {
             let before = s.pagesReceived
             do {
+                // SWITCH: the bitmap and the workload it asks for, checked; post-copy itself
+                // (a page server, userfaultfd) is not run here: it ends at once.
+                if f.type == .switchToPostcopy {
+                    let sw = try s.switchToPostcopy(f)
+                    fuzzInvariant(sw.pending.allSatisfy { $0 >= 0 && $0 < s.pageCount }, "a SWITCH page outside the region")
+                    fuzzInvariant(zip(sw.pending, sw.pending.dropFirst()).allSatisfy { $0 < $1 }, "SWITCH pages out of order or twice")
+                    fuzzInvariant(sw.threads >= 1 && sw.threads <= 64 && sw.hotPages <= s.pageCount, "a SWITCH workload out of range")
+                    for p in sw.pending { memset(region + p * s.pageSize, 0, s.pageSize) }
+                    try s.postcopyDone()
+                    continue
+                }
                 let step = try s.handle(f, region: region)
                 fuzzInvariant(s.inRound <= s.pageCount, "\(s.inRound) pages in a round of a \(s.pageCount)-page region")
                 fuzzInvariant(s.pagesReceived >= before, "pages received went down")
