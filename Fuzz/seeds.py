@@ -214,3 +214,18 @@ write("agent", "bad-flags", b"\x06" + aframe(0x87, b"", flags=1))
 write("agent", "bad-meminfo-overflow", b"\x06" + aframe(0x87, b"MemTotal: 18446744073709551615 kB\n") + b"ML")
 
 print("seeds written under", ROOT)
+
+# ---- uffdhandler: role byte (even: session header, odd: stats header for 1024 pages), 16 × u64 ----
+def words(ws):
+    ws = list(ws) + [0] * (16 - len(ws))
+    return struct.pack("<16Q", *ws)
+SESSION, STATS = 0x4D4C5546_48444C31, 0x4D4C5546_53544131
+region_at, bells_at = 0x7f0000000000, 0x7f0010000000
+write("uffdhandler", "ok-session-64m-one-thread", b"\x00" + words([SESSION, region_at, 64 << 20, bells_at, 1, 4096, 0, 64, 1, 64 << 20]))
+write("uffdhandler", "bad-session-doorbells-in-region", b"\x00" + words([SESSION, region_at, 64 << 20, region_at + 4096, 1, 4096, 0, 64, 1, 64 << 20]))
+write("uffdhandler", "bad-session-region-wraps", b"\x00" + words([SESSION, (1 << 64) - 4096, 8192, bells_at, 1, 4096, 0, 64, 1, 8192]))
+write("uffdhandler", "bad-session-17-threads", b"\x00" + words([SESSION, region_at, 64 << 20, bells_at, 17, 4096, 0, 64, 1, 64 << 20]))
+write("uffdhandler", "bad-session-magic", b"\x00" + words([0, region_at, 64 << 20, bells_at, 1, 4096, 0, 64, 1, 64 << 20]))
+write("uffdhandler", "ok-stats-100-latencies", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 0, 0, 100]))
+write("uffdhandler", "bad-stats-latencies-over-region", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 0, 0, 1025]))
+write("uffdhandler", "bad-stats-failure-call-9", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 5, 9, 0]))

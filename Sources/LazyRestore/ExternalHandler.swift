@@ -576,3 +576,38 @@ func measureHop(handler: ExternalHandlerProcess, wait: EngineConfig.WaitMode, pa
     }
     return (inP, ex)
 }
+
+/// The handler protocol's two decoders as the fuzzer drives them (`memlab-fuzz uffdhandler`):
+/// a session header as the handler reads it, a stats header as the restore reads it. Each
+/// returns whether the words were accepted, and checks what an accepted one promises.
+public enum ExternalHandlerWire {
+    /// `words` as a session header: accepted ones re-encode to the same words and keep the
+    /// region, the doorbells and the counts inside their limits.
+    public static func session(_ words: [UInt64], invariant: (Bool, String) -> Void) -> Bool {
+        let (c, why) = SessionConfig.decode(words)
+        guard let c else { invariant(why != nil, "a refused session header without a reason"); return false }
+        invariant(Array(c.encode().prefix(10)) == Array(words.prefix(10)), "an accepted session header does not re-encode to itself")
+        invariant(c.regionLength > 0 && c.regionLength <= SessionConfig.maxLength && c.regionLength % c.pageSize == 0, "region length out of range")
+        invariant((1...SessionConfig.maxThreads).contains(c.threads), "threads out of range")
+        invariant(c.regionAddress <= UInt64.max - c.regionLength, "the region wraps")
+        let bellEnd = c.doorbellAddress.addingReportingOverflow(c.threads * c.pageSize)
+        invariant(!bellEnd.overflow, "the doorbells wrap")
+        invariant(bellEnd.partialValue <= c.regionAddress || c.doorbellAddress >= c.regionAddress + c.regionLength, "the doorbells overlap the region")
+        return true
+    }
+
+    /// `words` as a stats header with `maxCount` pages: accepted ones promise no more
+    /// latencies than `maxCount` (what the restore then reads and allocates).
+    public static func stats(_ words: [UInt64], maxCount: UInt64, invariant: (Bool, String) -> Void) -> Bool {
+        let (s, latencies, why) = HandlerStats.decode(words, maxCount: maxCount)
+        guard let s else { invariant(why != nil, "a refused stats header without a reason"); return false }
+        invariant(latencies >= 0 && UInt64(latencies) <= maxCount, "\(latencies) latencies accepted for \(maxCount) pages")
+        invariant(s.pid >= 0 && s.failureCall <= 5, "pid or failure call out of range")
+        _ = s.failure
+        return true
+    }
+
+    public static var sessionWords: Int { SessionConfig.words }
+    public static var sessionMagic: UInt64 { SessionConfig.magic }
+    public static var statsMagic: UInt64 { HandlerStats.magic }
+}

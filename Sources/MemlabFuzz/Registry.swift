@@ -24,6 +24,7 @@ let allTargets: [FuzzTarget] = [
     .report,
     .qmp,
     .agent,
+    .uffdhandler,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.

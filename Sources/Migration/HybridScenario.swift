@@ -51,7 +51,7 @@ extension MigrationScenario {
             switch policy {
             case .backgroundPush: return model.rtt + model.wireTime(bytes: pageSize) + (preempt ? 0 : model.wireTime(bytes: pushWindowBytes))
             case .onDemand: return model.rtt + model.wireTime(bytes: pageSize)
-            case .faultAround, .bubble: return nil
+            case .faultAround, .bubble, .criuPush: return nil
             }
         }
     }

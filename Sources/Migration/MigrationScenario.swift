@@ -34,12 +34,15 @@ public struct MigrationScenario: TypedScenario {
     /// hybrid/postcopy: the fault engine's policies that serve a post-copy phase.
     public enum PostcopyPolicy: String, CaseIterable, ParameterChoice {
         case onDemand = "on-demand", backgroundPush = "background-push", faultAround = "fault-around", bubble
+        /// CRIU lazy-pages' push: 64 KiB chunks doubling to 4 MiB while no fault comes.
+        case criuPush = "criu-push"
         var engine: EngineConfig.Policy {
             switch self {
             case .onDemand: return .onDemand
             case .backgroundPush: return .backgroundPush
             case .faultAround: return .faultAround
             case .bubble: return .bubble
+            case .criuPush: return .criuPush
             }
         }
     }

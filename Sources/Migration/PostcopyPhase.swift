@@ -27,7 +27,7 @@ public struct PostcopyPhaseOutcome: Sendable {
 /// restore. Made before the switch (the allocations and the threads' buffers are not
 /// downtime); `arm` is the switch; `finish` stops everything.
 public final class PostcopyPhase {
-    public static let policies: [EngineConfig.Policy] = [.onDemand, .backgroundPush, .faultAround, .bubble]
+    public static let policies: [EngineConfig.Policy] = [.onDemand, .backgroundPush, .faultAround, .bubble, .criuPush]
 
     let engine: FaultEngine
     let link: EmulatedLink

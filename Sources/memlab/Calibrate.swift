@@ -3,13 +3,15 @@ import Foundation
 import LabKit
 import Scenarios
 import LazyRestore
+import Migration
+import LinuxMM
 
 /// `memlab calibrate`: this machine's floors for lazy restore, measured now, with the floor a
 /// remote figure should be read against.
 struct Calibrate: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "calibrate",
-        abstract: "Measure this machine's floors for fault handling (first-touch fault, UFFDIO_COPY, fault round trip per wait mode, loopback TCP, source process).",
+        abstract: "Measure this machine's floors for fault handling (first-touch fault, UFFDIO_COPY, fault round trip per wait mode, loopback TCP, source process) and migration's switch costs.",
         discussion: "The same measurements as `memlab run lazy-restore:floors`, printed as a table. Needs userfaultfd for kernel faults (root, or vm.unprivileged_userfaultfd=1).")
 
     @Option(help: "Region size in MiB for the first-touch and UFFDIO_COPY floors (at most 64).")
@@ -38,5 +40,17 @@ struct Calibrate: ParsableCommand {
             print(f.name.padding(toLength: 34, withPad: " ", startingAt: 0) + value + "  " + f.help)
         }
         for n in notes { print("note: \(n)") }
+        // Migration's model: what the stop and the post-copy switch cost here beyond the link
+        // (the same measurement each migration repetition makes with model_costs=measure).
+        if WriteProtectTracking.probe().usable {
+            let costs = try SwitchCosts.measure()
+            print("migration: the stop and the switch to post-copy, beyond the link (predicted downtime adds these)")
+            for (name, v, help) in costs.named {
+                let value = v >= 1e-5 ? String(format: "%10.1f µs  ", v * 1e6) : String(format: "%10.1f ns  ", v * 1e9)
+                print(name.padding(toLength: 34, withPad: " ", startingAt: 0) + value + "  " + help)
+            }
+        } else {
+            print("migration switch costs skipped: asynchronous write-protect tracking is unusable here")
+        }
     }
 }
