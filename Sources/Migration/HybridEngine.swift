@@ -97,9 +97,6 @@ public struct HybridEngine {
             out.precopyPages += toSend.count
             toSend = loop.dirty
         }
-        var dirty = loop.dirty
-        func sync() throws(SystemError) { try loop.sync(); dirty = loop.dirty }
-
         // Stop: pause the workload, take the last dirty set; what is missing at the
         // destination is what the last round's sync found (unsent) plus what was written since
         // (with no round at all: everything).
@@ -112,17 +109,7 @@ public struct HybridEngine {
             mark = now
         }
         step("stop")
-        let pending: [Int]
-        if precopyRounds == 0 {
-            pending = Array(0..<pageCount)
-        } else {
-            let unsent = toSend
-            try sync()
-            var set = [Bool](repeating: false, count: pageCount)
-            for p in unsent { set[p] = true }
-            for p in dirty { set[p] = true }
-            pending = (0..<pageCount).filter { set[$0] }
-        }
+        let pending = try loop.missingAtStop(unsent: toSend, rounds: precopyRounds, pageCount: pageCount)
         out.switchPages = pending.count
         step("sync")
         // The switch message: a bitmap of the region, then the destination's go-ahead.
@@ -131,14 +118,7 @@ public struct HybridEngine {
         link.control(bytes: out.switchBytes)
         step("bitmap")
         // The destination drops its stale copies (they fault in from the source from now on).
-        var i = 0, calls = 0
-        while i < pending.count {
-            var j = i + 1
-            while j < pending.count && pending[j] == pending[j - 1] + 1 { j += 1 }
-            try destination.advise(memlab_MADV_DONTNEED, name: "MADV_DONTNEED", offset: pending[i] * page, length: (j - i) * page)
-            calls += 1
-            i = j
-        }
+        let calls = try destination.discard(pages: pending, pageSize: page)
         step("discard")
         try phase.arm(pendingPages: pending)
         step("arm")

@@ -221,6 +221,18 @@ struct RoundLoop {
         dirty.reserveCapacity(pageCount)
     }
 
+    /// What the destination lacks at the stop (the workload paused): the pages of the last
+    /// round's dirty set, never sent, and those written since — with no round, every page.
+    /// Sorted, each once.
+    mutating func missingAtStop(unsent: [Int], rounds: Int, pageCount: Int) throws(SystemError) -> [Int] {
+        if rounds == 0 { return Array(0..<pageCount) }
+        try sync()
+        var set = [Bool](repeating: false, count: pageCount)
+        for p in unsent { set[p] = true }
+        for p in dirty { set[p] = true }
+        return (0..<pageCount).filter { set[$0] }
+    }
+
     mutating func sync() throws(SystemError) {
         dirty.removeAll(keepingCapacity: true)
         let s = Clock.nanoseconds()
@@ -340,5 +352,21 @@ public struct PrecopyEngine {
         out.encoding = (link as? EmulatedPageLink)?.encoder?.stats ?? (link as? TCPLink)?.encoderStats
         out.decodeCPU = (link as? EmulatedPageLink)?.decoder?.decodeCPU
         return out
+    }
+}
+
+extension AnonymousMapping {
+    /// Drops `pages` (sorted, each once) with MADV_DONTNEED, one call per run of consecutive
+    /// pages: post-copy's discard of stale copies, which then fault in. Returns the calls made.
+    func discard(pages: [Int], pageSize: Int) throws(SystemError) -> Int {
+        var i = 0, calls = 0
+        while i < pages.count {
+            var j = i + 1
+            while j < pages.count && pages[j] == pages[j - 1] + 1 { j += 1 }
+            try advise(memlab_MADV_DONTNEED, name: "MADV_DONTNEED", offset: pages[i] * pageSize, length: (j - i) * pageSize)
+            calls += 1
+            i = j
+        }
+        return calls
     }
 }

@@ -63,17 +63,10 @@ public enum RemotePostcopy {
         // Stop: what the destination lacks is what was never sent or dirtied since.
         let tStop = Clock.nanoseconds()
         workload.stop()
+        let missing = try loop.missingAtStop(unsent: toSend, rounds: precopyRounds, pageCount: pageCount)
         var bitmap = [UInt8](repeating: 0, count: (pageCount + 7) / 8)
-        var count = 0
-        func mark(_ p: Int) { if bitmap[p >> 3] & (1 << (p & 7)) == 0 { bitmap[p >> 3] |= 1 << (p & 7); count += 1 } }
-        if precopyRounds == 0 {
-            for p in 0..<pageCount { mark(p) }
-        } else {
-            let unsent = toSend
-            try loop.sync()
-            for p in unsent { mark(p) }
-            for p in loop.dirty { mark(p) }
-        }
+        for p in missing { bitmap[p >> 3] |= 1 << (p & 7) }
+        let count = missing.count
         out.switchPages = count
         out.switchBytes = 20 + bitmap.count
         // The page server, on a port of its own, serving the paused memory.
@@ -173,13 +166,7 @@ public enum RemotePostcopy {
         let t0 = Clock.nanoseconds()
         do {
             // Drop the stale copies: they fault in from the source from now on.
-            var i = 0
-            while i < sw.pending.count {
-                var j = i + 1
-                while j < sw.pending.count && sw.pending[j] == sw.pending[j - 1] + 1 { j += 1 }
-                try region.advise(memlab_MADV_DONTNEED, name: "MADV_DONTNEED", offset: sw.pending[i] * pageSize, length: (j - i) * pageSize)
-                i = j
-            }
+            _ = try region.discard(pages: sw.pending, pageSize: pageSize)
             // The engine's own image is never read (pages come from the fetcher's landing
             // area); an untouched mapping of the region's size stands for it.
             let placeholder = try AnonymousMapping(length: region.length)
