@@ -138,6 +138,20 @@ public final class AsyncWriteProtectTracker: DirtyTracker {
                 a += page
             }
         }
+        // A walk resumed from `walk_end` after a full vector can report a page of the call
+        // before again (seen under ThreadSanitizer's slowness, with many regions; a sender
+        // must not send a page twice in one frame). Only then: sort and drop the repeats —
+        // never a page reported once (clipping regions at the last end reported lost pages).
+        var ascending = true
+        var i = before + 1
+        while i < pages.count { if pages[i] <= pages[i - 1] { ascending = false; break }; i += 1 }
+        if !ascending {
+            var tail = Array(pages[before...])
+            tail.sort()
+            var out = before
+            for (k, p) in tail.enumerated() where k == 0 || p != tail[k - 1] { pages[out] = p; out += 1 }
+            pages.removeLast(pages.count - out)
+        }
         return pages.count - before
     }
 }

@@ -152,6 +152,8 @@ public final class DirtyWorkload: @unchecked Sendable {
     /// recorded in `stoppedAt`).
     @discardableResult
     public func stop() -> UInt64 {
+        // Once stopped, stays stopped: a second call (a caller's cleanup) changes nothing.
+        if stoppedAt > 0 && handles.isEmpty { return stoppedAt }
         stopFlag.store(true, ordering: .releasing)
         for _ in handles { wake.post() }
         for h in handles { h.join() }

@@ -124,6 +124,8 @@ public struct HybridEngine {
         step("arm")
         let dst = makeWorkload(destination.base)
         try dst.start(seed: seed)
+        // Whatever ends post-copy, the resumed writers stop before the region can go away.
+        defer { dst.stop() }
         step("resume")
         let tResume = Clock.nanoseconds()
         out.downtime = Double(tResume - tStop) / 1e9

@@ -28,6 +28,7 @@ extension MigrationScenario {
                                   preempt: p.queue == .preempt, drainAfter: p.drainAfterS,
                                   deadline: max(p.timeoutS - 5, 1), throttle: throttlePolicy(p), costs: try switchCosts(p, ctx))
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
+        defer { workload.stop() }
         let out = try engine.run(source: source, tracker: tracker, workload: workload, link: link,
                                  destinationWorkload: { DirtyWorkload(base: $0, pages: pages, hotPages: hot, rate: rate, threads: threads, preservesValues: true) },
                                  seed: 0xD57 &+ UInt64(ctx.repetition))

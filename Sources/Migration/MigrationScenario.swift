@@ -177,6 +177,8 @@ public struct MigrationScenario: TypedScenario {
         let engine = PrecopyEngine(model: model, downtimeTarget: p.downtimeTargetMs / 1000,
                                    maxRounds: p.maxRounds, throttle: throttlePolicy(p), costs: costs)
         try workload.start(seed: 0x5EED &+ UInt64(ctx.repetition))
+        // The writers must not outlive the region, also when the migration fails.
+        defer { workload.stop() }
         let out = try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
         Self.record(out, model: model, pageSize: page, pages: pages, tracker: tracker, ctx: ctx)
         Self.recordThrottle(out.rounds, engagedAt: out.throttleEngagedAt, triggers: out.throttleTriggers,
@@ -203,6 +205,7 @@ public struct MigrationScenario: TypedScenario {
         let workload = DirtyWorkload(base: region.base, pages: pages, hotPages: max(1, min(hotPages, pages)), rate: dirtyRate, threads: 1)
         let engine = PrecopyEngine(model: model, downtimeTarget: downtimeTarget, maxRounds: maxRounds)
         try workload.start(seed: seed ^ 0x5EED)
+        defer { workload.stop() }
         return try engine.run(region: region.base, length: region.length, tracker: tracker, workload: workload, link: link)
     }
 
@@ -329,6 +332,8 @@ public struct MigrationScenario: TypedScenario {
             try tracker.collect(into: &found)
             scanNS.append(Double(Clock.nanoseconds() - s))
             let foundSet = Set(found)
+            ctx.check("step\(step)_pages_reported_twice", expected: 0, observed: Double(found.count - foundSet.count), tolerance: 0,
+                      describe: "the tracker reports each written page once")
             ctx.check("step\(step)_missed_pages", expected: 0, observed: Double(written.subtracting(foundSet).count), tolerance: 0,
                       describe: "every written page is reported")
             ctx.check("step\(step)_extra_pages", expected: 0, observed: Double(foundSet.subtracting(written).count), tolerance: 0,

@@ -186,10 +186,14 @@ public enum RemotePostcopy {
             for p in sw.pending { pending[p] = true }
             engine.markPresent { !pending[$0] }
             try engine.start()
+            // A failure from here on still stops the handler threads and the region's
+            // registration (stop is idempotent).
+            defer { _ = engine.stop() }
             if cfg.pusher { try engine.startPusher() }
             let workload = DirtyWorkload(base: region.base, pages: region.length / pageSize, hotPages: sw.hotPages,
                                          rate: Double(sw.rate), threads: sw.threads, preservesValues: true)
             try workload.start(seed: 0xD57)
+            defer { workload.stop() }
             var w = PayloadWriter()
             w.u32(UInt32(sw.pending.count))
             try c.send(.postcopyResumed, w.bytes)

@@ -237,9 +237,10 @@ public final class WireConnection: Sendable {
                 length = l
             }
             // Read straight into the array's storage: no zeroing pass over 260 KiB page frames.
+            // (An empty payload is the shared empty array: never written through, not even its count.)
             var read = 0
-            let payload = [UInt8](unsafeUninitializedCapacity: length) { buf, count in
-                read = length > 0 ? readExactly(buf.baseAddress!, length) : 0
+            let payload = length == 0 ? [] : [UInt8](unsafeUninitializedCapacity: length) { buf, count in
+                read = readExactly(buf.baseAddress!, length)
                 count = length
                 if read != length { buf.baseAddress.map { p in (p + max(read, 0)).initialize(repeating: 0, count: length - max(read, 0)) } }
             }
