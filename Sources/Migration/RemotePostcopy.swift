@@ -233,7 +233,7 @@ public enum RemotePostcopy {
             throw WireError.peerError("post-copy at the destination: \(error)")
         }
         var d = PayloadWriter()
-        for v in [rep.installed, rep.remoteFaults, rep.reconnects, Int(rep.pausedSeconds * 1e9), rep.reRequestedPages, rep.fetchedBytes, rep.writes] {
+        for v in [rep.installed, rep.remoteFaults, rep.reconnects, Int(min(max(rep.pausedSeconds, 0), 1e9) * 1e9), rep.reRequestedPages, rep.fetchedBytes, rep.writes] {
             d.u64(UInt64(clamping: v))
         }
         try c.send(.postcopyDone, d.bytes)

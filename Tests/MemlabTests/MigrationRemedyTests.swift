@@ -214,7 +214,8 @@ extension KernelTests {
         /// Post-copy recovery: the veth between two namespaces goes down mid post-copy and
         /// comes back; the destination's faults wait, a new page connection picks up, and the
         /// migration ends verified, reporting the pause and the pages asked for again.
-        @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip"), "needs ip (iproute2)"))
+        @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") && FileManager.default.isExecutableFile(atPath: "/usr/sbin/tc"),
+                       "needs ip and tc (iproute2): a veth pair shaped with tbf"))
         func postcopyRecoversFromALinkCut() throws {
             let pair = try NamespacePair(rateMbit: 50)
             defer { pair.remove() }
