@@ -26,9 +26,20 @@ public struct GuestImage: Sendable {
 
     /// The line `/init` prints on the serial console once the guest is up.
     public static let readyMarker = "memlab-guest: ready"
-    /// The modules the guest needs (virtio PCI, the console port the agent talks on, the
-    /// balloon), loaded by /init in dependency order where the kernel has them as modules.
-    static let wantedModules = ["virtio_pci", "virtio_console", "virtio_balloon"]
+    /// What the image is for: a guest running memlab's agent (the vm scenarios), or a guest
+    /// running the host's own memlab from the host's filesystem (`memlab run --guest`).
+    public enum Purpose: Sendable {
+        case agent, hostRun
+        /// The modules the guest needs, loaded by /init in dependency order where the kernel
+        /// has them as modules: virtio PCI and the agent's console port and the balloon; or
+        /// 9p over virtio for the host's filesystem and virtio-blk for the scratch disk.
+        var wantedModules: [String] {
+            switch self {
+            case .agent: return ["virtio_pci", "virtio_console", "virtio_balloon"]
+            case .hostRun: return ["virtio_pci", "9pnet_virtio", "9p", "virtio_blk"]
+            }
+        }
+    }
 
     public let path: String
     public let kernel: String
@@ -39,17 +50,24 @@ public struct GuestImage: Sendable {
     /// distribution's): busybox, the agent, the modules, and an init that mounts /proc, /sys
     /// and /dev, loads the modules, prints the ready line with the guest's uptime, runs the
     /// agent on its virtio-serial port, and powers off when it ends.
-    public static func build(directory: String, kernel: String? = nil) throws -> GuestImage {
+    public static func build(directory: String, kernel: String? = nil, purpose: Purpose = .agent) throws -> GuestImage {
         guard let kernel = kernel ?? distributionKernel else { throw SystemError(errno: ENOENT, call: "find a kernel in /boot") }
         let release = try BzImage.release(of: kernel)
-        let modules = try KernelModules.loadOrder(release: release, wanted: wantedModules)
-        let agent = try AgentBinary.build(directory: directory)
+        let modules = try KernelModules.loadOrder(release: release, wanted: purpose.wantedModules)
         var archive = CPIOWriter()
         for dir in ["bin", "proc", "sys", "dev", "tmp", "lib", "lib/modules"] { archive.directory(dir) }
         archive.file("bin/busybox", try Data(contentsOf: URL(fileURLWithPath: busybox)), mode: 0o755)
-        archive.file("bin/memlab-agent", try Data(contentsOf: URL(fileURLWithPath: agent)), mode: 0o755)
         for m in modules { archive.file("lib/modules/\(m.name).ko", try Data(contentsOf: URL(fileURLWithPath: m.path)), mode: 0o644) }
-        archive.file("init", Data(initScript(modules: modules.map(\.name)).utf8), mode: 0o755)
+        switch purpose {
+        case .agent:
+            let agent = try AgentBinary.build(directory: directory)
+            archive.file("bin/memlab-agent", try Data(contentsOf: URL(fileURLWithPath: agent)), mode: 0o755)
+            archive.file("init", Data(initScript(modules: modules.map(\.name)).utf8), mode: 0o755)
+        case .hostRun:
+            archive.directory("host")
+            archive.file("init", Data(HostRunScripts.initScript(modules: modules.map(\.name)).utf8), mode: 0o755)
+            archive.file("guest-run.sh", Data(HostRunScripts.runScript.utf8), mode: 0o644)
+        }
         let data = archive.finish()
         // FNV-1a of the archive: the cache key (a changed busybox, agent or module makes a new name).
         let path = "\(directory)/guest-\(String(AgentBinary.fnv1a(data), radix: 16)).cpio"

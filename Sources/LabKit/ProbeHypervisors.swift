@@ -13,7 +13,7 @@ import LinuxMM
 /// scenarios try one (`BootedGuest.probeAccelerator`) and fall back to TCG.
 extension ProbeReport {
     /// The QEMU binary the guest scenarios run (Guests' `QEMUProcess.binary`).
-    static let qemuBinary = "/usr/bin/qemu-system-x86_64"
+    public static let qemuBinary = "/usr/bin/qemu-system-x86_64"
     static let kvmGuestBootNote = "a guest boot is tried by the guest scenarios (Accelerator probe)"
 
     public static func hypervisors() -> [Feature] {
@@ -105,7 +105,7 @@ extension ProbeReport {
 
     // MARK: qemu
 
-    static func qemuFeature(binary: String = qemuBinary, deadline: Double = 5) -> Feature {
+    public static func qemuFeature(binary: String = qemuBinary, deadline: Double = 5) -> Feature {
         guard access(binary, X_OK) == 0 else {
             return Feature(name: "qemu", usable: false, detail: "",
                            reason: "\(binary) not found: apt-get install --no-install-recommends qemu-system-x86")

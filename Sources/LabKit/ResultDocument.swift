@@ -32,6 +32,9 @@ public struct ResultDocument: Sendable, Codable {
         public var zswap: Bool
         public var swapBytes: UInt64
 
+        /// What a guest that never reported is known to have: nothing.
+        public static let unknown = Features(ksm: false, thp: "unknown", hugetlbSizes: [], userfaultfd: false, zswap: false, swapBytes: 0)
+
         enum CodingKeys: String, CodingKey {
             case ksm, thp, userfaultfd, zswap
             case hugetlbSizes = "hugetlb_sizes"
@@ -49,9 +52,26 @@ public struct ResultDocument: Sendable, Codable {
         public var virtualized: Bool
         public var cpuModel: String
         public var features: Features
+        /// Set when the runs executed inside a guest: then every field above is the guest's
+        /// (its kernel, CPUs, memory, nodes, features), and this says how it was made.
+        public var guest: GuestRecord? = nil
+
+        public init(kernel: String, arch: String, cpus: Int, memoryBytes: UInt64, numaNodes: Int, pageSize: Int, virtualized: Bool,
+                    cpuModel: String, features: Features, guest: GuestRecord? = nil) {
+            self.kernel = kernel
+            self.arch = arch
+            self.cpus = cpus
+            self.memoryBytes = memoryBytes
+            self.numaNodes = numaNodes
+            self.pageSize = pageSize
+            self.virtualized = virtualized
+            self.cpuModel = cpuModel
+            self.features = features
+            self.guest = guest
+        }
 
         enum CodingKeys: String, CodingKey {
-            case kernel, arch, cpus, virtualized, features
+            case kernel, arch, cpus, virtualized, features, guest
             case memoryBytes = "memory_bytes"
             case numaNodes = "numa_nodes"
             case pageSize = "page_size"
@@ -107,6 +127,9 @@ public struct ResultDocument: Sendable, Codable {
         func fail(_ i: Int, _ what: String) -> UsageError { UsageError("runs[\(i)]: \(what)") }
         func finite(_ xs: [Double]) -> Bool { xs.allSatisfy(\.isFinite) }
         if host.cpus < 0 || host.numaNodes < 0 || host.pageSize < 0 { throw UsageError("host: negative cpus, numa_nodes or page_size") }
+        if let g = host.guest, g.cpus < 0 || g.numaNodes < 0 || g.memoryMiB < 0 || !g.bootS.isFinite {
+            throw UsageError("host.guest: negative cpus, numa_nodes or memory_mib, or a boot_s that is not a number")
+        }
         for (i, r) in runs.enumerated() {
             if r.repetitions < 0 || r.warmup < 0 { throw fail(i, "negative repetitions or warmup") }
             if !r.durationS.isFinite { throw fail(i, "duration_s is not a number") }
@@ -134,6 +157,48 @@ public struct ResultDocument: Sendable, Codable {
                 if sw.points < 1 || sw.point < 1 || sw.point > sw.points { throw fail(i, "sweep.point \(sw.point) is not within 1...points (\(sw.points))") }
             }
         }
+    }
+}
+
+/// How the guest that ran a document's runs was made: what `--guest` asked for and what the
+/// machine under it was. Timings measured under TCG come from an emulated CPU.
+public struct GuestRecord: Sendable, Codable, Equatable {
+    /// "kvm" or "tcg": every timing in the document ran under it.
+    public var accelerator: String
+    public var kernelPath: String
+    public var kernelRelease: String
+    public var memoryMiB: Int
+    public var cpus: Int
+    public var numaNodes: Int
+    public var cgroup: String
+    /// QEMU started → the guest's runner running (host clock), seconds.
+    public var bootS: Double
+    /// The machine QEMU ran on: its kernel and QEMU's version.
+    public var hypervisorKernel: String
+    public var qemu: String
+
+    public init(accelerator: String, kernelPath: String, kernelRelease: String, memoryMiB: Int, cpus: Int, numaNodes: Int,
+                cgroup: String, bootS: Double, hypervisorKernel: String, qemu: String) {
+        self.accelerator = accelerator
+        self.kernelPath = kernelPath
+        self.kernelRelease = kernelRelease
+        self.memoryMiB = memoryMiB
+        self.cpus = cpus
+        self.numaNodes = numaNodes
+        self.cgroup = cgroup
+        self.bootS = bootS
+        self.hypervisorKernel = hypervisorKernel
+        self.qemu = qemu
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case accelerator, cpus, cgroup, qemu
+        case kernelPath = "kernel_path"
+        case kernelRelease = "kernel_release"
+        case memoryMiB = "memory_mib"
+        case numaNodes = "numa_nodes"
+        case bootS = "boot_s"
+        case hypervisorKernel = "hypervisor_kernel"
     }
 }
 

@@ -21,6 +21,9 @@ public struct ScenarioFile: Sendable {
     }
 
     public var entries: [Entry]
+    /// `[guest]`: where every run of the file executes (one document per kernel when
+    /// `kernel` is a list); empty: this machine.
+    public var guests: [GuestSpec] = []
 
     /// A scenario file is a page or two of TOML; anything much larger is not one.
     public static let maxBytes = 1 << 20
@@ -66,23 +69,60 @@ public struct ScenarioFile: Sendable {
         }
         if let runs = table["runs"] {
             guard let array = runs.array else { throw UsageError("\(name): 'runs' must be an array of tables ([[runs]])") }
-            let extra = table.keys.filter { $0 != "runs" && $0 != "description" }
-            if !extra.isEmpty { throw UsageError("\(name): with [[runs]], the only other top-level key allowed is 'description'; found: \(extra.joined(separator: ", "))") }
+            let extra = table.keys.filter { $0 != "runs" && $0 != "description" && $0 != "guest" }
+            if !extra.isEmpty { throw UsageError("\(name): with [[runs]], the only other top-level keys allowed are 'description' and 'guest'; found: \(extra.joined(separator: ", "))") }
             var entries: [Entry] = []
             for (i, item) in array.enumerated() {
                 guard let t = item.table else { throw UsageError("\(name): runs[\(i)] is not a table") }
                 entries.append(try entry(t, where: "\(name) runs[\(i)]"))
             }
             if entries.isEmpty { throw UsageError("\(name): [[runs]] is empty") }
-            return ScenarioFile(entries: entries)
+            return ScenarioFile(entries: entries, guests: try guests(table, where: name))
         }
-        return ScenarioFile(entries: [try entry(table, where: name)])
+        return ScenarioFile(entries: [try entry(table, where: name, topLevel: true)], guests: try guests(table, where: name))
+    }
+
+    static let guestKeys: Set<String> = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
+
+    /// `[guest]` with kernel = "PATH" or a list of kernels (one document each), and the
+    /// topology keys of `--guest` (mem = "1G", cpus = 2, numa = 2, cgroup = "v2").
+    static func guests(_ t: TOMLTable, where name: String) throws(UsageError) -> [GuestSpec] {
+        guard let g = t["guest"] else { return [] }
+        guard let table = g.table else { throw UsageError("\(name): 'guest' must be a table ([guest])") }
+        for key in table.keys where !guestKeys.contains(key) {
+            throw UsageError("\(name): [guest]: unknown key '\(key)'; allowed: \(guestKeys.sorted().joined(separator: ", "))")
+        }
+        var kernels: [String] = []
+        if let k = table["kernel"]?.string { kernels = [k] } else if let a = table["kernel"]?.array {
+            for x in a {
+                guard let k = x.string else { throw UsageError("\(name): [guest] kernel must be a string or a list of strings") }
+                kernels.append(k)
+            }
+        }
+        if kernels.isEmpty { throw UsageError("\(name): [guest] needs kernel = \"PATH\" (or a list of kernels, or \"host\")") }
+        if kernels.count > RunPlan.maxGuests { throw UsageError("\(name): [guest] names \(kernels.count) kernels; at most \(RunPlan.maxGuests)") }
+        var rest: [String] = []
+        for key in ["mem", "cpus", "numa", "cgroup", "accel"] {
+            guard let v = table[key] else { continue }
+            if let x = v.string { rest.append("\(key)=\(x)") } else if let x = v.int { rest.append("\(key)=\(x)") } else {
+                throw UsageError("\(name): [guest] \(key) must be a string or an integer")
+            }
+        }
+        var out: [GuestSpec] = []
+        for k in kernels {
+            if k.contains(",") || rest.contains(where: { $0.contains(",") }) { throw UsageError("\(name): [guest] values cannot contain ','") }
+            // kernel = "host" in a list is this machine, as it is (the other keys describe the guests).
+            let text = k == GuestSpec.hostKernel ? "kernel=host" : (["kernel=\(k)"] + rest).joined(separator: ",")
+            out.append(try GuestSpec.parse(text, what: "\(name): [guest]"))
+        }
+        return out
     }
 
     static let knownKeys: Set<String> = ["scenario", "variant", "params", "repeat", "warmup", "cpus", "node", "description"]
 
-    static func entry(_ t: TOMLTable, where name: String) throws(UsageError) -> Entry {
-        for key in t.keys where !knownKeys.contains(key) {
+    /// `topLevel`: the single-run form, where `guest` (the file's, read by `guests`) may sit.
+    static func entry(_ t: TOMLTable, where name: String, topLevel: Bool = false) throws(UsageError) -> Entry {
+        for key in t.keys where !knownKeys.contains(key) && !(topLevel && key == "guest") {
             throw UsageError("\(name): unknown key '\(key)'; allowed: \(knownKeys.sorted().joined(separator: ", "))")
         }
         guard let scenario = t["scenario"]?.string else {

@@ -315,7 +315,7 @@ public final class SettingsGuard: Sendable {
     }
 
     /// Creates a directory and any missing parents (`$MEMLAB_STATE_DIR` may be nested).
-    static func makeDirectory(_ dir: String, mode: mode_t) throws(SystemError) {
+    public static func makeDirectory(_ dir: String, mode: mode_t) throws(SystemError) {
         var path = dir.hasPrefix("/") ? "" : "."
         for part in dir.split(separator: "/", omittingEmptySubsequences: true) {
             path += "/" + part

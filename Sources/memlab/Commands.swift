@@ -119,6 +119,9 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Directory for result documents.", valueName: "dir"))
     var resultsDir = "results"
 
+    @Option(name: .customLong("guest"), help: ArgumentHelp("Run inside a QEMU guest: kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg] (repeatable: one document per guest; kernel=host is this machine).", valueName: "spec"))
+    var guests: [String] = []
+
     @Flag(help: "Fail at once (exit 4) if another memlab holds the settings lock, instead of waiting.")
     var noWait = false
 
@@ -140,20 +143,20 @@ struct Run: ParsableCommand {
             }
             return
         }
-        let requests = try plan()
+        let plan = try self.plan()
         if let json { try Session.checkWritable(json, what: "--json") }
         if let csv { try Session.checkWritable(csv, what: "--csv") }
         if json == nil { try Session.checkWritable(resultsDir + "/result.json", what: "--results-dir") }
         let label = targets.count == 1 ? ((targets[0] as NSString).lastPathComponent as String).replacingOccurrences(of: ".toml", with: "") : "run"
-        let status = try Session.execute(requests, options: .init(
-            jsonPath: json, csvPath: csv, resultsDirectory: resultsDir, label: label, noWait: noWait, quiet: quiet))
+        let status = try Session.execute(plan.requests, options: .init(
+            jsonPath: json, csvPath: csv, resultsDirectory: resultsDir, label: label, noWait: noWait, quiet: quiet), guests: plan.guests)
         if status != 0 { throw ExitCode(status) }
     }
 
     /// Resolves every target before anything runs: bad input changes nothing.
-    func plan() throws -> [RunRequest] {
-        try RunPlan.make(.init(targets: targets, sets: sets, repeats: repeats, warmup: warmup, cpus: cpus, node: node),
-                         registry: allScenarios)
+    func plan() throws -> RunPlan.Plan {
+        try RunPlan.makePlan(.init(targets: targets, sets: sets, repeats: repeats, warmup: warmup, cpus: cpus, node: node, guests: guests),
+                             registry: allScenarios)
     }
 }
 

@@ -25,7 +25,7 @@ struct Memlab: ParsableCommand {
         3 skipped (feature missing, not root); 4 another memlab holds the settings lock (--no-wait).
         """,
         version: memlabVersion,
-        subcommands: [List.self, Probe.self, Settings.self, Run.self, Suite.self, Compare.self, Report.self, Restore.self, BenchCommand.self, Migrate.self, Calibrate.self, PageSourceCommand.self, VM.self] + HiddenEntryPoints.commands
+        subcommands: [List.self, Probe.self, Settings.self, Run.self, Suite.self, Compare.self, Report.self, Restore.self, BenchCommand.self, Migrate.self, Calibrate.self, PageSourceCommand.self, VM.self, GuestRunCommand.self] + HiddenEntryPoints.commands
     )
 }
 

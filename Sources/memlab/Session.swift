@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ArgumentParser
 import Foundation
+import Guests
 import LabKit
 import LinuxMM
 import Scenarios
@@ -87,9 +88,30 @@ enum Session {
         var quiet: Bool
     }
 
+    /// Runs the requests in each guest in turn (none: on this machine), one result document
+    /// each. Every guest is checked (its kernel file, its topology) before anything runs.
+    static func execute(_ requests: [RunRequest], options: Options, guests: [GuestSpec]) throws -> Int32 {
+        if guests.isEmpty { return try execute(requests, options: options) }
+        for g in guests where !g.isHost { try GuestRunner.check(g) }
+        var statuses: [Int32] = []
+        for g in guests {
+            var o = options
+            if guests.count > 1 {
+                let tag = g.isHost ? "host" : ((try? BzImage.release(of: g.kernel)) ?? "guest")
+                o.label += "-" + tag
+                if let j = o.jsonPath { o.jsonPath = j.hasSuffix(".json") ? String(j.dropLast(5)) + "-\(tag).json" : j + "-\(tag)" }
+                if let c = o.csvPath { o.csvPath = c.hasSuffix(".csv") ? String(c.dropLast(4)) + "-\(tag).csv" : c + "-\(tag)" }
+            }
+            statuses.append(try execute(requests, options: o, guest: g.isHost ? nil : g))
+        }
+        if statuses.contains(ExitStatus.failed) { return ExitStatus.failed }
+        if statuses.allSatisfy({ $0 == ExitStatus.skipped }) { return ExitStatus.skipped }
+        return statuses.first { $0 != ExitStatus.ok && $0 != ExitStatus.skipped } ?? ExitStatus.ok
+    }
+
     /// Runs the requests under the settings lock and writes the result document; returns the
     /// exit status (1 if any run failed, 3 if every run was skipped).
-    static func execute(_ requests: [RunRequest], options: Options) throws -> Int32 {
+    static func execute(_ requests: [RunRequest], options: Options, guest: GuestSpec? = nil) throws -> Int32 {
         let g = SettingsGuard()
         let root = System.isRoot
         if root {
@@ -101,18 +123,39 @@ enum Session {
         defer { if root { g.releaseLock() } }
 
         let progress = ProgressLine(enabled: !options.quiet && isatty(2) == 1, requests: requests)
-        let runner = try Runner(settingsGuard: g, registry: allScenarios, progress: { progress.runner($0) })
         let started = isoTimestamp()
         var runs: [RunResult] = []
-        for (i, r) in requests.enumerated() {
-            progress.run(i, r)
-            runs.append(runner.execute(r))
+        var host = ResultDocument.Host.current()
+        if let guest {
+            do {
+                let gr = try GuestRunner(spec: guest, settingsGuard: root ? g : nil, progress: { progress.runner($0) })
+                if !options.quiet && isatty(2) != 1 { writeStderr("memlab: booting a guest: Linux \(gr.image.kernelRelease), \(guest.topologyDescription), \(gr.accelerator.rawValue)\n") }
+                progress.run(0, requests[0])
+                runs = gr.execute(requests)
+                host = gr.documentHost
+            } catch let e as UsageError {
+                progress.finish()
+                throw e
+            } catch {
+                runs = requests.map { r in
+                    var out = RunResult(scenario: r.scenario.id, variant: r.variant, params: r.params, placement: r.placement, status: .skipped,
+                                        reason: "no guest can run here: \(error)", settings: SettingsRecord(), repetitions: 0, warmup: r.warmup)
+                    out.sweep = r.sweep
+                    return out
+                }
+            }
+        } else {
+            let runner = try Runner(settingsGuard: g, registry: allScenarios, progress: { progress.runner($0) })
+            for (i, r) in requests.enumerated() {
+                progress.run(i, r)
+                runs.append(runner.execute(r))
+            }
         }
         progress.finish()
 
         SignalCleanup.shared.checkpoint()
         let doc = ResultDocument(tool: .init(name: "memlab", version: memlabVersion), startedAt: started,
-                                 host: .current(), runs: runs)
+                                 host: host, runs: runs)
         print(ResultTable.render(doc), terminator: "")
         fflush(nil)
         let jsonPath = options.jsonPath ?? defaultResultPath(options.resultsDirectory, label: options.label)

@@ -1,0 +1,102 @@
+import LinuxMM
+
+/// Where a run's repetitions execute: on this machine (`kernel=host`), or inside a QEMU guest
+/// booted with another kernel and topology (`--guest kernel=PATH,mem=1G,cpus=2,numa=2,cgroup=v2`).
+/// Parsed and range-checked here, before anything runs; the kernel file itself is checked by
+/// the guest backend (a bzImage header) before anything changes.
+public struct GuestSpec: Sendable, Codable, Equatable {
+    public enum Cgroup: String, Sendable, Codable, CaseIterable { case v1, v2 }
+    public enum Accel: String, Sendable, Codable, CaseIterable { case auto, kvm, tcg }
+
+    /// A bzImage path, or "host": run on the running kernel, not in a guest.
+    public var kernel: String
+    public var memoryMiB: Int = 1024
+    public var cpus: Int = 2
+    public var numaNodes: Int = 1
+    /// Which cgroup hierarchy the guest mounts its memory controller on.
+    public var cgroup: Cgroup = .v2
+    public var accel: Accel = .auto
+
+    public static let hostKernel = "host"
+    public var isHost: Bool { kernel == Self.hostKernel }
+
+    /// Bounds no topology here goes past: QEMU's q35 takes more, but a lab guest is small.
+    public static let memoryRangeMiB = 128...(256 << 10)
+    public static let cpuRange = 1...64
+    public static let nodeRange = 1...8
+    /// Each NUMA node gets at least this much memory.
+    public static let minNodeMiB = 64
+
+    public init(kernel: String) { self.kernel = kernel }
+
+    public static let keys = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
+
+    /// `kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]`.
+    public static func parse(_ text: String, what: String = "--guest") throws(UsageError) -> GuestSpec {
+        var fields: [String: String] = [:]
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
+                throw UsageError("\(what) '\(text)': '\(part)' is not KEY=VALUE; expected kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]")
+            }
+            let key = String(part[..<eq]), value = String(part[part.index(after: eq)...])
+            guard keys.contains(key) else { throw UsageError("\(what): unknown key '\(key)'; allowed: \(keys.joined(separator: ", "))") }
+            guard fields[key] == nil else { throw UsageError("\(what): '\(key)' is given twice") }
+            fields[key] = value
+        }
+        guard let kernel = fields["kernel"], !kernel.isEmpty else {
+            throw UsageError("\(what) '\(text)': kernel=PATH is required (a bzImage, e.g. /boot/vmlinuz-6.1.0-57-amd64, or kernel=host)")
+        }
+        var s = GuestSpec(kernel: kernel)
+        if let m = fields["mem"] {
+            guard let bytes = parseSize(m) else { throw UsageError("\(what): mem '\(m)' is not a size (e.g. 1G, 768M)") }
+            guard bytes % (1 << 20) == 0, memoryRangeMiB.contains(bytes >> 20) else {
+                throw UsageError("\(what): mem '\(m)' must be whole MiB within \(memoryRangeMiB.lowerBound)M...\(memoryRangeMiB.upperBound >> 10)G")
+            }
+            s.memoryMiB = bytes >> 20
+        }
+        if let c = fields["cpus"] { s.cpus = try int(c, "cpus", cpuRange, what) }
+        if let n = fields["numa"] { s.numaNodes = try int(n, "numa", nodeRange, what) }
+        if let c = fields["cgroup"] {
+            guard let v = Cgroup(rawValue: c) else { throw UsageError("\(what): cgroup '\(c)' must be v1 or v2") }
+            s.cgroup = v
+        }
+        if let a = fields["accel"] {
+            guard let v = Accel(rawValue: a) else { throw UsageError("\(what): accel '\(a)' must be auto, kvm or tcg") }
+            s.accel = v
+        }
+        if s.isHost && fields.count > 1 {
+            throw UsageError("\(what): kernel=host runs on this machine as it is; mem, cpus, numa, cgroup and accel describe a guest")
+        }
+        try s.check(what: what)
+        return s
+    }
+
+    /// The topology's own consistency (each node gets a share of memory worth having).
+    public func check(what: String) throws(UsageError) {
+        if isHost { return }
+        if memoryMiB / numaNodes < Self.minNodeMiB {
+            throw UsageError("\(what): \(numaNodes) NUMA nodes need at least \(numaNodes * Self.minNodeMiB)M of memory (\(Self.minNodeMiB)M a node); mem is \(memoryMiB)M")
+        }
+    }
+
+    /// Node `i`'s memory in MiB: an equal share, the remainder on the last node.
+    public func nodeMiB(_ i: Int) -> Int {
+        let share = memoryMiB / numaNodes
+        return i == numaNodes - 1 ? memoryMiB - share * (numaNodes - 1) : share
+    }
+
+    /// Node `i`'s CPUs: CPU c sits on node c mod N (a node may have none: a memory-only node).
+    public func nodeCPUs(_ i: Int) -> [Int] { (0..<cpus).filter { $0 % numaNodes == i } }
+
+    /// How the topology reads in a label: "2 CPUs, 1024 MiB, 2 nodes, cgroup v2".
+    public var topologyDescription: String {
+        isHost ? "this machine" : "\(cpus) CPU\(cpus == 1 ? "" : "s"), \(memoryMiB) MiB, \(numaNodes) node\(numaNodes == 1 ? "" : "s"), cgroup \(cgroup.rawValue)"
+    }
+
+    private static func int(_ text: String, _ key: String, _ range: ClosedRange<Int>, _ what: String) throws(UsageError) -> Int {
+        guard let v = Int(text), range.contains(v) else {
+            throw UsageError("\(what): \(key) '\(text)' must be an integer \(range.lowerBound)...\(range.upperBound)")
+        }
+        return v
+    }
+}
