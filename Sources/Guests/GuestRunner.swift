@@ -70,7 +70,8 @@ public final class GuestRunner {
             let why = Self.probeKVM(image: image, directory: directory)
             if let why, spec.accel == .kvm { throw UsageError("--guest accel=kvm: \(why)") }
             accelerator = why == nil ? .kvm : .tcg
-            acceleratorNote = why
+            // The whole reason is long (QEMU's assertion, its log): the note keeps its start.
+            acceleratorNote = why.map { $0.count > 160 ? String($0.prefix(160)) + "…" : $0 }
         }
     }
 

@@ -18,6 +18,16 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     public var accel: Accel = .auto
 
     public static let hostKernel = "host"
+    /// `kernel=distro`: the newest /boot/vmlinuz-* (Debian's linux-image-amd64), so a scenario
+    /// file need not name a version that the next kernel update changes.
+    public static let distroKernel = "distro"
+
+    static func distributionKernel(_ what: String) throws(UsageError) -> String {
+        guard let k = ProcFile.list("/boot").filter({ $0.hasPrefix("vmlinuz-") }).sorted().last else {
+            throw UsageError("\(what): kernel=distro, but /boot holds no vmlinuz-*: apt-get install --no-install-recommends linux-image-amd64")
+        }
+        return "/boot/\(k)"
+    }
     public var isHost: Bool { kernel == Self.hostKernel }
 
     /// Bounds no topology here goes past: QEMU's q35 takes more, but a lab guest is small.
@@ -31,7 +41,7 @@ public struct GuestSpec: Sendable, Codable, Equatable {
 
     public static let keys = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
 
-    /// `kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]`.
+    /// `kernel=PATH|distro|host[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]`.
     public static func parse(_ text: String, what: String = "--guest") throws(UsageError) -> GuestSpec {
         var fields: [String: String] = [:]
         for part in text.split(separator: ",", omittingEmptySubsequences: false) {
@@ -46,7 +56,7 @@ public struct GuestSpec: Sendable, Codable, Equatable {
         guard let kernel = fields["kernel"], !kernel.isEmpty else {
             throw UsageError("\(what) '\(text)': kernel=PATH is required (a bzImage, e.g. /boot/vmlinuz-6.1.0-57-amd64, or kernel=host)")
         }
-        var s = GuestSpec(kernel: kernel)
+        var s = GuestSpec(kernel: kernel == distroKernel ? try distributionKernel(what) : kernel)
         if let m = fields["mem"] {
             guard let bytes = parseSize(m) else { throw UsageError("\(what): mem '\(m)' is not a size (e.g. 1G, 768M)") }
             guard bytes % (1 << 20) == 0, memoryRangeMiB.contains(bytes >> 20) else {
@@ -98,5 +108,18 @@ public struct GuestSpec: Sendable, Codable, Equatable {
             throw UsageError("\(what): \(key) '\(text)' must be an integer \(range.lowerBound)...\(range.upperBound)")
         }
         return v
+    }
+}
+
+/// Whether runs are being planned for another machine (a guest): then a scenario's checks of
+/// this machine — its NUMA nodes, its memory — are left to the guest's own runner, which
+/// checks every run again before it starts (Runner). Set by RunPlan while it plans for guests.
+public enum Planning {
+    private static let elsewhere = Lock(false)
+    public static var forAnotherMachine: Bool { elsewhere.withLock { $0 } }
+    static func with<T>(anotherMachine: Bool, _ body: () throws(UsageError) -> T) throws(UsageError) -> T {
+        let before = elsewhere.withLock { v in let b = v; v = anotherMachine; return b }
+        defer { elsewhere.withLock { $0 = before } }
+        return try body()
     }
 }

@@ -53,12 +53,18 @@ public enum RunPlan {
     public static func makePlan(_ o: Options, registry: Registry,
                                 loadFile: (String) throws(UsageError) -> ScenarioFile = { (p) throws(UsageError) in try ScenarioFile.load(path: p) })
         throws(UsageError) -> Plan {
+        var guests: [GuestSpec] = []
+        for g in o.guests { guests.append(try GuestSpec.parse(g)) }
+        return try plan(o, guests: guests, registry: registry, loadFile: loadFile)
+    }
+
+    static func plan(_ o: Options, guests given: [GuestSpec], registry: Registry,
+                     loadFile: (String) throws(UsageError) -> ScenarioFile) throws(UsageError) -> Plan {
+        var guests = given
         if let r = o.repeats, !(1...1000).contains(r) { throw UsageError("--repeat must be 1...1000 (got \(r))") }
         if let w = o.warmup, !(0...100).contains(w) { throw UsageError("--warmup must be 0...100 (got \(w))") }
         if o.targets.isEmpty { throw UsageError("no target: name a scenario (see `memlab list`) or a scenario file") }
         if o.guests.count > maxGuests { throw UsageError("--guest is given \(o.guests.count) times; at most \(maxGuests)") }
-        var guests: [GuestSpec] = []
-        for g in o.guests { guests.append(try GuestSpec.parse(g)) }
         // The files' guests, when the command line names none (every file must name the same).
         var fileGuests: [GuestSpec]?
         var files: [String: ScenarioFile] = [:]
@@ -76,6 +82,13 @@ public enum RunPlan {
         let cpuList = try o.cpus.map { (t) throws(UsageError) in try cpus(t, what: "--cpus", on: topologies) }
         if let n = o.node { try checkNode(n, what: "--node", on: topologies) }
         let settings = try parseSets(o.sets)
+        return try Planning.with(anotherMachine: guests.contains { !$0.isHost }) { () throws(UsageError) -> Plan in
+            try expand(o, files: files, guests: guests, cpuList: cpuList, settings: settings, topologies: topologies, registry: registry)
+        }
+    }
+
+    static func expand(_ o: Options, files: [String: ScenarioFile], guests: [GuestSpec], cpuList: [Int]?, settings: [(String, String)],
+                       topologies: [Topology], registry: Registry) throws(UsageError) -> Plan {
         var requests: [RunRequest] = []
         var group = 0
         func add(_ scenario: any Scenario, _ variant: String, _ split: (fixed: [String: ParamValue], axes: [SweepAxis]),

@@ -174,10 +174,12 @@ public final class SyncWriteProtectTracker: DirtyTracker, @unchecked Sendable {
     public let mechanism = "userfaultfd synchronous WP (a handler thread un-protects each written page)"
     public var writeFaults: Int? { faults.load(ordering: .relaxed) }
 
-    public init(base: UnsafeMutableRawPointer, length: Int) throws(SystemError) {
+    /// `unpopulated: false` for a kernel before 6.4 (no WP_UNPOPULATED): only pages already
+    /// populated are protected, so the caller populates the whole region first.
+    public init(base: UnsafeMutableRawPointer, length: Int, unpopulated: Bool = true) throws(SystemError) {
         self.base = base
         self.length = length
-        let d = try Userfaultfd.Descriptor(features: [.wpUnpopulated])
+        let d = try Userfaultfd.Descriptor(features: unpopulated ? [.wpUnpopulated] : [])
         try d.register(base, length: length, mode: .writeProtect)
         var p: [Int32] = [0, 0]
         if memlab_pipe2(&p, O_CLOEXEC) != 0 { throw SystemError.current("pipe2") }

@@ -30,6 +30,11 @@ public struct MigrationScenario: TypedScenario {
     public enum Tracking: String, CaseIterable, ParameterChoice {
         case wpAsync = "wp-async", wpSync = "wp-sync", softDirty = "soft-dirty"
     }
+    /// dirty-scan: a second tracker on the same region and the same writes.
+    public enum Against: String, CaseIterable, ParameterChoice {
+        case none, wpAsync = "wp-async", wpSync = "wp-sync", softDirty = "soft-dirty"
+        var tracking: Tracking? { Tracking(rawValue: rawValue) }
+    }
     public static let trackings = Tracking.choices
     /// hybrid/postcopy: the fault engine's policies that serve a post-copy phase.
     public enum PostcopyPolicy: String, CaseIterable, ParameterChoice {
@@ -70,6 +75,7 @@ public struct MigrationScenario: TypedScenario {
         let postcopyPolicy = Parameter<PostcopyPolicy>("postcopy_policy", default: .backgroundPush, help: "hybrid/postcopy: how the missing pages move: " + PostcopyPolicy.choices.joined(separator: ", "))
         let queue = Parameter<Queue>("queue", default: .preempt, help: "hybrid/postcopy: fifo: a faulting page queues behind pushed pages; preempt: it goes first (QEMU's preempt channel)")
         let drainAfterS = Parameter<Double>("drain_after_s", 0...3600, default: 0.5, unit: .s, help: "hybrid/postcopy, on-demand: push what was never faulted after this long at the destination (the migration must end)")
+        let against = Parameter<Against>("against", default: .none, help: "dirty-scan: a second tracker armed on the same region, told the same writes: both must report exactly the pages written (soft-dirty against a userfaultfd mode; two userfaultfd modes cannot share a region)")
         let writtenFraction = Parameter<Double>("written_fraction", 0.0001...1, default: 0.1, unit: .ratio, help: "dirty-scan: fraction of pages written per step")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 120, unit: .s, help: "the repetition is killed after this long")
         // Convergence by throttling (QEMU's auto-converge and dirty-limit), pre-copy and hybrid.
@@ -114,18 +120,23 @@ public struct MigrationScenario: TypedScenario {
     public func probe(_ variant: Variant, _ params: Values) -> Availability {
         let uffd = Userfaultfd.probe()
         guard uffd.usable else { return .unusable("userfaultfd unusable: \(uffd.reason ?? "?")") }
-        switch params.tracking {
-        case .wpAsync:
-            let wp = WriteProtectTracking.probe()
-            if !wp.usable { return .unusable("asynchronous write-protect tracking unusable (needs 6.7+ with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN): \(wp.reason ?? "?"); try tracking=wp-sync") }
-        case .softDirty:
-            let sd = SoftDirty.probe()
-            if !sd.usable { return .unusable("soft-dirty unusable: \(sd.reason ?? "?"); use tracking=wp-async") }
-        case .wpSync:
-            if uffd.features & (1 << 13) == 0 { return .unusable("userfaultfd lacks WP_UNPOPULATED (needs 6.4+)") }
+        for t in [params.tracking, params.against.tracking].compactMap({ $0 }) {
+            switch t {
+            case .wpAsync:
+                let wp = WriteProtectTracking.probe()
+                if !wp.usable { return .unusable("asynchronous write-protect tracking unusable (needs 6.7+ with UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN): \(wp.reason ?? "?"); try tracking=wp-sync") }
+            case .softDirty:
+                let sd = SoftDirty.probe()
+                if !sd.usable { return .unusable("soft-dirty unusable: \(sd.reason ?? "?"); use tracking=wp-async") }
+            case .wpSync:
+                // dirty-scan populates the region first where the kernel cannot protect holes.
+                if variant != .dirtyScan && !Self.hasWPUnpopulated { return .unusable("userfaultfd lacks WP_UNPOPULATED (needs 6.4+)") }
+            }
         }
         return .usable
     }
+
+    static var hasWPUnpopulated: Bool { Userfaultfd.probe().features & (1 << 13) != 0 }
 
     public func validate(_ variant: Variant, _ params: Values) throws(UsageError) {
         if params.size / System.pageSize < 2 { throw UsageError("size must hold at least two pages") }
@@ -141,6 +152,12 @@ public struct MigrationScenario: TypedScenario {
         if variant == .postcopy && params.throttle != .none {
             throw UsageError("throttle applies to pre-copy rounds; postcopy has none (use hybrid or precopy)")
         }
+        if params.against != .none {
+            guard variant == .dirtyScan else { throw UsageError("against applies to dirty-scan only") }
+            guard (params.tracking == .softDirty) != (params.against == .softDirty) else {
+                throw UsageError("against=\(params.against.rawValue) with tracking=\(params.tracking.rawValue): pair soft-dirty with a userfaultfd mode (two userfaultfd registrations cannot share a region, and two soft-dirty trackers would clear each other's bits)")
+            }
+        }
         if variant == .dirtyScan && (params.throttle != .none || !encoding(params).isRaw) {
             throw UsageError("dirty-scan sends nothing: throttle, zero_pages, xbzrle_cache and compress do not apply")
         }
@@ -150,7 +167,7 @@ public struct MigrationScenario: TypedScenario {
 
     func makeTracker(_ kind: Tracking, base: UnsafeMutableRawPointer, length: Int) throws -> DirtyTracker {
         switch kind {
-        case .wpSync: return try SyncWriteProtectTracker(base: base, length: length)
+        case .wpSync: return try SyncWriteProtectTracker(base: base, length: length, unpopulated: Self.hasWPUnpopulated)
         case .softDirty: return try SoftDirtyTracker(base: base, length: length)
         case .wpAsync: return try AsyncWriteProtectTracker(base: base, length: length)
         }
@@ -312,14 +329,26 @@ public struct MigrationScenario: TypedScenario {
         let page = System.pageSize
         let region = try AnonymousMapping(length: p.size)
         let pages = region.length / page
-        // Half the pages populated, half never touched: WP_UNPOPULATED must see both.
-        region.touch(stride: page, bytes: region.length / 2)
+        // Half the pages populated, half never touched: WP_UNPOPULATED must see both. Before
+        // 6.4 synchronous write-protect only protects populated pages: populate them all.
+        let usesSync = p.tracking == .wpSync || p.against == .wpSync
+        if usesSync && !Self.hasWPUnpopulated {
+            region.touch(stride: page, bytes: region.length)
+            ctx.note("userfaultfd has no WP_UNPOPULATED here (before 6.4): every page populated before protecting")
+        } else {
+            region.touch(stride: page, bytes: region.length / 2)
+        }
         let tracker = try makeTracker(p.tracking, base: region.base, length: region.length)
         defer { tracker.close() }
         try tracker.protectAll()
+        let second = try p.against.tracking.map { try makeTracker($0, base: region.base, length: region.length) }
+        defer { second?.close() }
+        try second?.protectAll()
         var found: [Int] = []
+        var found2: [Int] = []
         try tracker.collect(into: &found)
-        ctx.check("clean_after_protect", expected: 0, observed: Double(found.count), tolerance: 0,
+        try second?.collect(into: &found2)
+        ctx.check("clean_after_protect", expected: 0, observed: Double(found.count + found2.count), tolerance: 0,
                   describe: "nothing is reported written right after protecting the region")
         var x: UInt64 = 0xD1B5_4A32_D192_ED03 &+ UInt64(ctx.repetition)
         let want = max(1, Int(Double(pages) * p.writtenFraction))
@@ -342,19 +371,32 @@ public struct MigrationScenario: TypedScenario {
                       describe: "every written page is reported")
             ctx.check("step\(step)_extra_pages", expected: 0, observed: Double(foundSet.subtracting(written).count), tolerance: 0,
                       describe: "no page is reported that was not written")
+            if let second {
+                found2.removeAll()
+                try second.collect(into: &found2)
+                let other = Set(found2)
+                ctx.check("step\(step)_against_missed_pages", expected: 0, observed: Double(written.subtracting(other).count), tolerance: 0,
+                          describe: "the second tracker (\(p.against.rawValue)) reports every written page too")
+                ctx.check("step\(step)_against_extra_pages", expected: 0, observed: Double(other.subtracting(written).count), tolerance: 0,
+                          describe: "the second tracker reports no page that was not written")
+                ctx.check("step\(step)_trackers_agree", expected: 0, observed: Double(foundSet.symmetricDifference(other).count), tolerance: 0,
+                          describe: "\(p.tracking.rawValue) and \(p.against.rawValue) report the same pages for the same writes")
+            }
             found.removeAll()
+            found2.removeAll()
             try tracker.collect(into: &found)
-            ctx.check("step\(step)_rearmed", expected: 0, observed: Double(found.count), tolerance: 0,
+            try second?.collect(into: &found2)
+            ctx.check("step\(step)_rearmed", expected: 0, observed: Double(found.count + found2.count), tolerance: 0,
                       describe: "a second collect with no write in between reports nothing (re-protected)")
         }
         ctx.record("written_pages", Double(want), .pages, better: .none)
         ctx.record("scan_time", scanNS.reduce(0, +) / Double(scanNS.count), .ns, better: .lower)
         ctx.record("scan_time_per_page", scanNS.reduce(0, +) / Double(scanNS.count) / Double(pages), .ns, better: .lower)
-        if let f = tracker.writeFaults {
+        if let f = tracker.writeFaults ?? second?.writeFaults {
             ctx.record("write_faults", Double(f), .count, better: .none)
             ctx.check("write_faults", expected: Double(2 * want), observed: Double(f), tolerance: 0,
                       describe: "one synchronous write-protect fault per page written per step")
         }
-        ctx.note("dirty tracking: \(tracker.mechanism)")
+        ctx.note("dirty tracking: \(tracker.mechanism)\(second.map { "; against: \($0.mechanism)" } ?? "")")
     }
 }

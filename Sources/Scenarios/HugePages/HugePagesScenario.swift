@@ -168,6 +168,8 @@ public struct HugePagesScenario: TypedScenario {
         } else if variant != .tlb {
             poolBytes = 2 * params.size   // the variants map up to two regions
         }
+        // Planned for a guest: its runner checks the guest's nodes and memory before the run.
+        if Planning.forAnotherMachine { return }
         if variant == .hugetlbReserve, params.node >= 0 {
             // The node must be one libnuma and sysfs both know, with a pool of this size.
             let node = params.node
