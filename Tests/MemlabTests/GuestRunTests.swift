@@ -1,0 +1,188 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+@testable import Guests
+import LabKit
+import LinuxMM
+import Scenarios
+import Testing
+
+/// `--guest` parsing and what comes back from a guest, without one.
+@Suite struct GuestSpecParsing {
+    @Test func parsesEveryKeyAndDefaults() throws {
+        let s = try GuestSpec.parse("kernel=/boot/x,mem=768M,cpus=3,numa=3,cgroup=v1,accel=tcg")
+        #expect(s.kernel == "/boot/x" && s.memoryMiB == 768 && s.cpus == 3 && s.numaNodes == 3 && s.cgroup == .v1 && s.accel == .tcg)
+        let d = try GuestSpec.parse("kernel=/boot/x")
+        #expect(d.memoryMiB == 1024 && d.cpus == 2 && d.numaNodes == 1 && d.cgroup == .v2 && d.accel == .auto)
+        #expect(try GuestSpec.parse("kernel=host").isHost)
+        // Node shares: equal, the remainder on the last; CPU c on node c mod N.
+        #expect([0, 1, 2].map(s.nodeMiB) == [256, 256, 256])
+        let odd = try GuestSpec.parse("kernel=/k,mem=1000M,numa=3,cpus=4")
+        #expect([0, 1, 2].map(odd.nodeMiB) == [333, 333, 334])
+        #expect(odd.nodeCPUs(0) == [0, 3] && odd.nodeCPUs(2) == [2])
+    }
+
+    @Test(arguments: [
+        ("", "not KEY=VALUE"), ("mem=1G", "kernel=PATH is required"), ("kernel=/k,mem=1G,mem=2G", "given twice"),
+        ("kernel=/k,foo=1", "unknown key 'foo'"), ("kernel=/k,mem=12", "whole MiB"), ("kernel=/k,mem=64M", "whole MiB within"),
+        ("kernel=/k,mem=99999999999999999999G", "not a size"), ("kernel=/k,cpus=0", "cpus '0' must be"),
+        ("kernel=/k,cpus=-1", "must be an integer"), ("kernel=/k,numa=9", "numa '9'"), ("kernel=/k,mem=128M,numa=4", "need at least 256M"),
+        ("kernel=/k,cgroup=v3", "v1 or v2"), ("kernel=/k,accel=xen", "auto, kvm or tcg"), ("kernel=host,mem=1G", "kernel=host runs on this machine"),
+        ("kernel=/k,cpus=99999999999999999999", "must be an integer"),
+    ])
+    func refusesBadSpecs(_ text: String, _ message: String) {
+        #expect {
+            _ = try GuestSpec.parse(text)
+        } throws: { error in
+            (error as? UsageError)?.message.contains(message) == true
+        }
+    }
+
+    @Test func scenarioFileNamesItsGuests() throws {
+        let f = try ScenarioFile.parse("""
+            scenario = "selftest"
+            variant = "ok"
+            [guest]
+            kernel = ["/boot/a", "host"]
+            mem = "512M"
+            numa = 2
+            """)
+        #expect(f.guests.count == 2)
+        #expect(f.guests[0].kernel == "/boot/a" && f.guests[0].memoryMiB == 512 && f.guests[0].numaNodes == 2)
+        #expect(f.guests[1].isHost)
+        for bad in ["[guest]\nkernel = 3", "[guest]\nkernel = \"/k\"\nfoo = 1", "[guest]\nmem = \"1G\"", "[guest]\nkernel = \"/k\"\nnuma = 99"] {
+            #expect(throws: UsageError.self) { _ = try ScenarioFile.parse("scenario = \"selftest\"\n" + bad) }
+        }
+        // [[runs]] takes a file-level guest too; a run's own table does not.
+        #expect(try ScenarioFile.parse("[guest]\nkernel = \"/k\"\n[[runs]]\nscenario = \"selftest\"").guests.count == 1)
+        #expect(throws: UsageError.self) { _ = try ScenarioFile.parse("[[runs]]\nscenario = \"selftest\"\n[runs.guest]\nkernel = \"/k\"") }
+    }
+
+    /// A guest's result file is untrusted: garbage, another run's result or numbers that are
+    /// not numbers fail that run; none traps.
+    @Test func hostileResultsFailTheRun() throws {
+        let plan = try RunPlan.make(.init(targets: ["selftest:ok"]), registry: allScenarios)
+        let r = try #require(plan.first)
+        for data in [Data(), Data("{".utf8), Data("[1,2]".utf8), Data(repeating: 0xFF, count: 4096)] {
+            let out = GuestRunner.decode(data, for: r)
+            #expect(out.status == .failed && out.reason?.contains("not a memlab run result") == true)
+        }
+        var other = RunResult(scenario: "selftest", variant: "crash", params: r.params, placement: r.placement, status: .ok, reason: nil,
+                              settings: SettingsRecord(), repetitions: 1, warmup: 0)
+        #expect(GuestRunner.decode(try JSONEncoder().encode(other), for: r).reason?.contains("not this run") == true)
+        other.variant = "ok"
+        #expect(GuestRunner.decode(try JSONEncoder().encode(other), for: r).status == .ok)
+        other.durationS = 1
+        var bad = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(other)) as! [String: Any]
+        bad["repetitions"] = -5
+        #expect(GuestRunner.decode(try JSONSerialization.data(withJSONObject: bad), for: r).reason?.contains("invalid") == true)
+    }
+
+    /// The console follower: whole lines, carriage returns dropped, long lines cut.
+    @Test func consoleLinesAreBoundedText() throws {
+        let dir = TempDir()
+        let path = dir.file("console.log")
+        let text = "memlab-guest: ready\r\n" + String(repeating: "x", count: 10_000) + "\n\u{1}bad\r\nmemlab-guest: progress 0 a b\r\npartial"
+        try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+        var f = ConsoleFollower(path: path)
+        let lines = f.newLines()
+        #expect(lines.count == 4)
+        #expect(lines[0] == "memlab-guest: ready")
+        #expect(lines[1].count <= 4096 && lines[1].hasPrefix("xxxx"))
+        #expect(lines[3] == "memlab-guest: progress 0 a b")
+        #expect(ConsoleFollower.tail(path, count: 2).hasSuffix("memlab-guest: progress 0 a b | partial"))
+    }
+}
+
+extension KernelTests {
+    /// Runs inside real guests of Debian's kernel (TCG here): what this machine cannot run
+    /// (cgroup v2 memory, two NUMA nodes, soft-dirty) runs there with every check agreeing, the
+    /// document records the guest as its host, and the machine reads as before.
+    @Suite(.enabled(if: isRoot, "needs root: the guests borrow their kernel's knobs as root"),
+           .enabled(if: GuestRunner.missing == nil, "\(GuestRunner.missing ?? "")"),
+           .enabled(if: GuestImage.distributionKernel != nil, "no /boot/vmlinuz-*: apt-get install --no-install-recommends linux-image-amd64"))
+    struct GuestRuns {
+        static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+        @Test func pathsThisMachineCannotRunRunInAGuest() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "\(Self.repo)/scenarios/guest-paths.toml", "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "\(out.stdout)\n\(out.stderr)")
+            let doc = try loadJSON(dir.file("r.json"))
+            let host = try #require(doc["host"] as? [String: Any])
+            let guest = try #require(host["guest"] as? [String: Any])
+            let release = try BzImage.release(of: GuestImage.distributionKernel!)
+            #expect(host["kernel"] as? String == release, "the document's host is the guest")
+            #expect(host["numa_nodes"] as? Int == 2 && guest["numa_nodes"] as? Int == 2)
+            #expect(["kvm", "tcg"].contains(guest["accelerator"] as? String ?? ""))
+            #expect(guest["hypervisor_kernel"] as? String == HostFacts.current().kernel)
+            #expect((guest["boot_s"] as? Double ?? 0) > 0)
+            let rs = runs(doc)
+            #expect(rs.count == 3)
+            for r in rs {
+                #expect(r["status"] as? String == "ok", "\(r["scenario"] ?? ""):\(r["variant"] ?? ""): \(r["reason"] ?? "")")
+                let checks = r["checks"] as? [[String: Any]] ?? []
+                #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+                #expect((r["notes"] as? [String] ?? []).contains { $0.hasPrefix("ran inside a guest: Linux \(release)") })
+            }
+            // soft-dirty against uffd-wp, the per-node pool on node 1, OOM under cgroup v2.
+            #expect((rs[0]["checks"] as? [[String: Any]] ?? []).contains { $0["name"] as? String == "step1_trackers_agree" })
+            #expect(median(rs[1], "node1_pool_pages") == 8)
+            #expect((rs[2]["notes"] as? [String] ?? []).contains { $0.contains("(v2)") && $0.contains("memory cgroup /sys/fs/cgroup/") })
+            #expect(KnobSnapshot.take() == before)
+            #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")
+            #expect(memlabLitter().isEmpty, "\(memlabLitter())")
+        }
+
+        /// A kernel file that is not a bzImage, a topology this machine cannot give: exit 2
+        /// before anything starts.
+        @Test func badGuestsAreRefusedBeforeAnythingRuns() throws {
+            let dir = TempDir()
+            let k = GuestImage.distributionKernel!
+            for (spec, message) in [("kernel=/etc/passwd", "not a bzImage"), ("kernel=\(dir.path)", "not a regular file"),
+                                    ("kernel=\(k),mem=256G", "does not fit"), ("kernel=\(k),accel=kvm,cpus=64", "KVM runs each vCPU")] {
+                let out = try Memlab.run(["run", "selftest:ok", "--guest", spec, "--json", dir.file("r.json")], stateDir: dir.path)
+                #expect(out.status == 2 && out.stderr.contains(message), "\(spec): \(out.stderr)")
+            }
+            let out = try Memlab.run(["run", "selftest:ok", "--guest", "kernel=\(k),numa=2", "--node", "2"], stateDir: dir.path)
+            #expect(out.status == 2 && out.stderr.contains("has NUMA node(s) 0-1"), "\(out.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: dir.file("r.json")))
+            #expect(qemuProcesses().isEmpty)
+        }
+
+        /// QEMU killed while a run is in its guest: that run fails with the console's last lines,
+        /// the one before it stands, the one after it gets a fresh guest.
+        @Test func aGuestKilledMidRunFailsThatRun() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let (p, _, err) = try Memlab.start(["run", "selftest:ok", "selftest:hang", "selftest:ok", "--repeat", "1", "--set", "deadline_s=120",
+                                                "--guest", "kernel=distro,accel=tcg,mem=512M", "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            // The guest's console says when the hanging run has started.
+            var killed = false
+            #expect(waitFor(240) {
+                for q in qemuProcesses() {
+                    guard let cmd = try? ProcFile.read("/proc/\(q)/cmdline"), cmd.contains("memlab-job"),
+                          let serial = cmd.split(separator: "\0").first(where: { $0.hasPrefix("file:") }) else { continue }
+                    if (ProcFile.readIfPresent(String(serial.dropFirst(5))) ?? "").contains("progress 1 selftest:hang") {
+                        kill(q, SIGKILL)
+                        killed = true
+                    }
+                }
+                return killed
+            })
+            p.waitUntilExit()
+            let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(p.terminationStatus == 1, "\(stderr)")
+            let rs = runs(try loadJSON(dir.file("r.json")))
+            #expect(rs.map { $0["status"] as? String ?? "" } == ["ok", "failed", "ok"])
+            let reason = rs.count == 3 ? rs[1]["reason"] as? String ?? "" : ""
+            #expect(reason.contains("the guest ended during selftest:hang repetition 1/1") && reason.contains("SIGKILL")
+                    && reason.contains("console: ") && reason.contains("memlab-guest: progress 1"), "\(reason)")
+            #expect(KnobSnapshot.take() == before)
+            #expect(qemuProcesses().isEmpty)
+            #expect(memlabLitter().isEmpty, "\(memlabLitter())")
+        }
+    }
+}
