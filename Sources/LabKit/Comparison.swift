@@ -142,9 +142,12 @@ public enum Comparison {
         /// Metrics only one side measured.
         public var onlyInBaseline: [String]
         public var onlyInCandidate: [String]
+        /// Each check either side made: whether it agreed there (nil: that side did not make it).
+        /// The same kernel must give the same verdicts on a host and in a guest.
+        public var checks: [CheckPair] = []
 
         enum CodingKeys: String, CodingKey {
-            case scenario, variant, params, warnings, metrics
+            case scenario, variant, params, warnings, metrics, checks
             case baselineScenario = "baseline_scenario"
             case baselineVariant = "baseline_variant"
             case baselineParams = "baseline_params"
@@ -153,9 +156,22 @@ public enum Comparison {
         }
     }
 
+    /// A physics check on both sides: agreed in every repetition (true), disagreed in one
+    /// (false), or not made there (nil).
+    public struct CheckPair: Codable, Sendable, Equatable {
+        public var name: String
+        public var baseline: Bool?
+        public var candidate: Bool?
+    }
+
     public struct FileComparison: Codable, Sendable {
         public var baseline: String
         public var candidate: String
+        /// "kernel" when the two documents ran on different kernels (a host and a guest, or two
+        /// guests): the comparison is then across kernels, labelled by them.
+        public var axis: String?
+        public var baselineLabel: String
+        public var candidateLabel: String
         /// Host differences (kernel, CPUs, memory, features): allowed, but flagged.
         public var warnings: [String]
         public var pairs: [RunPair]
@@ -183,7 +199,11 @@ public enum Comparison {
     static func label(_ r: RunResult) -> String { "\(r.scenario):\(r.variant)" }
 
     static func compareFiles(_ base: (name: String, doc: ResultDocument), _ cand: (name: String, doc: ResultDocument)) -> FileComparison {
-        var out = FileComparison(baseline: base.name, candidate: cand.name, warnings: hostDifferences(base.doc.host, cand.doc.host), pairs: [], unmatched: [])
+        let kernels = base.doc.host.kernel != cand.doc.host.kernel
+        var out = FileComparison(baseline: base.name, candidate: cand.name, axis: kernels ? "kernel" : nil,
+                                 baselineLabel: kernels ? kernelLabel(base.doc.host) : "baseline",
+                                 candidateLabel: kernels ? kernelLabel(cand.doc.host) : "candidate",
+                                 warnings: hostDifferences(base.doc.host, cand.doc.host), pairs: [], unmatched: [])
         let baseRuns = base.doc.runs.filter { $0.status == .ok }
         let candRuns = cand.doc.runs
         var used = Set<Int>()
@@ -203,7 +223,7 @@ public enum Comparison {
         }
         for (ci, c) in candRuns.enumerated() {
             guard c.status == .ok else {
-                out.unmatched.append("\(label(c)): \(c.status.rawValue)\(c.reason.map { " (\($0))" } ?? "")")
+                out.unmatched.append("\(label(c))\(kernels ? " on \(out.candidateLabel)" : ""): \(c.status.rawValue)\(c.reason.map { " (\($0))" } ?? "")")
                 continue
             }
             guard let m = matches[ci] else {
@@ -211,6 +231,12 @@ public enum Comparison {
                 continue
             }
             out.pairs.append(pair(baseRuns[m], c))
+        }
+        // Across kernels a run one kernel cannot do (skipped, with why) is itself a finding.
+        if kernels {
+            for b in base.doc.runs where b.status != .ok {
+                out.unmatched.append("\(label(b)) on \(out.baselineLabel): \(b.status.rawValue)\(b.reason.map { " (\($0))" } ?? "")")
+            }
         }
         return out
     }
@@ -234,7 +260,24 @@ public enum Comparison {
                        baselineScenario: a.scenario, baselineVariant: a.variant, baselineParams: a.params,
                        warnings: warnings, metrics: metrics,
                        onlyInBaseline: a.metrics.map(\.name).filter { b.metric($0) == nil },
-                       onlyInCandidate: b.metrics.map(\.name).filter { a.metric($0) == nil })
+                       onlyInCandidate: b.metrics.map(\.name).filter { a.metric($0) == nil },
+                       checks: checkPairs(a, b))
+    }
+
+    static func checkPairs(_ a: RunResult, _ b: RunResult) -> [CheckPair] {
+        func verdicts(_ r: RunResult) -> [String: Bool] {
+            var v: [String: Bool] = [:]
+            for c in r.checks { v[c.name] = (v[c.name] ?? true) && c.agrees }
+            return v
+        }
+        let va = verdicts(a), vb = verdicts(b)
+        return Set(va.keys).union(vb.keys).sorted().map { CheckPair(name: $0, baseline: va[$0], candidate: vb[$0]) }
+    }
+
+    /// "6.1.0-57-amd64 (guest, tcg)" or "6.18.44 (host)": a document's kernel and how it ran.
+    public static func kernelLabel(_ h: ResultDocument.Host) -> String {
+        if let g = h.guest { return "\(h.kernel) (guest, \(g.accelerator))" }
+        return "\(h.kernel) (host)"
     }
 
     static func hostDifferences(_ a: ResultDocument.Host, _ b: ResultDocument.Host) -> [String] {
@@ -266,6 +309,9 @@ public enum Comparison {
         var out = ""
         for f in report.comparisons {
             out += "baseline:  \(f.baseline)\ncandidate: \(f.candidate)\n"
+            if f.axis == "kernel" {
+                out += "axis:      kernel — \(f.baselineLabel) → \(f.candidateLabel)\n"
+            }
             for w in f.warnings { out += paint("note: \(w) (compared anyway)", "33") + "\n" }
             for p in f.pairs {
                 out += "\n\(p.scenario):\(p.variant)"
@@ -274,7 +320,7 @@ public enum Comparison {
                 out += ps.isEmpty ? "\n" : "  \(ps)\n"
                 for w in p.warnings { out += "  " + paint("note: \(w) (compared anyway)", "33") + "\n" }
                 if p.metrics.isEmpty { out += "  no metric measured by both\n"; continue }
-                var rows = [["metric", "unit", "better", "baseline", "candidate", "ratio", "geo. ratio [95% CI]", "p (Welch)", "n", ""]]
+                var rows = [["metric", "unit", "better", f.baselineLabel, f.candidateLabel, "ratio", "geo. ratio [95% CI]", "p (Welch)", "n", ""]]
                 var paints: [String?] = [nil]
                 for m in p.metrics {
                     // The interval belongs to the ratio of geometric means, so it is printed
@@ -302,8 +348,18 @@ public enum Comparison {
                     while line.hasSuffix(" ") { line.removeLast() }
                     out += (paints[r].map { paint(line, $0) } ?? line) + "\n"
                 }
-                if !p.onlyInBaseline.isEmpty { out += "  only in baseline: \(p.onlyInBaseline.joined(separator: ", "))\n" }
-                if !p.onlyInCandidate.isEmpty { out += "  only in candidate: \(p.onlyInCandidate.joined(separator: ", "))\n" }
+                if !p.onlyInBaseline.isEmpty { out += "  only in \(f.baselineLabel): \(p.onlyInBaseline.joined(separator: ", "))\n" }
+                if !p.onlyInCandidate.isEmpty { out += "  only in \(f.candidateLabel): \(p.onlyInCandidate.joined(separator: ", "))\n" }
+                let differing = p.checks.filter { $0.baseline != $0.candidate }
+                if !p.checks.isEmpty {
+                    func v(_ x: Bool?) -> String { x.map { $0 ? "agrees" : "DISAGREES" } ?? "not made" }
+                    if differing.isEmpty {
+                        out += "  checks: the same \(p.checks.count) verdict\(p.checks.count == 1 ? "" : "s") on both sides (\(p.checks.allSatisfy { $0.baseline == true } ? "all agree" : "see each document"))\n"
+                    } else {
+                        out += "  checks that differ:\n"
+                        for c in differing { out += "    \(c.name): \(v(c.baseline)) | \(v(c.candidate))\n" }
+                    }
+                }
             }
             for u in f.unmatched { out += "  not compared: \(u)\n" }
             out += "\n"

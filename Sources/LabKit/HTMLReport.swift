@@ -99,7 +99,11 @@ public struct HTMLReport {
             ("hugetlb sizes", h.features.hugetlbSizes.map { formatBytes($0) }.joined(separator: ", ")),
             ("userfaultfd", h.features.userfaultfd ? "yes" : "no"), ("zswap", h.features.zswap ? "yes" : "no"),
             ("swap", SVGChart.axisText(Double(h.features.swapBytes), "bytes")),
-        ]
+        ] + (h.guest.map { g in [
+            ("ran in", "a QEMU guest under \(g.accelerator.uppercased())\(g.accelerator == "tcg" ? " (emulated CPU: timings comparable only with TCG runs)" : "")"),
+            ("guest kernel file", g.kernelPath), ("guest topology", "\(g.cpus) CPUs, \(g.memoryMiB) MiB, \(g.numaNodes) node(s), cgroup \(g.cgroup)"),
+            ("guest boot", "\(formatNumber(g.bootS)) s"), ("machine under it", "Linux \(g.hypervisorKernel), \(g.qemu)"),
+        ] } ?? [])
         return "<details class=\"host\"\(open ? " open" : "")><summary>host\(open ? "" : " (as above)")</summary><table class=\"host-table\">" + rows.map { "<tr><th>\(htmlEscape($0.0))</th><td>\(htmlEscape($0.1))</td></tr>" }.joined() + "</table></details>\n"
     }
 
@@ -382,15 +386,54 @@ public struct HTMLReport {
         return out
     }
 
-    /// The same scenario:variant and parameters in several files: bars per file, per metric.
+    /// How a file is named in charts across files: its kernel when the files ran on different
+    /// kernels (the axis of a kernel comparison), else its file name.
+    func acrossLabel(_ input: Input) -> String {
+        let kernels = Set(inputs.map(\.document.host.kernel))
+        guard kernels.count > 1 else { return (input.name as NSString).lastPathComponent }
+        let label = Comparison.kernelLabel(input.document.host)
+        let same = inputs.filter { Comparison.kernelLabel($0.document.host) == label }.count
+        return same > 1 ? "\(label) \((input.name as NSString).lastPathComponent)" : label
+    }
+
+    /// The same scenario:variant and parameters in several files: bars per file, per metric;
+    /// across kernels also one table, each kernel a column (mmtests' compare-kernels).
     mutating func acrossFiles() -> String {
         var keys: [String] = []
         var found: [String: [(String, RunResult)]] = [:]
+        var everyRun: [String: [(String, RunResult)]] = [:]
         for input in inputs {
-            for r in input.document.runs where r.status == .ok {
+            for r in input.document.runs {
                 let key = "\(r.scenario):\(r.variant) " + r.params.values.keys.sorted().map { "\($0)=\(r.params.values[$0]!)" }.joined(separator: " ")
+                let label = acrossLabel(input)
+                if !(everyRun[key]?.contains { $0.0 == label } ?? false) { everyRun[key, default: []].append((label, r)) }
+                guard r.status == .ok else { continue }
                 if found[key] == nil { keys.append(key) }
-                if !(found[key]?.contains { $0.0 == input.name } ?? false) { found[key, default: []].append((input.name, r)) }
+                if !(found[key]?.contains { $0.0 == label } ?? false) { found[key, default: []].append((label, r)) }
+            }
+        }
+        let acrossKernels = Set(inputs.map(\.document.host.kernel)).count > 1
+        var table = ""
+        if acrossKernels {
+            let columns = uniqued(inputs.map(acrossLabel))
+            for key in uniqued(keys + everyRun.keys.sorted()) {
+                guard let rs = everyRun[key], rs.count >= 2 else { continue }
+                func cell(_ col: String, _ f: (RunResult) -> String) -> String {
+                    "<td>\(htmlEscape(rs.first { $0.0 == col }.map { f($0.1) } ?? "—"))</td>"
+                }
+                table += "<h3>\(htmlEscape(key))</h3><table class=\"kernels\"><tr><th></th>" + columns.map { "<th>\(htmlEscape($0))</th>" }.joined() + "</tr>"
+                table += "<tr><th>status</th>" + columns.map { c in cell(c) { $0.status.rawValue + ($0.status == .ok ? "" : ": " + ($0.reason ?? "")) } }.joined() + "</tr>"
+                for name in uniqued(rs.flatMap { $0.1.metrics.map(\.name) }) {
+                    let unit = rs.compactMap { $0.1.metric(name)?.unit.rawValue }.first ?? ""
+                    table += "<tr><th>\(htmlEscape(name)) (\(htmlEscape(unit)))</th>" + columns.map { c in cell(c) { $0.metric(name).map { formatNumber($0.summary.median) } ?? "—" } }.joined() + "</tr>"
+                }
+                for check in uniqued(rs.flatMap { $0.1.checks.map(\.name) }) {
+                    table += "<tr><th>check \(htmlEscape(check))</th>" + columns.map { c in cell(c) { r in
+                        let cs = r.checks.filter { $0.name == check }
+                        return cs.isEmpty ? "not made" : cs.allSatisfy(\.agrees) ? "agrees" : "DISAGREES"
+                    } }.joined() + "</tr>"
+                }
+                table += "</table>\n"
             }
         }
         var out = ""
@@ -401,13 +444,14 @@ public struct HTMLReport {
             for name in names {
                 let ms = rs.compactMap { f, r in r.metric(name).map { (f, $0) } }
                 guard ms.count >= 2 else { continue }
-                out += SVGChart.bars(id: nextID("across"), kind: "across", title: "\(name) across files", y: .init(label: name, unit: ms[0].1.unit.rawValue),
-                                     bars: ms.map { .init(label: ($0.0 as NSString).lastPathComponent, value: $0.1.summary.median, low: $0.1.summary.min, high: $0.1.summary.max) },
+                out += SVGChart.bars(id: nextID("across"), kind: "across", title: "\(name) across \(acrossKernels ? "kernels" : "files")", y: .init(label: name, unit: ms[0].1.unit.rawValue),
+                                     bars: ms.map { .init(label: $0.0, value: $0.1.summary.median, low: $0.1.summary.min, high: $0.1.summary.max) },
                                      caption: key + " — median per file, whiskers min–max (memlab compare tests the difference)")
             }
         }
-        guard !out.isEmpty else { return "" }
-        return "<section class=\"across\" id=\"across-files\"><h2>across files</h2><div class=\"charts\">\(out)</div></section>\n"
+        guard !out.isEmpty || !table.isEmpty else { return "" }
+        let kernelsSection = table.isEmpty ? "" : "<h2>kernels side by side</h2><p class=\"meta\">medians; a guest's timings are its accelerator's (see each host table)</p>\(table)"
+        return "<section class=\"across\" id=\"across-files\">\(kernelsSection)<h2>across \(acrossKernels ? "kernels" : "files")</h2><div class=\"charts\">\(out)</div></section>\n"
     }
 
     // MARK: helpers
@@ -542,6 +586,7 @@ public struct HTMLReport {
     .status-skipped .status{background:#7f7f7f}.status-failed .status{background:#d62728}.reason{background:#fff4e5;border-left:4px solid #ff7f0e;padding:6px 10px}
     table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}th{background:#f4f6f8}
     td.num{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#1a7f37}.bad{color:#d62728;font-weight:bold}
+    table.kernels{border-collapse:collapse;margin:6px 0 14px}table.kernels th,table.kernels td{padding:2px 10px;border-bottom:1px solid #e3e6ea;text-align:left}
     .host-table th{width:140px}details.host summary{cursor:pointer;color:#555}code{background:#f4f6f8;padding:1px 4px;border-radius:3px}
     .note{color:#7a4b00}.charts{display:flex;flex-wrap:wrap;gap:12px}
     figure.chart{margin:8px 0;border:1px solid #e3e3e3;border-radius:4px;padding:4px;background:#fff}

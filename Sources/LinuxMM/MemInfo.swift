@@ -93,6 +93,11 @@ public struct KSMStat: Sendable, Equatable {
     public var processProfit: Int64 = 0
     public var mergeAny: Bool = false
     public var mergeable: Bool = false
+    /// Whether the kernel reports ksm_merging_pages per process (6.4+; 6.1 has only
+    /// ksm_rmap_items): without it, a region's merged pages come from pagemap + kpageflags.
+    public var hasMergingPages = false
+    /// ksm_process_profit (6.6+).
+    public var hasProcessProfit = false
 
     public init() {}
 
@@ -104,8 +109,8 @@ public struct KSMStat: Sendable, Equatable {
             switch parts[0] {
             case "ksm_rmap_items": rmapItems = Int64(value) ?? 0
             case "ksm_zero_pages": zeroPages = Int64(value) ?? 0
-            case "ksm_merging_pages": mergingPages = Int64(value) ?? 0
-            case "ksm_process_profit": processProfit = Int64(value) ?? 0
+            case "ksm_merging_pages": mergingPages = Int64(value) ?? 0; hasMergingPages = true
+            case "ksm_process_profit": processProfit = Int64(value) ?? 0; hasProcessProfit = true
             case "ksm_merge_any": mergeAny = value == "yes"
             case "ksm_mergeable": mergeable = value == "yes"
             default: break

@@ -89,8 +89,17 @@ public struct KSMScenario: TypedScenario {
         let region = try AnonymousMapping(length: layout.pages * pageSize, kind: .base)
         layout.fill(region.base, pageSize: pageSize, seed: 0x6D65_6D6C_6162 &+ UInt64(ctx.repetition))
 
+        let perProcess = (try? KSMStat.read())?.hasMergingPages ?? false
+        if !perProcess {
+            ctx.note("this kernel's /proc/self/ksm_stat has no ksm_merging_pages (before 6.4): the region's merged pages are counted from pagemap + kpageflags (KPF_KSM, and the zero page with use_zero_pages)")
+        }
         let merge = try mergeAndWait(region: region, layout: layout, prctlMode: prctlMode, variant: variant, p, ctx: ctx)
-        let stat = try KSMStat.read()
+        var stat = try KSMStat.read()
+        if !stat.hasMergingPages {
+            let c = try PageFlags.census(region.base, length: region.length)
+            stat.mergingPages = Int64(c.ksm)
+            if useZero { stat.zeroPages = Int64(c.zeroPage) }
+        }
         let global = try KSM.counters()
         let sharingDelta = global.pagesSharing - merge.baseline.pagesSharing
         let sharedDelta = global.pagesShared - merge.baseline.pagesShared
@@ -102,7 +111,8 @@ public struct KSMScenario: TypedScenario {
             ctx.record("pages_sharing", Double(sharingDelta), .pages, better: .none)
             ctx.record("ksm_zero_pages", Double(stat.zeroPages), .pages, better: .none)
             ctx.record("saved_bytes", Double((sharingDelta + stat.zeroPages) * Int64(pageSize)), .bytes, better: .higher)
-            ctx.record("process_profit", Double(stat.processProfit), .bytes, better: .higher)
+            // Recorded only where the kernel reports it: a 0 it never said is not a figure.
+            if stat.hasProcessProfit { ctx.record("process_profit", Double(stat.processProfit), .bytes, better: .higher) }
             let merged = Double(stat.mergingPages + stat.zeroPages)
             if merge.mergeTime > 0 { ctx.record("merge_rate", merged / merge.mergeTime, .pagesPerSecond, better: .higher) }
             if let cpu = merge.ksmdCPU { ctx.record("ksmd_cpu_time", cpu, .s, better: .lower) }
@@ -158,13 +168,21 @@ public struct KSMScenario: TypedScenario {
     /// (and at least three scans have passed: a page is merged on its second visit and a newly
     /// registered mm joins the scan list behind the cursor).
     func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, variant: Variant, _ p: Values, ctx: RunContext) throws -> MergeOutcome {
-        let merging = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")
-        let zero = try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_zero_pages")
+        // This process's merged pages: ksm_stat where the kernel has it (6.4+; ksm_zero_pages
+        // 6.10+), else the region's KPF_KSM (and zero-page) frames, read less often.
+        let stat = (try? ProcFile.read("/proc/self/ksm_stat")) ?? ""
+        let hasMerging = stat.contains("ksm_merging_pages"), hasZero = stat.contains("ksm_zero_pages")
+        let merging = hasMerging ? try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages") : nil
+        let zero = hasZero ? try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_zero_pages") : nil
+        func merged() throws -> Int64 {
+            if let merging { return try merging.read() + (zero?.read() ?? 0) }
+            let c = try PageFlags.census(region.base, length: region.length)
+            return Int64(c.ksm + (p.useZeroPages ? c.zeroPage : 0))
+        }
         let scans = try CounterFile(path: "\(KSM.directory)/full_scans")
-        let sampler = Sampler(interval: Double(p.sampleIntervalMs) / 1000, probes: [
-            .init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing")),
-            .init("ksm_merging_pages", .pages, try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages")),
-        ])
+        var probes: [Sampler.Probe] = [.init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing"))]
+        if hasMerging { probes.append(.init("ksm_merging_pages", .pages, try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages"))) }
+        let sampler = Sampler(interval: Double(p.sampleIntervalMs) / 1000, probes: probes)
         let baseline = try settledCounters(scans: scans, timeout: p.timeoutS, sleepMillisecs: p.sleepMillisecs, ctx: ctx)
         let ksmd = KSM.ksmdPID()
         let cpuBefore = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
@@ -187,7 +205,7 @@ public struct KSMScenario: TypedScenario {
         var scansAtChange = startScans
         var now = t0
         while true {
-            let v = try merging.read() + zero.read()
+            let v = try merged()
             let s = try scans.read()
             now = Clock.nanoseconds()
             if v != last {
@@ -200,7 +218,7 @@ public struct KSMScenario: TypedScenario {
                 ctx.record(sampler.stop().first!)
                 throw ScenarioError.failed("ksmd did not finish merging within timeout_s=\(timeout) s: \(last) pages merged so far, \(s - startScans) full scans; raise pages_to_scan or timeout_s")
             }
-            Clock.sleep(nanoseconds: 1_000_000)
+            Clock.sleep(nanoseconds: merging == nil ? 20_000_000 : 1_000_000)
         }
         let cpuAfter = ksmd.flatMap { TaskCPU.seconds(pid: $0) }
         for series in sampler.stop() where series.name == "pages_sharing" || variant == .merge {
