@@ -447,3 +447,5 @@ pid_t memlab_peer_pid(int sock) {
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cr, &l) != 0) return -1;
     return cr.pid;
 }
+
+int memlab_unshare_net(void) { return unshare(CLONE_NEWNET); }

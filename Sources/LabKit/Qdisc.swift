@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLinuxMM
 import LinuxMM
 
 /// Traffic-control queueing disciplines a migration test can shape a link with. Probed by
@@ -41,5 +42,35 @@ public enum Qdisc {
             case .timedOut: return Probe(name: name, usable: false, reason: "probe timed out")
             }
         }
+    }
+}
+
+/// A real link inside one process: the calling thread moves into a new network namespace
+/// (and so does everything it starts afterwards: threads, children, sockets), whose loopback
+/// netem shapes — half the round trip each way (both directions pass lo's one qdisc) and the
+/// bandwidth. The namespace belongs to the repetition's child and dies with it: nothing of the
+/// machine's is changed, so nothing is borrowed.
+public enum NetemLoopback {
+    /// Why a netem loopback cannot be made here, or nil.
+    public static var missing: String? {
+        guard System.isRoot else { return "a network namespace needs root" }
+        for t in ["/usr/sbin/ip", "/usr/sbin/tc", "/usr/bin/unshare"] where access(t, X_OK) != 0 { return "\(t) not found (iproute2 / util-linux)" }
+        if let n = Qdisc.probeAll().first(where: { $0.name == "netem" }), !n.usable { return n.reason ?? "netem unusable" }
+        return nil
+    }
+
+    public static func enter(rttMs: Double, bandwidthMbit: Double) throws(SystemError) {
+        guard memlab_unshare_net() == 0 else { throw SystemError.current("unshare(CLONE_NEWNET)") }
+        let oneWayUS = max(Int((rttMs * 500).rounded()), 0)
+        let kbit = max(Int((bandwidthMbit * 1000).rounded()), 8)
+        try run("/usr/sbin/ip", ["link", "set", "lo", "up"])
+        try run("/usr/sbin/tc", ["qdisc", "add", "dev", "lo", "root", "netem", "delay", "\(oneWayUS)us", "rate", "\(kbit)kbit", "limit", "100000"])
+    }
+
+    private static func run(_ tool: String, _ args: [String]) throws(SystemError) {
+        let pid: pid_t
+        do { pid = try ChildProcess.spawn(tool, args, outputPath: "/dev/null") } catch { throw SystemError(errno: EIO, call: "start \(tool): \(error)") }
+        let exit = ChildProcess.wait(pid, deadline: 10)
+        guard exit == .exited(0) else { throw SystemError(errno: EIO, call: "\(tool) \(args.joined(separator: " ")) in the run's network namespace: \(exit)") }
     }
 }

@@ -29,7 +29,7 @@ public struct LazyRestoreScenario: TypedScenario {
 
     static let policies = EngineConfig.Policy.allCases.map(\.rawValue)
 
-    public enum LinkKind: String, CaseIterable, ParameterChoice { case emulated, none }
+    public enum LinkKind: String, CaseIterable, ParameterChoice { case emulated, none, netem }
     public enum Queue: String, CaseIterable, ParameterChoice { case fifo, preempt }
     public enum RegionKind: String, CaseIterable, ParameterChoice { case anon, memfd, hugetlb }
     public enum HandlerKind: String, CaseIterable, ParameterChoice { case inProcess = "in-process", external }
@@ -52,7 +52,7 @@ public struct LazyRestoreScenario: TypedScenario {
         let accesses = Parameter<Int>("accesses", 1...100_000_000, default: 1024, unit: .count, help: "accesses per workload thread (one word of one page each)")
         let writeRatio = Parameter<Double>("write_ratio", 0...1, default: 0.2, unit: .ratio, help: "fraction of accesses that write")
         let threads = Parameter<Int>("threads", 1...64, default: 1, unit: .count, help: "workload threads")
-        let link = Parameter<LinkKind>("link", default: .emulated, help: "emulated: bandwidth and RTT below; none: install at once (the local floor)")
+        let link = Parameter<LinkKind>("link", default: .emulated, help: "emulated: bandwidth and RTT below; none: install at once (the local floor); netem: a real link, the run's own network namespace with netem on its loopback (bandwidth and RTT below; needs source=tcp and a kernel with sch_netem)")
         let bandwidthMbit = Parameter<Double>("bandwidth_mbit", 1...1_000_000, default: 1000, unit: .mbitPerSecond, help: "emulated link bandwidth, Mbit/s")
         let rttMs = Parameter<Double>("rtt_ms", 0...1000, default: 1, unit: .ms, help: "emulated round-trip time, ms (urgent requests pay it in full)")
         let queue = Parameter<Queue>("queue", default: .fifo, help: "fifo: urgent pages queue behind pushed bulk; preempt: urgent pre-empts bulk")
@@ -97,6 +97,7 @@ public struct LazyRestoreScenario: TypedScenario {
         if params.resolve == .move && !f.contains(.move) { return .unusable("UFFDIO_MOVE needs Linux 6.8+ (UFFD_FEATURE_MOVE)") }
         if params.resolve == .continue && !f.contains(.minorShmem) { return .unusable("MINOR faults on shmem need Linux 5.14+ (UFFD_FEATURE_MINOR_SHMEM)") }
         if params.region == .memfd && !f.contains(.missingShmem) { return .unusable("MISSING faults on shmem need Linux 4.11+ (UFFD_FEATURE_MISSING_SHMEM)") }
+        if params.link == .netem, let why = NetemLoopback.missing { return .unusable("link=netem: \(why)") }
         if params.region == .hugetlb {
             if HugeTLB.pool(pageBytes: 2 << 20) == nil { return .unusable("no 2 MiB hugetlb pool on this kernel (CONFIG_HUGETLBFS)") }
             if params.resolve == .continue && !f.contains(.minorHugetlbfs) { return .unusable("MINOR faults on hugetlbfs need Linux 5.13+ (UFFD_FEATURE_MINOR_HUGETLBFS)") }
@@ -114,6 +115,9 @@ public struct LazyRestoreScenario: TypedScenario {
         if let info = try? MemInfo.current(), UInt64(size * copies) > info.memAvailable {
             let avail = Int(info.memAvailable)
             throw UsageError("size \(formatBytes(size)) needs \(copies)× that in memory (image, region, baseline\(copies == 4 ? (params.handler == .external ? ", the handler's image memfd" : ", staging") : "")); MemAvailable is \(formatBytes(avail))")
+        }
+        if params.link == .netem && (params.source != .tcp || !params.sourceAddress.isEmpty || params.handler == .external) {
+            throw UsageError("link=netem shapes the run's own loopback: it needs source=tcp (a local source process), no source_address, handler=in-process")
         }
         if params.policy == .huge && size % (2 << 20) != 0 { throw UsageError("policy huge needs a size that is a multiple of 2M") }
         if params.region == .memfd && params.resolve != .copy {
@@ -229,7 +233,8 @@ public struct LazyRestoreScenario: TypedScenario {
     }
 
     func link(_ p: Values) -> EmulatedLink {
-        if p.link == LinkKind.none { return EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false) }
+        // netem is the real link: nothing is emulated on top of it.
+        if p.link != LinkKind.emulated { return EmulatedLink(bytesPerSecond: 0, rttNS: 0, preempt: false) }
         return EmulatedLink(bytesPerSecond: p.bandwidthMbit * 1e6 / 8, rttNS: UInt64(p.rttMs * 1e6),
                             preempt: p.queue == .preempt)
     }
@@ -265,6 +270,10 @@ public struct LazyRestoreScenario: TypedScenario {
         var cfg = config(p)
         let deadlineS = p.sourceDeadlineS
         let inject = p.injectSourceFailureS
+        if p.link == .netem {
+            try NetemLoopback.enter(rttMs: p.rttMs, bandwidthMbit: p.bandwidthMbit)
+            ctx.note("link=netem: this repetition's own network namespace, its loopback shaped by netem (delay \(formatNumber(p.rttMs / 2)) ms each way, rate \(formatNumber(p.bandwidthMbit)) Mbit/s); the source process and its TCP connections live there")
+        }
         let source = try makeSource(p, image: image, channels: cfg.handlerThreads + 1, deadlineS: deadlineS)
         defer { source?.stop() }
         let killAfter = p.killSourceAfterS
@@ -296,6 +305,12 @@ public struct LazyRestoreScenario: TypedScenario {
         if p.floors == .measure {
             floors = try Calibration.quick(wait: cfg.wait, tcp: p.source == .tcp)
             for f in floors { ctx.record(f.name, f.value, f.unit, better: f.better) }
+            // Measured inside the shaped namespace: the link's own round trip.
+            if p.link == .netem, let rtt = floors.first(where: { $0.name == "floor_loopback_tcp_rtt" }) {
+                let want = p.rttMs * 1e6
+                ctx.check("netem_rtt", expected: want, observed: rtt.value, accepted: want...(want * 1.5 + 2e6),
+                          describe: "the loopback TCP round trip in the run's namespace is netem's delay, both ways (at least rtt_ms, at most 1.5x + 2 ms)")
+            }
         }
 
         // The same traces on resident memory: the slowdown's denominator.

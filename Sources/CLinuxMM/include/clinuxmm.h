@@ -229,6 +229,8 @@ int memlab_eventfd(void);
 /// gettid(2).
 int memlab_gettid(void);
 int memlab_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+/* unshare(CLONE_NEWNET): the calling thread (and what it starts later) gets a new network namespace. */
+int memlab_unshare_net(void);
 int memlab_memfd_create(const char *name, unsigned int flags);
 int memlab_pipe2(int fds[2], int flags);
 /// sched_setaffinity over an explicit CPU list (CPU_SET is a macro).
