@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import LinuxMM
 
 /// What `memlab probe` reports: the host, and every feature memlab's modules use — usable or
@@ -112,6 +115,17 @@ public struct ProbeReport: Sendable, Codable {
 
         // Hypervisors (issue 13), in libvirt's driver probe order: xen, kvm, qemu, lxc, libvirt.
         f += hypervisors()
+
+        // Runs inside guests (memlab run --guest): QEMU, busybox, a kernel to boot.
+        let kernels = ProcFile.list("/boot").filter { $0.hasPrefix("vmlinuz-") }.sorted()
+        let guestMissing: String? = access(qemuBinary, X_OK) != 0 ? "\(qemuBinary) not found: apt-get install --no-install-recommends qemu-system-x86"
+            : access("/bin/busybox", X_OK) != 0 ? "/bin/busybox not found: apt-get install busybox-static" : nil
+        f.append(Feature(name: "guest-runs", usable: guestMissing == nil && root,
+                         detail: "memlab run --guest kernel=PATH|distro; kernels in /boot: \(kernels.isEmpty ? "none (apt-get install linux-image-amd64)" : kernels.joined(separator: ", ")); 9p host share, TCG unless KVM boots a guest",
+                         reason: guestMissing ?? needRoot))
+        let netem = NetemLoopback.missing
+        f.append(Feature(name: "netem-link", usable: netem == nil, detail: netem == nil ? "lazy-restore link=netem: the run's own network namespace, netem on its loopback" : "",
+                         reason: netem.map { "\($0); runs inside a guest whose kernel has sch_netem (scenarios/guest-paths.toml)" }))
 
         return ProbeReport(host: .current(), root: root, features: f)
     }
