@@ -28,6 +28,9 @@ public enum Comparison {
         /// Significant, for a metric without a better direction.
         case changed
         case withinNoise = "within_noise"
+        /// A timing measured on different CPUs by kind (an emulated TCG CPU against a real
+        /// one): the numbers are shown, never called better or worse.
+        case otherClock = "other_clock"
         /// Fewer than 2 samples on a side: no test.
         case untested
     }
@@ -230,7 +233,11 @@ public enum Comparison {
                 out.unmatched.append("\(label(c)) \(describe(c.params)): no run of \(label(c)) left to pair with in \(base.name)")
                 continue
             }
-            out.pairs.append(pair(baseRuns[m], c))
+            var p = pair(baseRuns[m], c)
+            if clocks(base.doc.host) != clocks(cand.doc.host) {
+                for k in p.metrics.indices where isTiming(p.metrics[k].unit) { p.metrics[k].verdict = .otherClock }
+            }
+            out.pairs.append(p)
         }
         // Across kernels a run one kernel cannot do (skipped, with why) is itself a finding.
         if kernels {
@@ -272,6 +279,17 @@ public enum Comparison {
         }
         let va = verdicts(a), vb = verdicts(b)
         return Set(va.keys).union(vb.keys).sorted().map { CheckPair(name: $0, baseline: va[$0], candidate: vb[$0]) }
+    }
+
+    /// What a document's timings were measured on: a real CPU (a host, a KVM guest) or TCG's.
+    static func clocks(_ h: ResultDocument.Host) -> String { h.guest?.accelerator == "tcg" ? "tcg" : "cpu" }
+
+    /// Units a CPU's speed sets: times and rates.
+    static func isTiming(_ u: MetricUnit) -> Bool {
+        switch u {
+        case .s, .ns, .bytesPerSecond, .pagesPerSecond, .updatesPerSecond: return true
+        case .bytes, .pages, .count, .ratio, .percent: return false
+        }
     }
 
     /// "6.1.0-57-amd64 (guest, tcg)" or "6.18.44 (host)": a document's kernel and how it ran.
@@ -334,6 +352,7 @@ public enum Comparison {
                     case .changed: mark = "changed"; code = "1"
                     case .withinNoise: mark = "~ within noise"
                     case .untested: mark = "? n<2, not tested"
+                    case .otherClock: mark = "timing under another CPU (TCG vs real): not judged"
                     }
                     rows.append([m.name, m.unit.rawValue, m.better.rawValue, formatNumber(m.baselineMedian), formatNumber(m.candidateMedian),
                                  m.ratio.map(fmt) ?? "-", ci, m.welchP.map(formatP) ?? "-",
