@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Foundation
 @testable import Guests
-import LabKit
+@testable import LabKit
 import LinuxMM
 import Scenarios
 import Testing
@@ -95,6 +95,56 @@ import Testing
     }
 }
 
+/// Two kernels side by side: the comparison's axis, its labels, timings across accelerators,
+/// checks and runs one kernel could not do.
+@Suite struct KernelComparison {
+    func doc(kernel: String, tcg: Bool, runs: [RunResult]) -> ResultDocument {
+        var h = ResultDocument.Host(kernel: kernel, arch: "x86_64", cpus: 2, memoryBytes: 1 << 30, numaNodes: 1, pageSize: 4096,
+                                    virtualized: true, cpuModel: "x", features: .unknown)
+        if tcg {
+            h.guest = GuestRecord(accelerator: "tcg", kernelPath: "/boot/vmlinuz-\(kernel)", kernelRelease: kernel, memoryMiB: 1024, cpus: 2,
+                                  numaNodes: 1, cgroup: "v2", bootS: 5, hypervisorKernel: "6.18", qemu: "QEMU 7.2")
+        }
+        return ResultDocument(tool: .init(name: "memlab", version: "t"), startedAt: "", host: h, runs: runs)
+    }
+
+    func run(_ variant: String, status: RunStatus = .ok, time: [Double], pages: [Double], agrees: Bool, reason: String? = nil) -> RunResult {
+        var r = RunResult(scenario: "ksm", variant: variant, params: Params(["pages": .int(64)]), placement: Placement(), status: status,
+                          reason: reason, settings: SettingsRecord(), repetitions: time.count, warmup: 0)
+        if status == .ok {
+            r.metrics = [Metric(name: "merge_time", unit: .s, better: .lower, samples: time, summary: Statistics.summarize(time)!),
+                         Metric(name: "pages_sharing", unit: .pages, better: .none, samples: pages, summary: Statistics.summarize(pages)!)]
+            r.checks = [CheckValue(name: "pages_sharing", repetition: 1, expected: 10, observed: agrees ? 10 : 3, tolerance: "0", agrees: agrees)]
+        }
+        return r
+    }
+
+    @Test func kernelIsTheAxis() throws {
+        let host = doc(kernel: "6.18.44", tcg: false, runs: [run("merge", time: [0.07, 0.071, 0.072], pages: [10, 10, 10], agrees: true),
+                                                          run("unmerge", status: .skipped, time: [], pages: [], agrees: true, reason: "needs X")])
+        let guest = doc(kernel: "6.1.0", tcg: true, runs: [run("merge", time: [0.7, 0.71, 0.72], pages: [10, 10, 3], agrees: false)])
+        let report = Comparison.compare(baseline: ("a.json", host), candidates: [("b.json", guest)])
+        let f = try #require(report.comparisons.first)
+        #expect(f.axis == "kernel" && f.baselineLabel == "6.18.44 (host)" && f.candidateLabel == "6.1.0 (guest, tcg)")
+        let p = try #require(f.pairs.first)
+        // Ten times slower under TCG is TCG's, not the kernel's: shown, not judged.
+        #expect(p.metrics.first { $0.name == "merge_time" }?.verdict == .otherClock)
+        #expect(p.metrics.first { $0.name == "pages_sharing" }?.verdict != .otherClock)
+        #expect(p.checks == [.init(name: "pages_sharing", baseline: true, candidate: false)])
+        #expect(f.unmatched.contains { $0.contains("ksm:unmerge on 6.18.44 (host): skipped (needs X)") })
+        let text = Comparison.render(report, color: false)
+        #expect(text.contains("axis:      kernel — 6.18.44 (host) → 6.1.0 (guest, tcg)"))
+        #expect(text.contains("pages_sharing: agrees | DISAGREES"))
+        // Same kernel, same clock: the usual baseline/candidate, timings judged.
+        let same = Comparison.compare(baseline: ("a", host), candidates: [("b", host)]).comparisons[0]
+        #expect(same.axis == nil && same.baselineLabel == "baseline")
+        #expect(same.pairs[0].metrics.allSatisfy { $0.verdict != .otherClock })
+        // The report: one column a kernel.
+        let html = HTMLReport.render([.init(name: "a.json", document: host), .init(name: "b.json", document: guest)])
+        #expect(html.contains("kernels side by side") && html.contains("<th>6.1.0 (guest, tcg)</th>") && html.contains("DISAGREES"))
+    }
+}
+
 extension KernelTests {
     /// Runs inside real guests of Debian's kernel (TCG here): what this machine cannot run
     /// (cgroup v2 memory, two NUMA nodes, soft-dirty) runs there with every check agreeing, the
@@ -134,6 +184,31 @@ extension KernelTests {
             #expect(KnobSnapshot.take() == before)
             #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")
             #expect(memlabLitter().isEmpty, "\(memlabLitter())")
+        }
+
+        /// The same KSM and THP runs on this kernel and on 6.1 in a guest: one document each;
+        /// the checks both kernels make give the same verdicts; what 6.1 lacks (prctl merging,
+        /// mTHP) is skipped there with the reason; compare puts the kernels side by side.
+        @Test func twoKernelsSideBySide() throws {
+            let dir = TempDir()
+            let out = try Memlab.run(["run", "\(Self.repo)/scenarios/kernels-ksm-thp.toml", "--repeat", "1", "--results-dir", dir.path, "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "\(out.stdout)\n\(out.stderr)")
+            let files = (try FileManager.default.contentsOfDirectory(atPath: dir.path)).filter { $0.hasSuffix(".json") }.sorted()
+            let host = try #require(files.first { $0.hasSuffix("-host.json") }), guest = try #require(files.first { !$0.hasSuffix("-host.json") })
+            let a = runs(try loadJSON(dir.file(host))), b = runs(try loadJSON(dir.file(guest)))
+            #expect(a.count == 4 && b.count == 4)
+            for (x, y) in zip(a, b) where x["status"] as? String == "ok" && y["status"] as? String == "ok" {
+                func verdicts(_ r: [String: Any]) -> [String: Bool] {
+                    Dictionary((r["checks"] as? [[String: Any]] ?? []).map { ($0["name"] as? String ?? "", $0["agrees"] as? Bool ?? false) }) { $0 && $1 }
+                }
+                let vx = verdicts(x), vy = verdicts(y)
+                for (name, v) in vy { #expect(v && vx[name] == v, "\(name): host \(vx[name].map(String.init) ?? "-"), guest \(v)") }
+            }
+            #expect(a.map { $0["status"] as? String ?? "" } == ["ok", "ok", "ok", "ok"])
+            #expect(b.map { $0["status"] as? String ?? "" } == ["ok", "skipped", "ok", "skipped"])
+            let cmp = try Memlab.run(["compare", dir.file(host), dir.file(guest)], stateDir: dir.path)
+            #expect(cmp.status == 0 && cmp.stdout.contains("axis:      kernel") && cmp.stdout.contains("(guest, "), "\(cmp.stdout)")
+            #expect(qemuProcesses().isEmpty)
         }
 
         /// A kernel file that is not a bzImage, a topology this machine cannot give: exit 2
