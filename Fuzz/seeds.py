@@ -229,3 +229,16 @@ write("uffdhandler", "bad-session-magic", b"\x00" + words([0, region_at, 64 << 2
 write("uffdhandler", "ok-stats-100-latencies", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 0, 0, 100]))
 write("uffdhandler", "bad-stats-latencies-over-region", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 0, 0, 1025]))
 write("uffdhandler", "bad-stats-failure-call-9", b"\x01" + words([STATS, 1234, 100, 0, 0, 409600, 100, 0, 5000, 5, 9, 0]))
+
+# ---- guestrun: mode byte (0 a run's result file for selftest:ok, 1 console bytes, 2 a --guest spec) ----
+RESULT = b'{"checks":[],"distributions":[],"duration_s":0.256836182,"metrics":[{"better":"higher","name":"fill_throughput","samples":[10185485520.914976,10436350403.558155],"summary":{"ci95":[8717173362.80445,11904662561.66868],"max":10436350403.558155,"mean":10310917962.236565,"median":10310917962.236565,"min":10185485520.914976,"stddev":177388259.67855924},"unit":"bytes/s"},{"better":"lower","name":"fill_time","samples":[0.001647169,0.001607575],"summary":{"ci95":[0.001375831318,0.001878912682],"max":0.001647169,"mean":0.001627372,"median":0.001627372,"min":0.001607575,"stddev":2.7997185894300163e-05},"unit":"s"}],"notes":[],"param_units":{"deadline_s":"s","memory_limit":"bytes","oom_touch":"bytes","size":"bytes"},"params":{"deadline_s":30,"memory_limit":67108864,"oom_touch":268435456,"size":16777216},"placement":{"cpus":null,"node":null},"reason":null,"repetitions":2,"scenario":"selftest","settings":{"changed":{},"restored":true},"status":"ok","timeseries":[],"variant":"ok","warmup":0}'
+write("guestrun", "ok-result", b"\x00" + RESULT)
+write("guestrun", "bad-result-other-variant", b"\x00" + RESULT.replace(b'"variant":"ok"', b'"variant":"crash"'))
+write("guestrun", "bad-result-negative-repetitions", b"\x00" + RESULT.replace(b'"repetitions":2', b'"repetitions":-2'))
+write("guestrun", "bad-result-not-json", b"\x00" + b'{"scenario":"selftest",')
+write("guestrun", "ok-console", b"\x01" + b"[    3.1] boot\r\nmemlab-guest: ready uptime 3.72\r\nmemlab-guest: running uptime 9.0\r\nmemlab-guest: progress 0 selftest:ok repetition 1/1\r\n")
+write("guestrun", "ok-console-unusable", b"\x01" + b"memlab-guest: unusable: no 9p\n")
+write("guestrun", "bad-console-noise", b"\x01" + b"\x1b[2Jmemlab-guest: progress -1 x\nmemlab-guest: progress 99999999999999999999 y\n" + b"x" * 9000 + b"\n")
+write("guestrun", "ok-spec", b"\x02" + b"kernel=/boot/vmlinuz,mem=1G,cpus=2,numa=2,cgroup=v2,accel=tcg")
+write("guestrun", "bad-spec-huge-mem", b"\x02" + b"kernel=/k,mem=99999999999999999T")
+write("guestrun", "bad-spec-nodes", b"\x02" + b"kernel=/k,mem=128M,numa=8")

@@ -247,7 +247,7 @@ public final class GuestRunner {
 
     /// A run's result from the guest, checked as untrusted input: it must decode, validate as a
     /// document would, and be the run that was asked for.
-    static func decode(_ data: Data, for r: RunRequest) -> RunResult {
+    public static func decode(_ data: Data, for r: RunRequest) -> RunResult {
         guard var run = try? JSONDecoder().decode(RunResult.self, from: data) else {
             return result(r, .failed, "the guest's result for this run is not a memlab run result")
         }
@@ -264,19 +264,37 @@ public final class GuestRunner {
         return run
     }
 
-    private func take(_ line: String, into b: inout Boot, base: Int, started: UInt64) {
-        guard let at = line.range(of: HostRunScripts.prefix) else { return }
+    /// What a console line says to the host (the guest's console is untrusted text: a line
+    /// that is not one of these says nothing).
+    public enum ConsoleEvent: Equatable, Sendable {
+        case running
+        case unusable(String)
+        case progress(run: Int, label: String)
+    }
+
+    public static func event(_ line: String) -> ConsoleEvent? {
+        guard let at = line.range(of: HostRunScripts.prefix) else { return nil }
         let rest = line[at.upperBound...].drop { $0 == " " }
-        if rest.hasPrefix("running") {
+        if rest.hasPrefix("running") { return .running }
+        if rest.hasPrefix("unusable:") { return .unusable(String(rest.dropFirst("unusable:".count)).trimmingCharacters(in: .whitespaces)) }
+        if rest.hasPrefix("progress ") {
+            let parts = rest.dropFirst("progress ".count).split(separator: " ", maxSplits: 1)
+            guard parts.count == 2, let i = Int(parts[0]), i >= 0, i <= 1 << 20 else { return nil }
+            return .progress(run: i, label: String(parts[1]))
+        }
+        return nil
+    }
+
+    private func take(_ line: String, into b: inout Boot, base: Int, started: UInt64) {
+        switch Self.event(line) {
+        case .running:
             b.running = true
             if bootS == nil { bootS = Clock.seconds(since: started) }
-        } else if rest.hasPrefix("unusable:") {
-            b.unusable = String(rest.dropFirst("unusable:".count)).trimmingCharacters(in: .whitespaces)
-        } else if rest.hasPrefix("progress ") {
-            let parts = rest.dropFirst("progress ".count).split(separator: " ", maxSplits: 1)
-            guard parts.count == 2, let i = Int(parts[0]), i >= 0, i < Int.max - base else { return }
-            b.lastProgress[base + i] = String(parts[1])
-            progress("[guest \(image.kernelRelease)] \(parts[1])")
+        case .unusable(let why): b.unusable = why
+        case .progress(let i, let label):
+            b.lastProgress[base + i] = label
+            progress("[guest \(image.kernelRelease)] \(label)")
+        case nil: break
         }
     }
 
@@ -335,12 +353,12 @@ public enum GuestRunError: Error, CustomStringConvertible {
 
 /// Reads a console log as it grows: whole lines, at most 64 KiB a call, a line longer than
 /// 4 KiB cut (a guest's console is untrusted text).
-struct ConsoleFollower {
+public struct ConsoleFollower {
     let path: String
     private var offset: off_t = 0
     private(set) var partial: [UInt8] = []
 
-    init(path: String) { self.path = path }
+    public init(path: String) { self.path = path }
 
     mutating func newLines() -> [String] {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -350,8 +368,13 @@ struct ConsoleFollower {
         let n = chunk.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }
         guard n > 0 else { return [] }
         offset += off_t(n)
+        return feed(chunk[0..<n])
+    }
+
+    /// Whole lines from `bytes` after what came before (kept in `partial`).
+    public mutating func feed<C: Collection>(_ bytes: C) -> [String] where C.Element == UInt8 {
         var lines: [String] = []
-        for byte in chunk[0..<n] {
+        for byte in bytes {
             if byte == 0x0A {
                 lines.append(PeerText.decode(partial))
                 partial.removeAll(keepingCapacity: true)
