@@ -326,7 +326,9 @@ public final class GuestRunner {
     /// commas doubled (QEMU's escape).
     func arguments(job: String, disk: String, console: String) -> [String] {
         func esc(_ s: String) -> String { s.replacingOccurrences(of: ",", with: ",,") }
-        var a = ["-m", "\(spec.memoryMiB)M", "-smp", String(spec.cpus), "-nodefaults", "-no-reboot",
+        // mem-merge off: QEMU otherwise marks guest RAM MADV_MERGEABLE, and this machine's
+        // KSM (a host run beside it) would scan and count it.
+        var a = ["-m", "\(spec.memoryMiB)M", "-smp", String(spec.cpus), "-nodefaults", "-no-reboot", "-machine", "mem-merge=off",
                  "-serial", "file:\(console)", "-kernel", spec.kernel, "-initrd", image.path,
                  "-append", "console=ttyS0 panic=-1 quiet",
                  "-virtfs", "local,path=/,mount_tag=\(HostRunScripts.hostTag),security_model=none,readonly=on,multidevs=remap",
