@@ -127,7 +127,7 @@ extension KernelTests {
                 #expect(r["status"] as? String == "ok", "\(r["reason"] ?? "")")
                 let cold: Double = 4096 * 0.9
                 #expect((median(r, "cold_swapped_pages") ?? 0) >= cold)
-                #expect((median(r, "damos_sz_applied") ?? 0) > 0)
+                #expect((median(r, "damos_sz_tried") ?? 0) > 0)
                 #expect((median(r, "memory_given_back") ?? 0) > 0)
                 #expect(checksAgree(r), "\(r["checks"] ?? "")")
             }
