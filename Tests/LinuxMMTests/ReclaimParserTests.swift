@@ -2,8 +2,8 @@ import Testing
 @testable import LinuxMM
 
 // Parsers behind the `reclaim` scenario, on text captured from real kernels: cgroup v1
-// memory.stat from this host (6.18, cgroup v1 memory), cgroup v2 memory.stat from a Debian
-// 6.1 guest (QEMU, cgroup v2), the DAMON admin files and /proc/kallsyms of this host.
+// memory.stat from this host (6.18, cgroup v1 memory), cgroup v2 memory.stat from Debian 6.1
+// and 6.12 guests (QEMU, cgroup v2), the DAMON admin files and /proc/kallsyms of this host.
 
 /// `cat /sys/fs/cgroup/memory/memory.stat` (v1 root), first lines, kernel 6.18.
 private let memoryStatV1 = """
@@ -81,6 +81,76 @@ thp_collapse_alloc 0
 
 """
 
+/// The same capture in a Debian 6.12.95 guest: zswpwb, swpout_zero and pgdemote_* are there.
+private let memoryStatV2_612 = """
+anon 3182592
+file 81920
+kernel 118784
+kernel_stack 16384
+pagetables 49152
+sec_pagetables 0
+percpu 0
+sock 0
+vmalloc 0
+shmem 0
+zswap 0
+zswapped 0
+file_mapped 65536
+file_dirty 0
+file_writeback 0
+swapcached 0
+anon_thp 0
+file_thp 0
+shmem_thp 0
+inactive_anon 0
+active_anon 3170304
+inactive_file 4096
+active_file 57344
+unevictable 0
+slab_reclaimable 4232
+slab_unreclaimable 31688
+slab 35920
+workingset_refault_anon 0
+workingset_refault_file 0
+workingset_activate_anon 0
+workingset_activate_file 0
+workingset_restore_anon 0
+workingset_restore_file 0
+workingset_nodereclaim 0
+pgdemote_kswapd 0
+pgdemote_direct 0
+pgdemote_khugepaged 0
+pgpromote_success 0
+pgscan 0
+pgsteal 0
+pgscan_kswapd 0
+pgscan_direct 0
+pgscan_khugepaged 0
+pgsteal_kswapd 0
+pgsteal_direct 0
+pgsteal_khugepaged 0
+pgfault 1791
+pgmajfault 59
+pgrefill 0
+pgactivate 0
+pgdeactivate 0
+pglazyfree 0
+pglazyfreed 0
+swpin_zero 0
+swpout_zero 0
+zswpin 0
+zswpout 0
+zswpwb 0
+thp_fault_alloc 0
+thp_collapse_alloc 0
+thp_swpout 0
+thp_swpout_fallback 0
+numa_pages_migrated 0
+numa_pte_updates 0
+numa_hint_faults 0
+
+"""
+
 @Suite struct MemoryStatTests {
     @Test func v1KeysAndHugeValues() {
         let s = MemoryStat(text: memoryStatV1)
@@ -99,6 +169,14 @@ thp_collapse_alloc 0
         #expect(s["anon"] == 3_182_592)
         #expect(s["pgfault"] == 1866)
         #expect(s["zswpwb"] == nil, "6.1 has no zswpwb (6.8+): absent, not 0")
+    }
+
+    @Test func v2On612HasWriteback() {
+        let s = MemoryStat(text: memoryStatV2_612)
+        #expect(s["zswpwb"] == 0 && s["swpout_zero"] == 0 && s["pgdemote_kswapd"] == 0)
+        #expect(s["active_anon"] == 3_170_304)
+        #expect(s["slab"] == 35_920)
+        #expect(s.counters.count == memoryStatV2_612.split(separator: "\n").count)
     }
 
     @Test func deltasAreSignedAndNeedBothSides() {

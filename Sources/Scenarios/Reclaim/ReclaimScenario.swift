@@ -113,8 +113,11 @@ public struct ReclaimScenario: TypedScenario {
 
     public func memoryLimitAllowsSwap(_ variant: Variant, _ p: Values) -> Bool { true }
 
+    /// A minute and more per 10 000 pages: filling, paging out and (zswap-writeback) a
+    /// vmstat read after every timed fault are linear in the region.
     public func deadline(_ variant: Variant, _ p: Values) -> Double {
-        variant == .damon ? p.baselineS + p.durationS + 60 : 120
+        let perPages = Double(swappedPages(variant, p)) / 5000
+        return (variant == .damon ? p.baselineS + p.durationS : 0) + 120 + perPages
     }
 
     /// The runner makes the swap file (journaled by the guard before it exists) and, for
