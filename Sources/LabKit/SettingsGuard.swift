@@ -525,9 +525,6 @@ public final class SettingsGuard: Sendable {
         }
     }
 
-    /// The kdamonds this run added.
-    public var addedKdamonds: [String] { state.withLock { $0.journal?.kdamonds ?? [] } }
-
     /// What the journal holds besides knobs, for a run's notes.
     public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
         state.withLock { s in (s.journal?.swapAreas ?? [], s.journal?.createdFiles ?? [], s.journal?.zramDevices ?? []) }
