@@ -25,6 +25,7 @@ let allTargets: [FuzzTarget] = [
     .qmp,
     .agent,
     .uffdhandler,
+    .kernelText,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.
