@@ -97,6 +97,8 @@ public struct ProbeReport: Sendable, Codable {
             f.append(Feature(name: "zswap", usable: false, detail: "", reason: "/sys/module/zswap missing: kernel built without CONFIG_ZSWAP"))
         }
 
+        f += reclaimFeatures(root: root, needRoot: needRoot)
+
         let cgroups = MemoryCgroupMount.detect()
         if cgroups.isEmpty {
             f.append(Feature(name: "memory-cgroup", usable: false, detail: "", reason: "no memory controller mounted (cgroup v1 'memory' or v2 with memory in cgroup.controllers)"))
@@ -128,6 +130,36 @@ public struct ProbeReport: Sendable, Codable {
                          reason: netem.map { "\($0); runs inside a guest whose kernel has sch_netem (scenarios/guest-paths.toml)" }))
 
         return ProbeReport(host: .current(), root: root, features: f)
+    }
+
+    /// Proactive reclaim (the `reclaim` scenario): DAMON, the zswap shrinker, and the cgroup v2
+    /// files memory.reclaim and memory.zswap.max.
+    static func reclaimFeatures(root: Bool, needRoot: String?) -> [Feature] {
+        var f: [Feature] = []
+        if Damon.isAvailable {
+            let ops = Damon.availableOperations()
+            let kdamonds = Damon.configured()
+            let why = Damon.unavailableReason(ops: ops, configured: kdamonds)
+            f.append(Feature(name: "damon-reclaim", usable: why == nil && root,
+                             detail: "operations: \(ops.isEmpty ? "none" : ops.joined(separator: " ")); nr_kdamonds=\(kdamonds.count)",
+                             reason: why ?? needRoot))
+        } else {
+            f.append(Feature(name: "damon-reclaim", usable: false, detail: "", reason: Damon.unavailableReason()))
+        }
+        if Zswap.shrinkerEnabled.exists {
+            let on = (try? Zswap.shrinkerEnabled.read()) ?? "?"
+            f.append(Feature(name: "zswap-shrinker", usable: root, detail: "shrinker_enabled=\(on); writeback counted in /proc/vmstat zswpwb\(ProcFile.exists(Zswap.debugDirectory) ? " and debugfs written_back_pages" : "")", reason: needRoot))
+        } else {
+            f.append(Feature(name: "zswap-shrinker", usable: false, detail: "",
+                             reason: Zswap.isAvailable ? "\(Zswap.shrinkerEnabled.path) missing: the zswap shrinker came with Linux 6.8" : "/sys/module/zswap missing: kernel built without CONFIG_ZSWAP"))
+        }
+        for file in ["memory.reclaim", "memory.zswap.max"] {
+            let why = MemoryCgroup.v2UnavailableReason(file: file)
+                ?? (file == "memory.zswap.max" && !Zswap.isAvailable ? "/sys/module/zswap missing: kernel built without CONFIG_ZSWAP" : nil)
+            f.append(Feature(name: String(file.map { $0 == "." ? "-" : $0 }), usable: why == nil && root,
+                             detail: why == nil ? "cgroup v2 at \(MemoryCgroup.v2Root ?? "?")" : "", reason: why ?? needRoot))
+        }
+        return f
     }
 
     public func render() -> String {

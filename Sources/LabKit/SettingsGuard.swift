@@ -47,6 +47,9 @@ public struct Journal: Codable, Sendable, Equatable {
     /// cgroup v2 subtree_control files memlab wrote "+CONTROLLER" to ("path|memory"),
     /// given back with "-CONTROLLER" after the cgroups under them are removed.
     public var enabledControllers: [String]?
+    /// DAMON kdamonds memlab added (their directories, …/kdamonds/N): turned off and removed
+    /// (nr_kdamonds written back to N) on restore, before the swap areas go.
+    public var kdamonds: [String]?
     /// Children running when the journal was last written: killed and waited for before a
     /// recovery restores anything.
     public var processes: [ProcessRecord]?
@@ -66,6 +69,7 @@ public struct Journal: Codable, Sendable, Equatable {
         case swapAreas = "swap_areas"
         case enabledControllers = "enabled_controllers"
         case adoptedFrom = "adopted_from"
+        case kdamonds
         case bootID = "boot_id"
     }
 
@@ -87,7 +91,7 @@ public struct Journal: Codable, Sendable, Equatable {
     /// Nothing to give back.
     var isEmpty: Bool {
         entries.isEmpty && createdDirectories.isEmpty && (createdFiles ?? []).isEmpty && (zramDevices ?? []).isEmpty
-            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty
+            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty && (kdamonds ?? []).isEmpty
     }
 
     /// A journal found on disk names paths that root will write or remove. One that asks for
@@ -103,7 +107,17 @@ public struct Journal: Codable, Sendable, Equatable {
         if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
         if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
         if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) || !$0.hasSuffix("/cgroup.subtree_control|memory") }) { return c }
+        if let k = (kdamonds ?? []).first(where: { Journal.kdamondIndex($0) == nil }) { return k }
         return nil
+    }
+
+    /// N of a kdamond directory \(Damon.kdamonds)/N, or nil for any other path.
+    static func kdamondIndex(_ dir: String) -> Int? {
+        let prefix = Damon.kdamonds + "/"
+        guard dir.hasPrefix(prefix) else { return nil }
+        let rest = dir.dropFirst(prefix.count)
+        guard !rest.isEmpty, rest.count <= 4, rest.allSatisfy({ $0 >= "0" && $0 <= "9" }) else { return nil }
+        return Int(rest)
     }
 }
 
@@ -359,10 +373,11 @@ public final class SettingsGuard: Sendable {
             j.zramDevices = old.zramDevices
             j.swapAreas = old.swapAreas
             j.enabledControllers = old.enabledControllers
+            j.kdamonds = old.kdamonds
             j.adoptedFrom = (old.adoptedFrom ?? []) + [old.ownerPID]
             if old.bootID != nil && old.bootID != j.bootID {
                 // From an earlier boot: only its files are still there to remove.
-                j.entries = []; j.createdDirectories = []; j.zramDevices = nil; j.swapAreas = nil; j.enabledControllers = nil
+                j.entries = []; j.createdDirectories = []; j.zramDevices = nil; j.swapAreas = nil; j.enabledControllers = nil; j.kdamonds = nil
             }
         case .loaded:
             break
@@ -476,6 +491,40 @@ public final class SettingsGuard: Sendable {
         })
     }
 
+    // MARK: DAMON
+
+    /// Adds a kdamond (nr_kdamonds 0 -> 1), journaled first, and returns its index. Only where
+    /// none is configured: writing nr_kdamonds rebuilds every kdamond directory (someone
+    /// else's configuration would be lost), so any other count is refused with EBUSY.
+    public func addKdamond() throws(GuardError) -> Int {
+        let current = try system { () throws(SystemError) in try ProcFile.read(Damon.nrKdamonds) }.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard current == "0" else {
+            throw .system(SystemError(errno: EBUSY, call: "DAMON already has \(current) kdamond(s) configured (nr_kdamonds); memlab adds one only where there are none", path: Damon.nrKdamonds))
+        }
+        let dir = "\(Damon.kdamonds)/0"
+        try borrow({ j in j.kdamonds = (j.kdamonds ?? []) + [dir]; return true }, { (_) throws(GuardError) in
+            try system { () throws(SystemError) in try ProcFile.write(Damon.nrKdamonds, "1") }
+        })
+        return 0
+    }
+
+    /// Turns a kdamond memlab added off (if it runs) and removes it: nr_kdamonds back to its
+    /// index, the count before it was added. Already gone counts as done.
+    static func removeKdamond(_ dir: String) throws(SystemError) {
+        guard let index = Journal.kdamondIndex(dir) else { throw SystemError(errno: EINVAL, call: "not a kdamond directory", path: dir) }
+        guard let n = Int((ProcFile.readIfPresent(Damon.nrKdamonds) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)), n > index else { return }
+        let state = (ProcFile.readIfPresent("\(dir)/state") ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+        if state == "on" { try ProcFile.write("\(dir)/state", "off") }
+        // The kdamond thread exits asynchronously after "off"; nr_kdamonds is EBUSY until then.
+        let until = Clock.nanoseconds() &+ 5_000_000_000
+        while true {
+            do throws(SystemError) { try ProcFile.write(Damon.nrKdamonds, String(index)); return } catch {
+                if error.errno != EBUSY || Clock.nanoseconds() > until { throw error }
+                Clock.sleep(nanoseconds: 20_000_000)
+            }
+        }
+    }
+
     /// What the journal holds besides knobs, for a run's notes.
     public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
         state.withLock { s in (s.journal?.swapAreas ?? [], s.journal?.createdFiles ?? [], s.journal?.zramDevices ?? []) }
@@ -568,6 +617,7 @@ public final class SettingsGuard: Sendable {
         remaining.zramDevices = nil
         remaining.swapAreas = nil
         remaining.enabledControllers = nil
+        remaining.kdamonds = nil
         let deadline = Clock.nanoseconds() &+ UInt64(patience * 1e9)
         for e in j.entries.reversed() {
             let knob = Knob(e.path)
@@ -592,6 +642,16 @@ public final class SettingsGuard: Sendable {
             } catch {
                 report.failures.append("\(e.path): \(error)")
                 remaining.entries.insert(e, at: 0)
+            }
+        }
+        // kdamonds first: one still paging out would keep using the swap area below.
+        for dir in (j.kdamonds ?? []).reversed() {
+            do {
+                try SettingsGuard.removeKdamond(dir)
+                report.restoredLines.append("DAMON: \(dir) off and removed")
+            } catch {
+                report.failures.append("DAMON \(dir): \(error)")
+                remaining.kdamonds = [dir] + (remaining.kdamonds ?? [])
             }
         }
         // Swap areas first (swapoff brings their pages back), then the devices and files
@@ -806,7 +866,7 @@ public final class SettingsGuard: Sendable {
             // with that boot (zram0 now may be the system's own). Only its files remain.
             rebooted = true
             toRestore.entries = []; toRestore.createdDirectories = []; toRestore.zramDevices = nil
-            toRestore.swapAreas = nil; toRestore.enabledControllers = nil; toRestore.processes = nil
+            toRestore.swapAreas = nil; toRestore.enabledControllers = nil; toRestore.processes = nil; toRestore.kdamonds = nil
         }
         let leftovers = killAndWait(toRestore.processes ?? [])
         var (report, remaining) = restoreKeepingFailures(toRestore)

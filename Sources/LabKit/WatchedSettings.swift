@@ -58,7 +58,7 @@ public enum WatchedSettings {
 
     /// The picture, one `name=value` a line: every knob's value, then what a run may leave
     /// behind — swap areas, KSM's shared pages, hugetlb pages in use, memlab's memory cgroups,
-    /// zram devices, memlab's network namespaces, temporary files, registered journals. Read
+    /// zram devices, DAMON kdamonds (how many, each on or off), memlab's network namespaces, temporary files, registered journals. Read
     /// only: taking it changes nothing.
     public static func snapshot() -> [String] {
         var lines: [String] = []
@@ -81,6 +81,11 @@ public enum WatchedSettings {
             for name in ProcFile.list(root).sorted() where name.hasPrefix("memlab") { lines.append("leftover_cgroup=\(root)/\(name)") }
         }
         for name in ProcFile.list("/sys/block").sorted() where name.hasPrefix("zram") { lines.append("zram_device=\(name)") }
+        if Damon.isAvailable {
+            let kdamonds = Damon.configured()
+            lines.append("damon_kdamonds=\(kdamonds.count)")
+            for k in kdamonds { lines.append("damon_kdamond_\(k.index)=\(k.state)") }
+        }
         for name in ProcFile.list("/run/netns").sorted() where name.hasPrefix("memlab") { lines.append("leftover_netns=\(name)") }
         for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
             for name in ProcFile.list(dir).sorted() where temporaryPrefixes.contains(where: { name.hasPrefix($0) }) {

@@ -26,6 +26,7 @@ let allTargets: [FuzzTarget] = [
     .agent,
     .uffdhandler,
     .guestrun,
+    .kernelText,
 ]
 
 /// A promise of the code under test that an input broke: a finding, reported like a crash.

@@ -8,6 +8,7 @@ public let allScenarios = Registry([
     HugePagesScenario(),
     OvercommitScenario(),
     TmemScenario(),
+    ReclaimScenario(),
     LazyRestoreScenario(),
     MigrationScenario(),
     VMScenario(),

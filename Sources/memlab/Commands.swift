@@ -228,6 +228,12 @@ enum QuickSuite {
         ("overcommit:oom", ["limit": "32M"], 2),
         ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),
         ("tmem:density", ["mechanism": "ksm", "guests": "4", "guest_size": "16M", "limit": "48M", "duration_s": "1"], 1),
+        // Proactive reclaim (issue 15): the cgroup v2 and DAMON variants are skipped with the
+        // reason where the kernel or the cgroup hierarchy lacks them.
+        ("reclaim:damon", ["hot_pages": "1024", "cold_pages": "4096", "swap_size": "64M", "baseline_s": "1", "duration_s": "3", "min_age_s": "1"], 1),
+        ("reclaim:zswap-writeback", ["pages": "4096", "swap_size": "64M"], 1),
+        ("reclaim:memory-reclaim", ["pages": "4096", "swap_size": "64M", "reclaim_bytes": "8M"], 2),
+        ("reclaim:zswap-max", ["pages": "4096", "swap_size": "64M", "zswap_max": "4M"], 1),
         ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "on-demand"], 1),
         ("lazy-restore:restore", ["size": "16M", "accesses": "512", "rtt_ms": "0.5", "policy": "background-push"], 1),
         ("lazy-restore:floors", [:], 1),

@@ -49,7 +49,7 @@ extension KernelTests {
             let probed = try #require(try JSONSerialization.jsonObject(with: Data(probe.stdout.utf8)) as? [String: Any])
             let usable = Set(((probed["features"] as? [[String: Any]]) ?? []).filter { $0["usable"] as? Bool == true }.compactMap { $0["name"] as? String })
             let needs = ["ksm": "ksm", "hugepages": "thp", "overcommit": "memory-cgroup", "tmem": "zswap",
-                         "lazy-restore": "userfaultfd", "migration": "uffd-wp-async"]
+                         "lazy-restore": "userfaultfd", "migration": "uffd-wp-async", "reclaim": "zswap-shrinker"]
             for (module, feature) in needs where usable.contains(where: { $0.hasPrefix(feature) }) {
                 let ok = runs(doc).contains { $0["scenario"] as? String == module && $0["status"] as? String == "ok" }
                 let reasons = runs(doc).filter { $0["scenario"] as? String == module }.map { "\($0["status"] ?? "")/\($0["reason"] ?? "")" }

@@ -1,0 +1,40 @@
+import LinuxMM
+import Scenarios
+
+/// Kernel text the `reclaim` scenario parses, which a guest may hand back too: the first byte
+/// picks the parser, the rest is the text. 0: memory.stat (`MemoryStat`; accepted when every
+/// non-empty line is one "name number" pair); 1: a DAMOS stats directory as "name value"
+/// lines (`Damon.SchemeStats`; accepted when the four counters are there); 2: /proc/kallsyms
+/// (`Damon.operations`; accepted when it names an operation set); 3: /proc/vmstat through the
+/// read-back classifier (`SwapinCounters.parse`; accepted when both counters are named).
+extension FuzzTarget {
+    static let kernelText = FuzzTarget(name: "kerneltext", maxLen: 1 << 16, summary: "memory.stat, DAMOS stats, kallsyms, vmstat swap-in counters") { data in
+        var input = FuzzBytes(data)
+        let mode = input.u8() % 4
+        let body = input.rest()
+        let text = String(decoding: body, as: UTF8.self)
+        switch mode {
+        case 0:
+            let s = MemoryStat(text: text)
+            let lines = text.split(separator: "\n").filter { !$0.isEmpty }
+            for (k, _) in s.counters { fuzzInvariant(!k.isEmpty && !k.contains(" ") && !k.contains("\n"), "a counter name with a separator: \(k)") }
+            return !lines.isEmpty && s.counters.count == lines.count
+        case 1:
+            var files: [String: String] = [:]
+            for line in text.split(separator: "\n") {
+                let f = line.split(separator: " ", maxSplits: 1)
+                if f.count == 2 { files[String(f[0])] = String(f[1]) }
+            }
+            guard let s = Damon.SchemeStats(files: files) else { return false }
+            fuzzInvariant(files["sz_applied"] != nil && files["nr_tried"] != nil, "stats read without their files: \(s)")
+            return true
+        case 2:
+            let ops = Damon.operations(kallsyms: text)
+            fuzzInvariant(Set(ops).isSubset(of: ["vaddr", "fvaddr", "paddr"]), "an operation set that does not exist: \(ops)")
+            return !ops.isEmpty
+        default:
+            _ = body.withMemoryRebound(to: UInt8.self) { SwapinCounters.parse($0) }
+            return text.contains("zswpin ") && text.contains("pswpin ")
+        }
+    }
+}
