@@ -54,9 +54,11 @@ extension ReclaimScenario {
 
         if complete {
             // memory.reclaim loops until it has reclaimed what was asked; a batch
-            // (SWAP_CLUSTER_MAX pages) may take it past.
-            ctx.check("reclaimed_bytes", expected: Double(asked), observed: steal * Double(page), accepted: Double(asked) * 0.99...Double.greatestFiniteMagnitude,
-                      describe: "memory.reclaim returned success: pgsteal x page size >= what was asked (1% slack)")
+            // (SWAP_CLUSTER_MAX pages) may take it past. Its count also credits slab the
+            // shrinkers freed (reclaim_state), which pgsteal never sees: seen 1.1% short of
+            // the ask in pgsteal on 6.1 (2026-12-03), hence 5% slack below.
+            ctx.check("reclaimed_bytes", expected: Double(asked), observed: steal * Double(page), accepted: Double(asked) * 0.95...Double.greatestFiniteMagnitude,
+                      describe: "memory.reclaim returned success: pgsteal x page size >= what was asked (5% slack: the kernel also counts freed slab)")
         } else {
             ctx.check("reclaimed_bytes", expected: Double(asked), observed: steal * Double(page), accepted: 0...Double(asked),
                       describe: "memory.reclaim answered EAGAIN: less than asked was reclaimed")
