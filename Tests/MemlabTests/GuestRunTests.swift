@@ -170,7 +170,7 @@ extension KernelTests {
             #expect(guest["hypervisor_kernel"] as? String == HostFacts.current().kernel)
             #expect((guest["boot_s"] as? Double ?? 0) > 0)
             let rs = runs(doc)
-            #expect(rs.count == 3)
+            #expect(rs.count == 6)
             for r in rs {
                 #expect(r["status"] as? String == "ok", "\(r["scenario"] ?? ""):\(r["variant"] ?? ""): \(r["reason"] ?? "")")
                 let checks = r["checks"] as? [[String: Any]] ?? []
@@ -178,9 +178,15 @@ extension KernelTests {
                 #expect((r["notes"] as? [String] ?? []).contains { $0.hasPrefix("ran inside a guest: Linux \(release)") })
             }
             // soft-dirty against uffd-wp, the per-node pool on node 1, OOM under cgroup v2.
+            guard rs.count == 6 else { return }
             #expect((rs[0]["checks"] as? [[String: Any]] ?? []).contains { $0["name"] as? String == "step1_trackers_agree" })
             #expect(median(rs[1], "node1_pool_pages") == 8)
             #expect((rs[2]["notes"] as? [String] ?? []).contains { $0.contains("(v2)") && $0.contains("memory cgroup /sys/fs/cgroup/") })
+            // netem on the guest's loopback; memory.reclaim and memory.zswap.max (cgroup v2).
+            func hasCheck(_ r: [String: Any], _ name: String) -> Bool { (r["checks"] as? [[String: Any]] ?? []).contains { $0["name"] as? String == name } }
+            #expect(hasCheck(rs[3], "netem_rtt"))
+            #expect(hasCheck(rs[4], "reclaimed_bytes") && (median(rs[4], "reclaimed_bytes") ?? 0) >= Double(8 << 20) * 0.95)
+            #expect(hasCheck(rs[5], "pool_under_cap"))
             #expect(KnobSnapshot.take() == before)
             #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")
             #expect(memlabLitter().isEmpty, "\(memlabLitter())")
