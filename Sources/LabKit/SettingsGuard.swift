@@ -395,17 +395,27 @@ public final class SettingsGuard: Sendable {
             throw .notWatched(knob: knob.path)
         }
         let current = try system { () throws(SystemError) in try knob.read() }
+        // What writing it changes besides (advisor_mode: pages_to_scan), journaled at its
+        // value now and before it, so restore gives it back after it.
+        var sideEffects: [(Knob, String)] = []
+        for k in knob.alsoChanges where current != value {
+            guard WatchedSettings.watches(k.path) else { throw .notWatched(knob: k.path) }
+            sideEffects.append((k, try system { () throws(SystemError) in try k.read() }))
+        }
         try borrow({ j in
+            for (k, v) in sideEffects where !j.entries.contains(where: { $0.path == k.path }) {
+                j.entries.append(.init(path: k.path, original: v, value: v))
+            }
             if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
                 j.entries[i].value = value
                 return true
             }
-            if current == value { return false }    // nothing to borrow
+            if current == value { return !sideEffects.isEmpty }    // nothing to borrow
             j.entries.append(.init(path: knob.path, original: current, value: value))
             return true
         }, { (_) throws(GuardError) in
             if current == value { return }
-            let readBack = try system { () throws(SystemError) in try knob.write(value); return try knob.read() }
+            let readBack = try system { () throws(SystemError) in try knob.apply(value); return try knob.read() }
             if readBack != value { throw .readBack(knob: knob.path, wrote: value, read: readBack) }
         })
     }
@@ -577,7 +587,7 @@ public final class SettingsGuard: Sendable {
                 var current = first
                 while true {
                     if current != e.original {
-                        for v in knob.restoreSequence(to: e.original, current: current) { try knob.write(v) }
+                        for v in knob.restoreSequence(to: e.original, current: current) { try knob.apply(v) }
                     }
                     current = try knob.read()
                     if current == e.original || Clock.nanoseconds() > deadline { break }

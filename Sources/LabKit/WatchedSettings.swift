@@ -15,7 +15,8 @@ public enum WatchedSettings {
     public static let knobPatterns: [String] = {
         var p = [KSM.Knobs.run, KSM.Knobs.pagesToScan, KSM.Knobs.sleepMillisecs, KSM.Knobs.useZeroPages,
                  KSM.Knobs.mergeAcrossNodes, KSM.Knobs.maxPageSharing, KSM.Knobs.smartScan].map(\.path)
-        p += ["advisor_mode", "advisor_target_scan_time"].map { "\(KSM.directory)/\($0)" }
+        p += ["advisor_mode", "advisor_target_scan_time", "advisor_max_cpu", "advisor_min_pages_to_scan",
+              "advisor_max_pages_to_scan"].map { "\(KSM.directory)/\($0)" }
         p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled"].map { "\(THP.directory)/\($0)" }
         p.append("\(THP.directory)/hugepages-*/enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
