@@ -37,6 +37,7 @@ public struct ProbeReport: Sendable, Codable {
         } else {
             f.append(Feature(name: "ksm", usable: false, detail: "", reason: "/sys/kernel/mm/ksm missing: kernel built without CONFIG_KSM"))
         }
+        f += ksmMechanisms(root: root)
 
         if THP.isAvailable {
             let mode = (try? THP.enabled.read()) ?? "?"

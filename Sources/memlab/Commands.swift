@@ -212,6 +212,14 @@ enum QuickSuite {
         ("ksm:merge", ["pages": "2048,8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
+        // Issue 15's KSM mechanisms: smart scan off and on (the pair is the comparison), the
+        // advisor watched for 4 s, a THP-backed region, chains; numa-merge is skipped with its
+        // reason on one node.
+        ("ksm:smart-scan", ["pages": "8192", "smart_scan": "false,true"], 2),
+        ("ksm:advisor", ["pages": "8192", "duration_s": "4"], 1),
+        ("ksm:thp", ["pages": "8192"], 2),
+        ("ksm:numa-merge", ["pages": "8192"], 1),
+        ("ksm:chains", ["pages": "8192", "max_page_sharing": "32"], 2),
         ("hugepages:fault", ["kind": "4k", "size": "32M"], 3),
         ("hugepages:fault", ["kind": "thp", "size": "32M"], 3),
         ("hugepages:fault", ["kind": "hugetlb-2m", "size": "32M"], 3),
