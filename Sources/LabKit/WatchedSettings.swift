@@ -17,10 +17,11 @@ public enum WatchedSettings {
                  KSM.Knobs.mergeAcrossNodes, KSM.Knobs.maxPageSharing, KSM.Knobs.smartScan].map(\.path)
         p += ["advisor_mode", "advisor_target_scan_time", "advisor_max_cpu", "advisor_min_pages_to_scan",
               "advisor_max_pages_to_scan"].map { "\(KSM.directory)/\($0)" }
-        p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled"].map { "\(THP.directory)/\($0)" }
+        p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled", "shrink_underused"].map { "\(THP.directory)/\($0)" }
         p.append("\(THP.directory)/hugepages-*/enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
               THP.Khugepaged.allocSleepMillisecs, THP.Khugepaged.maxPtesNone].map(\.path)
+        p += ["max_ptes_swap", "max_ptes_shared"].map { "\(THP.khugepagedDirectory)/\($0)" }
         p += ["\(HugeTLB.directory)/hugepages-*/nr_hugepages", "\(HugeTLB.directory)/hugepages-*/nr_overcommit_hugepages",
               "/sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages",
               "/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"]

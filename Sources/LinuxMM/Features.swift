@@ -8,6 +8,8 @@ public enum THP {
     public static let directory = "/sys/kernel/mm/transparent_hugepage"
     public static let enabled = Knob("\(directory)/enabled")
     public static let defrag = Knob("\(directory)/defrag")
+    /// Whether the deferred-split shrinker may split THPs that are mostly zero-filled (6.12+).
+    public static let shrinkUnderused = Knob("\(directory)/shrink_underused")
 
     public static var isAvailable: Bool { enabled.exists }
 

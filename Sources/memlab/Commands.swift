@@ -229,6 +229,8 @@ enum QuickSuite {
         ("hugepages:bloat", ["size": "16M"], 1),
         ("hugepages:split", ["size": "16M"], 3),
         ("hugepages:hugetlb-reserve", [:], 1),
+        // The underused-THP shrinker: on (max_ptes_none below 511) it splits every THP.
+        ("hugepages:shrink-underused", ["size": "16M", "max_ptes_none": "409"], 2),
         ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),
         ("overcommit:oom", ["limit": "32M"], 2),
         ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),

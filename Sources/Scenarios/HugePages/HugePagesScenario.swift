@@ -17,6 +17,7 @@ public struct HugePagesScenario: TypedScenario {
     public enum Variant: String, ScenarioVariant {
         case fault, tlb, collapse, bloat, split
         case hugetlbReserve = "hugetlb-reserve"
+        case shrinkUnderused = "shrink-underused"
         public var summary: String {
             switch self {
             case .fault: return "first-touch throughput and per-fault latency for one page size; huge_coverage read back"
@@ -25,6 +26,7 @@ public struct HugePagesScenario: TypedScenario {
             case .bloat: return "sparse touches under THP vs 4K: RSS inflation, and khugepaged's max_ptes_none"
             case .split: return "partial munmap/mprotect inside THPs: split counts and their cost"
             case .hugetlbReserve: return "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"
+            case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
         }
     }
@@ -72,6 +74,8 @@ public struct HugePagesScenario: TypedScenario {
         let hugeSize = Parameter<HugeSize>("huge_size", default: .size2M, help: "hugetlb-reserve: which pool")
         let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
+        let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
+        let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
     }
 
     // MARK: what a kind means
@@ -132,6 +136,8 @@ public struct HugePagesScenario: TypedScenario {
         switch variant {
         case .hugetlbReserve:
             return HugeTLB.pools().isEmpty ? .unusable("no hugetlb pools: kernel built without CONFIG_HUGETLBFS") : .usable
+        case .shrinkUnderused:
+            return probeShrinkUnderused()
         default:
             return THP.isAvailable ? .usable : .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE")
         }
@@ -222,6 +228,12 @@ public struct HugePagesScenario: TypedScenario {
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
         case .split:
             onlySize(2 << 20)
+        case .shrinkUnderused:
+            onlySize(2 << 20)
+            // Read by the shrinker: a THP is underused when more than max_ptes_none of its
+            // pages are zero-filled (511, the default, turns the check off).
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
+            s.append(KnobSetting(THP.shrinkUnderused, params.shrinkUnderused ? "1" : "0"))
         case .hugetlbReserve:
             let b = params.hugeSize.bytes
             let node = params.node
@@ -235,6 +247,12 @@ public struct HugePagesScenario: TypedScenario {
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double { params.timeoutS + 120 }
 
+    /// shrink-underused runs in a memory cgroup just larger than its THP region, so that the
+    /// page cache it writes next puts the cgroup under reclaim (which runs the shrinkers).
+    public func memoryLimit(_ variant: Variant, _ params: Values) -> Int? {
+        variant == .shrinkUnderused ? regionSize(params, .thp) + ShrinkUnderused.headroom : nil
+    }
+
     public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
         switch variant {
         case .fault: try runFault(ctx, p)
@@ -243,6 +261,7 @@ public struct HugePagesScenario: TypedScenario {
         case .bloat: try runBloat(ctx, p)
         case .split: try runSplit(ctx, p)
         case .hugetlbReserve: try runReserve(ctx, p)
+        case .shrinkUnderused: try runShrinkUnderused(ctx, p)
         }
     }
 

@@ -1,0 +1,62 @@
+import Foundation
+import Testing
+
+let hasUnderusedShrinker = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/shrink_underused")
+
+extension KernelTests {
+    /// The underused-THP shrinker (6.12+) on the real kernel: it splits exactly the THPs with
+    /// more zero-filled pages than max_ptes_none, and only when it is on; RSS is given back.
+    @Suite(.enabled(if: isRoot, "needs root: THP knobs, memory cgroups and /proc/kpageflags are root-only"),
+           .enabled(if: hasTHP, "kernel without THP"),
+           .enabled(if: hasUnderusedShrinker, "kernel without the underused-THP shrinker (6.12+)"),
+           .enabled(if: hasMemoryCgroup, "no memory cgroup controller mounted"))
+    struct THPShrinker {
+        func run(_ sets: [String]) throws -> [String: Any] {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:shrink-underused", "--repeat", "1", "--quiet", "--json", dir.file("r.json")] + sets.flatMap { ["--set", $0] },
+                                     stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)\nstdout: \(out.stdout)")
+            #expect(KnobSnapshot.take() == before, "knobs must be restored")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            let checks = r["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            return r
+        }
+
+        @Test func underusedTHPsAreSplitAndGiveTheirZeroPagesBack() throws {
+            let r = try run(["size=16M", "max_ptes_none=409", "touched_per_huge=8"])
+            #expect(r["status"] as? String == "ok", "\(r["reason"] ?? "")")
+            #expect(median(r, "thp_underused_split_page") == 8)
+            #expect(median(r, "rss_after") == Double(8 * 8 * 4096))
+            #expect(median(r, "anon_huge_bytes_after") == 0)
+            #expect((median(r, "rss_given_back") ?? 0) > Double(15 << 20))
+        }
+
+        /// max_ptes_none is the threshold: 409 zero-filled pages are not more than 409.
+        @Test func atTheThresholdNothingIsSplit() throws {
+            let r = try run(["size=16M", "max_ptes_none=409", "touched_per_huge=103"])
+            #expect(median(r, "thp_underused_split_page") == 0)
+            #expect(median(r, "anon_huge_bytes_after") == Double(16 << 20))
+        }
+
+        @Test func offMeansNothingIsSplit() throws {
+            let r = try run(["size=16M", "max_ptes_none=409", "shrink_underused=false"])
+            #expect(median(r, "thp_underused_split_page") == 0)
+            #expect(median(r, "rss_after") == Double(16 << 20))
+            let changed = ((r["settings"] as? [String: Any])?["changed"] as? [String: Any]) ?? [:]
+            #expect(changed["/sys/kernel/mm/transparent_hugepage/shrink_underused"] != nil)
+        }
+
+        @Test func badValuesChangeNothing() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            for args in [["--set", "touched_per_huge=0"], ["--set", "touched_per_huge=513"], ["--set", "shrink_underused=2"],
+                         ["--set", "max_ptes_none=512"], ["--set", "size=1M"]] {
+                let out = try Memlab.run(["run", "hugepages:shrink-underused"] + args + ["--repeat", "1", "--quiet"], stateDir: dir.path)
+                #expect(out.status == 2, "\(args): status \(out.status), stderr \(out.stderr)")
+            }
+            #expect(KnobSnapshot.take() == before)
+        }
+    }
+}
