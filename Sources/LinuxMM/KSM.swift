@@ -71,6 +71,21 @@ public enum KSM {
         return c
     }
 
+    /// Other processes with KSM-mergeable memory (/proc/PID/ksm_stat says `ksm_mergeable: yes`
+    /// or `ksm_merge_any: yes`; a QEMU guest's RAM is, by default): ksmd scans their pages too,
+    /// so the global counters count them. (pid, comm) each; this process excluded.
+    public static func otherMergeableProcesses() -> [(pid: Int32, comm: String)] {
+        let me = getpid()
+        var out: [(Int32, String)] = []
+        for name in ProcFile.list("/proc") {
+            guard let pid = Int32(name), pid != me, let stat = ProcFile.readIfPresent("/proc/\(pid)/ksm_stat") else { continue }
+            if stat.contains("ksm_mergeable: yes") || stat.contains("ksm_merge_any: yes") {
+                out.append((pid, ProcFile.readIfPresent("/proc/\(pid)/comm")?.trimmingWhitespace() ?? "?"))
+            }
+        }
+        return out
+    }
+
     /// The pid of the ksmd kernel thread, found by its comm.
     public static func ksmdPID() -> Int32? {
         for name in ProcFile.list("/proc") {

@@ -45,6 +45,10 @@ extension KSMScenario {
             .init("advisor_pages_to_scan", .pages, try CounterFile(path: KSM.Knobs.pagesToScan.path)),
             .init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing")),
         ])
+        let others = KSM.otherMergeableProcesses()
+        if !others.isEmpty {
+            ctx.note("other processes have KSM-mergeable memory (\(others.prefix(3).map { "pid \($0.pid) (\($0.comm))" }.joined(separator: ", "))): ksmd scans their pages too, so the scan times and the advisor's picks are for all of it")
+        }
         let ksmd = KSM.ksmdPID()
         if ksmd == nil { ctx.note("ksmd thread not found in /proc: the CPU bound check is not made") }
         try sampler.start()

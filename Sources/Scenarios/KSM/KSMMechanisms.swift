@@ -38,6 +38,17 @@ extension KSMScenario {
         }
     }
 
+    /// In the child: a variant whose checks add up ksmd's machine-wide counters (pages
+    /// scanned and skipped, stable node chains) is skipped while another process has
+    /// mergeable memory — its pages would be in every figure.
+    func requireSoleKSMUser(_ what: String) throws {
+        let others = KSM.otherMergeableProcesses()
+        guard others.isEmpty else {
+            let list = others.prefix(3).map { "pid \($0.pid) (\($0.comm))" }.joined(separator: ", ")
+            throw ScenarioError.skipped("\(what) are machine-wide and another process has KSM-mergeable memory: \(list)\(others.count > 3 ? " and \(others.count - 3) more" : ""); ksmd would count its pages too")
+        }
+    }
+
     func validateMechanism(_ variant: Variant, _ p: Values) throws(UsageError) {
         if variant == .merge || variant == .cow || variant == .unmerge { return }
         let memTotal = Int((try? MemInfo.current().memTotal) ?? 0)

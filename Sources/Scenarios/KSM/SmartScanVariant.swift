@@ -27,6 +27,7 @@ extension KSMScenario {
     }
 
     func runSmartScan(_ ctx: RunContext, _ p: Values) throws {
+        try requireSoleKSMUser("pages_scanned and pages_skipped")
         let pageSize = System.pageSize
         let layout = layout(p)
         let maxSharing = Int((try? KSM.Knobs.maxPageSharing.read()) ?? "256") ?? 256

@@ -13,6 +13,7 @@ extension KSMScenario {
         let pageSize = System.pageSize
         let nodes = NUMA.nodeCount
         guard nodes >= 2 else { throw ScenarioError.skipped("merge_across_nodes needs two NUMA nodes; this machine has \(nodes)") }
+        try requireSoleKSMUser("pages_shared and pages_sharing")
         // Each half: copies of duplicate_groups templates only, the same in both halves.
         let half = KSMLayout(pages: p.pages / 2, duplicateRatio: 1, zeroRatio: 0, groups: p.duplicateGroups)
         let maxSharing = Int((try? KSM.Knobs.maxPageSharing.read()) ?? "256") ?? 256
@@ -52,6 +53,7 @@ extension KSMScenario {
     /// More copies of one content than max_page_sharing: KSM keeps a stable node chain of
     /// several KSM pages (dups), each shared by at most max_page_sharing mappings.
     func runChains(_ ctx: RunContext, _ p: Values) throws {
+        try requireSoleKSMUser("stable_node_chains and stable_node_dups")
         let pageSize = System.pageSize
         let layout = layout(p)
         let maxSharing = Int(try KSM.Knobs.maxPageSharing.read()) ?? 0

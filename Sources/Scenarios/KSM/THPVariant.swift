@@ -8,6 +8,7 @@ import LinuxMM
 /// split, the others stay huge.
 extension KSMScenario {
     func runTHP(_ ctx: RunContext, _ p: Values) throws {
+        try requireSoleKSMUser("thp_split_page and pages_shared")
         let pageSize = System.pageSize
         let huge = HugePageSize.pmd
         let perHuge = huge / pageSize

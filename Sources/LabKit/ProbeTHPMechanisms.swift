@@ -1,0 +1,22 @@
+import LinuxMM
+
+extension ProbeReport {
+    /// THP's newer mechanisms, one row each (the hugepages variants of the same names).
+    static func thpMechanisms(root: Bool) -> [Feature] {
+        guard THP.isAvailable else { return [] }
+        var f: [Feature] = []
+        let vmstat = ProcFile.readIfPresent("/proc/vmstat") ?? ""
+        if !THP.shrinkUnderused.exists || !vmstat.contains("thp_underused_split_page ") {
+            f.append(Feature(name: "thp-shrink-underused", usable: false, detail: "",
+                             reason: "\(THP.shrinkUnderused.path) or vmstat thp_underused_split_page missing: the underused-THP shrinker needs Linux 6.12+"))
+        } else if MemoryCgroupMount.detect().isEmpty {
+            f.append(Feature(name: "thp-shrink-underused", usable: false, detail: "shrink_underused=\((try? THP.shrinkUnderused.read()) ?? "?")",
+                             reason: "no memory cgroup controller mounted: the run squeezes its own memory cgroup"))
+        } else {
+            f.append(Feature(name: "thp-shrink-underused", usable: root,
+                             detail: "shrink_underused=\((try? THP.shrinkUnderused.read()) ?? "?") max_ptes_none=\((try? THP.Khugepaged.maxPtesNone.read()) ?? "?") (511 turns the underused check off)",
+                             reason: root ? nil : "changing its settings needs root"))
+        }
+        return f
+    }
+}
