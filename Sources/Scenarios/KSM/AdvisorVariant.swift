@@ -86,7 +86,18 @@ extension KSMScenario {
         }
         for series in sampler.stop() { ctx.record(series) }
         guard !scans.isEmpty else {
-            throw ScenarioError.failed("ksmd finished fewer than two full scans in duration_s=\(p.durationS) s: nothing the advisor decided could be timed; raise duration_s or lower pages")
+            // A pick so low that the next scan outlasts the run: what was seen is reported.
+            ctx.record("target_scan_time", Double(p.targetScanTime), .s, better: .none)
+            ctx.record("timed_scans", 0, .count, better: .none)
+            ctx.record("pages_to_scan_start", Double(startPTS), .pages, better: .none)
+            ctx.record("pages_to_scan_last", Double(lastPTS), .pages, better: .none)
+            ctx.record("pages_to_scan_max", Double(maxSeen), .pages, better: .none)
+            ctx.check("pages_to_scan_max", expected: Double(maxPages), observed: Double(maxSeen), accepted: 0...Double(maxPages),
+                      describe: "every pick at most advisor_max_pages_to_scan")
+            ctx.check("picks_off_scan_boundary", expected: 0, observed: Double(changesOffBoundary), tolerance: 0,
+                      describe: "pages_to_scan changes only when a full scan ends (the advisor runs at the end of each scan)")
+            ctx.note("advisor: ksmd finished fewer than two full scans in duration_s=\(p.durationS) s, so no scan was timed: pages_to_scan went from \(startPTS) to \(lastPTS) after the first (partial) scan, and a scan at that rate outlasted the run; raise duration_s or lower pages to see more")
+            return
         }
         ctx.record(TimeSeries(name: "scan_time", unit: .s, intervalS: scans.map(\.seconds).reduce(0, +) / Double(scans.count),
                               t: scans.map(\.end), values: scans.map(\.seconds)))
