@@ -21,7 +21,7 @@ public enum WatchedSettings {
         p.append("\(THP.directory)/hugepages-*/enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
               THP.Khugepaged.allocSleepMillisecs, THP.Khugepaged.maxPtesNone].map(\.path)
-        p += ["max_ptes_swap", "max_ptes_shared"].map { "\(THP.khugepagedDirectory)/\($0)" }
+        p += [THP.Khugepaged.maxPtesShared.path, "\(THP.khugepagedDirectory)/max_ptes_swap"]
         p += ["\(HugeTLB.directory)/hugepages-*/nr_hugepages", "\(HugeTLB.directory)/hugepages-*/nr_overcommit_hugepages",
               "/sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages",
               "/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"]

@@ -18,6 +18,7 @@ public struct HugePagesScenario: TypedScenario {
         case fault, tlb, collapse, bloat, split
         case hugetlbReserve = "hugetlb-reserve"
         case shrinkUnderused = "shrink-underused"
+        case collapseShared = "collapse-shared"
         public var summary: String {
             switch self {
             case .fault: return "first-touch throughput and per-fault latency for one page size; huge_coverage read back"
@@ -26,6 +27,7 @@ public struct HugePagesScenario: TypedScenario {
             case .bloat: return "sparse touches under THP vs 4K: RSS inflation, and khugepaged's max_ptes_none"
             case .split: return "partial munmap/mprotect inside THPs: split counts and their cost"
             case .hugetlbReserve: return "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"
+            case .collapseShared: return "khugepaged on 4K ranges partly shared with a forked child: collapsed iff shared pages <= max_ptes_shared (thp_scan_exceed_share_pte)"
             case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
         }
@@ -75,6 +77,8 @@ public struct HugePagesScenario: TypedScenario {
         let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
         let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
+        let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
+        let maxPtesShared = Parameter<Int>("max_ptes_shared", 0...511, default: 256, unit: .count, help: "collapse-shared: khugepaged/max_ptes_shared (borrowed)")
         let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
     }
 
@@ -138,6 +142,9 @@ public struct HugePagesScenario: TypedScenario {
             return HugeTLB.pools().isEmpty ? .unusable("no hugetlb pools: kernel built without CONFIG_HUGETLBFS") : .usable
         case .shrinkUnderused:
             return probeShrinkUnderused()
+        case .collapseShared:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.Khugepaged.maxPtesShared.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesShared.path) is missing: needs Linux 5.8+")
         default:
             return THP.isAvailable ? .usable : .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE")
         }
@@ -228,6 +235,12 @@ public struct HugePagesScenario: TypedScenario {
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
         case .split:
             onlySize(2 << 20)
+        case .collapseShared:
+            onlySize(2 << 20)
+            s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
+            s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesShared, String(params.maxPtesShared)))
         case .shrinkUnderused:
             onlySize(2 << 20)
             // Read by the shrinker: a THP is underused when more than max_ptes_none of its
@@ -262,6 +275,7 @@ public struct HugePagesScenario: TypedScenario {
         case .split: try runSplit(ctx, p)
         case .hugetlbReserve: try runReserve(ctx, p)
         case .shrinkUnderused: try runShrinkUnderused(ctx, p)
+        case .collapseShared: try runCollapseShared(ctx, p)
         }
     }
 

@@ -60,3 +60,41 @@ extension KernelTests {
         }
     }
 }
+
+let hasMaxPtesShared = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_shared")
+
+extension KernelTests {
+    /// khugepaged's max_ptes_shared on the real kernel, as the khugepaged selftest: a range
+    /// with more pages shared (with a forked child) than the limit is not collapsed.
+    @Suite(.enabled(if: isRoot, "needs root: khugepaged knobs are root-only"),
+           .enabled(if: hasTHP, "kernel without THP"),
+           .enabled(if: hasMaxPtesShared, "kernel without khugepaged/max_ptes_shared (5.8+)"))
+    struct CollapseShared {
+        @Test(arguments: [(256, 4.0), (257, 0.0)])
+        func collapsedIffSharedPagesWithinTheLimit(_ shared: Int, _ ranges: Double) throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:collapse-shared", "--repeat", "1", "--quiet", "--json", dir.file("r.json"),
+                                      "--set", "size=8M", "--set", "max_ptes_shared=256", "--set", "shared_per_huge=\(shared)"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            #expect(KnobSnapshot.take() == before, "knobs must be restored")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            let checks = r["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            #expect(median(r, "huge_ranges_collapsed") == ranges)
+            if ranges == 0 { #expect((median(r, "thp_scan_exceed_share_pte") ?? 0) >= 4) }
+            let changed = ((r["settings"] as? [String: Any])?["changed"] as? [String: Any]) ?? [:]
+            #expect(changed["/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_shared"] != nil || before.values["/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_shared"] == "256")
+        }
+
+        @Test func badValuesChangeNothing() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            for args in [["--set", "shared_per_huge=513"], ["--set", "max_ptes_shared=512"], ["--set", "max_ptes_shared=-1"]] {
+                let out = try Memlab.run(["run", "hugepages:collapse-shared"] + args + ["--repeat", "1", "--quiet"], stateDir: dir.path)
+                #expect(out.status == 2, "\(args): status \(out.status), stderr \(out.stderr)")
+            }
+            #expect(KnobSnapshot.take() == before)
+        }
+    }
+}
