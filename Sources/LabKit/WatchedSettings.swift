@@ -19,6 +19,7 @@ public enum WatchedSettings {
               "advisor_max_pages_to_scan"].map { "\(KSM.directory)/\($0)" }
         p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled", "shrink_underused"].map { "\(THP.directory)/\($0)" }
         p.append("\(THP.directory)/hugepages-*/enabled")
+        p.append("\(THP.directory)/hugepages-*/shmem_enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
               THP.Khugepaged.allocSleepMillisecs, THP.Khugepaged.maxPtesNone].map(\.path)
         p += [THP.Khugepaged.maxPtesShared.path, "\(THP.khugepagedDirectory)/max_ptes_swap"]

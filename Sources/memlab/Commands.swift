@@ -231,6 +231,8 @@ enum QuickSuite {
         ("hugepages:hugetlb-reserve", [:], 1),
         // The underused-THP shrinker: on (max_ptes_none below 511) it splits every THP.
         ("hugepages:shrink-underused", ["size": "16M", "max_ptes_none": "409"], 2),
+        // shmem THP: the default mode (advise) with and without MADV_HUGEPAGE.
+        ("hugepages:shmem", ["size": "16M", "madvise": "false,true"], 2),
         // khugepaged's max_ptes_shared: just under and just over the threshold.
         ("hugepages:collapse-shared", ["size": "8M", "shared_per_huge": "256,257", "max_ptes_shared": "256"], 1),
         ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),

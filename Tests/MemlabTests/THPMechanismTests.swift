@@ -98,3 +98,37 @@ extension KernelTests {
         }
     }
 }
+
+let hasShmemTHP = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+extension KernelTests {
+    /// shmem THP on the real kernel: each shmem_enabled mode maps shared anonymous memory
+    /// with 2M pages or not, as transhuge.rst says.
+    @Suite(.enabled(if: isRoot, "needs root: THP knobs are root-only"),
+           .enabled(if: hasShmemTHP, "kernel without THP for shmem"))
+    struct ShmemTHP {
+        @Test(arguments: [("always", true, 8.0), ("advise", true, 8.0), ("advise", false, 0.0), ("never", true, 0.0)])
+        func modeDecidesTheHugePages(_ mode: String, _ madvise: Bool, _ allocs: Double) throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:shmem", "--repeat", "1", "--quiet", "--json", dir.file("r.json"),
+                                      "--set", "size=16M", "--set", "shmem_enabled=\(mode)", "--set", "madvise=\(madvise)"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            #expect(KnobSnapshot.take() == before, "knobs must be restored")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            let checks = r["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            #expect(median(r, "shmem_pmd_mapped") == allocs * Double(2 << 20))
+            #expect((median(r, "thp_file_alloc") ?? -1) >= allocs)
+        }
+
+        @Test func badModeChangesNothing() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:shmem", "--set", "shmem_enabled=sometimes", "--repeat", "1", "--quiet"], stateDir: dir.path)
+            #expect(out.status == 2)
+            #expect(out.stderr.contains("shmem_enabled"), "stderr: \(out.stderr)")
+            #expect(KnobSnapshot.take() == before)
+        }
+    }
+}

@@ -19,6 +19,7 @@ public struct HugePagesScenario: TypedScenario {
         case hugetlbReserve = "hugetlb-reserve"
         case shrinkUnderused = "shrink-underused"
         case collapseShared = "collapse-shared"
+        case shmem
         public var summary: String {
             switch self {
             case .fault: return "first-touch throughput and per-fault latency for one page size; huge_coverage read back"
@@ -27,6 +28,7 @@ public struct HugePagesScenario: TypedScenario {
             case .bloat: return "sparse touches under THP vs 4K: RSS inflation, and khugepaged's max_ptes_none"
             case .split: return "partial munmap/mprotect inside THPs: split counts and their cost"
             case .hugetlbReserve: return "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"
+            case .shmem: return "shared anonymous memory under one shmem_enabled mode (and MADV_HUGEPAGE or not): PMD-mapped shmem THPs, thp_file_alloc, ShmemHugePages"
             case .collapseShared: return "khugepaged on 4K ranges partly shared with a forked child: collapsed iff shared pages <= max_ptes_shared (thp_scan_exceed_share_pte)"
             case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
@@ -51,6 +53,12 @@ public struct HugePagesScenario: TypedScenario {
     /// collapse: who collapses the region.
     public enum CollapseMethod: String, CaseIterable, ParameterChoice {
         case madvCollapse = "madv_collapse", khugepaged
+    }
+    /// shmem: the top-level shmem_enabled mode borrowed.
+    public enum ShmemMode: String, CaseIterable, ParameterChoice {
+        case always
+        case withinSize = "within_size"
+        case advise, never, deny, force
     }
     /// split: what is done to one 4K page inside each THP.
     public enum SplitOperation: String, CaseIterable, ParameterChoice { case munmap, mprotect }
@@ -77,6 +85,8 @@ public struct HugePagesScenario: TypedScenario {
         let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
         let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
+        let shmemEnabled = Parameter<ShmemMode>("shmem_enabled", default: .advise, help: "shmem: transparent_hugepage/shmem_enabled for the run (borrowed; the 2M size set to inherit, the others to never)")
+        let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem: MADV_HUGEPAGE on the region (what shmem_enabled=advise asks for)")
         let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
         let maxPtesShared = Parameter<Int>("max_ptes_shared", 0...511, default: 256, unit: .count, help: "collapse-shared: khugepaged/max_ptes_shared (borrowed)")
         let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
@@ -142,6 +152,9 @@ public struct HugePagesScenario: TypedScenario {
             return HugeTLB.pools().isEmpty ? .unusable("no hugetlb pools: kernel built without CONFIG_HUGETLBFS") : .usable
         case .shrinkUnderused:
             return probeShrinkUnderused()
+        case .shmem:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.shmemEnabled.exists ? .usable : .unusable("\(THP.shmemEnabled.path) is missing: kernel built without CONFIG_TRANSPARENT_HUGEPAGE for shmem")
         case .collapseShared:
             guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
             return THP.Khugepaged.maxPtesShared.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesShared.path) is missing: needs Linux 5.8+")
@@ -235,6 +248,11 @@ public struct HugePagesScenario: TypedScenario {
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
         case .split:
             onlySize(2 << 20)
+        case .shmem:
+            s.append(KnobSetting(THP.shmemEnabled, params.shmemEnabled.rawValue))
+            for size in THP.sizes().map(\.bytes) where THP.sizeShmemEnabled(bytes: size).exists {
+                s.append(KnobSetting(THP.sizeShmemEnabled(bytes: size), size == 2 << 20 ? "inherit" : "never"))
+            }
         case .collapseShared:
             onlySize(2 << 20)
             s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
@@ -276,6 +294,7 @@ public struct HugePagesScenario: TypedScenario {
         case .hugetlbReserve: try runReserve(ctx, p)
         case .shrinkUnderused: try runShrinkUnderused(ctx, p)
         case .collapseShared: try runCollapseShared(ctx, p)
+        case .shmem: try runShmem(ctx, p)
         }
     }
 
