@@ -17,6 +17,20 @@ extension ProbeReport {
                              detail: "shrink_underused=\((try? THP.shrinkUnderused.read()) ?? "?") max_ptes_none=\((try? THP.Khugepaged.maxPtesNone.read()) ?? "?") (511 turns the underused check off)",
                              reason: root ? nil : "changing its settings needs root"))
         }
+        let needRoot = root ? nil : "changing its settings needs root"
+        if THP.shmemEnabled.exists {
+            f.append(Feature(name: "thp-shmem", usable: root,
+                             detail: "shmem_enabled=\((try? THP.shmemEnabled.read()) ?? "?") 2M shmem_enabled=\((try? THP.sizeShmemEnabled(bytes: 2 << 20).read()) ?? "absent (before 6.11)")",
+                             reason: needRoot))
+        } else {
+            f.append(Feature(name: "thp-shmem", usable: false, detail: "", reason: "\(THP.shmemEnabled.path) missing: kernel without THP for shmem"))
+        }
+        if THP.Khugepaged.maxPtesShared.exists {
+            f.append(Feature(name: "khugepaged-max-ptes-shared", usable: root,
+                             detail: "max_ptes_shared=\((try? THP.Khugepaged.maxPtesShared.read()) ?? "?")", reason: needRoot))
+        } else {
+            f.append(Feature(name: "khugepaged-max-ptes-shared", usable: false, detail: "", reason: "\(THP.Khugepaged.maxPtesShared.path) missing: needs Linux 5.8+"))
+        }
         return f
     }
 }
