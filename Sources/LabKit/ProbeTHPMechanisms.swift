@@ -31,6 +31,12 @@ extension ProbeReport {
         } else {
             f.append(Feature(name: "khugepaged-max-ptes-shared", usable: false, detail: "", reason: "\(THP.Khugepaged.maxPtesShared.path) missing: needs Linux 5.8+"))
         }
+        if THP.Khugepaged.maxPtesSwap.exists {
+            f.append(Feature(name: "khugepaged-max-ptes-swap", usable: root,
+                             detail: "max_ptes_swap=\((try? THP.Khugepaged.maxPtesSwap.read()) ?? "?"); the run makes its own swap file", reason: needRoot))
+        } else {
+            f.append(Feature(name: "khugepaged-max-ptes-swap", usable: false, detail: "", reason: "\(THP.Khugepaged.maxPtesSwap.path) missing"))
+        }
         return f
     }
 }

@@ -22,7 +22,7 @@ public enum WatchedSettings {
         p.append("\(THP.directory)/hugepages-*/shmem_enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
               THP.Khugepaged.allocSleepMillisecs, THP.Khugepaged.maxPtesNone].map(\.path)
-        p += [THP.Khugepaged.maxPtesShared.path, "\(THP.khugepagedDirectory)/max_ptes_swap"]
+        p += [THP.Khugepaged.maxPtesShared.path, THP.Khugepaged.maxPtesSwap.path]
         p += ["\(HugeTLB.directory)/hugepages-*/nr_hugepages", "\(HugeTLB.directory)/hugepages-*/nr_overcommit_hugepages",
               "/sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages",
               "/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"]

@@ -13,6 +13,8 @@ extension THP {
         /// Most pages of a 2M range mapped by another process too (fork's copy-on-write
         /// sharing) that khugepaged still collapses.
         public static let maxPtesShared = Knob("\(THP.khugepagedDirectory)/max_ptes_shared")
+        /// Most swapped-out pages of a 2M range khugepaged still collapses (reading them back).
+        public static let maxPtesSwap = Knob("\(THP.khugepagedDirectory)/max_ptes_swap")
         public static let defrag = Knob("\(THP.khugepagedDirectory)/defrag")
         public static var fullScans: String { "\(THP.khugepagedDirectory)/full_scans" }
         public static var pagesCollapsed: String { "\(THP.khugepagedDirectory)/pages_collapsed" }

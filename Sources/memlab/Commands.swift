@@ -235,6 +235,7 @@ enum QuickSuite {
         ("hugepages:shmem", ["size": "16M", "madvise": "false,true"], 2),
         // khugepaged's max_ptes_shared: just under and just over the threshold.
         ("hugepages:collapse-shared", ["size": "8M", "shared_per_huge": "256,257", "max_ptes_shared": "256"], 1),
+        ("hugepages:collapse-swap", ["size": "8M", "swapped_per_huge": "64,65", "max_ptes_swap": "64"], 1),
         ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),
         ("overcommit:oom", ["limit": "32M"], 2),
         ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),

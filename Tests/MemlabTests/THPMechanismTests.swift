@@ -132,3 +132,34 @@ extension KernelTests {
         }
     }
 }
+
+let hasMaxPtesSwap = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/khugepaged/max_ptes_swap")
+
+extension KernelTests {
+    /// khugepaged's max_ptes_swap on the real kernel, as the khugepaged selftest; the run's
+    /// own swap file is gone afterwards.
+    @Suite(.enabled(if: isRoot, "needs root: khugepaged knobs and swapon are root-only"),
+           .enabled(if: hasTHP, "kernel without THP"),
+           .enabled(if: hasMaxPtesSwap, "kernel without khugepaged/max_ptes_swap"))
+    struct CollapseSwap {
+        @Test(arguments: [(64, 4.0), (65, 0.0)])
+        func collapsedIffSwappedPagesWithinTheLimit(_ swapped: Int, _ ranges: Double) throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:collapse-swap", "--repeat", "1", "--quiet", "--json", dir.file("r.json"),
+                                      "--set", "size=8M", "--set", "max_ptes_swap=64", "--set", "swapped_per_huge=\(swapped)"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            #expect(KnobSnapshot.take() == before, "knobs and swap areas must be restored")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            if r["status"] as? String == "skipped" { return }   // a state directory that cannot hold a swap file says why
+            let checks = r["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            #expect(median(r, "huge_ranges_collapsed") == ranges)
+            #expect(median(r, "swap_bytes_before") == Double(4 * swapped * 4096))
+            #expect(median(r, "swap_bytes_after") == (ranges > 0 ? 0 : Double(4 * swapped * 4096)))
+            #expect(!FileManager.default.fileExists(atPath: dir.file("memlab-swap-\(out.status)")))
+            let swaps = try String(contentsOfFile: "/proc/swaps", encoding: .utf8)
+            #expect(!swaps.contains(dir.path), "the run's swap file is still active: \(swaps)")
+        }
+    }
+}

@@ -19,6 +19,7 @@ public struct HugePagesScenario: TypedScenario {
         case hugetlbReserve = "hugetlb-reserve"
         case shrinkUnderused = "shrink-underused"
         case collapseShared = "collapse-shared"
+        case collapseSwap = "collapse-swap"
         case shmem
         public var summary: String {
             switch self {
@@ -29,6 +30,7 @@ public struct HugePagesScenario: TypedScenario {
             case .split: return "partial munmap/mprotect inside THPs: split counts and their cost"
             case .hugetlbReserve: return "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"
             case .shmem: return "shared anonymous memory under one shmem_enabled mode (and MADV_HUGEPAGE or not): PMD-mapped shmem THPs, thp_file_alloc, ShmemHugePages"
+            case .collapseSwap: return "khugepaged on 4K ranges with pages paged out to a swap file of the run's own: collapsed iff swapped pages <= max_ptes_swap (thp_scan_exceed_swap_pte)"
             case .collapseShared: return "khugepaged on 4K ranges partly shared with a forked child: collapsed iff shared pages <= max_ptes_shared (thp_scan_exceed_share_pte)"
             case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
@@ -88,6 +90,8 @@ public struct HugePagesScenario: TypedScenario {
         let shmemEnabled = Parameter<ShmemMode>("shmem_enabled", default: .advise, help: "shmem: transparent_hugepage/shmem_enabled for the run (borrowed; the 2M size set to inherit, the others to never)")
         let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem: MADV_HUGEPAGE on the region (what shmem_enabled=advise asks for)")
         let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
+        let swappedPerHuge = Parameter<Int>("swapped_per_huge", 0...256, default: 32, unit: .pages, help: "collapse-swap: 4K pages of each 2M range paged out (MADV_PAGEOUT) before khugepaged looks")
+        let maxPtesSwap = Parameter<Int>("max_ptes_swap", 0...511, default: 64, unit: .count, help: "collapse-swap: khugepaged/max_ptes_swap (borrowed)")
         let maxPtesShared = Parameter<Int>("max_ptes_shared", 0...511, default: 256, unit: .count, help: "collapse-shared: khugepaged/max_ptes_shared (borrowed)")
         let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
     }
@@ -155,6 +159,9 @@ public struct HugePagesScenario: TypedScenario {
         case .shmem:
             guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
             return THP.shmemEnabled.exists ? .usable : .unusable("\(THP.shmemEnabled.path) is missing: kernel built without CONFIG_TRANSPARENT_HUGEPAGE for shmem")
+        case .collapseSwap:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.Khugepaged.maxPtesSwap.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesSwap.path) is missing (kernel older than 4.x)")
         case .collapseShared:
             guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
             return THP.Khugepaged.maxPtesShared.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesShared.path) is missing: needs Linux 5.8+")
@@ -253,6 +260,12 @@ public struct HugePagesScenario: TypedScenario {
             for size in THP.sizes().map(\.bytes) where THP.sizeShmemEnabled(bytes: size).exists {
                 s.append(KnobSetting(THP.sizeShmemEnabled(bytes: size), size == 2 << 20 ? "inherit" : "never"))
             }
+        case .collapseSwap:
+            onlySize(2 << 20)
+            s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
+            s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesSwap, String(params.maxPtesSwap)))
         case .collapseShared:
             onlySize(2 << 20)
             s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
@@ -278,6 +291,13 @@ public struct HugePagesScenario: TypedScenario {
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double { params.timeoutS + 120 }
 
+    /// collapse-swap pages out to a swap file of its own, made through the guard (journaled
+    /// first, swapped off and removed after the run, on a signal, or by the next start).
+    public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
+        guard variant == .collapseSwap else { return }
+        try prepareCollapseSwap(params, settingsGuard: settingsGuard)
+    }
+
     /// shrink-underused runs in a memory cgroup just larger than its THP region, so that the
     /// page cache it writes next puts the cgroup under reclaim (which runs the shrinkers).
     public func memoryLimit(_ variant: Variant, _ params: Values) -> Int? {
@@ -294,6 +314,7 @@ public struct HugePagesScenario: TypedScenario {
         case .hugetlbReserve: try runReserve(ctx, p)
         case .shrinkUnderused: try runShrinkUnderused(ctx, p)
         case .collapseShared: try runCollapseShared(ctx, p)
+        case .collapseSwap: try runCollapseSwap(ctx, p)
         case .shmem: try runShmem(ctx, p)
         }
     }
