@@ -79,7 +79,7 @@ public struct HugePagesScenario: TypedScenario {
         let accesses = Parameter<Int>("accesses", 1000...1_000_000_000, default: 1_000_000, unit: .count, help: "tlb: dependent loads timed per working-set size")
         let method = Parameter<CollapseMethod>("method", default: .madvCollapse, help: "collapse: synchronous MADV_COLLAPSE or waiting for khugepaged")
         let stridePages = Parameter<Int>("stride_pages", 1...512, default: 64, unit: .pages, help: "bloat: touch one 4K page in every N")
-        let maxPtesNone = Parameter<Int>("max_ptes_none", 0...511, default: 511, unit: .count, help: "bloat/collapse: khugepaged/max_ptes_none (borrowed)")
+        let maxPtesNone = Parameter<Int>("max_ptes_none", 0...511, default: 511, unit: .count, help: "bloat/collapse: khugepaged/max_ptes_none (borrowed); shrink-underused: a THP with more zero-filled pages than this is underused (511 turns the check off)")
         let operation = Parameter<SplitOperation>("operation", default: .munmap, help: "split: what is done to one 4K page inside each THP")
         let poolPages = Parameter<Int>("pool_pages", 2...4096, default: 8, unit: .pages, help: "hugetlb-reserve: pool size in huge pages (borrowed nr_hugepages)")
         let overcommitPages = Parameter<Int>("overcommit_pages", 0...4096, default: 2, unit: .pages, help: "hugetlb-reserve: surplus pages allowed (borrowed nr_overcommit_hugepages)")
