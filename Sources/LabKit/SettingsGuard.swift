@@ -44,6 +44,9 @@ public struct Journal: Codable, Sendable, Equatable {
     public var zramDevices: [Int]?
     /// Swap areas memlab activated, swapped off on restore (before their file or device goes).
     public var swapAreas: [String]?
+    /// tmpfs mounts memlab made (their mount points, directories it created beside the
+    /// journal): unmounted and removed on restore. Optional: absent in older journals.
+    public var mounts: [String]?
     /// cgroup v2 subtree_control files memlab wrote "+CONTROLLER" to ("path|memory"),
     /// given back with "-CONTROLLER" after the cgroups under them are removed.
     public var enabledControllers: [String]?
@@ -64,6 +67,7 @@ public struct Journal: Codable, Sendable, Equatable {
         case createdFiles = "created_files"
         case zramDevices = "zram_devices"
         case swapAreas = "swap_areas"
+        case mounts
         case enabledControllers = "enabled_controllers"
         case adoptedFrom = "adopted_from"
         case bootID = "boot_id"
@@ -87,7 +91,7 @@ public struct Journal: Codable, Sendable, Equatable {
     /// Nothing to give back.
     var isEmpty: Bool {
         entries.isEmpty && createdDirectories.isEmpty && (createdFiles ?? []).isEmpty && (zramDevices ?? []).isEmpty
-            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty
+            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty && (mounts ?? []).isEmpty
     }
 
     /// A journal found on disk names paths that root will write or remove. One that asks for
@@ -102,6 +106,7 @@ public struct Journal: Codable, Sendable, Equatable {
         if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-") }) { return d }
         if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
         if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
+        if let m = (mounts ?? []).first(where: { !under($0, [stateDirectory + "/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-tmpfs-") }) { return m }
         if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) || !$0.hasSuffix("/cgroup.subtree_control|memory") }) { return c }
         return nil
     }
@@ -358,6 +363,7 @@ public final class SettingsGuard: Sendable {
             j.createdFiles = old.createdFiles
             j.zramDevices = old.zramDevices
             j.swapAreas = old.swapAreas
+            j.mounts = old.mounts
             j.enabledControllers = old.enabledControllers
             j.adoptedFrom = (old.adoptedFrom ?? []) + [old.ownerPID]
             if old.bootID != nil && old.bootID != j.bootID {
@@ -486,6 +492,27 @@ public final class SettingsGuard: Sendable {
         })
     }
 
+    /// Mounts a tmpfs at `path` (a directory it creates) with `options` (e.g. "huge=always,
+    /// size=64m"), journaled first, so restore unmounts it and removes the directory — after
+    /// the run, on signals, and by the next start after a crash. `path` must lie in the state
+    /// directory and be named memlab-tmpfs-*.
+    public func mountTmpfs(at path: String, options: String) throws(GuardError) {
+        try borrow({ j in j.mounts = (j.mounts ?? []) + [path]; return true }, { (j) throws(GuardError) in
+            if mkdir(path, 0o700) != 0 {
+                let e = SystemError.current("mkdir", path: path)
+                if e.errno == EEXIST { j.mounts?.removeAll { $0 == path }; try? writeJournal(j) }
+                throw .system(e)
+            }
+            if mount("tmpfs", path, "tmpfs", 0, options) != 0 {
+                let e = SystemError.current("mount(tmpfs, \(options))", path: path)
+                rmdir(path)
+                j.mounts?.removeAll { $0 == path }
+                try? writeJournal(j)
+                throw .system(e)
+            }
+        })
+    }
+
     /// What the journal holds besides knobs, for a run's notes.
     public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
         state.withLock { s in (s.journal?.swapAreas ?? [], s.journal?.createdFiles ?? [], s.journal?.zramDevices ?? []) }
@@ -578,6 +605,7 @@ public final class SettingsGuard: Sendable {
         remaining.zramDevices = nil
         remaining.swapAreas = nil
         remaining.enabledControllers = nil
+        remaining.mounts = nil
         let deadline = Clock.nanoseconds() &+ UInt64(patience * 1e9)
         for e in j.entries.reversed() {
             let knob = Knob(e.path)
@@ -635,6 +663,21 @@ public final class SettingsGuard: Sendable {
                 remaining.createdFiles = [file] + (remaining.createdFiles ?? [])
             } else {
                 report.restoredLines.append("removed \(file)")
+            }
+        }
+        // Mounts: unmounted (lazily: a file still open in it must not keep it), then the
+        // directory removed. One not mounted any more (a reboot, an earlier try) just goes.
+        for path in (j.mounts ?? []).reversed() {
+            if umount2(path, Int32(MNT_DETACH)) != 0 && errno != EINVAL && errno != ENOENT {
+                report.failures.append(SystemError.current("umount", path: path).description)
+                remaining.mounts = [path] + (remaining.mounts ?? [])
+                continue
+            }
+            if rmdir(path) != 0 && errno != ENOENT {
+                report.failures.append(SystemError.current("rmdir", path: path).description)
+                remaining.mounts = [path] + (remaining.mounts ?? [])
+            } else {
+                report.restoredLines.append("unmounted and removed \(path)")
             }
         }
         for dir in j.createdDirectories.reversed() {

@@ -85,6 +85,11 @@ public enum WatchedSettings {
         }
         for name in ProcFile.list("/sys/block").sorted() where name.hasPrefix("zram") { lines.append("zram_device=\(name)") }
         for name in ProcFile.list("/run/netns").sorted() where name.hasPrefix("memlab") { lines.append("leftover_netns=\(name)") }
+        // tmpfs mounts a run made (hugepages:shmem with tmpfs_huge), by their mount point's name.
+        for line in (ProcFile.readIfPresent("/proc/self/mounts") ?? "").split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count > 2, AtomicFile.basename(of: String(f[1])).hasPrefix("memlab-tmpfs-") { lines.append("leftover_mount=\(f[1])") }
+        }
         for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
             for name in ProcFile.list(dir).sorted() where temporaryPrefixes.contains(where: { name.hasPrefix($0) }) {
                 lines.append("leftover_file=\(dir)/\(name)")

@@ -62,6 +62,12 @@ public struct HugePagesScenario: TypedScenario {
         case withinSize = "within_size"
         case advise, never, deny, force
     }
+    /// shmem: a tmpfs's own huge= option, or none for shared anonymous memory.
+    public enum TmpfsHuge: String, CaseIterable, ParameterChoice {
+        case none, always, never
+        case withinSize = "within_size"
+        case advise
+    }
     /// split: what is done to one 4K page inside each THP.
     public enum SplitOperation: String, CaseIterable, ParameterChoice { case munmap, mprotect }
     /// hugetlb-reserve: which pool.
@@ -88,6 +94,7 @@ public struct HugePagesScenario: TypedScenario {
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
         let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
         let shmemEnabled = Parameter<ShmemMode>("shmem_enabled", default: .advise, help: "shmem: transparent_hugepage/shmem_enabled for the run (borrowed; the 2M size set to inherit, the others to never)")
+        let tmpfsHuge = Parameter<TmpfsHuge>("tmpfs_huge", default: .none, help: "shmem: none — shared anonymous memory (shmem_enabled decides); else a file on a tmpfs mounted for the run with huge=<this> (mounted and removed through the settings guard)")
         let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem: MADV_HUGEPAGE on the region (what shmem_enabled=advise asks for)")
         let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
         let swappedPerHuge = Parameter<Int>("swapped_per_huge", 0...256, default: 32, unit: .pages, help: "collapse-swap: 4K pages of each 2M range paged out (MADV_PAGEOUT) before khugepaged looks")
@@ -294,6 +301,7 @@ public struct HugePagesScenario: TypedScenario {
     /// collapse-swap pages out to a swap file of its own, made through the guard (journaled
     /// first, swapped off and removed after the run, on a signal, or by the next start).
     public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
+        if variant == .shmem && params.tmpfsHuge != .none { try prepareShmemMount(params, settingsGuard: settingsGuard) }
         guard variant == .collapseSwap else { return }
         try prepareCollapseSwap(params, settingsGuard: settingsGuard)
     }
