@@ -1,5 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 import Testing
+@testable import LabKit
 
 let hasUnderusedShrinker = FileManager.default.fileExists(atPath: "/sys/kernel/mm/transparent_hugepage/shrink_underused")
 
@@ -122,6 +126,45 @@ extension KernelTests {
             #expect((median(r, "thp_file_alloc") ?? -1) >= allocs)
         }
 
+        /// A tmpfs mounted for the run with huge=: its own option decides, shmem_enabled's deny
+        /// overrides it, and the mount is gone afterwards.
+        @Test(arguments: [("always", "never", 8.0), ("never", "never", 0.0), ("always", "deny", 0.0), ("within_size", "never", 8.0)])
+        func tmpfsHugeOptionDecides(_ huge: String, _ shmemEnabled: String, _ allocs: Double) throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let out = try Memlab.run(["run", "hugepages:shmem", "--repeat", "1", "--quiet", "--json", dir.file("r.json"),
+                                      "--set", "size=16M", "--set", "tmpfs_huge=\(huge)", "--set", "shmem_enabled=\(shmemEnabled)"], stateDir: dir.path)
+            #expect(out.status == 0, "stderr: \(out.stderr)")
+            #expect(KnobSnapshot.take() == before, "knobs and mounts must be restored")
+            let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
+            let checks = r["checks"] as? [[String: Any]] ?? []
+            #expect(!checks.isEmpty && checks.allSatisfy { $0["agrees"] as? Bool == true }, "\(checks)")
+            #expect(median(r, "shmem_pmd_mapped") == allocs * Double(2 << 20))
+            let mounts = try String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)
+            #expect(!mounts.contains(dir.path), "the run's tmpfs is still mounted: \(mounts)")
+            let left = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+            #expect(!left.contains { $0.hasPrefix("memlab-tmpfs-") }, "\(left)")
+        }
+
+        /// Killed while its tmpfs is mounted, the run's mount is undone by `memlab restore`.
+        @Test func sigkillWithTheMountThenRestoreUnmounts() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let (p, _, _) = try Memlab.start(["run", "hugepages:shmem", "--set", "size=256M", "--set", "tmpfs_huge=always", "--repeat", "200", "--quiet",
+                                              "--json", dir.file("r.json")], stateDir: dir.path)
+            let mounted = waitFor(20) { ((try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)) ?? "").contains("\(dir.path)/memlab-tmpfs-") }
+            #expect(mounted, "the run never mounted its tmpfs")
+            kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            let restore = try Memlab.run(["restore"], stateDir: dir.path)
+            #expect(restore.status == 0, "stdout: \(restore.stdout) stderr: \(restore.stderr)")
+            let mounts = try String(contentsOfFile: "/proc/self/mounts", encoding: .utf8)
+            #expect(!mounts.contains("\(dir.path)/memlab-tmpfs-"), "\(mounts)")
+            let left = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+            #expect(!left.contains { $0.hasPrefix("memlab-tmpfs-") }, "\(left)")
+            #expect(waitFor(5) { KnobSnapshot.take() == before }, "\(KnobSnapshot.take())")
+        }
+
         @Test func badModeChangesNothing() throws {
             let dir = TempDir()
             let before = KnobSnapshot.take()
@@ -159,6 +202,20 @@ extension KernelTests {
             #expect(median(r, "swap_bytes_after") == (ranges > 0 ? 0 : Double(4 * swapped * 4096)))
             let swaps = try String(contentsOfFile: "/proc/swaps", encoding: .utf8)
             #expect(!swaps.contains(dir.path), "the run's swap file is still active: \(swaps)")
+        }
+    }
+}
+
+/// A journal found on disk may name only mounts memlab makes: in its state directory, named
+/// memlab-tmpfs-*. Anything else is refused, not unmounted.
+@Suite struct MountJournalTrust {
+    @Test func mountsOutsideTheStateDirectoryAreRefused() {
+        var j = Journal(ownerPID: 1, ownerStart: 1, command: "t")
+        j.mounts = ["/var/lib/memlab/memlab-tmpfs-12"]
+        #expect(j.untrustedPath(stateDirectory: "/var/lib/memlab") == nil)
+        for bad in ["/proc", "/var/lib/memlab/../../../sys", "/var/lib/memlab/other", "/mnt/memlab-tmpfs-1"] {
+            j.mounts = [bad]
+            #expect(j.untrustedPath(stateDirectory: "/var/lib/memlab") == bad, "\(bad)")
         }
     }
 }
