@@ -233,6 +233,7 @@ enum QuickSuite {
         ("hugepages:shrink-underused", ["size": "16M", "max_ptes_none": "409"], 2),
         // shmem THP: the default mode (advise) with and without MADV_HUGEPAGE.
         ("hugepages:shmem", ["size": "16M", "madvise": "false,true"], 2),
+        ("hugepages:shmem", ["size": "16M", "tmpfs_huge": "always", "shmem_enabled": "never"], 1),
         // khugepaged's max_ptes_shared: just under and just over the threshold.
         ("hugepages:collapse-shared", ["size": "8M", "shared_per_huge": "256,257", "max_ptes_shared": "256"], 1),
         ("hugepages:collapse-swap", ["size": "8M", "swapped_per_huge": "64,65", "max_ptes_swap": "64"], 1),
