@@ -4,6 +4,8 @@ import Glibc
 import Foundation
 import Testing
 @testable import Scenarios
+import LabKit
+import LinuxMM
 
 let ksmDir = "/sys/kernel/mm/ksm"
 let hasSmartScan = FileManager.default.fileExists(atPath: "\(ksmDir)/pages_skipped")
@@ -149,6 +151,28 @@ extension KernelTests {
             #expect(allAgree(across) && allAgree(apart), "\(checks(across)) \(checks(apart))")
             #expect(median(across, "pages_shared") == 8)
             #expect(median(apart, "pages_shared") == 16)
+        }
+
+        /// merge_across_nodes (and max_page_sharing) change only with nothing merged: the guard
+        /// unmerges first, borrows, and gives the value back the same way — also on one node.
+        @Test func theGuardBorrowsMergeAcrossNodesAndGivesItBack() throws {
+            let dir = TempDir()
+            let before = KnobSnapshot.take()
+            let g = SettingsGuard(stateDirectory: dir.path, command: "KSMMechanisms test")
+            try g.acquireLock(wait: true, say: { _ in })
+            defer { g.releaseLock() }
+            let original = try KSM.Knobs.mergeAcrossNodes.read()
+            let other = original == "1" ? "0" : "1"
+            try g.set(KSM.Knobs.run, to: "1")
+            try g.set(KSM.Knobs.mergeAcrossNodes, to: other)
+            #expect(try KSM.Knobs.mergeAcrossNodes.read() == other)
+            #expect(try KSM.Knobs.run.read() == "1", "run is given back its value after the unmerge")
+            try g.set(KSM.Knobs.maxPageSharing, to: "17")
+            #expect(try KSM.Knobs.maxPageSharing.read() == "17")
+            let report = g.restoreAll()
+            #expect(report.restored, "\(report.failures)")
+            #expect(try KSM.Knobs.mergeAcrossNodes.read() == original)
+            #expect(KnobSnapshot.take() == before)
         }
 
         /// Out-of-range and contradictory values: exit 2, nothing changed.
