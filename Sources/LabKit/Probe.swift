@@ -40,6 +40,7 @@ public struct ProbeReport: Sendable, Codable {
         } else {
             f.append(Feature(name: "ksm", usable: false, detail: "", reason: "/sys/kernel/mm/ksm missing: kernel built without CONFIG_KSM"))
         }
+        f += ksmMechanisms(root: root)
 
         if THP.isAvailable {
             let mode = (try? THP.enabled.read()) ?? "?"
@@ -48,6 +49,7 @@ public struct ProbeReport: Sendable, Codable {
             for size in THP.sizes() {
                 f.append(Feature(name: "mthp-\(size.bytes / 1024)kB", usable: root, detail: "enabled=\(size.enabled)", reason: needRoot))
             }
+            f += thpMechanisms(root: root)
         } else {
             f.append(Feature(name: "thp", usable: false, detail: "", reason: "/sys/kernel/mm/transparent_hugepage missing: kernel built without CONFIG_TRANSPARENT_HUGEPAGE"))
         }

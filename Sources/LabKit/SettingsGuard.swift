@@ -44,6 +44,9 @@ public struct Journal: Codable, Sendable, Equatable {
     public var zramDevices: [Int]?
     /// Swap areas memlab activated, swapped off on restore (before their file or device goes).
     public var swapAreas: [String]?
+    /// tmpfs mounts memlab made (their mount points, directories it created beside the
+    /// journal): unmounted and removed on restore. Optional: absent in older journals.
+    public var mounts: [String]?
     /// cgroup v2 subtree_control files memlab wrote "+CONTROLLER" to ("path|memory"),
     /// given back with "-CONTROLLER" after the cgroups under them are removed.
     public var enabledControllers: [String]?
@@ -67,6 +70,7 @@ public struct Journal: Codable, Sendable, Equatable {
         case createdFiles = "created_files"
         case zramDevices = "zram_devices"
         case swapAreas = "swap_areas"
+        case mounts
         case enabledControllers = "enabled_controllers"
         case adoptedFrom = "adopted_from"
         case kdamonds
@@ -91,7 +95,7 @@ public struct Journal: Codable, Sendable, Equatable {
     /// Nothing to give back.
     var isEmpty: Bool {
         entries.isEmpty && createdDirectories.isEmpty && (createdFiles ?? []).isEmpty && (zramDevices ?? []).isEmpty
-            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty && (kdamonds ?? []).isEmpty
+            && (swapAreas ?? []).isEmpty && (enabledControllers ?? []).isEmpty && (kdamonds ?? []).isEmpty && (mounts ?? []).isEmpty
     }
 
     /// A journal found on disk names paths that root will write or remove. One that asks for
@@ -106,6 +110,7 @@ public struct Journal: Codable, Sendable, Equatable {
         if let d = createdDirectories.first(where: { !under($0, ["/sys/fs/cgroup/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-") }) { return d }
         if let f = (createdFiles ?? []).first(where: { !under($0, [stateDirectory + "/"]) }) { return f }
         if let s = (swapAreas ?? []).first(where: { !under($0, [stateDirectory + "/", "/dev/zram"]) }) { return s }
+        if let m = (mounts ?? []).first(where: { !under($0, [stateDirectory + "/"]) || !AtomicFile.basename(of: $0).hasPrefix("memlab-tmpfs-") }) { return m }
         if let c = (enabledControllers ?? []).first(where: { !under($0, ["/sys/fs/cgroup/"]) || !$0.hasSuffix("/cgroup.subtree_control|memory") }) { return c }
         if let k = (kdamonds ?? []).first(where: { Journal.kdamondIndex($0) == nil }) { return k }
         return nil
@@ -372,6 +377,7 @@ public final class SettingsGuard: Sendable {
             j.createdFiles = old.createdFiles
             j.zramDevices = old.zramDevices
             j.swapAreas = old.swapAreas
+            j.mounts = old.mounts
             j.enabledControllers = old.enabledControllers
             j.kdamonds = old.kdamonds
             j.adoptedFrom = (old.adoptedFrom ?? []) + [old.ownerPID]
@@ -410,17 +416,27 @@ public final class SettingsGuard: Sendable {
             throw .notWatched(knob: knob.path)
         }
         let current = try system { () throws(SystemError) in try knob.read() }
+        // What writing it changes besides (advisor_mode: pages_to_scan), journaled at its
+        // value now and before it, so restore gives it back after it.
+        var sideEffects: [(Knob, String)] = []
+        for k in knob.alsoChanges where current != value {
+            guard WatchedSettings.watches(k.path) else { throw .notWatched(knob: k.path) }
+            sideEffects.append((k, try system { () throws(SystemError) in try k.read() }))
+        }
         try borrow({ j in
+            for (k, v) in sideEffects where !j.entries.contains(where: { $0.path == k.path }) {
+                j.entries.append(.init(path: k.path, original: v, value: v))
+            }
             if let i = j.entries.firstIndex(where: { $0.path == knob.path }) {
                 j.entries[i].value = value
                 return true
             }
-            if current == value { return false }    // nothing to borrow
+            if current == value { return !sideEffects.isEmpty }    // nothing to borrow
             j.entries.append(.init(path: knob.path, original: current, value: value))
             return true
         }, { (_) throws(GuardError) in
             if current == value { return }
-            let readBack = try system { () throws(SystemError) in try knob.write(value); return try knob.read() }
+            let readBack = try system { () throws(SystemError) in try knob.apply(value); return try knob.read() }
             if readBack != value { throw .readBack(knob: knob.path, wrote: value, read: readBack) }
         })
     }
@@ -525,6 +541,29 @@ public final class SettingsGuard: Sendable {
         }
     }
 
+    // MARK: mounts
+
+    /// Mounts a tmpfs at `path` (a directory it creates) with `options` (e.g. "huge=always,
+    /// size=64m"), journaled first, so restore unmounts it and removes the directory — after
+    /// the run, on signals, and by the next start after a crash. `path` must lie in the state
+    /// directory and be named memlab-tmpfs-*.
+    public func mountTmpfs(at path: String, options: String) throws(GuardError) {
+        try borrow({ j in j.mounts = (j.mounts ?? []) + [path]; return true }, { (j) throws(GuardError) in
+            if mkdir(path, 0o700) != 0 {
+                let e = SystemError.current("mkdir", path: path)
+                if e.errno == EEXIST { j.mounts?.removeAll { $0 == path }; try? writeJournal(j) }
+                throw .system(e)
+            }
+            if mount("tmpfs", path, "tmpfs", 0, options) != 0 {
+                let e = SystemError.current("mount(tmpfs, \(options))", path: path)
+                rmdir(path)
+                j.mounts?.removeAll { $0 == path }
+                try? writeJournal(j)
+                throw .system(e)
+            }
+        })
+    }
+
     /// What the journal holds besides knobs, for a run's notes.
     public var createdResources: (swapAreas: [String], files: [String], zram: [Int]) {
         state.withLock { s in (s.journal?.swapAreas ?? [], s.journal?.createdFiles ?? [], s.journal?.zramDevices ?? []) }
@@ -618,6 +657,7 @@ public final class SettingsGuard: Sendable {
         remaining.swapAreas = nil
         remaining.enabledControllers = nil
         remaining.kdamonds = nil
+        remaining.mounts = nil
         let deadline = Clock.nanoseconds() &+ UInt64(patience * 1e9)
         for e in j.entries.reversed() {
             let knob = Knob(e.path)
@@ -627,7 +667,7 @@ public final class SettingsGuard: Sendable {
                 var current = first
                 while true {
                     if current != e.original {
-                        for v in knob.restoreSequence(to: e.original, current: current) { try knob.write(v) }
+                        for v in knob.restoreSequence(to: e.original, current: current) { try knob.apply(v) }
                     }
                     current = try knob.read()
                     if current == e.original || Clock.nanoseconds() > deadline { break }
@@ -685,6 +725,21 @@ public final class SettingsGuard: Sendable {
                 remaining.createdFiles = [file] + (remaining.createdFiles ?? [])
             } else {
                 report.restoredLines.append("removed \(file)")
+            }
+        }
+        // Mounts: unmounted (lazily: a file still open in it must not keep it), then the
+        // directory removed. One not mounted any more (a reboot, an earlier try) just goes.
+        for path in (j.mounts ?? []).reversed() {
+            if umount2(path, Int32(MNT_DETACH)) != 0 && errno != EINVAL && errno != ENOENT {
+                report.failures.append(SystemError.current("umount", path: path).description)
+                remaining.mounts = [path] + (remaining.mounts ?? [])
+                continue
+            }
+            if rmdir(path) != 0 && errno != ENOENT {
+                report.failures.append(SystemError.current("rmdir", path: path).description)
+                remaining.mounts = [path] + (remaining.mounts ?? [])
+            } else {
+                report.restoredLines.append("unmounted and removed \(path)")
             }
         }
         for dir in j.createdDirectories.reversed() {

@@ -15,11 +15,14 @@ public enum WatchedSettings {
     public static let knobPatterns: [String] = {
         var p = [KSM.Knobs.run, KSM.Knobs.pagesToScan, KSM.Knobs.sleepMillisecs, KSM.Knobs.useZeroPages,
                  KSM.Knobs.mergeAcrossNodes, KSM.Knobs.maxPageSharing, KSM.Knobs.smartScan].map(\.path)
-        p += ["advisor_mode", "advisor_target_scan_time"].map { "\(KSM.directory)/\($0)" }
-        p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled"].map { "\(THP.directory)/\($0)" }
+        p += ["advisor_mode", "advisor_target_scan_time", "advisor_max_cpu", "advisor_min_pages_to_scan",
+              "advisor_max_pages_to_scan"].map { "\(KSM.directory)/\($0)" }
+        p += [THP.enabled.path, THP.defrag.path] + ["use_zero_page", "shmem_enabled", "shrink_underused"].map { "\(THP.directory)/\($0)" }
         p.append("\(THP.directory)/hugepages-*/enabled")
+        p.append("\(THP.directory)/hugepages-*/shmem_enabled")
         p += [THP.Khugepaged.defrag, THP.Khugepaged.pagesToScan, THP.Khugepaged.scanSleepMillisecs,
               THP.Khugepaged.allocSleepMillisecs, THP.Khugepaged.maxPtesNone].map(\.path)
+        p += [THP.Khugepaged.maxPtesShared.path, THP.Khugepaged.maxPtesSwap.path]
         p += ["\(HugeTLB.directory)/hugepages-*/nr_hugepages", "\(HugeTLB.directory)/hugepages-*/nr_overcommit_hugepages",
               "/sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages",
               "/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"]
@@ -87,6 +90,11 @@ public enum WatchedSettings {
             for k in kdamonds { lines.append("damon_kdamond_\(k.index)=\(k.state)") }
         }
         for name in ProcFile.list("/run/netns").sorted() where name.hasPrefix("memlab") { lines.append("leftover_netns=\(name)") }
+        // tmpfs mounts a run made (hugepages:shmem with tmpfs_huge), by their mount point's name.
+        for line in (ProcFile.readIfPresent("/proc/self/mounts") ?? "").split(separator: "\n") {
+            let f = line.split(separator: " ")
+            if f.count > 2, AtomicFile.basename(of: String(f[1])).hasPrefix("memlab-tmpfs-") { lines.append("leftover_mount=\(f[1])") }
+        }
         for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
             for name in ProcFile.list(dir).sorted() where temporaryPrefixes.contains(where: { name.hasPrefix($0) }) {
                 lines.append("leftover_file=\(dir)/\(name)")

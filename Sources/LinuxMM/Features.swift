@@ -8,6 +8,14 @@ public enum THP {
     public static let directory = "/sys/kernel/mm/transparent_hugepage"
     public static let enabled = Knob("\(directory)/enabled")
     public static let defrag = Knob("\(directory)/defrag")
+    /// Whether the deferred-split shrinker may split THPs that are mostly zero-filled (6.12+).
+    public static let shrinkUnderused = Knob("\(directory)/shrink_underused")
+    /// THP for shmem: anonymous shared memory, memfd, SysV shm (tmpfs mounts use huge=).
+    public static let shmemEnabled = Knob("\(directory)/shmem_enabled")
+    /// The per-size shmem control (6.11+): `inherit` follows shmem_enabled.
+    public static func sizeShmemEnabled(bytes: Int) -> Knob {
+        Knob("\(directory)/hugepages-\(bytes / 1024)kB/shmem_enabled")
+    }
 
     public static var isAvailable: Bool { enabled.exists }
 

@@ -10,6 +10,11 @@ extension THP {
         public static let scanSleepMillisecs = Knob("\(THP.khugepagedDirectory)/scan_sleep_millisecs")
         public static let allocSleepMillisecs = Knob("\(THP.khugepagedDirectory)/alloc_sleep_millisecs")
         public static let maxPtesNone = Knob("\(THP.khugepagedDirectory)/max_ptes_none")
+        /// Most pages of a 2M range mapped by another process too (fork's copy-on-write
+        /// sharing) that khugepaged still collapses.
+        public static let maxPtesShared = Knob("\(THP.khugepagedDirectory)/max_ptes_shared")
+        /// Most swapped-out pages of a 2M range khugepaged still collapses (reading them back).
+        public static let maxPtesSwap = Knob("\(THP.khugepagedDirectory)/max_ptes_swap")
         public static let defrag = Knob("\(THP.khugepagedDirectory)/defrag")
         public static var fullScans: String { "\(THP.khugepagedDirectory)/full_scans" }
         public static var pagesCollapsed: String { "\(THP.khugepagedDirectory)/pages_collapsed" }

@@ -17,6 +17,13 @@ public enum KSM {
         public static let mergeAcrossNodes = Knob("\(directory)/merge_across_nodes")
         public static let maxPageSharing = Knob("\(directory)/max_page_sharing")
         public static let smartScan = Knob("\(directory)/smart_scan")
+        /// The scan-time advisor (6.9+): `none` or `scan-time`. Writing it resets
+        /// pages_to_scan (to 100 for none, to advisor_min_pages_to_scan for scan-time).
+        public static let advisorMode = Knob("\(directory)/advisor_mode")
+        public static let advisorTargetScanTime = Knob("\(directory)/advisor_target_scan_time")
+        public static let advisorMaxCPU = Knob("\(directory)/advisor_max_cpu")
+        public static let advisorMinPagesToScan = Knob("\(directory)/advisor_min_pages_to_scan")
+        public static let advisorMaxPagesToScan = Knob("\(directory)/advisor_max_pages_to_scan")
     }
 
     public static var isAvailable: Bool { Knobs.run.exists }
@@ -31,6 +38,13 @@ public enum KSM {
         public var fullScans: Int64 = 0
         public var zeroPages: Int64 = 0
         public var generalProfit: Int64 = 0
+        /// Pages ksmd looked at (6.7+), and pages smart scan let it skip (6.7+); 0 where absent.
+        public var pagesScanned: Int64 = 0
+        public var pagesSkipped: Int64 = 0
+        /// Stable node chains and the dups linked to them (4.13+): one content shared by more
+        /// than max_page_sharing mappings becomes a chain of several KSM pages.
+        public var stableNodeChains: Int64 = 0
+        public var stableNodeDups: Int64 = 0
         public init() {}
     }
 
@@ -50,7 +64,26 @@ public enum KSM {
         c.fullScans = try value("full_scans")
         c.zeroPages = (try? value("ksm_zero_pages")) ?? 0
         c.generalProfit = (try? value("general_profit")) ?? 0
+        c.pagesScanned = (try? value("pages_scanned")) ?? 0
+        c.pagesSkipped = (try? value("pages_skipped")) ?? 0
+        c.stableNodeChains = (try? value("stable_node_chains")) ?? 0
+        c.stableNodeDups = (try? value("stable_node_dups")) ?? 0
         return c
+    }
+
+    /// Other processes with KSM-mergeable memory (/proc/PID/ksm_stat says `ksm_mergeable: yes`
+    /// or `ksm_merge_any: yes`; a QEMU guest's RAM is, by default): ksmd scans their pages too,
+    /// so the global counters count them. (pid, comm) each; this process excluded.
+    public static func otherMergeableProcesses() -> [(pid: Int32, comm: String)] {
+        let me = getpid()
+        var out: [(Int32, String)] = []
+        for name in ProcFile.list("/proc") {
+            guard let pid = Int32(name), pid != me, let stat = ProcFile.readIfPresent("/proc/\(pid)/ksm_stat") else { continue }
+            if stat.contains("ksm_mergeable: yes") || stat.contains("ksm_merge_any: yes") {
+                out.append((pid, ProcFile.readIfPresent("/proc/\(pid)/comm")?.trimmingWhitespace() ?? "?"))
+            }
+        }
+        return out
     }
 
     /// The pid of the ksmd kernel thread, found by its comm.

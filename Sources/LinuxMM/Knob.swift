@@ -18,6 +18,34 @@ public struct Knob: Hashable, Sendable, Codable, CustomStringConvertible {
         try ProcFile.write(path, value)
     }
 
+    /// Knobs that writing this one changes as a side effect. The settings guard journals them
+    /// (at their value now) before this one, so a restore — which goes in reverse — gives
+    /// them back after it. KSM's advisor_mode resets pages_to_scan on every change (to 100 for
+    /// `none`, to advisor_min_pages_to_scan for `scan-time`; mm/ksm.c set_advisor_defaults).
+    public var alsoChanges: [Knob] {
+        path == KSM.Knobs.advisorMode.path ? [KSM.Knobs.pagesToScan] : []
+    }
+
+    /// Writes `value` the way the kernel accepts it. KSM's merge_across_nodes and
+    /// max_page_sharing can change only while no page is merged (EBUSY otherwise;
+    /// Documentation/admin-guide/mm/ksm.rst): `run` is set to 2 first, which unmerges every
+    /// KSM page on the machine, then the knob is written, then `run` gets back the value it
+    /// had. Every other knob is a plain write.
+    public func apply(_ value: String) throws(SystemError) {
+        guard path == KSM.Knobs.mergeAcrossNodes.path || path == KSM.Knobs.maxPageSharing.path else {
+            try write(value)
+            return
+        }
+        let run = KSM.Knobs.run
+        let before = try run.read()
+        if before != "2" { try run.write("2") }
+        do { try write(value) } catch {
+            if before != "2" { try? run.write(before) }
+            throw error
+        }
+        if before != "2" { try run.write(before) }
+    }
+
     /// "always [madvise] never" -> "madvise"; "100\n" -> "100".
     public static func effectiveValue(of raw: String) -> String {
         let trimmed = raw.trimmingWhitespace()

@@ -215,6 +215,14 @@ enum QuickSuite {
         ("ksm:merge", ["pages": "2048,8192"], 3),
         ("ksm:cow", ["pages": "8192"], 3),
         ("ksm:unmerge", ["pages": "8192"], 3),
+        // Issue 15's KSM mechanisms: smart scan off and on (the pair is the comparison), the
+        // advisor watched for 4 s, a THP-backed region, chains; numa-merge is skipped with its
+        // reason on one node.
+        ("ksm:smart-scan", ["pages": "8192", "smart_scan": "false,true"], 2),
+        ("ksm:advisor", ["pages": "8192", "duration_s": "4"], 1),
+        ("ksm:thp", ["pages": "8192"], 2),
+        ("ksm:numa-merge", ["pages": "8192"], 1),
+        ("ksm:chains", ["pages": "8192", "max_page_sharing": "32"], 2),
         ("hugepages:fault", ["kind": "4k", "size": "32M"], 3),
         ("hugepages:fault", ["kind": "thp", "size": "32M"], 3),
         ("hugepages:fault", ["kind": "hugetlb-2m", "size": "32M"], 3),
@@ -224,6 +232,14 @@ enum QuickSuite {
         ("hugepages:bloat", ["size": "16M"], 1),
         ("hugepages:split", ["size": "16M"], 3),
         ("hugepages:hugetlb-reserve", [:], 1),
+        // The underused-THP shrinker: on (max_ptes_none below 511) it splits every THP.
+        ("hugepages:shrink-underused", ["size": "16M", "max_ptes_none": "409"], 2),
+        // shmem THP: the default mode (advise) with and without MADV_HUGEPAGE.
+        ("hugepages:shmem", ["size": "16M", "madvise": "false,true"], 2),
+        ("hugepages:shmem", ["size": "16M", "tmpfs_huge": "always", "shmem_enabled": "never"], 1),
+        // khugepaged's max_ptes_shared: just under and just over the threshold.
+        ("hugepages:collapse-shared", ["size": "8M", "shared_per_huge": "256,257", "max_ptes_shared": "256"], 1),
+        ("hugepages:collapse-swap", ["size": "8M", "swapped_per_huge": "64,65", "max_ptes_swap": "64"], 1),
         ("overcommit:commit", ["mode": "0", "row_max": "16"], 1),
         ("overcommit:oom", ["limit": "32M"], 2),
         ("tmem:zswap", ["pages": "4096", "swap_size": "64M"], 2),

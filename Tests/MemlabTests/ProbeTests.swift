@@ -51,7 +51,7 @@ extension KernelTests {
             let list = try #require(try JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [[String: Any]])
             let ksm = try #require(list.first { $0["id"] as? String == "ksm" })
             let variants = (ksm["variants"] as? [[String: Any]])?.compactMap { $0["name"] as? String }
-            #expect(variants == ["merge", "cow", "unmerge"])
+            #expect(variants == ["merge", "cow", "unmerge", "smart-scan", "advisor", "thp", "numa-merge", "chains"])
             let params = (ksm["parameters"] as? [[String: Any]])?.compactMap { $0["name"] as? String } ?? []
             #expect(params.contains("pages_to_scan"))
             let plain = try Memlab.run(["list"], stateDir: dir.path)

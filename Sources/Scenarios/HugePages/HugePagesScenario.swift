@@ -17,6 +17,10 @@ public struct HugePagesScenario: TypedScenario {
     public enum Variant: String, ScenarioVariant {
         case fault, tlb, collapse, bloat, split
         case hugetlbReserve = "hugetlb-reserve"
+        case shrinkUnderused = "shrink-underused"
+        case collapseShared = "collapse-shared"
+        case collapseSwap = "collapse-swap"
+        case shmem
         public var summary: String {
             switch self {
             case .fault: return "first-touch throughput and per-fault latency for one page size; huge_coverage read back"
@@ -25,6 +29,10 @@ public struct HugePagesScenario: TypedScenario {
             case .bloat: return "sparse touches under THP vs 4K: RSS inflation, and khugepaged's max_ptes_none"
             case .split: return "partial munmap/mprotect inside THPs: split counts and their cost"
             case .hugetlbReserve: return "hugetlb pool: Rsvd at mmap vs fault, ENOMEM when short, SIGBUS with MAP_NORESERVE, surplus pages"
+            case .shmem: return "shared anonymous memory under one shmem_enabled mode (and MADV_HUGEPAGE or not): PMD-mapped shmem THPs, thp_file_alloc, ShmemHugePages"
+            case .collapseSwap: return "khugepaged on 4K ranges with pages paged out to a swap file of the run's own: collapsed iff swapped pages <= max_ptes_swap (thp_scan_exceed_swap_pte)"
+            case .collapseShared: return "khugepaged on 4K ranges partly shared with a forked child: collapsed iff shared pages <= max_ptes_shared (thp_scan_exceed_share_pte)"
+            case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
         }
     }
@@ -48,6 +56,18 @@ public struct HugePagesScenario: TypedScenario {
     public enum CollapseMethod: String, CaseIterable, ParameterChoice {
         case madvCollapse = "madv_collapse", khugepaged
     }
+    /// shmem: the top-level shmem_enabled mode borrowed.
+    public enum ShmemMode: String, CaseIterable, ParameterChoice {
+        case always
+        case withinSize = "within_size"
+        case advise, never, deny, force
+    }
+    /// shmem: a tmpfs's own huge= option, or none for shared anonymous memory.
+    public enum TmpfsHuge: String, CaseIterable, ParameterChoice {
+        case none, always, never
+        case withinSize = "within_size"
+        case advise
+    }
     /// split: what is done to one 4K page inside each THP.
     public enum SplitOperation: String, CaseIterable, ParameterChoice { case munmap, mprotect }
     /// hugetlb-reserve: which pool.
@@ -65,13 +85,22 @@ public struct HugePagesScenario: TypedScenario {
         let accesses = Parameter<Int>("accesses", 1000...1_000_000_000, default: 1_000_000, unit: .count, help: "tlb: dependent loads timed per working-set size")
         let method = Parameter<CollapseMethod>("method", default: .madvCollapse, help: "collapse: synchronous MADV_COLLAPSE or waiting for khugepaged")
         let stridePages = Parameter<Int>("stride_pages", 1...512, default: 64, unit: .pages, help: "bloat: touch one 4K page in every N")
-        let maxPtesNone = Parameter<Int>("max_ptes_none", 0...511, default: 511, unit: .count, help: "bloat/collapse: khugepaged/max_ptes_none (borrowed)")
+        let maxPtesNone = Parameter<Int>("max_ptes_none", 0...511, default: 511, unit: .count, help: "bloat/collapse: khugepaged/max_ptes_none (borrowed); shrink-underused: a THP with more zero-filled pages than this is underused (511 turns the check off)")
         let operation = Parameter<SplitOperation>("operation", default: .munmap, help: "split: what is done to one 4K page inside each THP")
         let poolPages = Parameter<Int>("pool_pages", 2...4096, default: 8, unit: .pages, help: "hugetlb-reserve: pool size in huge pages (borrowed nr_hugepages)")
         let overcommitPages = Parameter<Int>("overcommit_pages", 0...4096, default: 2, unit: .pages, help: "hugetlb-reserve: surplus pages allowed (borrowed nr_overcommit_hugepages)")
         let hugeSize = Parameter<HugeSize>("huge_size", default: .size2M, help: "hugetlb-reserve: which pool")
         let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
+        let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
+        let shmemEnabled = Parameter<ShmemMode>("shmem_enabled", default: .advise, help: "shmem: transparent_hugepage/shmem_enabled for the run (borrowed; the 2M size set to inherit, the others to never)")
+        let tmpfsHuge = Parameter<TmpfsHuge>("tmpfs_huge", default: .none, help: "shmem: none — shared anonymous memory (shmem_enabled decides); else a file on a tmpfs mounted for the run with huge=<this> (mounted and removed through the settings guard)")
+        let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem: MADV_HUGEPAGE on the region (what shmem_enabled=advise asks for)")
+        let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
+        let swappedPerHuge = Parameter<Int>("swapped_per_huge", 0...256, default: 32, unit: .pages, help: "collapse-swap: 4K pages of each 2M range paged out (MADV_PAGEOUT) before khugepaged looks")
+        let maxPtesSwap = Parameter<Int>("max_ptes_swap", 0...511, default: 64, unit: .count, help: "collapse-swap: khugepaged/max_ptes_swap (borrowed)")
+        let maxPtesShared = Parameter<Int>("max_ptes_shared", 0...511, default: 256, unit: .count, help: "collapse-shared: khugepaged/max_ptes_shared (borrowed)")
+        let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
     }
 
     // MARK: what a kind means
@@ -132,6 +161,17 @@ public struct HugePagesScenario: TypedScenario {
         switch variant {
         case .hugetlbReserve:
             return HugeTLB.pools().isEmpty ? .unusable("no hugetlb pools: kernel built without CONFIG_HUGETLBFS") : .usable
+        case .shrinkUnderused:
+            return probeShrinkUnderused()
+        case .shmem:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.shmemEnabled.exists ? .usable : .unusable("\(THP.shmemEnabled.path) is missing: kernel built without CONFIG_TRANSPARENT_HUGEPAGE for shmem")
+        case .collapseSwap:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.Khugepaged.maxPtesSwap.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesSwap.path) is missing (kernel older than 4.x)")
+        case .collapseShared:
+            guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
+            return THP.Khugepaged.maxPtesShared.exists ? .usable : .unusable("\(THP.Khugepaged.maxPtesShared.path) is missing: needs Linux 5.8+")
         default:
             return THP.isAvailable ? .usable : .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE")
         }
@@ -224,6 +264,29 @@ public struct HugePagesScenario: TypedScenario {
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
         case .split:
             onlySize(2 << 20)
+        case .shmem:
+            s.append(KnobSetting(THP.shmemEnabled, params.shmemEnabled.rawValue))
+            for size in THP.sizes().map(\.bytes) where THP.sizeShmemEnabled(bytes: size).exists {
+                s.append(KnobSetting(THP.sizeShmemEnabled(bytes: size), size == 2 << 20 ? "inherit" : "never"))
+            }
+        case .collapseSwap:
+            onlySize(2 << 20)
+            s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
+            s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesSwap, String(params.maxPtesSwap)))
+        case .collapseShared:
+            onlySize(2 << 20)
+            s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
+            s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
+            s.append(KnobSetting(THP.Khugepaged.maxPtesShared, String(params.maxPtesShared)))
+        case .shrinkUnderused:
+            onlySize(2 << 20)
+            // Read by the shrinker: a THP is underused when more than max_ptes_none of its
+            // pages are zero-filled (511, the default, turns the check off).
+            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, String(params.maxPtesNone)))
+            s.append(KnobSetting(THP.shrinkUnderused, params.shrinkUnderused ? "1" : "0"))
         case .hugetlbReserve:
             let b = params.hugeSize.bytes
             let node = params.node
@@ -237,6 +300,20 @@ public struct HugePagesScenario: TypedScenario {
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double { params.timeoutS + 120 }
 
+    /// collapse-swap pages out to a swap file of its own, made through the guard (journaled
+    /// first, swapped off and removed after the run, on a signal, or by the next start).
+    public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
+        if variant == .shmem && params.tmpfsHuge != .none { try prepareShmemMount(params, settingsGuard: settingsGuard) }
+        guard variant == .collapseSwap else { return }
+        try prepareCollapseSwap(params, settingsGuard: settingsGuard)
+    }
+
+    /// shrink-underused runs in a memory cgroup just larger than its THP region, so that the
+    /// page cache it writes next puts the cgroup under reclaim (which runs the shrinkers).
+    public func memoryLimit(_ variant: Variant, _ params: Values) -> Int? {
+        variant == .shrinkUnderused ? regionSize(params, .thp) + ShrinkUnderused.headroom : nil
+    }
+
     public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
         switch variant {
         case .fault: try runFault(ctx, p)
@@ -245,6 +322,10 @@ public struct HugePagesScenario: TypedScenario {
         case .bloat: try runBloat(ctx, p)
         case .split: try runSplit(ctx, p)
         case .hugetlbReserve: try runReserve(ctx, p)
+        case .shrinkUnderused: try runShrinkUnderused(ctx, p)
+        case .collapseShared: try runCollapseShared(ctx, p)
+        case .collapseSwap: try runCollapseSwap(ctx, p)
+        case .shmem: try runShmem(ctx, p)
         }
     }
 

@@ -39,22 +39,43 @@ public struct KSMLayout: Sendable, Equatable {
     public func expectation(useZeroPages: Bool, maxPageSharing: Int) -> Expectation {
         var sizes = groupSizes
         if !useZeroPages { sizes.append(zeroPages) }
-        var merging = 0, shared = 0
-        for k in sizes where k >= 2 {
+        let s = KSMLayout.sharing(contents: sizes, maxPageSharing: maxPageSharing)
+        return Expectation(mergingPages: s.merging, zeroPages: useZeroPages ? zeroPages : 0,
+                           pagesShared: s.shared, pagesSharing: s.merging - s.shared)
+    }
+
+    /// What KSM makes of contents held by `contents[i]` pages each: pages merged, KSM pages
+    /// (pages_shared), and the stable node chains — a content needing more than one KSM page
+    /// is a chain whose dups are those KSM pages (stable_node_chains, stable_node_dups).
+    public static func sharing(contents: [Int], maxPageSharing: Int) -> (merging: Int, shared: Int, chains: Int, dups: Int) {
+        var merging = 0, shared = 0, chains = 0, dups = 0
+        for k in contents where k >= 2 {
             // Full KSM pages of maxPageSharing sharers each; a remainder of one page has
             // nothing to pair with (a full stable node takes no more sharers), so it stays
             // unmerged in the unstable tree (mm/ksm.c, stable node chains).
-            let full = k / maxPageSharing, rest = k % maxPageSharing
+            let full = k / max(maxPageSharing, 1), rest = k % max(maxPageSharing, 1)
+            let ksmPages: Int
             if rest == 1 {
                 merging += k - 1
-                shared += full
+                ksmPages = full
             } else {
                 merging += k
-                shared += full + (rest > 0 ? 1 : 0)
+                ksmPages = full + (rest > 0 ? 1 : 0)
             }
+            shared += ksmPages
+            if ksmPages >= 2 { chains += 1; dups += ksmPages }
         }
-        return Expectation(mergingPages: merging, zeroPages: useZeroPages ? zeroPages : 0,
-                           pagesShared: shared, pagesSharing: merging - shared)
+        return (merging, shared, chains, dups)
+    }
+
+    /// Whether page `i` is one KSM should merge: a zero page (when zero pages are merged as a
+    /// content, or with use_zero_pages) or a copy in a group of at least two.
+    public func merges(page i: Int) -> Bool {
+        switch role(ofPage: i) {
+        case .zero: return zeroPages >= 2
+        case .duplicate(let g): return groupSizes[g] >= 2
+        case .unique: return false
+        }
     }
 
     public enum Role: Equatable { case zero, duplicate(group: Int), unique }

@@ -15,11 +15,21 @@ public struct KSMScenario: TypedScenario {
 
     public enum Variant: String, ScenarioVariant {
         case merge, cow, unmerge
+        case smartScan = "smart-scan"
+        case advisor
+        case thp
+        case numaMerge = "numa-merge"
+        case chains
         public var summary: String {
             switch self {
             case .merge: return "mark a region with known duplicates mergeable; time ksmd until it is merged; savings and ksmd CPU"
             case .cow: return "write to merged pages: copy-on-write fault latency against unmerged and freshly faulted pages"
             case .unmerge: return "MADV_UNMERGEABLE (or PR_SET_MEMORY_MERGE 0) on a merged region: time to break every merge"
+            case .smartScan: return "smart_scan on or off: pages ksmd skipped (pages_skipped) and scanned per full scan, full-scan time, against the kernel's skip rule"
+            case .advisor: return "advisor_mode=scan-time: the pages_to_scan the advisor picks after each full scan against its target scan time, within its CPU bounds"
+            case .thp: return "KSM on a THP-backed region: the THP splits merging causes (thp_split_page, AnonHugePages before/after), as ksm_tests -H"
+            case .numaMerge: return "identical pages on two NUMA nodes under merge_across_nodes 0 or 1: pages_shared doubles with 0 (needs two nodes)"
+            case .chains: return "more sharers of one content than max_page_sharing: stable node chains and dups, KSM pages per content"
             }
         }
     }
@@ -39,6 +49,13 @@ public struct KSMScenario: TypedScenario {
         let useZeroPages = Parameter<Bool>("use_zero_pages", default: false, help: "merge zero pages with the kernel's zero page (borrowed: use_zero_pages)")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up when ksmd has not finished merging after this long")
         let sampleIntervalMs = Parameter<Int>("sample_interval_ms", 1...10_000, default: 20, unit: .ms, help: "interval of the pages_sharing time series")
+        let smartScan = Parameter<Bool>("smart_scan", default: true, help: "smart-scan, thp: skip pages that did not merge in earlier scans (borrowed: smart_scan)")
+        let observeScans = Parameter<Int>("observe_scans", 1...1000, default: 20, unit: .count, help: "smart-scan: full scans counted after the region is merged")
+        let targetScanTime = Parameter<Int>("target_scan_time", 1...3600, default: 2, unit: .s, help: "advisor: seconds one full scan should take (borrowed: advisor_target_scan_time)")
+        let advisorMaxCPU = Parameter<Int>("advisor_max_cpu", 10...100, default: 70, unit: .percent, help: "advisor: most ksmd CPU the advisor may plan for (borrowed: advisor_max_cpu)")
+        let durationS = Parameter<Double>("duration_s", 1...600, default: 10, unit: .s, help: "advisor: how long the advisor is watched")
+        let mergeAcrossNodes = Parameter<Bool>("merge_across_nodes", default: false, help: "numa-merge: merge pages of different NUMA nodes (borrowed: merge_across_nodes; changed with every page unmerged first)")
+        let maxPageSharing = Parameter<Int>("max_page_sharing", 2...65_536, default: 32, unit: .count, help: "chains: most mappings of one KSM page before a new copy starts a chain (borrowed: max_page_sharing; changed with every page unmerged first)")
     }
 
     public func probe(_ variant: Variant) -> Availability {
@@ -48,10 +65,11 @@ public struct KSMScenario: TypedScenario {
         guard ProcFile.exists("/proc/self/ksm_stat") else {
             return .unusable("/proc/PID/ksm_stat is missing (kernel older than 6.1): memlab needs per-process KSM figures")
         }
-        return .usable
+        return probeMechanism(variant)
     }
 
     public func validate(_ variant: Variant, _ p: Values) throws(UsageError) {
+        try validateMechanism(variant, p)
         if p.duplicateRatio + p.zeroRatio > 1 {
             throw UsageError("duplicate_ratio + zero_ratio must not exceed 1 (got \(p.duplicateRatio) + \(p.zeroRatio))")
         }
@@ -64,7 +82,8 @@ public struct KSMScenario: TypedScenario {
     }
 
     public func settings(_ variant: Variant, _ p: Values) -> [KnobSetting] {
-        [
+        if let s = mechanismSettings(variant, p) { return s }
+        return [
             KnobSetting(KSM.Knobs.pagesToScan, String(p.pagesToScan)),
             KnobSetting(KSM.Knobs.sleepMillisecs, String(p.sleepMillisecs)),
             KnobSetting(KSM.Knobs.useZeroPages, p.useZeroPages ? "1" : "0"),
@@ -72,13 +91,23 @@ public struct KSMScenario: TypedScenario {
         ]
     }
 
-    public func deadline(_ variant: Variant, _ p: Values) -> Double { p.timeoutS + 60 }
+    public func deadline(_ variant: Variant, _ p: Values) -> Double {
+        variant == .advisor ? p.durationS + p.timeoutS + 60 : p.timeoutS + 60
+    }
 
     func layout(_ p: Values) -> KSMLayout {
         KSMLayout(pages: p.pages, duplicateRatio: p.duplicateRatio, zeroRatio: p.zeroRatio, groups: p.duplicateGroups)
     }
 
     public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
+        switch variant {
+        case .merge, .cow, .unmerge: break
+        case .smartScan: return try runSmartScan(ctx, p)
+        case .advisor: return try runAdvisor(ctx, p)
+        case .thp: return try runTHP(ctx, p)
+        case .numaMerge: return try runNUMAMerge(ctx, p)
+        case .chains: return try runChains(ctx, p)
+        }
         let pageSize = System.pageSize
         let layout = layout(p)
         let useZero = p.useZeroPages
@@ -151,7 +180,7 @@ public struct KSMScenario: TypedScenario {
         switch variant {
         case .cow: try measureCOW(region: region, layout: layout, useZero: useZero, ctx: ctx)
         case .unmerge: try measureUnmerge(region: region, prctlMode: prctlMode, mergedBefore: stat.mergingPages + stat.zeroPages, ctx: ctx)
-        case .merge: break
+        default: break
         }
         if prctlMode { try? KSM.setProcessMerge(false) }
     }
@@ -161,23 +190,30 @@ public struct KSMScenario: TypedScenario {
         let ksmdCPU: Double?
         let fullScans: Int64
         let baseline: KSM.Counters
+        /// full_scans when the region was marked mergeable.
+        let startScans: Int64
     }
 
     /// Marks the region mergeable and waits for ksmd the way the kernel's KSM selftests do —
     /// on `full_scans` — until this process's merged count has not changed for two full scans
     /// (and at least three scans have passed: a page is merged on its second visit and a newly
     /// registered mm joins the scan list behind the cursor).
-    func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, variant: Variant, _ p: Values, ctx: RunContext) throws -> MergeOutcome {
+    func mergeAndWait(region: AnonymousMapping, layout: KSMLayout, prctlMode: Bool, variant: Variant, _ p: Values, ctx: RunContext,
+                      alsoMergeable more: [AnonymousMapping] = [], atLeast: Int64 = 0, failOnTimeout: Bool = true) throws -> MergeOutcome {
         // This process's merged pages: ksm_stat where the kernel has it (6.4+; ksm_zero_pages
-        // 6.10+), else the region's KPF_KSM (and zero-page) frames, read less often.
+        // later), else the regions' KPF_KSM (and zero-page) frames, read less often.
         let stat = (try? ProcFile.read("/proc/self/ksm_stat")) ?? ""
         let hasMerging = stat.contains("ksm_merging_pages"), hasZero = stat.contains("ksm_zero_pages")
         let merging = hasMerging ? try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_merging_pages") : nil
         let zero = hasZero ? try CounterFile(path: "/proc/self/ksm_stat", key: "ksm_zero_pages") : nil
         func merged() throws -> Int64 {
             if let merging { return try merging.read() + (zero?.read() ?? 0) }
-            let c = try PageFlags.census(region.base, length: region.length)
-            return Int64(c.ksm + (p.useZeroPages ? c.zeroPage : 0))
+            var n = 0
+            for m in [region] + more {
+                let c = try PageFlags.census(m.base, length: m.length)
+                n += c.ksm + (p.useZeroPages ? c.zeroPage : 0)
+            }
+            return Int64(n)
         }
         let scans = try CounterFile(path: "\(KSM.directory)/full_scans")
         var probes: [Sampler.Probe] = [.init("pages_sharing", .pages, try CounterFile(path: "\(KSM.directory)/pages_sharing"))]
@@ -198,6 +234,7 @@ public struct KSMScenario: TypedScenario {
             }
         } else {
             try KSM.setMergeable(region.base, length: region.length, true)
+            for m in more { try KSM.setMergeable(m.base, length: m.length, true) }
         }
         let startScans = try scans.read()
         var last: Int64 = -1
@@ -213,8 +250,12 @@ public struct KSMScenario: TypedScenario {
                 lastChange = now
                 scansAtChange = s
             }
-            if s >= scansAtChange + 2 && s >= startScans + 3 { break }
+            if s >= scansAtChange + 2 && s >= startScans + 3 && v >= atLeast { break }
             if Double(now - t0) / 1e9 > timeout {
+                if !failOnTimeout {
+                    ctx.note("ksmd had merged \(last) pages (of at least \(atLeast) expected) after timeout_s=\(timeout) s and \(s - startScans) full scans; measured as it stands")
+                    break
+                }
                 ctx.record(sampler.stop().first!)
                 throw ScenarioError.failed("ksmd did not finish merging within timeout_s=\(timeout) s: \(last) pages merged so far, \(s - startScans) full scans; raise pages_to_scan or timeout_s")
             }
@@ -227,7 +268,7 @@ public struct KSMScenario: TypedScenario {
         let cpu: Double? = cpuBefore.flatMap { b in cpuAfter.map { $0 - b } }
         if ksmd == nil { ctx.note("ksmd thread not found in /proc: ksmd_cpu_time not measured") }
         return MergeOutcome(mergeTime: Double(lastChange - t0) / 1e9, ksmdCPU: cpu,
-                            fullScans: (try scans.read()) - startScans, baseline: baseline)
+                            fullScans: (try scans.read()) - startScans, baseline: baseline, startScans: startScans)
     }
 
     /// The global counters to take deltas from, once ksmd has let go of the previous
