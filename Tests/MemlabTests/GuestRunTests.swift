@@ -170,7 +170,7 @@ extension KernelTests {
             #expect(guest["hypervisor_kernel"] as? String == HostFacts.current().kernel)
             #expect((guest["boot_s"] as? Double ?? 0) > 0)
             let rs = runs(doc)
-            #expect(rs.count == 6)
+            #expect(rs.count == 8)
             for r in rs {
                 #expect(r["status"] as? String == "ok", "\(r["scenario"] ?? ""):\(r["variant"] ?? ""): \(r["reason"] ?? "")")
                 let checks = r["checks"] as? [[String: Any]] ?? []
@@ -178,7 +178,7 @@ extension KernelTests {
                 #expect((r["notes"] as? [String] ?? []).contains { $0.hasPrefix("ran inside a guest: Linux \(release)") })
             }
             // soft-dirty against uffd-wp, the per-node pool on node 1, OOM under cgroup v2.
-            guard rs.count == 6 else { return }
+            guard rs.count == 8 else { return }
             #expect((rs[0]["checks"] as? [[String: Any]] ?? []).contains { $0["name"] as? String == "step1_trackers_agree" })
             #expect(median(rs[1], "node1_pool_pages") == 8)
             #expect((rs[2]["notes"] as? [String] ?? []).contains { $0.contains("(v2)") && $0.contains("memory cgroup /sys/fs/cgroup/") })
@@ -187,6 +187,10 @@ extension KernelTests {
             #expect(hasCheck(rs[3], "netem_rtt"))
             #expect(hasCheck(rs[4], "reclaimed_bytes") && (median(rs[4], "reclaimed_bytes") ?? 0) >= Double(8 << 20) * 0.95)
             #expect(hasCheck(rs[5], "pool_under_cap"))
+            // merge_across_nodes 0 then 1: pages_shared halves when KSM may merge across nodes.
+            if let apart = median(rs[6], "pages_shared"), let across = median(rs[7], "pages_shared") {
+                #expect(apart == 2 * across, "merge_across_nodes=0: \(apart), =1: \(across)")
+            }
             #expect(KnobSnapshot.take() == before)
             #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")
             #expect(memlabLitter().isEmpty, "\(memlabLitter())")
@@ -202,7 +206,7 @@ extension KernelTests {
             let files = (try FileManager.default.contentsOfDirectory(atPath: dir.path)).filter { $0.hasSuffix(".json") }.sorted()
             let host = try #require(files.first { $0.hasSuffix("-host.json") }), guest = try #require(files.first { !$0.hasSuffix("-host.json") })
             let a = runs(try loadJSON(dir.file(host))), b = runs(try loadJSON(dir.file(guest)))
-            #expect(a.count == 4 && b.count == 4)
+            #expect(a.count == 5 && b.count == 5)
             for (x, y) in zip(a, b) where x["status"] as? String == "ok" && y["status"] as? String == "ok" {
                 func verdicts(_ r: [String: Any]) -> [String: Bool] {
                     Dictionary((r["checks"] as? [[String: Any]] ?? []).map { ($0["name"] as? String ?? "", $0["agrees"] as? Bool ?? false) }) { $0 && $1 }
@@ -210,8 +214,8 @@ extension KernelTests {
                 let vx = verdicts(x), vy = verdicts(y)
                 for (name, v) in vy { #expect(v && vx[name] == v, "\(name): host \(vx[name].map(String.init) ?? "-"), guest \(v)") }
             }
-            #expect(a.map { $0["status"] as? String ?? "" } == ["ok", "ok", "ok", "ok"])
-            #expect(b.map { $0["status"] as? String ?? "" } == ["ok", "skipped", "ok", "skipped"])
+            #expect(a.map { $0["status"] as? String ?? "" } == ["ok", "ok", "ok", "ok", "ok"])
+            #expect(b.map { $0["status"] as? String ?? "" } == ["ok", "skipped", "skipped", "ok", "skipped"])
             let cmp = try Memlab.run(["compare", dir.file(host), dir.file(guest)], stateDir: dir.path)
             #expect(cmp.status == 0 && cmp.stdout.contains("axis:      kernel") && cmp.stdout.contains("(guest, "), "\(cmp.stdout)")
             #expect(qemuProcesses().isEmpty)

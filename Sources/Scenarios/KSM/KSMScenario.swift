@@ -118,17 +118,8 @@ public struct KSMScenario: TypedScenario {
         let region = try AnonymousMapping(length: layout.pages * pageSize, kind: .base)
         layout.fill(region.base, pageSize: pageSize, seed: 0x6D65_6D6C_6162 &+ UInt64(ctx.repetition))
 
-        let perProcess = (try? KSMStat.read())?.hasMergingPages ?? false
-        if !perProcess {
-            ctx.note("this kernel's /proc/self/ksm_stat has no ksm_merging_pages (before 6.4): the region's merged pages are counted from pagemap + kpageflags (KPF_KSM, and the zero page with use_zero_pages)")
-        }
         let merge = try mergeAndWait(region: region, layout: layout, prctlMode: prctlMode, variant: variant, p, ctx: ctx)
-        var stat = try KSMStat.read()
-        if !stat.hasMergingPages {
-            let c = try PageFlags.census(region.base, length: region.length)
-            stat.mergingPages = Int64(c.ksm)
-            if useZero { stat.zeroPages = Int64(c.zeroPage) }
-        }
+        let stat = try processStat([region], useZeroPages: useZero, ctx: ctx)
         let global = try KSM.counters()
         let sharingDelta = global.pagesSharing - merge.baseline.pagesSharing
         let sharedDelta = global.pagesShared - merge.baseline.pagesShared
@@ -183,6 +174,24 @@ public struct KSMScenario: TypedScenario {
         default: break
         }
         if prctlMode { try? KSM.setProcessMerge(false) }
+    }
+
+    /// This process's KSM figures (ksm_stat). A kernel before 6.4 has no ksm_merging_pages
+    /// there: then the merged (and, with use_zero_pages, zero) pages are the regions' frames
+    /// flagged KPF_KSM (or the zero page's), from pagemap + kpageflags, and a note says so.
+    func processStat(_ regions: [AnonymousMapping], useZeroPages: Bool, ctx: RunContext) throws -> KSMStat {
+        var stat = try KSMStat.read()
+        guard !stat.hasMergingPages else { return stat }
+        var ksm = 0, zero = 0
+        for m in regions {
+            let c = try PageFlags.census(m.base, length: m.length)
+            ksm += c.ksm
+            zero += c.zeroPage
+        }
+        stat.mergingPages = Int64(ksm)
+        if useZeroPages { stat.zeroPages = Int64(zero) }
+        ctx.note("this kernel's /proc/self/ksm_stat has no ksm_merging_pages (before 6.4): the regions' merged pages are counted from pagemap + kpageflags (KPF_KSM\(useZeroPages ? ", and the zero page" : ""))")
+        return stat
     }
 
     struct MergeOutcome {

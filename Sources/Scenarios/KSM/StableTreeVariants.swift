@@ -32,7 +32,7 @@ extension KSMScenario {
         }
         let merge = try mergeAndWait(region: regions[0], layout: half, prctlMode: false, variant: .numaMerge, p, ctx: ctx,
                                      alsoMergeable: [regions[1]])
-        let stat = try KSMStat.read()
+        let stat = try processStat(regions, useZeroPages: p.useZeroPages, ctx: ctx)
         let global = try KSM.counters()
         let shared = Double(global.pagesShared - merge.baseline.pagesShared)
         let sharing = Double(global.pagesSharing - merge.baseline.pagesSharing)
@@ -66,7 +66,7 @@ extension KSMScenario {
         let region = try AnonymousMapping(length: layout.pages * pageSize, kind: .base)
         layout.fill(region.base, pageSize: pageSize, seed: 0x6368_6169_6E73 &+ UInt64(ctx.repetition))
         let merge = try mergeAndWait(region: region, layout: layout, prctlMode: false, variant: .chains, p, ctx: ctx)
-        let stat = try KSMStat.read()
+        let stat = try processStat([region], useZeroPages: p.useZeroPages, ctx: ctx)
         let c = try KSM.counters()
         let b = merge.baseline
         // Chains as the kernel counts them now, not as a difference: the chain heads an

@@ -36,7 +36,7 @@ extension KSMScenario {
                                      atLeast: Int64(Double(expect.mergingPages - (p.useZeroPages ? 0 : layout.zeroPages)) * 0.99), failOnTimeout: false)
         let vm1 = try VMStat.current()
         let hugeAfter = Double(try Smaps.entry(startingAt: region.base)["AnonHugePages"] ?? 0)
-        let stat = try KSMStat.read()
+        let stat = try processStat([region], useZeroPages: p.useZeroPages, ctx: ctx)
         let global = try KSM.counters()
         func delta(_ k: String) -> Double { Double(Int64(vm1[k] ?? 0) - Int64(vm0[k] ?? 0)) }
         // Per 2M range, from the page flags: still a huge page, split, KSM pages in it.
