@@ -91,7 +91,9 @@ public struct GuestImage: Sendable {
         }
     }
 
-    static func initScript(modules: [String]) -> String {
+    /// What every memlab guest's /init does first (busybox as PID 1): its applets, /proc,
+    /// /sys and /dev, the modules in order, and the ready line with the guest's uptime.
+    static func initPrologue(modules: [String]) -> String {
         """
         #!/bin/busybox sh
         /bin/busybox --install -s /bin
@@ -100,6 +102,12 @@ public struct GuestImage: Sendable {
         mount -t devtmpfs dev /dev
         for m in \(modules.joined(separator: " ")); do insmod /lib/modules/$m.ko 2>/dev/null; done
         echo "\(readyMarker) uptime $(cut -d' ' -f1 /proc/uptime)"
+
+        """
+    }
+
+    static func initScript(modules: [String]) -> String {
+        initPrologue(modules: modules) + """
         # The port appears once the host's control message has been handled: wait up to 10 s.
         port=""
         for i in $(seq 100); do

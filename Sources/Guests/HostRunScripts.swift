@@ -20,14 +20,7 @@ enum HostRunScripts {
     static let prefix = "memlab-guest:"
 
     static func initScript(modules: [String]) -> String {
-        """
-        #!/bin/busybox sh
-        /bin/busybox --install -s /bin
-        mount -t proc proc /proc
-        mount -t sysfs sys /sys
-        mount -t devtmpfs dev /dev
-        for m in \(modules.joined(separator: " ")); do insmod /lib/modules/$m.ko 2>/dev/null; done
-        echo "\(prefix) ready uptime $(cut -d' ' -f1 /proc/uptime)"
+        GuestImage.initPrologue(modules: modules) + """
         if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose \(hostTag) /host; then
           echo "\(prefix) unusable: kernel $(uname -r) cannot mount the host's filesystem over 9p (it needs CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO, built in or as modules on the host under /lib/modules/$(uname -r))"
           echo o > /proc/sysrq-trigger; sleep 30; poweroff -f

@@ -173,6 +173,13 @@ Locked:                0 kB
 // MARK: - /proc/PID/ksm_stat
 
 @Suite struct KSMStatTests {
+    /// 6.1 writes only ksm_rmap_items into ksm_stat (fs/proc/base.c, proc_pid_ksm_stat). The fields
+    /// it lacks are known to be missing, never a 0 the kernel said.
+    @Test func captured61() {
+        let s = KSMStat(text: "ksm_rmap_items 4096\n")
+        #expect(s.rmapItems == 4096 && !s.hasMergingPages && !s.hasProcessProfit)
+    }
+
     @Test func capturedIdleProcess() {
         // `cat /proc/self/ksm_stat` of a process that never opted in.
         let s = KSMStat(text: """
@@ -184,7 +191,10 @@ Locked:                0 kB
         ksm_mergeable: no
 
         """)
-        #expect(s == KSMStat())
+        var zero = KSMStat()
+        zero.hasMergingPages = true
+        zero.hasProcessProfit = true
+        #expect(s == zero)
         #expect(!s.mergeAny)
         #expect(!s.mergeable)
     }

@@ -123,23 +123,10 @@ public struct ReclaimScenario: TypedScenario {
     /// The runner makes the swap file (journaled by the guard before it exists) and, for
     /// damon, adds the kdamond the child configures against its own pid.
     public func prepare(_ variant: Variant, _ p: Values, settingsGuard: SettingsGuard) throws {
-        try ReclaimScenario.prepareSwapFile(bytes: p.swapSize, settingsGuard: settingsGuard)
+        try TmemScenario.prepareSwapFile(bytes: p.swapSize, settingsGuard: settingsGuard)
         if variant == .damon {
             if let why = Damon.unavailableReason() { throw ScenarioError.skipped(why) }
             _ = try settingsGuard.addKdamond()
-        }
-    }
-
-    static func prepareSwapFile(bytes: Int, settingsGuard: SettingsGuard) throws {
-        let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: bytes) }
-        do {
-            try settingsGuard.activateSwap(path, priority: TmemScenario.swapPriority)
-        } catch {
-            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
-            }
-            throw error
         }
     }
 

@@ -138,8 +138,15 @@ public struct TmemScenario: TypedScenario {
             try settingsGuard.activateSwap(Zram.device(id), priority: TmemScenario.swapPriority)
             return
         }
+        try Self.prepareSwapFile(bytes: size, settingsGuard: settingsGuard)
+    }
+
+    /// A swap file of `bytes` in the state directory, made and activated through the guard
+    /// (journaled before it exists); skipped with the reason where the file system cannot
+    /// hold one. The tmem and reclaim scenarios page out to it.
+    static func prepareSwapFile(bytes: Int, settingsGuard: SettingsGuard) throws {
         let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: size) }
+        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: bytes) }
         do {
             try settingsGuard.activateSwap(path, priority: TmemScenario.swapPriority)
         } catch {
