@@ -36,8 +36,14 @@ enum HostRunScripts {
         mount -t proc proc /proc && mount -t sysfs sys /sys && mount -t devtmpfs dev /dev || { say "unusable: cannot mount /proc, /sys and /dev in the host's tree"; off; }
         mkdir -p /dev/pts /dev/shm
         mount -t devpts devpts /dev/pts
-        for d in /tmp /run /var/tmp /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs "$d" || say "cannot mount a tmpfs on $d"; done
-        mount -t tmpfs -o mode=0700 tmpfs /root
+        mount -t tmpfs -o mode=0755 tmpfs /run && mount -t tmpfs -o mode=1777 tmpfs /dev/shm || say "cannot mount a tmpfs on /run or /dev/shm"
+        # /tmp, /var/tmp and /root keep the host's files (memlab itself may live there: a
+        # clone in /tmp) under a writable tmpfs layer: overlayfs, the host's tree below.
+        for d in /tmp /var/tmp /root; do
+          mkdir -p /run/memlab-overlay$d/upper /run/memlab-overlay$d/work
+          mount -t overlay overlay -o lowerdir=$d,upperdir=/run/memlab-overlay$d/upper,workdir=/run/memlab-overlay$d/work $d \\
+            || { mount -t tmpfs -o mode=1777 tmpfs "$d" && say "no overlayfs: $d is an empty tmpfs"; }
+        done
         mkdir -p \(jobMount)
         mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 \(jobTag) \(jobMount) || { say "unusable: cannot mount the job directory over 9p"; off; }
         . \(jobMount)/guest.env
@@ -50,6 +56,7 @@ enum HostRunScripts {
           v2) mount -t cgroup2 cgroup2 /sys/fs/cgroup || say "cannot mount cgroup2" ;;
           v1) { mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup && mkdir /sys/fs/cgroup/memory && mount -t cgroup -o memory memory /sys/fs/cgroup/memory; } || say "cannot mount the cgroup v1 memory controller" ;;
         esac
+        [ -x "$MEMLAB_BIN" ] || { say "error: $MEMLAB_BIN is not visible in the guest (its directory is covered by one of the guest's own mounts)"; off; }
         say "running uptime $(cut -d' ' -f1 /proc/uptime)"
         "$MEMLAB_BIN" _guest-run --job \(jobMount) </dev/null
         say "memlab ended ($?)"
