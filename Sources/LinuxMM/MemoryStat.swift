@@ -11,10 +11,16 @@ public struct MemoryStat: Sendable, Equatable {
 
     public init(text: String) {
         var counters: [String: UInt64] = [:]
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard parts.count == 2, let v = UInt64(parts[1]), !parts[0].isEmpty else { continue }
-            counters[String(parts[0])] = v
+        // Bytes, not Characters: Swift reads "\r\n" as one Character, so a split on "\n"
+        // would keep a line a peer ended with CR LF whole (the kerneltext fuzz target found
+        // a counter name with a separator in it). A name is what the kernel writes:
+        // letters, digits and underscores.
+        for line in text.utf8.split(separator: 0x0A) {
+            let parts = line.split(separator: 0x20, omittingEmptySubsequences: true)
+            guard parts.count == 2, !parts[0].isEmpty,
+                  parts[0].allSatisfy({ ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x5F }),
+                  let v = UInt64(String(decoding: parts[1], as: UTF8.self)) else { continue }
+            counters[String(decoding: parts[0], as: UTF8.self)] = v
         }
         self.counters = counters
     }

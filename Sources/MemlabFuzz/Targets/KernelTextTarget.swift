@@ -16,7 +16,7 @@ extension FuzzTarget {
         switch mode {
         case 0:
             let s = MemoryStat(text: text)
-            let lines = text.split(separator: "\n").filter { !$0.isEmpty }
+            let lines = body.split(separator: 0x0A).filter { !$0.isEmpty }
             for (k, _) in s.counters { fuzzInvariant(!k.isEmpty && !k.contains(" ") && !k.contains("\n"), "a counter name with a separator: \(k)") }
             return !lines.isEmpty && s.counters.count == lines.count
         case 1:
