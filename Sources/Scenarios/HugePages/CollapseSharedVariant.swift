@@ -42,20 +42,7 @@ extension HugePagesScenario {
         let vm0 = try VMStat.current()
         let collapsed0 = (try? CounterFile(path: THP.Khugepaged.pagesCollapsed).read()) ?? 0
         try m.advise(memlab_MADV_HUGEPAGE, name: "MADV_HUGEPAGE")
-        // khugepaged, watched by its full_scans.
-        let scans = try CounterFile(path: THP.Khugepaged.fullScans)
-        let start = try scans.read()
-        let t0 = Clock.nanoseconds()
-        // Where a collapse is due, until every range is huge (a collapse that has to wait —
-        // a page being read back, a busy lock — is retried on a later scan), up to timeout_s;
-        // where none is, three full scans, each of which refuses every range.
-        let due = shared <= maxShared
-        while Clock.seconds(since: t0) < p.timeoutS {
-            if try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0 >= UInt64(size) { break }
-            if !due, try scans.read() >= start + 3 { break }
-            Clock.sleep(nanoseconds: 20_000_000)
-        }
-        let seconds = Clock.seconds(since: t0)
+        let seconds = try waitForKhugepaged(m, size: size, due: shared <= maxShared, timeoutS: p.timeoutS)
         let vm1 = try VMStat.current()
         let hugeAfter = Double(try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0)
         let collapsed = ((try? CounterFile(path: THP.Khugepaged.pagesCollapsed).read()) ?? 0) - collapsed0
@@ -76,5 +63,23 @@ extension HugePagesScenario {
                       accepted: Double(units)...Double(Int.max), describe: "khugepaged refused each range at least once for its shared pages (vmstat, machine-wide)")
         }
         ctx.note("collapse-shared: \(units) ranges of 2M, \(shared) pages each still shared with a forked child; max_ptes_shared=\(maxShared)")
+    }
+}
+
+extension HugePagesScenario {
+    /// Lets khugepaged work on `m`, watched by its full_scans: where a collapse is due, until
+    /// every range is huge (a collapse that has to wait — a page being read back, a busy lock —
+    /// is retried on a later scan), up to `timeoutS`; where none is, three full scans, each of
+    /// which refuses every range. Returns the seconds it took.
+    func waitForKhugepaged(_ m: AnonymousMapping, size: Int, due: Bool, timeoutS: Double) throws -> Double {
+        let scans = try CounterFile(path: THP.Khugepaged.fullScans)
+        let start = try scans.read()
+        let t0 = Clock.nanoseconds()
+        while Clock.seconds(since: t0) < timeoutS {
+            if try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0 >= UInt64(size) { break }
+            if !due, try scans.read() >= start + 3 { break }
+            Clock.sleep(nanoseconds: 20_000_000)
+        }
+        return Clock.seconds(since: t0)
     }
 }

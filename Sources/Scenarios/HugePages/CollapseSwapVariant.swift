@@ -47,19 +47,7 @@ extension HugePagesScenario {
         }
         let vm0 = try VMStat.current()
         try m.advise(memlab_MADV_HUGEPAGE, name: "MADV_HUGEPAGE")
-        let scans = try CounterFile(path: THP.Khugepaged.fullScans)
-        let start = try scans.read()
-        let t0 = Clock.nanoseconds()
-        // Where a collapse is due, until every range is huge (a collapse that has to wait —
-        // a page being read back, a busy lock — is retried on a later scan), up to timeout_s;
-        // where none is, three full scans, each of which refuses every range.
-        let due = swapped <= maxSwap
-        while Clock.seconds(since: t0) < p.timeoutS {
-            if try Smaps.entry(startingAt: m.base)["AnonHugePages"] ?? 0 >= UInt64(size) { break }
-            if !due, try scans.read() >= start + 3 { break }
-            Clock.sleep(nanoseconds: 20_000_000)
-        }
-        let seconds = Clock.seconds(since: t0)
+        let seconds = try waitForKhugepaged(m, size: size, due: swapped <= maxSwap, timeoutS: p.timeoutS)
         let vm1 = try VMStat.current()
         let e1 = try Smaps.entry(startingAt: m.base)
         let hugeAfter = Double(e1["AnonHugePages"] ?? 0), swapAfter = Double(e1["Swap"] ?? 0)
