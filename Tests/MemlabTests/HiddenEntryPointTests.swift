@@ -76,22 +76,6 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: dir.file("board")))
     }
 
-    /// A hidden command starts before memlab's startup: a journal in its state directory is
-    /// not looked at (every other command warns about this malformed one).
-    @Test func noStartupRecovery() throws {
-        let dir = TempDir()
-        let journal = dir.file("journal.json")
-        #expect(FileManager.default.createFile(atPath: journal, contents: Data("{".utf8), attributes: [.posixPermissions: 0o600]))
-        let list = try Memlab.run(["list"], stateDir: dir.path)
-        // (Unless another memlab holds the settings lock: then it says it leaves it for later.)
-        #expect(list.stderr.contains(journal) || list.stderr.contains("the settings lock is held by"), "memlab list: \(list.stderr)")
-        for args in [["_guest", "--slots=0"], ["_child", "--spec=\(dir.file("spec"))"], ["_pagesource", "--kind=tcp"]] {
-            let out = try Memlab.run(args, stateDir: dir.path)
-            #expect(out.status == 2 && !out.stderr.contains(journal), "\(args): \(out.stderr)")
-        }
-        #expect(FileManager.default.contents(atPath: journal) == Data("{".utf8))
-    }
-
     /// No signal handler of memlab's either: a page source process catches none of SIGINT,
     /// SIGTERM, SIGHUP (/proc/PID/status SigCgt), where `memlab pagesource`, a command like
     /// any other, catches all three (its restore-and-exit handler).
@@ -119,5 +103,29 @@ private enum PageSourceProcessCommandLine {
         var o = PageServerOptions()
         o.listen = "127.0.0.1:0"; o.pages = 16; o.seed = 1; o.zeroRatio = 0.1; o.ready = ready
         return o.arguments
+    }
+}
+
+extension KernelTests {
+    /// In the serialized kernel suite: `memlab list` with a journal in its state directory
+    /// takes the machine-wide settings lock, which a guard test running beside it would find held.
+    @Suite struct HiddenCommandStartup {
+        /// A hidden command starts before memlab's startup: a journal in its state directory is
+        /// not looked at (every other command warns about this malformed one).
+        @Test func noStartupRecovery() throws {
+            let dir = TempDir()
+            let journal = dir.file("journal.json")
+            #expect(FileManager.default.createFile(atPath: journal, contents: Data("{".utf8), attributes: [.posixPermissions: 0o600]))
+            let list = try Memlab.run(["list"], stateDir: dir.path)
+            // (Unless another memlab holds the settings lock: then it says it leaves it for later.)
+            #expect(list.stderr.contains(journal) || list.stderr.contains("the settings lock is held by"), "memlab list: \(list.stderr)")
+            for args in [["_guest", "--slots=0"], ["_child", "--spec=\(dir.file("spec"))"], ["_pagesource", "--kind=tcp"]] {
+                let out = try Memlab.run(args, stateDir: dir.path)
+                #expect(out.status == 2 && !out.stderr.contains(journal), "\(args): \(out.stderr)")
+            }
+            #expect(FileManager.default.contents(atPath: journal) == Data("{".utf8))
+            // Removed here: the TempDir would run `memlab restore` on it, taking the settings lock.
+            unlink(journal)
+        }
     }
 }
