@@ -37,6 +37,24 @@ extension ProbeReport {
         } else {
             f.append(Feature(name: "khugepaged-max-ptes-swap", usable: false, detail: "", reason: "\(THP.Khugepaged.maxPtesSwap.path) missing"))
         }
+        f.append(defragRow(root: root))
         return f
+    }
+
+    /// hugepages:defrag: compaction built in, and whether fragmenting this machine is a
+    /// run's to do (it takes the free memory of a node, so large machines are left to guests).
+    static func defragRow(root: Bool) -> Feature {
+        guard Compaction.isAvailable else {
+            return Feature(name: "thp-defrag", usable: false, detail: "", reason: "/proc/vmstat has no compact_stall: kernel built without CONFIG_COMPACTION")
+        }
+        let buddy = try? BuddyInfo.current()
+        let free = Int(clamping: (buddy?.freePages() ?? 0) &* 4096)
+        let detail = "defrag=\((try? THP.defrag.read()) ?? "?") compaction_proactiveness=\((try? Compaction.proactiveness.read()) ?? "absent (before 5.9)") free 2M blocks=\(buddy.map { String($0.freeBlocks(atLeastOrder: 9)) } ?? "?")"
+        if !root { return Feature(name: "thp-defrag", usable: false, detail: detail, reason: "changing its settings needs root") }
+        if free > 2 << 30 {
+            return Feature(name: "thp-defrag", usable: false, detail: detail,
+                           reason: "\(free >> 30) GiB free: fragmenting it would take all of it; it runs in a guest (scenarios/guest-paths.toml, or --guest kernel=distro,mem=1G)")
+        }
+        return Feature(name: "thp-defrag", usable: true, detail: detail, reason: nil)
     }
 }

@@ -27,7 +27,7 @@ public enum WatchedSettings {
               "/sys/devices/system/node/node*/hugepages/hugepages-*/nr_hugepages",
               "/proc/sys/vm/nr_hugepages", "/proc/sys/vm/nr_overcommit_hugepages"]
         p += [Overcommit.memory, Overcommit.ratio, Overcommit.kbytes, Overcommit.userReserveKbytes,
-              Overcommit.adminReserveKbytes, Overcommit.swappiness, Overcommit.pageCluster].map(\.path)
+              Overcommit.adminReserveKbytes, Overcommit.swappiness, Overcommit.pageCluster, Compaction.proactiveness].map(\.path)
         p += [Zswap.enabled, Zswap.compressor, Zswap.maxPoolPercent, Zswap.shrinkerEnabled, Zswap.acceptThresholdPercent].map(\.path)
         return p
     }()

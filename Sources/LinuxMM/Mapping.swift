@@ -33,7 +33,9 @@ public final class AnonymousMapping: @unchecked Sendable {
     public let length: Int
     public let kind: PageKind
 
-    public init(length: Int, kind: PageKind = .base, noReserve: Bool = false) throws(SystemError) {
+    /// `advise: false` leaves the mapping as mmap made it (a `.thp` one still 2M-aligned): THP
+    /// then as the top-level `enabled` mode decides for memory nobody advised.
+    public init(length: Int, kind: PageKind = .base, noReserve: Bool = false, advise: Bool = true) throws(SystemError) {
         // A length from outside (a peer's HELLO, a parameter) never traps here: refused.
         let (padded, overflow) = length.addingReportingOverflow(2 * kind.alignment)
         guard length > 0, !overflow, padded < Int.max / 2 else {
@@ -63,11 +65,8 @@ public final class AnonymousMapping: @unchecked Sendable {
         self.base = UnsafeMutableRawPointer(bitPattern: start)!
         self.length = rounded
         self.kind = kind
-        switch kind {
-        case .base: try advise(memlab_MADV_NOHUGEPAGE, name: "MADV_NOHUGEPAGE")
-        case .thp: try advise(memlab_MADV_HUGEPAGE, name: "MADV_HUGEPAGE")
-        default: break
-        }
+        if advise && kind == .base { try self.advise(memlab_MADV_NOHUGEPAGE, name: "MADV_NOHUGEPAGE") }
+        if advise && kind == .thp { try self.advise(memlab_MADV_HUGEPAGE, name: "MADV_HUGEPAGE") }
     }
 
     deinit { munmap(base, length) }

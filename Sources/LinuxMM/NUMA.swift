@@ -46,6 +46,12 @@ public enum NUMA {
         if rc != 0 { throw SystemError.current("sched_setaffinity(thread \(tid), \(cpus))") }
     }
 
+    /// The node of the first CPU the calling thread may run on (0 without NUMA).
+    public static var currentNode: Int {
+        guard isAvailable, let cpu = currentAffinity().first else { return 0 }
+        return max(0, Int(numa_node_of_cpu(Int32(cpu))))
+    }
+
     public static func currentAffinity() -> [Int] {
         var buf = [Int32](repeating: 0, count: 1024)
         let n = buf.withUnsafeMutableBufferPointer { memlab_get_affinity($0.baseAddress, 1024) }

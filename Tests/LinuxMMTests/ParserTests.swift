@@ -114,6 +114,42 @@ cow_ksm 101613
     }
 }
 
+// MARK: - /proc/buddyinfo
+
+/// Captured on this machine (2026-12-03, Linux 6.18, one node) and in a two-node 6.1 guest.
+let buddyinfoText = """
+Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3 
+Node 0, zone    DMA32      4      2      2      2      2      2      1      5      5      3    751 
+Node 0, zone   Normal   5612   2494   2079   4506   4066   2407   1377    759    626    221    628 
+Node 1, zone   Normal      7      1      0      0      0      0      0      0      0      2      0 
+"""
+
+@Suite struct BuddyInfoTests {
+    @Test func zonesAndOrders() {
+        let b = BuddyInfo(text: buddyinfoText)
+        #expect(b.zones.count == 4)
+        #expect(b.zones[2].node == 0 && b.zones[2].zone == "Normal" && b.zones[2].freeBlocks.count == 11)
+        #expect(b.zones[2].freeBlocks.first == 5612 && b.zones[2].freeBlocks.last == 628)
+        #expect(b.zones[3].node == 1)
+    }
+
+    /// 2M blocks: order 9 counts once, order 10 twice; the DMA zone only when asked.
+    @Test func free2MBlocks() {
+        let b = BuddyInfo(text: buddyinfoText)
+        #expect(b.freeBlocks(atLeastOrder: 9, node: 0) == (3 + 751 * 2) + (221 + 628 * 2))
+        #expect(b.freeBlocks(atLeastOrder: 9, node: 0, includingDMA: true) == (1 + 3 * 2) + (3 + 751 * 2) + (221 + 628 * 2))
+        #expect(b.freeBlocks(atLeastOrder: 9, node: 1) == 2)
+        #expect(b.freeBlocks(atLeastOrder: 9) == (3 + 751 * 2) + (221 + 628 * 2) + 2)
+        #expect(b.freePages(node: 1) == 7 + 2 + 2 * 512)
+    }
+
+    @Test func malformedLinesAreSkippedAndSumsSaturate() {
+        let b = BuddyInfo(text: "Node x, zone DMA 1 2\nNode 0 zone Normal 1 2\nNode 0, zone Normal 1 two\nNode 0, zone Normal 18446744073709551615 0 0 0 0 0 0 0 0 0 18446744073709551615\n")
+        #expect(b.zones.count == 1)
+        #expect(b.freePages() == .max && b.freeBlocks(atLeastOrder: 9) == .max)
+    }
+}
+
 // MARK: - /proc/PID/smaps_rollup
 
 /// `cat /proc/self/smaps_rollup`; Rss/Anonymous/AnonHugePages raised to a process that

@@ -170,7 +170,7 @@ extension KernelTests {
             #expect(guest["hypervisor_kernel"] as? String == HostFacts.current().kernel)
             #expect((guest["boot_s"] as? Double ?? 0) > 0)
             let rs = runs(doc)
-            #expect(rs.count == 8)
+            #expect(rs.count == 12)
             for r in rs {
                 #expect(r["status"] as? String == "ok", "\(r["scenario"] ?? ""):\(r["variant"] ?? ""): \(r["reason"] ?? "")")
                 let checks = r["checks"] as? [[String: Any]] ?? []
@@ -178,7 +178,7 @@ extension KernelTests {
                 #expect((r["notes"] as? [String] ?? []).contains { $0.hasPrefix("ran inside a guest: Linux \(release)") })
             }
             // soft-dirty against uffd-wp, the per-node pool on node 1, OOM under cgroup v2.
-            guard rs.count == 8 else { return }
+            guard rs.count == 12 else { return }
             #expect((rs[0]["checks"] as? [[String: Any]] ?? []).contains { $0["name"] as? String == "step1_trackers_agree" })
             #expect(median(rs[1], "node1_pool_pages") == 8)
             #expect((rs[2]["notes"] as? [String] ?? []).contains { $0.contains("(v2)") && $0.contains("memory cgroup /sys/fs/cgroup/") })
@@ -190,6 +190,15 @@ extension KernelTests {
             // merge_across_nodes 0 then 1: pages_shared halves when KSM may merge across nodes.
             if let apart = median(rs[6], "pages_shared"), let across = median(rs[7], "pages_shared") {
                 #expect(apart == 2 * across, "merge_across_nodes=0: \(apart), =1: \(across)")
+            }
+            // THP faults in fragmented memory: compaction in the fault under always only;
+            // kswapd/kcompactd woken under defer; the rest fall back to 4K.
+            for (r, mode) in zip(rs[8...], ["always", "defer", "madvise", "never"]) {
+                #expect((r["params"] as? [String: Any])?["defrag"] as? String == mode)
+                #expect(hasCheck(r, "fragmented") && hasCheck(r, "direct_compaction"))
+                #expect(((median(r, "compact_stall") ?? -1) > 0) == (mode == "always"), "\(mode): compact_stall \(median(r, "compact_stall") ?? -1)")
+                #expect(hasCheck(r, mode == "always" ? "stalls_accounted" : "fell_back"))
+                #expect(hasCheck(r, "background_woken") == (mode == "defer"))
             }
             #expect(KnobSnapshot.take() == before)
             #expect(qemuProcesses().isEmpty, "no QEMU outlives its run")

@@ -6,11 +6,12 @@ import Scenarios
 /// non-empty line is one "name number" pair); 1: a DAMOS stats directory as "name value"
 /// lines (`Damon.SchemeStats`; accepted when the four counters are there); 2: /proc/kallsyms
 /// (`Damon.operations`; accepted when it names an operation set); 3: /proc/vmstat through the
-/// read-back classifier (`SwapinCounters.parse`; accepted when both counters are named).
+/// read-back classifier (`SwapinCounters.parse`; accepted when both counters are named); 4:
+/// /proc/buddyinfo (`BuddyInfo`, what hugepages:defrag reads; accepted when a zone is read).
 extension FuzzTarget {
-    static let kernelText = FuzzTarget(name: "kerneltext", maxLen: 1 << 16, summary: "memory.stat, DAMOS stats, kallsyms, vmstat swap-in counters") { data in
+    static let kernelText = FuzzTarget(name: "kerneltext", maxLen: 1 << 16, summary: "memory.stat, DAMOS stats, kallsyms, vmstat swap-in counters, buddyinfo") { data in
         var input = FuzzBytes(data)
-        let mode = input.u8() % 4
+        let mode = input.u8() % 5
         let body = input.rest()
         let text = String(decoding: body, as: UTF8.self)
         switch mode {
@@ -32,6 +33,12 @@ extension FuzzTarget {
             let ops = Damon.operations(kallsyms: text)
             fuzzInvariant(Set(ops).isSubset(of: ["vaddr", "fvaddr", "paddr"]), "an operation set that does not exist: \(ops)")
             return !ops.isEmpty
+        case 4:
+            let b = BuddyInfo(text: text)
+            for z in b.zones { fuzzInvariant(z.node >= 0 && !z.freeBlocks.isEmpty && z.freeBlocks.count <= 16, "a zone read wrong: \(z)") }
+            // Saturating sums: never a trap, never less at a lower order.
+            fuzzInvariant(b.freeBlocks(atLeastOrder: 0, includingDMA: true) >= b.freeBlocks(atLeastOrder: 9, includingDMA: true), "fewer pages than 2M blocks")
+            return !b.zones.isEmpty
         default:
             _ = body.withMemoryRebound(to: UInt8.self) { SwapinCounters.parse($0) }
             return text.contains("zswpin ") && text.contains("pswpin ")

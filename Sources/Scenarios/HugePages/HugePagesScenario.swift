@@ -20,7 +20,7 @@ public struct HugePagesScenario: TypedScenario {
         case shrinkUnderused = "shrink-underused"
         case collapseShared = "collapse-shared"
         case collapseSwap = "collapse-swap"
-        case shmem
+        case shmem, defrag
         public var summary: String {
             switch self {
             case .fault: return "first-touch throughput and per-fault latency for one page size; huge_coverage read back"
@@ -32,6 +32,7 @@ public struct HugePagesScenario: TypedScenario {
             case .shmem: return "shared anonymous memory under one shmem_enabled mode (and MADV_HUGEPAGE or not): PMD-mapped shmem THPs, thp_file_alloc, ShmemHugePages"
             case .collapseSwap: return "khugepaged on 4K ranges with pages paged out to a swap file of the run's own: collapsed iff swapped pages <= max_ptes_swap (thp_scan_exceed_swap_pte)"
             case .collapseShared: return "khugepaged on 4K ranges partly shared with a forked child: collapsed iff shared pages <= max_ptes_shared (thp_scan_exceed_share_pte)"
+            case .defrag: return "THP faults in fragmented memory under one defrag mode: direct compaction, kswapd/kcompactd woken, or a plain fall back to 4K (compact_stall/success/fail, thp_fault_alloc/fallback from vmstat); takes most of the machine's free memory first, so meant for a guest"
             case .shrinkUnderused: return "mostly zero-filled THPs under memory cgroup pressure: the underused-THP shrinker splits them (thp_underused_split_page), RSS given back"
             }
         }
@@ -68,6 +69,12 @@ public struct HugePagesScenario: TypedScenario {
         case withinSize = "within_size"
         case advise
     }
+    /// defrag: transparent_hugepage/defrag, what a THP fault may do when no 2M block is free.
+    public enum DefragMode: String, CaseIterable, ParameterChoice {
+        case always, `defer`
+        case deferMadvise = "defer+madvise"
+        case madvise, never
+    }
     /// split: what is done to one 4K page inside each THP.
     public enum SplitOperation: String, CaseIterable, ParameterChoice { case munmap, mprotect }
     /// hugetlb-reserve: which pool.
@@ -90,16 +97,19 @@ public struct HugePagesScenario: TypedScenario {
         let poolPages = Parameter<Int>("pool_pages", 2...4096, default: 8, unit: .pages, help: "hugetlb-reserve: pool size in huge pages (borrowed nr_hugepages)")
         let overcommitPages = Parameter<Int>("overcommit_pages", 0...4096, default: 2, unit: .pages, help: "hugetlb-reserve: surplus pages allowed (borrowed nr_overcommit_hugepages)")
         let hugeSize = Parameter<HugeSize>("huge_size", default: .size2M, help: "hugetlb-reserve: which pool")
-        let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel")
+        let node = Parameter<Int>("node", -1...1023, default: -1, unit: .none, help: "hugetlb-reserve: size the pool on this NUMA node only (node<N>/hugepages/.../nr_hugepages, borrowed); -1: the machine-wide nr_hugepages, spread by the kernel. defrag: the node fragmented and faulted on (memory bound there); -1: the node of the run's first CPU")
         let timeoutS = Parameter<Double>("timeout_s", 1...3600, default: 60, unit: .s, help: "give up waiting for khugepaged after this long")
         let touchedPerHuge = Parameter<Int>("touched_per_huge", 1...512, default: 8, unit: .pages, help: "shrink-underused: 4K pages written (non-zero) in each 2M page; the rest stay zero-filled")
         let shmemEnabled = Parameter<ShmemMode>("shmem_enabled", default: .advise, help: "shmem: transparent_hugepage/shmem_enabled for the run (borrowed; the 2M size set to inherit, the others to never)")
         let tmpfsHuge = Parameter<TmpfsHuge>("tmpfs_huge", default: .none, help: "shmem: none — shared anonymous memory (shmem_enabled decides); else a file on a tmpfs mounted for the run with huge=<this> (mounted and removed through the settings guard)")
-        let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem: MADV_HUGEPAGE on the region (what shmem_enabled=advise asks for)")
+        let madviseHuge = Parameter<Bool>("madvise", default: true, help: "shmem, defrag: MADV_HUGEPAGE on the region (what shmem_enabled=advise and defrag=madvise or defer+madvise ask for)")
         let sharedPerHuge = Parameter<Int>("shared_per_huge", 0...512, default: 128, unit: .pages, help: "collapse-shared: 4K pages of each 2M range left shared with a forked child (the rest written, so copied)")
         let swappedPerHuge = Parameter<Int>("swapped_per_huge", 0...256, default: 32, unit: .pages, help: "collapse-swap: 4K pages of each 2M range paged out (MADV_PAGEOUT) before khugepaged looks")
         let maxPtesSwap = Parameter<Int>("max_ptes_swap", 0...511, default: 64, unit: .count, help: "collapse-swap: khugepaged/max_ptes_swap (borrowed)")
         let maxPtesShared = Parameter<Int>("max_ptes_shared", 0...511, default: 256, unit: .count, help: "collapse-shared: khugepaged/max_ptes_shared (borrowed)")
+        let defragMode = Parameter<DefragMode>("defrag", default: .madvise, help: "defrag: transparent_hugepage/defrag for the run (borrowed): always — direct compaction; defer — wake kswapd and kcompactd, fall back now; defer+madvise — direct for MADV_HUGEPAGE regions, kswapd/kcompactd for the rest; madvise — direct for MADV_HUGEPAGE regions only; never")
+        let proactiveness = Parameter<Int>("proactiveness", 0...100, default: 0, unit: .count, help: "defrag: vm.compaction_proactiveness for the run (borrowed); 0 keeps kcompactd from undoing the fragmentation in the background")
+        let maxFill = Parameter<Int>("max_fill", (64 << 20)...(64 << 30), default: 2 << 30, unit: .bytes, help: "defrag: the most free memory the run may take to fragment it; a machine with more free memory is skipped (run it in a guest: --guest kernel=distro,mem=1G)")
         let shrinkUnderused = Parameter<Bool>("shrink_underused", default: true, help: "shrink-underused: let the deferred-split shrinker split underused THPs (borrowed: transparent_hugepage/shrink_underused)")
     }
 
@@ -163,6 +173,8 @@ public struct HugePagesScenario: TypedScenario {
             return HugeTLB.pools().isEmpty ? .unusable("no hugetlb pools: kernel built without CONFIG_HUGETLBFS") : .usable
         case .shrinkUnderused:
             return probeShrinkUnderused()
+        case .defrag:
+            return probeDefrag()
         case .shmem:
             guard THP.isAvailable else { return .unusable("no /sys/kernel/mm/transparent_hugepage: kernel built without CONFIG_TRANSPARENT_HUGEPAGE") }
             return THP.shmemEnabled.exists ? .usable : .unusable("\(THP.shmemEnabled.path) is missing: kernel built without CONFIG_TRANSPARENT_HUGEPAGE for shmem")
@@ -188,6 +200,7 @@ public struct HugePagesScenario: TypedScenario {
             default: break
             }
         }
+        if variant == .defrag { return probeDefrag(params) }
         if variant == .hugetlbReserve {
             let b = params.hugeSize.bytes
             if HugeTLB.pool(pageBytes: b) == nil { return .unusable("no hugetlb pool of \(formatBytes(b)) pages on this kernel") }
@@ -205,11 +218,16 @@ public struct HugePagesScenario: TypedScenario {
             poolBytes = (params.poolPages + params.overcommitPages) * b
         } else if variant == .fault || variant == .tlb, case .hugetlb = params.kind {
             poolBytes = variant == .tlb ? params.maxWorkingSet : 2 * regionSize(params, params.kind)
+        } else if variant == .defrag {
+            poolBytes = params.size   // the fill is bounded by max_fill and the machine's free memory, at run time
         } else if variant != .tlb {
             poolBytes = 2 * params.size   // the variants map up to two regions
         }
         // Planned for a guest: its runner checks the guest's nodes and memory before the run.
         if Planning.forAnotherMachine { return }
+        if variant == .defrag, params.node >= 0, params.node >= NUMA.nodeCount {
+            throw UsageError("defrag: node=\(params.node) is not a NUMA node of this machine (it has \(NUMA.nodeCount)); use -1 for the node the run starts on")
+        }
         if variant == .hugetlbReserve, params.node >= 0 {
             // The node must be one libnuma and sysfs both know, with a pool of this size.
             let node = params.node
@@ -281,6 +299,8 @@ public struct HugePagesScenario: TypedScenario {
             s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
             s.append(KnobSetting(THP.Khugepaged.maxPtesShared, String(params.maxPtesShared)))
+        case .defrag:
+            s += defragSettings(params)
         case .shrinkUnderused:
             onlySize(2 << 20)
             // Read by the shrinker: a THP is underused when more than max_ptes_none of its
@@ -326,6 +346,7 @@ public struct HugePagesScenario: TypedScenario {
         case .collapseShared: try runCollapseShared(ctx, p)
         case .collapseSwap: try runCollapseSwap(ctx, p)
         case .shmem: try runShmem(ctx, p)
+        case .defrag: try runDefrag(ctx, p)
         }
     }
 
