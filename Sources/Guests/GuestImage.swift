@@ -36,7 +36,9 @@ public struct GuestImage: Sendable {
         var wantedModules: [String] {
             switch self {
             case .agent: return ["virtio_pci", "virtio_console", "virtio_balloon"]
-            case .hostRun: return ["virtio_pci", "9pnet_virtio", "9p", "virtio_blk"]
+            // overlay: the run script's overlays, and the one that shows a kernel's modules
+            // unpacked beside it (not under the host's /lib/modules) to module autoloading.
+            case .hostRun: return ["virtio_pci", "9pnet_virtio", "9p", "virtio_blk", "overlay"]
             }
         }
     }
@@ -45,6 +47,9 @@ public struct GuestImage: Sendable {
     public let kernel: String
     /// The kernel's release, from its bzImage header ("6.1.0-57-amd64").
     public let kernelRelease: String
+    /// The kernel's modules (…/lib/modules/RELEASE): the host's, or those unpacked beside a
+    /// kernel from its package; nil when there are none.
+    public let modulesDirectory: String?
 
     /// Builds (or finds) the image in `directory` for `kernel` (a bzImage; default: the
     /// distribution's): busybox, the agent, the modules, and an init that mounts /proc, /sys
@@ -53,7 +58,8 @@ public struct GuestImage: Sendable {
     public static func build(directory: String, kernel: String? = nil, purpose: Purpose = .agent) throws -> GuestImage {
         guard let kernel = kernel ?? distributionKernel else { throw SystemError(errno: ENOENT, call: "find a kernel in /boot") }
         let release = try BzImage.release(of: kernel)
-        let modules = try KernelModules.loadOrder(release: release, wanted: purpose.wantedModules)
+        let modulesDirectory = KernelModules.directory(release: release, kernel: kernel)
+        let modules = KernelModules.loadOrder(directory: modulesDirectory, wanted: purpose.wantedModules)
         var archive = CPIOWriter()
         for dir in ["bin", "proc", "sys", "dev", "tmp", "lib", "lib/modules"] { archive.directory(dir) }
         archive.file("bin/busybox", try Data(contentsOf: URL(fileURLWithPath: busybox)), mode: 0o755)
@@ -75,7 +81,7 @@ public struct GuestImage: Sendable {
             try AtomicFile.write(Array(data), to: path)
             prune(directory: directory, prefix: "guest-", keeping: path)
         }
-        return GuestImage(path: path, kernel: kernel, kernelRelease: release)
+        return GuestImage(path: path, kernel: kernel, kernelRelease: release, modulesDirectory: modulesDirectory)
     }
 
     /// Keeps the cache small: the newest four files named PREFIX* (one per kernel a user
@@ -163,11 +169,23 @@ public enum BzImage {
 enum KernelModules {
     struct Module: Equatable { let name: String; let path: String }
 
+    /// Where a kernel's modules are: the host's /lib/modules/RELEASE, or — for a kernel unpacked
+    /// from its package, DIR/boot/vmlinuz-RELEASE — DIR/lib/modules/RELEASE (with a modules.dep:
+    /// scripts/guest-kernel runs depmod there). nil when neither has one.
+    static func directory(release: String, kernel: String) -> String? {
+        let system = "/lib/modules/\(release)"
+        if ProcFile.exists("\(system)/modules.dep") { return system }
+        var parts = kernel.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count >= 3 else { return nil }
+        parts.removeLast(2)   // vmlinuz-RELEASE, boot
+        let beside = parts.joined(separator: "/") + "/lib/modules/\(release)"
+        return ProcFile.exists("\(beside)/modules.dep") ? beside : nil
+    }
+
     /// The modules to load for `wanted`, dependencies first; one that is built in
     /// (modules.builtin) or missing is left out — then the guest says so on its console.
-    static func loadOrder(release: String, wanted: [String]) throws -> [Module] {
-        let dir = "/lib/modules/\(release)"
-        guard let dep = try? ProcFile.read("\(dir)/modules.dep") else { return [] }
+    static func loadOrder(directory: String?, wanted: [String]) -> [Module] {
+        guard let dir = directory, let dep = try? ProcFile.read("\(dir)/modules.dep") else { return [] }
         return loadOrder(modulesDep: dep, directory: dir, wanted: wanted)
     }
 

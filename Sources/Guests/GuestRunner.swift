@@ -197,7 +197,8 @@ public final class GuestRunner {
         let console = "\(directory)/guest-console-\(boots).log"
         defer { unlink(disk) }
         do {
-            try Self.prepare(job: job, disk: disk, requests: requests, diskBytes: max(2 * spec.memoryMiB, 1024) << 20, cgroup: spec.cgroup)
+            try Self.prepare(job: job, disk: disk, requests: requests, diskBytes: max(2 * spec.memoryMiB, 1024) << 20, cgroup: spec.cgroup,
+                             modules: image.modulesDirectory)
         } catch {
             b.ending = "the job directory could not be made: \(error)"
             return b
@@ -309,11 +310,13 @@ public final class GuestRunner {
         return min(total, 7 * 86_400)
     }
 
-    static func prepare(job: String, disk: String, requests: [RunRequest], diskBytes: Int, cgroup: GuestSpec.Cgroup) throws {
+    static func prepare(job: String, disk: String, requests: [RunRequest], diskBytes: Int, cgroup: GuestSpec.Cgroup, modules: String?) throws {
         guard mkdir(job, 0o700) == 0 else { throw SystemError.current("mkdir", path: job) }
         let data = try JSONEncoder().encode(GuestJob(requests))
         try AtomicFile.write(Array(data), to: "\(job)/\(GuestJob.jobFile)")
-        let env = "MEMLAB_BIN=\(GuestJob.shellQuoted(ChildProcess.selfExecutable))\nMEMLAB_CGROUP=\(cgroup.rawValue)\n"
+        var env = "MEMLAB_BIN=\(GuestJob.shellQuoted(ChildProcess.selfExecutable))\nMEMLAB_CGROUP=\(cgroup.rawValue)\n"
+        // Modules unpacked beside the kernel: the guest lays them over /lib/modules.
+        if let m = modules, !m.hasPrefix("/lib/modules/") { env += "MEMLAB_MODULES=\(GuestJob.shellQuoted(m))\n" }
         try AtomicFile.write(Array(env.utf8), to: "\(job)/\(GuestJob.envFile)")
         // The scratch disk: sparse, so it costs what the guest writes (its swap files).
         let fd = open(disk, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)

@@ -37,6 +37,14 @@ enum HostRunScripts {
         mkdir -p /dev/pts /dev/shm
         mount -t devpts devpts /dev/pts
         mount -t tmpfs -o mode=0755 tmpfs /run && mount -t tmpfs -o mode=1777 tmpfs /dev/shm || say "cannot mount a tmpfs on /run or /dev/shm"
+        mkdir -p \(jobMount)
+        mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 \(jobTag) \(jobMount) || { say "unusable: cannot mount the job directory over 9p"; off; }
+        . \(jobMount)/guest.env
+        # A kernel unpacked from its package has its modules beside it, not in the host's
+        # /lib/modules: laid over it (read-only overlay) before anything autoloads a module.
+        if [ -n "${MEMLAB_MODULES:-}" ] && [ ! -d /lib/modules/$(uname -r) ]; then
+          mount -t overlay overlay -o lowerdir=/lib/modules:"${MEMLAB_MODULES%/*}" /lib/modules || say "cannot show the modules in $MEMLAB_MODULES under /lib/modules: modules this kernel autoloads are missing"
+        fi
         # /tmp, /var/tmp and /root keep the host's files (memlab itself may live there: a
         # clone in /tmp) under a writable tmpfs layer: overlayfs, the host's tree below.
         for d in /tmp /var/tmp /root; do
@@ -44,9 +52,6 @@ enum HostRunScripts {
           mount -t overlay overlay -o lowerdir=$d,upperdir=/run/memlab-overlay$d/upper,workdir=/run/memlab-overlay$d/work $d \\
             || { mount -t tmpfs -o mode=1777 tmpfs "$d" && say "no overlayfs: $d is an empty tmpfs"; }
         done
-        mkdir -p \(jobMount)
-        mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 \(jobTag) \(jobMount) || { say "unusable: cannot mount the job directory over 9p"; off; }
-        . \(jobMount)/guest.env
         if [ -b /dev/vda ] && mkfs.ext4 -q -F -O ^has_journal -E nodiscard,lazy_itable_init=1 /dev/vda && mount -t ext4 /dev/vda /var/lib/memlab; then
           :
         else
