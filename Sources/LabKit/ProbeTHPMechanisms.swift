@@ -48,7 +48,7 @@ extension ProbeReport {
             return Feature(name: "thp-defrag", usable: false, detail: "", reason: "/proc/vmstat has no compact_stall: kernel built without CONFIG_COMPACTION")
         }
         let buddy = try? BuddyInfo.current()
-        let free = Int(clamping: (buddy?.freePages() ?? 0) &* 4096)
+        let free = buddy?.freeBytes() ?? 0
         let detail = "defrag=\((try? THP.defrag.read()) ?? "?") compaction_proactiveness=\((try? Compaction.proactiveness.read()) ?? "absent (before 5.9)") free 2M blocks=\(buddy.map { String($0.freeBlocks(atLeastOrder: 9)) } ?? "?")"
         if !root { return Feature(name: "thp-defrag", usable: false, detail: detail, reason: "changing its settings needs root") }
         if free > 2 << 30 {

@@ -59,4 +59,10 @@ public struct BuddyInfo: Sendable, Equatable {
 
     /// Free 4K pages in all, or on one node (what MemFree counts, less per-CPU lists); saturates.
     public func freePages(node: Int? = nil) -> UInt64 { freeBlocks(atLeastOrder: 0, node: node, includingDMA: true) }
+
+    /// The same in bytes, saturating at Int.max.
+    public func freeBytes(node: Int? = nil) -> Int {
+        let (bytes, overflow) = freePages(node: node).multipliedReportingOverflow(by: 4096)
+        return overflow ? .max : Int(clamping: bytes)
+    }
 }

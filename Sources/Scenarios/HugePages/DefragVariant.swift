@@ -50,8 +50,8 @@ extension HugePagesScenario {
 
     func probeDefrag(_ p: Values) -> Availability {
         let node = p.node >= 0 ? p.node : NUMA.currentNode
-        let free = Int(clamping: ((try? BuddyInfo.current())?.freePages(node: node) ?? 0) &* 4096)
-        if free > p.maxFill + Defrag.headroom(node: node) {
+        let free = (try? BuddyInfo.current())?.freeBytes(node: node) ?? 0
+        if free - Defrag.headroom(node: node) > p.maxFill {
             return .unusable("fragmenting node \(node) means filling its \(formatBytes((free >> 20) << 20)) of free memory, more than max_fill=\(formatBytes(p.maxFill)): run it in a guest (memlab run --guest kernel=distro,mem=1G hugepages:defrag) or raise max_fill")
         }
         return .usable
@@ -90,7 +90,7 @@ extension HugePagesScenario {
         // out: lowmem_reserve keeps it from THP faults).
         let start = try BuddyInfo.current()
         let fresh = start.freeBlocks(atLeastOrder: 9, node: node)
-        let memFree = Int(clamping: start.freePages(node: node)) * 4096
+        let memFree = start.freeBytes(node: node)
         let headroom = Defrag.headroom(node: node)
         let fill = (memFree - headroom) / 4096 * 4096
         guard fill <= p.maxFill else {
