@@ -14,16 +14,7 @@ import Workloads
 extension HugePagesScenario {
     func prepareCollapseSwap(_ p: Values, settingsGuard: SettingsGuard) throws {
         let size = regionSize(p, .thp) + (16 << 20)
-        let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (f: String) throws(SystemError) in try Swap.makeSwapFile(path: f, bytes: size) }
-        do {
-            try settingsGuard.activateSwap(path, priority: 32000)
-        } catch {
-            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
-            }
-            throw error
-        }
+        try settingsGuard.borrowSwapFile(bytes: size)
     }
 
     func runCollapseSwap(_ ctx: RunContext, _ p: Values) throws {

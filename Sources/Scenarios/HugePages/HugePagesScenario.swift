@@ -287,18 +287,14 @@ public struct HugePagesScenario: TypedScenario {
             for size in THP.sizes().map(\.bytes) where THP.sizeShmemEnabled(bytes: size).exists {
                 s.append(KnobSetting(THP.sizeShmemEnabled(bytes: size), size == 2 << 20 ? "inherit" : "never"))
             }
-        case .collapseSwap:
+        case .collapseSwap, .collapseShared:
+            // A fast khugepaged that collapses any range but for the threshold under test.
             onlySize(2 << 20)
             s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
             s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
             s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
-            s.append(KnobSetting(THP.Khugepaged.maxPtesSwap, String(params.maxPtesSwap)))
-        case .collapseShared:
-            onlySize(2 << 20)
-            s.append(KnobSetting(THP.Khugepaged.scanSleepMillisecs, "100"))
-            s.append(KnobSetting(THP.Khugepaged.pagesToScan, "32768"))
-            s.append(KnobSetting(THP.Khugepaged.maxPtesNone, "511"))
-            s.append(KnobSetting(THP.Khugepaged.maxPtesShared, String(params.maxPtesShared)))
+            s.append(variant == .collapseSwap ? KnobSetting(THP.Khugepaged.maxPtesSwap, String(params.maxPtesSwap))
+                                              : KnobSetting(THP.Khugepaged.maxPtesShared, String(params.maxPtesShared)))
         case .defrag:
             s += defragSettings(params)
         case .shrinkUnderused:

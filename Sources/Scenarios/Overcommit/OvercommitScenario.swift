@@ -71,16 +71,7 @@ public struct OvercommitScenario: TypedScenario {
     /// runner through the guard (journaled first; swapped off and deleted afterwards).
     public func prepare(_ variant: Variant, _ params: Values, settingsGuard: SettingsGuard) throws {
         guard variant == .oom, params.swapSize > 0 else { return }
-        let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: params.swapSize) }
-        do {
-            try settingsGuard.activateSwap(path, priority: 32000)
-        } catch {
-            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
-            }
-            throw error
-        }
+        try settingsGuard.borrowSwapFile(bytes: params.swapSize)
     }
 
     public func deadline(_ variant: Variant, _ params: Values) -> Double {

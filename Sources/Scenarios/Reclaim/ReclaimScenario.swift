@@ -123,7 +123,7 @@ public struct ReclaimScenario: TypedScenario {
     /// The runner makes the swap file (journaled by the guard before it exists) and, for
     /// damon, adds the kdamond the child configures against its own pid.
     public func prepare(_ variant: Variant, _ p: Values, settingsGuard: SettingsGuard) throws {
-        try TmemScenario.prepareSwapFile(bytes: p.swapSize, settingsGuard: settingsGuard)
+        try settingsGuard.borrowSwapFile(bytes: p.swapSize, priority: TmemScenario.swapPriority)
         if variant == .damon {
             if let why = Damon.unavailableReason() { throw ScenarioError.skipped(why) }
             _ = try settingsGuard.addKdamond()

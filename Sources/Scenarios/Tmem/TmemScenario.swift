@@ -138,25 +138,12 @@ public struct TmemScenario: TypedScenario {
             try settingsGuard.activateSwap(Zram.device(id), priority: TmemScenario.swapPriority)
             return
         }
-        try Self.prepareSwapFile(bytes: size, settingsGuard: settingsGuard)
+        try settingsGuard.borrowSwapFile(bytes: size, priority: TmemScenario.swapPriority)
     }
 
     /// A swap file of `bytes` in the state directory, made and activated through the guard
     /// (journaled before it exists); skipped with the reason where the file system cannot
     /// hold one. The tmem and reclaim scenarios page out to it.
-    static func prepareSwapFile(bytes: Int, settingsGuard: SettingsGuard) throws {
-        let path = "\(settingsGuard.stateDirectory)/memlab-swap-\(getpid())"
-        try settingsGuard.createFile(path) { (p: String) throws(SystemError) in try Swap.makeSwapFile(path: p, bytes: bytes) }
-        do {
-            try settingsGuard.activateSwap(path, priority: TmemScenario.swapPriority)
-        } catch {
-            if case .system(let e) = error, e.errno == EINVAL || e.errno == EPERM {
-                throw ScenarioError.skipped("swapon \(path) refused (\(e.errnoName)): the file system of \(settingsGuard.stateDirectory) cannot hold a swap file; set MEMLAB_STATE_DIR to a directory on ext4 or xfs")
-            }
-            throw error
-        }
-    }
-
     public func run(_ ctx: RunContext, _ variant: Variant, _ p: Values) throws {
         switch variant {
         case .zswap: try runSwap(ctx, p)
