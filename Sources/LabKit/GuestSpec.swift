@@ -1,3 +1,4 @@
+import Foundation
 import LinuxMM
 
 /// Where a run's repetitions execute: on this machine (`kernel=host`), or inside a QEMU guest
@@ -30,6 +31,17 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     }
     public var isHost: Bool { kernel == Self.hostKernel }
 
+    /// A kernel path as the guest needs it: absolute. The guest sees this machine's tree from
+    /// its root, not from our working directory, and the modules of an unpacked kernel are
+    /// found beside it (DIR/lib/modules): a relative path would name nothing there. Relative
+    /// to `base` (a scenario file's directory), else to the current directory.
+    static func absolute(_ path: String, base: String?) -> String {
+        if path.hasPrefix("/") { return path }
+        let dir = base.flatMap { $0.isEmpty ? nil : $0 } ?? FileManager.default.currentDirectoryPath
+        let joined = dir.hasPrefix("/") ? dir : FileManager.default.currentDirectoryPath + "/" + dir
+        return (URL(fileURLWithPath: joined).appendingPathComponent(path).standardizedFileURL.path)
+    }
+
     /// Bounds no topology here goes past: QEMU's q35 takes more, but a lab guest is small.
     public static let memoryRangeMiB = 128...(256 << 10)
     public static let cpuRange = 1...64
@@ -42,7 +54,9 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     public static let keys = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
 
     /// `kernel=PATH|distro|host[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]`.
-    public static func parse(_ text: String, what: String = "--guest") throws(UsageError) -> GuestSpec {
+    /// A relative kernel path is taken from `base` (a scenario file's directory; nil: the
+    /// current directory).
+    public static func parse(_ text: String, what: String = "--guest", base: String? = nil) throws(UsageError) -> GuestSpec {
         var fields: [String: String] = [:]
         for part in text.split(separator: ",", omittingEmptySubsequences: false) {
             guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
@@ -56,7 +70,8 @@ public struct GuestSpec: Sendable, Codable, Equatable {
         guard let kernel = fields["kernel"], !kernel.isEmpty else {
             throw UsageError("\(what) '\(text)': kernel=PATH is required (a bzImage, e.g. /boot/vmlinuz-6.1.0-57-amd64, or kernel=host)")
         }
-        var s = GuestSpec(kernel: kernel == distroKernel ? try distributionKernel(what) : kernel)
+        var s = GuestSpec(kernel: kernel == distroKernel ? try distributionKernel(what)
+                          : kernel == hostKernel ? kernel : absolute(kernel, base: base))
         if let m = fields["mem"] {
             guard let bytes = parseSize(m) else { throw UsageError("\(what): mem '\(m)' is not a size (e.g. 1G, 768M)") }
             guard bytes % (1 << 20) == 0, memoryRangeMiB.contains(bytes >> 20) else {

@@ -37,20 +37,21 @@ public struct ScenarioFile: Sendable {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw UsageError("cannot read scenario file '\(path)'")
         }
-        return try parse(bytes: [UInt8](data), name: path)
+        // A relative kernel path in [guest] is the file's neighbour, wherever memlab runs.
+        return try parse(bytes: [UInt8](data), name: path, directory: (path as NSString).deletingLastPathComponent)
     }
 
     /// Checks what the TOML parser cannot be trusted with — it reads a C string, so a NUL
     /// would silently end the file there — then parses.
-    public static func parse(bytes: [UInt8], name: String = "scenario file") throws(UsageError) -> ScenarioFile {
+    public static func parse(bytes: [UInt8], name: String = "scenario file", directory: String? = nil) throws(UsageError) -> ScenarioFile {
         if bytes.count > maxBytes { throw UsageError("\(name): \(bytes.count) bytes; a scenario file is at most \(maxBytes)") }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw UsageError("\(name): not UTF-8 text")
         }
-        return try parse(text, name: name)
+        return try parse(text, name: name, directory: directory)
     }
 
-    public static func parse(_ text: String, name: String = "scenario file") throws(UsageError) -> ScenarioFile {
+    public static func parse(_ text: String, name: String = "scenario file", directory: String? = nil) throws(UsageError) -> ScenarioFile {
         if let nul = text.utf8.firstIndex(of: 0) {
             let line = text.utf8[..<nul].filter { $0 == 0x0A }.count + 1
             throw UsageError("\(name): line \(line): a NUL byte (at byte \(text.utf8.distance(from: text.utf8.startIndex, to: nul))); a scenario file is text")
@@ -77,16 +78,16 @@ public struct ScenarioFile: Sendable {
                 entries.append(try entry(t, where: "\(name) runs[\(i)]"))
             }
             if entries.isEmpty { throw UsageError("\(name): [[runs]] is empty") }
-            return ScenarioFile(entries: entries, guests: try guests(table, where: name))
+            return ScenarioFile(entries: entries, guests: try guests(table, where: name, directory: directory))
         }
-        return ScenarioFile(entries: [try entry(table, where: name, topLevel: true)], guests: try guests(table, where: name))
+        return ScenarioFile(entries: [try entry(table, where: name, topLevel: true)], guests: try guests(table, where: name, directory: directory))
     }
 
     static let guestKeys: Set<String> = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
 
     /// `[guest]` with kernel = "PATH" or a list of kernels (one document each), and the
     /// topology keys of `--guest` (mem = "1G", cpus = 2, numa = 2, cgroup = "v2").
-    static func guests(_ t: TOMLTable, where name: String) throws(UsageError) -> [GuestSpec] {
+    static func guests(_ t: TOMLTable, where name: String, directory: String? = nil) throws(UsageError) -> [GuestSpec] {
         guard let g = t["guest"] else { return [] }
         guard let table = g.table else { throw UsageError("\(name): 'guest' must be a table ([guest])") }
         for key in table.keys where !guestKeys.contains(key) {
@@ -113,7 +114,7 @@ public struct ScenarioFile: Sendable {
             if k.contains(",") || rest.contains(where: { $0.contains(",") }) { throw UsageError("\(name): [guest] values cannot contain ','") }
             // kernel = "host" in a list is this machine, as it is (the other keys describe the guests).
             let text = k == GuestSpec.hostKernel ? "kernel=host" : (["kernel=\(k)"] + rest).joined(separator: ",")
-            out.append(try GuestSpec.parse(text, what: "\(name): [guest]"))
+            out.append(try GuestSpec.parse(text, what: "\(name): [guest]", base: directory))
         }
         return out
     }

@@ -39,6 +39,20 @@ import Testing
         }
     }
 
+    /// The guest sees this machine's tree from its root, and an unpacked kernel's modules are
+    /// found beside it: a relative kernel path is made absolute — against the current directory
+    /// on the command line, against the file's directory in a scenario file. (A relative path
+    /// once booted the kernel but found none of its modules: no ext4, no swap file.)
+    @Test func aRelativeKernelPathBecomesAbsolute() throws {
+        let cwd = FileManager.default.currentDirectoryPath
+        #expect(try GuestSpec.parse("kernel=k/boot/vmlinuz-6.12").kernel == URL(fileURLWithPath: cwd + "/k/boot/vmlinuz-6.12").standardizedFileURL.path)
+        #expect(try GuestSpec.parse("kernel=./a/../b").kernel == URL(fileURLWithPath: cwd + "/b").standardizedFileURL.path)
+        #expect(try GuestSpec.parse("kernel=/boot/x").kernel == "/boot/x")
+        let dir = TempDir()
+        try "[guest]\nkernel = \"kernels/vmlinuz-x\"\n[[runs]]\nscenario = \"selftest\"\n".write(toFile: dir.file("s.toml"), atomically: true, encoding: .utf8)
+        #expect(try ScenarioFile.load(path: dir.file("s.toml")).guests.first?.kernel == dir.file("kernels/vmlinuz-x"))
+    }
+
     @Test func scenarioFileNamesItsGuests() throws {
         let f = try ScenarioFile.parse("""
             scenario = "selftest"
@@ -159,7 +173,7 @@ extension KernelTests {
             let dir = TempDir()
             let before = KnobSnapshot.take()
             let out = try Memlab.run(["run", "\(Self.repo)/scenarios/guest-paths.toml", "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
-            #expect(out.status == 0, "\(out.stdout)\n\(out.stderr)")
+            #expect(out.status == 0, "\(out.why)")
             let doc = try loadJSON(dir.file("r.json"))
             let host = try #require(doc["host"] as? [String: Any])
             let guest = try #require(host["guest"] as? [String: Any])
@@ -223,7 +237,7 @@ extension KernelTests {
             let before = KnobSnapshot.take()
             let out = try Memlab.run(["run", "\(Self.repo)/scenarios/guest-newer-kernel.toml", "--guest", "kernel=\(kernel),mem=1G",
                                       "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
-            #expect(out.status == 0, "\(out.stdout)\n\(out.stderr)")
+            #expect(out.status == 0, "\(out.why)")
             let doc = try loadJSON(dir.file("r.json"))
             let host = try #require(doc["host"] as? [String: Any])
             #expect((host["kernel"] as? String ?? "").hasPrefix("6.12."), "the document's host is the 6.12 guest")
@@ -251,7 +265,7 @@ extension KernelTests {
         @Test func twoKernelsSideBySide() throws {
             let dir = TempDir()
             let out = try Memlab.run(["run", "\(Self.repo)/scenarios/kernels-ksm-thp.toml", "--repeat", "1", "--results-dir", dir.path, "--quiet"], stateDir: dir.path)
-            #expect(out.status == 0, "\(out.stdout)\n\(out.stderr)")
+            #expect(out.status == 0, "\(out.why)")
             let files = (try FileManager.default.contentsOfDirectory(atPath: dir.path)).filter { $0.hasSuffix(".json") }.sorted()
             let host = try #require(files.first { $0.hasSuffix("-host.json") }), guest = try #require(files.first { !$0.hasSuffix("-host.json") })
             let a = runs(try loadJSON(dir.file(host))), b = runs(try loadJSON(dir.file(guest)))

@@ -423,7 +423,7 @@ extension KernelTests {
                                       "--set", "source=tcp", "--set", "source_address=\(address)", "--set", "size=16M", "--set", "seed=5",
                                       "--set", "accesses=512", "--set", "workload=random", "--set", "rtt_ms=0.5"],
                                      stateDir: dir.path, prefix: ["/usr/sbin/ip", "netns", "exec", NamespacePair.source])
-            #expect(out.status == 0, "\(out.stdout) \(out.stderr)")
+            #expect(out.status == 0, "\(out.why)")
             let r = try #require(runs(try loadJSON(dir.file("r.json"))).first)
             let checks = (r["checks"] as? [[String: Any]]) ?? []
             #expect(checks.contains { $0["name"] as? String == "contents_match_source" })

@@ -20,6 +20,19 @@ enum Memlab {
         var status: Int32
         var stdout: String
         var stderr: String
+
+        /// What went wrong first, then everything: stderr, then each run that did not end ok and
+        /// each check that disagreed (with the run it belongs to), then the whole table. CI shows
+        /// only the head of a failing expectation's message; the cause must be in it.
+        var why: String {
+            var run = "", lines: [String] = []
+            for line in stdout.split(separator: "\n", omittingEmptySubsequences: false) {
+                if line.contains("  status: ") { run = String(line) }
+                if line.contains("  status: ") && !line.contains("status: ok") { lines.append(String(line)) }
+                else if line.contains("DISAGREES") || line.contains("reason:") || line.contains("NOT restored") { lines.append("\(run.trimmingCharacters(in: .whitespaces)) → \(line)") }
+            }
+            return "exit \(status)\nstderr:\n\(stderr)\nnot ok:\n\(lines.joined(separator: "\n"))\n--- the whole output:\n\(stdout)"
+        }
     }
 
     /// A private state directory per test, so a test's journal never meets a real one.
