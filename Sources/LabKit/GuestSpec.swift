@@ -1,4 +1,3 @@
-import Foundation
 import LinuxMM
 
 /// Where a run's repetitions execute: on this machine (`kernel=host`), or inside a QEMU guest
@@ -37,9 +36,7 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     /// to `base` (a scenario file's directory), else to the current directory.
     static func absolute(_ path: String, base: String?) -> String {
         if path.hasPrefix("/") { return path }
-        let dir = base.flatMap { $0.isEmpty ? nil : $0 } ?? FileManager.default.currentDirectoryPath
-        let joined = dir.hasPrefix("/") ? dir : FileManager.default.currentDirectoryPath + "/" + dir
-        return (URL(fileURLWithPath: joined).appendingPathComponent(path).standardizedFileURL.path)
+        return SettingsGuard.absolute((base.flatMap { $0.isEmpty ? nil : $0 } ?? ".") + "/" + path)
     }
 
     /// Bounds no topology here goes past: QEMU's q35 takes more, but a lab guest is small.
