@@ -235,10 +235,22 @@ extension KernelTests {
             let kernel = try #require(Self.newerKernel)
             let dir = TempDir()
             let before = KnobSnapshot.take()
-            let out = try Memlab.run(["run", "\(Self.repo)/scenarios/guest-newer-kernel.toml", "--guest", "kernel=\(kernel),mem=1G",
-                                      "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            func run(_ json: String) throws -> Memlab.Output {
+                try Memlab.run(["run", "\(Self.repo)/scenarios/guest-newer-kernel.toml", "--guest", "kernel=\(kernel),mem=1G",
+                                "--json", dir.file(json), "--quiet"], stateDir: dir.path)
+            }
+            var json = "r.json"
+            var out = try run(json)
+            // This 6.12 kernel panics early in boot under TCG about one boot in six ("Fatal
+            // exception in interrupt" at ~2 s, before init; 1 of 6 plain boots, 2026-12-03):
+            // the kernel's boot, not a run's measurement, so it gets one more boot. A second
+            // panic, or any other failure, fails the test.
+            if out.status != 0 && out.stdout.contains("the guest did not boot") && out.stdout.contains("Kernel panic") {
+                json = "r2.json"
+                out = try run(json)
+            }
             #expect(out.status == 0, "\(out.why)")
-            let doc = try loadJSON(dir.file("r.json"))
+            let doc = try loadJSON(dir.file(json))
             let host = try #require(doc["host"] as? [String: Any])
             #expect((host["kernel"] as? String ?? "").hasPrefix("6.12."), "the document's host is the 6.12 guest")
             let rs = runs(doc)
