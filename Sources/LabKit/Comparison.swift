@@ -294,7 +294,7 @@ public enum Comparison {
 
     /// "6.1.0-57-amd64 (guest, tcg)" or "6.18.44 (host)": a document's kernel and how it ran.
     public static func kernelLabel(_ h: ResultDocument.Host) -> String {
-        if let g = h.guest { return "\(h.kernel) (guest, \(g.accelerator))" }
+        if let g = h.guest { return "\(h.kernel) (guest, \(g.accelerator)\(g.append.map { ", " + $0 } ?? ""))" }
         return "\(h.kernel) (host)"
     }
 
@@ -312,6 +312,7 @@ public enum Comparison {
         check("THP", a.features.thp, b.features.thp)
         check("swap", formatBytes(Int(clamping: a.features.swapBytes)), formatBytes(Int(clamping: b.features.swapBytes)))
         check("zswap", String(a.features.zswap), String(b.features.zswap))
+        check("guest kernel parameters", a.guest?.append ?? "none", b.guest?.append ?? "none")
         return d
     }
 

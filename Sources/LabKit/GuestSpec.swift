@@ -16,6 +16,9 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     /// Which cgroup hierarchy the guest mounts its memory controller on.
     public var cgroup: Cgroup = .v2
     public var accel: Accel = .auto
+    /// Kernel parameters added after memlab's own (`console=ttyS0 panic=-1 quiet`), e.g.
+    /// `transparent_hugepage=never zswap.enabled=1`; empty: none.
+    public var append: String = ""
 
     public static let hostKernel = "host"
     /// `kernel=distro`: the newest /boot/vmlinuz-* (Debian's linux-image-amd64), so a scenario
@@ -48,16 +51,28 @@ public struct GuestSpec: Sendable, Codable, Equatable {
 
     public init(kernel: String) { self.kernel = kernel }
 
-    public static let keys = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
+    public static let keys = ["kernel", "mem", "cpus", "numa", "cgroup", "accel", "append"]
+    /// The kernel command line holds at most 2048 bytes on x86; memlab's own part and a margin
+    /// take the rest.
+    public static let maxAppendBytes = 1024
+    /// Parameters memlab's guest needs as it sets them: its console is how the host follows the
+    /// guest, and panic=-1 ends a guest that panics instead of leaving it to the deadline.
+    static let reservedParameters = ["console", "panic"]
 
-    /// `kernel=PATH|distro|host[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]`.
+    /// `kernel=PATH|distro|host[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg][,append=PARAMS]`.
+    /// `append` comes last and takes the rest of the text, commas included (`isolcpus=1,2`).
     /// A relative kernel path is taken from `base` (a scenario file's directory; nil: the
     /// current directory).
     public static func parse(_ text: String, what: String = "--guest", base: String? = nil) throws(UsageError) -> GuestSpec {
         var fields: [String: String] = [:]
-        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+        var parts = text.split(separator: ",", omittingEmptySubsequences: false)
+        if let i = parts.firstIndex(where: { $0.hasPrefix("append=") }) {
+            fields["append"] = parts[i...].joined(separator: ",").dropFirst("append=".count).description
+            parts.removeSubrange(i...)
+        }
+        for part in parts {
             guard let eq = part.firstIndex(of: "="), eq != part.startIndex else {
-                throw UsageError("\(what) '\(text)': '\(part)' is not KEY=VALUE; expected kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg]")
+                throw UsageError("\(what) '\(text)': '\(part)' is not KEY=VALUE; expected kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg][,append=PARAMS]")
             }
             let key = String(part[..<eq]), value = String(part[part.index(after: eq)...])
             guard keys.contains(key) else { throw UsageError("\(what): unknown key '\(key)'; allowed: \(keys.joined(separator: ", "))") }
@@ -86,8 +101,9 @@ public struct GuestSpec: Sendable, Codable, Equatable {
             guard let v = Accel(rawValue: a) else { throw UsageError("\(what): accel '\(a)' must be auto, kvm or tcg") }
             s.accel = v
         }
+        if let a = fields["append"] { s.append = try kernelParameters(a, what) }
         if s.isHost && fields.count > 1 {
-            throw UsageError("\(what): kernel=host runs on this machine as it is; mem, cpus, numa, cgroup and accel describe a guest")
+            throw UsageError("\(what): kernel=host runs on this machine as it is; mem, cpus, numa, cgroup, accel and append describe a guest")
         }
         try s.check(what: what)
         return s
@@ -113,6 +129,25 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     /// How the topology reads in a label: "2 CPUs, 1024 MiB, 2 nodes, cgroup v2".
     public var topologyDescription: String {
         isHost ? "this machine" : "\(cpus) CPU\(cpus == 1 ? "" : "s"), \(memoryMiB) MiB, \(numaNodes) node\(numaNodes == 1 ? "" : "s"), cgroup \(cgroup.rawValue)"
+    }
+
+    /// Kernel parameters for the guest's command line: printable ASCII, bounded, none of the
+    /// ones memlab sets itself.
+    static func kernelParameters(_ text: String, _ what: String) throws(UsageError) -> String {
+        let t = text.trimmingCharacters(in: " ")
+        guard t.utf8.count <= maxAppendBytes else {
+            throw UsageError("\(what): append is \(t.utf8.count) bytes; at most \(maxAppendBytes) (the kernel's command line is 2048 on x86)")
+        }
+        guard t.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
+            throw UsageError("\(what): append must be printable ASCII kernel parameters separated by spaces")
+        }
+        for word in t.split(separator: " ") {
+            let name = word.split(separator: "=", maxSplits: 1).first.map(String.init) ?? ""
+            if reservedParameters.contains(name) {
+                throw UsageError("\(what): append sets '\(name)', which memlab sets itself (console=ttyS0: the host follows the guest on it; panic=-1: a panicked guest ends)")
+            }
+        }
+        return t
     }
 
     private static func int(_ text: String, _ key: String, _ range: ClosedRange<Int>, _ what: String) throws(UsageError) -> Int {

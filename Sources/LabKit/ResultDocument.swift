@@ -127,8 +127,8 @@ public struct ResultDocument: Sendable, Codable {
         func fail(_ i: Int, _ what: String) -> UsageError { UsageError("runs[\(i)]: \(what)") }
         func finite(_ xs: [Double]) -> Bool { xs.allSatisfy(\.isFinite) }
         if host.cpus < 0 || host.numaNodes < 0 || host.pageSize < 0 { throw UsageError("host: negative cpus, numa_nodes or page_size") }
-        if let g = host.guest, g.cpus < 0 || g.numaNodes < 0 || g.memoryMiB < 0 || !g.bootS.isFinite {
-            throw UsageError("host.guest: negative cpus, numa_nodes or memory_mib, or a boot_s that is not a number")
+        if let g = host.guest, g.cpus < 0 || g.numaNodes < 0 || g.memoryMiB < 0 || !g.bootS.isFinite || (g.panickedBoots ?? 0) < 0 {
+            throw UsageError("host.guest: negative cpus, numa_nodes, memory_mib or panicked_boots, or a boot_s that is not a number")
         }
         for (i, r) in runs.enumerated() {
             if r.repetitions < 0 || r.warmup < 0 { throw fail(i, "negative repetitions or warmup") }
@@ -176,9 +176,13 @@ public struct GuestRecord: Sendable, Codable, Equatable {
     /// The machine QEMU ran on: its kernel and QEMU's version.
     public var hypervisorKernel: String
     public var qemu: String
+    /// The kernel parameters `append` added after memlab's own; nil: none.
+    public var append: String?
+    /// Boots that panicked before the guest's runner started and were booted again (nil: none).
+    public var panickedBoots: Int?
 
     public init(accelerator: String, kernelPath: String, kernelRelease: String, memoryMiB: Int, cpus: Int, numaNodes: Int,
-                cgroup: String, bootS: Double, hypervisorKernel: String, qemu: String) {
+                cgroup: String, bootS: Double, hypervisorKernel: String, qemu: String, append: String? = nil, panickedBoots: Int? = nil) {
         self.accelerator = accelerator
         self.kernelPath = kernelPath
         self.kernelRelease = kernelRelease
@@ -189,10 +193,13 @@ public struct GuestRecord: Sendable, Codable, Equatable {
         self.bootS = bootS
         self.hypervisorKernel = hypervisorKernel
         self.qemu = qemu
+        self.append = append
+        self.panickedBoots = panickedBoots
     }
 
     enum CodingKeys: String, CodingKey {
-        case accelerator, cpus, cgroup, qemu
+        case accelerator, cpus, cgroup, qemu, append
+        case panickedBoots = "panicked_boots"
         case kernelPath = "kernel_path"
         case kernelRelease = "kernel_release"
         case memoryMiB = "memory_mib"

@@ -83,10 +83,11 @@ public struct ScenarioFile: Sendable {
         return ScenarioFile(entries: [try entry(table, where: name, topLevel: true)], guests: try guests(table, where: name, directory: directory))
     }
 
-    static let guestKeys: Set<String> = ["kernel", "mem", "cpus", "numa", "cgroup", "accel"]
+    static let guestKeys: Set<String> = ["kernel", "mem", "cpus", "numa", "cgroup", "accel", "append"]
 
     /// `[guest]` with kernel = "PATH" or a list of kernels (one document each), and the
-    /// topology keys of `--guest` (mem = "1G", cpus = 2, numa = 2, cgroup = "v2").
+    /// topology keys of `--guest` (mem = "1G", cpus = 2, numa = 2, cgroup = "v2"), and
+    /// append = "kernel parameters" (commas allowed there: it goes last).
     static func guests(_ t: TOMLTable, where name: String, directory: String? = nil) throws(UsageError) -> [GuestSpec] {
         guard let g = t["guest"] else { return [] }
         guard let table = g.table else { throw UsageError("\(name): 'guest' must be a table ([guest])") }
@@ -109,11 +110,16 @@ public struct ScenarioFile: Sendable {
                 throw UsageError("\(name): [guest] \(key) must be a string or an integer")
             }
         }
+        var append: [String] = []
+        if let v = table["append"] {
+            guard let x = v.string else { throw UsageError("\(name): [guest] append must be a string of kernel parameters") }
+            append = ["append=\(x)"]
+        }
         var out: [GuestSpec] = []
         for k in kernels {
-            if k.contains(",") || rest.contains(where: { $0.contains(",") }) { throw UsageError("\(name): [guest] values cannot contain ','") }
+            if k.contains(",") || rest.contains(where: { $0.contains(",") }) { throw UsageError("\(name): [guest] values cannot contain ',' (but append can)") }
             // kernel = "host" in a list is this machine, as it is (the other keys describe the guests).
-            let text = k == GuestSpec.hostKernel ? "kernel=host" : (["kernel=\(k)"] + rest).joined(separator: ",")
+            let text = k == GuestSpec.hostKernel ? "kernel=host" : (["kernel=\(k)"] + rest + append).joined(separator: ",")
             out.append(try GuestSpec.parse(text, what: "\(name): [guest]", base: directory))
         }
         return out

@@ -119,7 +119,7 @@ struct Run: ParsableCommand {
     @Option(help: ArgumentHelp("Directory for result documents.", valueName: "dir"))
     var resultsDir = "results"
 
-    @Option(name: .customLong("guest"), help: ArgumentHelp("Run inside a QEMU guest: kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg] (repeatable: one document per guest; kernel=host is this machine).", valueName: "spec"))
+    @Option(name: .customLong("guest"), help: ArgumentHelp("Run inside a QEMU guest: kernel=PATH[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg][,append=KERNEL PARAMS] (append last: the rest of the text is the guest kernel's parameters; repeatable: one document per guest; kernel=host is this machine).", valueName: "spec"))
     var guests: [String] = []
 
     @Flag(help: "Fail at once (exit 4) if another memlab holds the settings lock, instead of waiting.")

@@ -23,12 +23,15 @@ extension FuzzTarget {
             var follower = ConsoleFollower(path: "")
             let lines = follower.feed(rest)
             fuzzInvariant(lines.allSatisfy { $0.utf8.count <= 4096 * 4 }, "a console line over the bound")
+            for l in lines { if let p = GuestRunner.panicLine(l) { fuzzInvariant(p.count <= 161 && p.allSatisfy(\.isASCII), "a panic line over the bound") } }
             return lines.contains { GuestRunner.event($0) != nil }
         default:
             do throws(UsageError) {
                 let s = try GuestSpec.parse(String(decoding: rest, as: UTF8.self))
                 fuzzInvariant(s.isHost || (GuestSpec.memoryRangeMiB.contains(s.memoryMiB) && GuestSpec.cpuRange.contains(s.cpus)
                                            && GuestSpec.nodeRange.contains(s.numaNodes)), "a spec out of range was accepted")
+                fuzzInvariant(s.append.utf8.count <= GuestSpec.maxAppendBytes && s.append.utf8.allSatisfy { $0 >= 0x20 && $0 < 0x7f },
+                              "kernel parameters a command line cannot take were accepted")
                 if !s.isHost { _ = (0..<s.numaNodes).map(s.nodeMiB) }
                 return true
             } catch { return false }
