@@ -302,11 +302,13 @@ public final class GuestRunner {
     }
 
     /// "Kernel panic - not syncing: Fatal exception in interrupt" from a console line (the
-    /// timestamp and anything before it dropped, 160 characters at most), or nil.
+    /// timestamp and anything before it dropped; printable ASCII, 160 characters at most and
+    /// "…" when cut), or nil.
     public static func panicLine(_ line: String) -> String? {
         guard let at = line.range(of: "Kernel panic - not syncing") else { return nil }
-        let rest = line[at.lowerBound...].filter { $0.isASCII && !$0.isNewline }
-        return rest.count > 160 ? String(rest.prefix(160)) + "…" : String(rest)
+        let kept = line[at.lowerBound...].unicodeScalars.filter { $0.value >= 0x20 && $0.value < 0x7f }
+        let text = String(String.UnicodeScalarView(kept.prefix(160)))
+        return kept.count > 160 ? text + "…" : text
     }
 
     public static func event(_ line: String) -> ConsoleEvent? {
