@@ -294,7 +294,8 @@ public enum Comparison {
 
     /// "6.1.0-57-amd64 (guest, tcg)" or "6.18.44 (host)": a document's kernel and how it ran.
     public static func kernelLabel(_ h: ResultDocument.Host) -> String {
-        if let g = h.guest { return "\(h.kernel) (guest, \(g.accelerator)\(g.append.map { ", " + $0 } ?? ""))" }
+        // Kernel parameters may run to 1 KiB: a column header takes their first 48 characters.
+        if let g = h.guest { return "\(h.kernel) (guest, \(g.accelerator)\(g.append.map { ", " + ($0.count > 48 ? String($0.prefix(48)) + "…" : $0) } ?? ""))" }
         return "\(h.kernel) (host)"
     }
 

@@ -56,8 +56,9 @@ public struct GuestSpec: Sendable, Codable, Equatable {
     /// take the rest.
     public static let maxAppendBytes = 1024
     /// Parameters memlab's guest needs as it sets them: its console is how the host follows the
-    /// guest, and panic=-1 ends a guest that panics instead of leaving it to the deadline.
-    static let reservedParameters = ["console", "panic"]
+    /// guest, and panic=-1 ends a guest that panics instead of leaving it to the deadline
+    /// (sysctl.kernel.panic, 5.8+, would set the same).
+    static let reservedParameters = ["console", "panic", "sysctl.kernel.panic"]
 
     /// `kernel=PATH|distro|host[,mem=SIZE][,cpus=N][,numa=N][,cgroup=v1|v2][,accel=auto|kvm|tcg][,append=PARAMS]`.
     /// `append` comes last and takes the rest of the text, commas included (`isolcpus=1,2`).
@@ -80,7 +81,7 @@ public struct GuestSpec: Sendable, Codable, Equatable {
             fields[key] = value
         }
         guard let kernel = fields["kernel"], !kernel.isEmpty else {
-            throw UsageError("\(what) '\(text)': kernel=PATH is required (a bzImage, e.g. /boot/vmlinuz-6.1.0-57-amd64, or kernel=host)")
+            throw UsageError("\(what) '\(text)': kernel=PATH is required (a bzImage, e.g. /boot/vmlinuz-6.1.0-57-amd64, or kernel=host), before append (which takes the rest)")
         }
         var s = GuestSpec(kernel: kernel == distroKernel ? try distributionKernel(what)
                           : kernel == hostKernel ? kernel : absolute(kernel, base: base))
@@ -138,8 +139,14 @@ public struct GuestSpec: Sendable, Codable, Equatable {
         guard t.utf8.count <= maxAppendBytes else {
             throw UsageError("\(what): append is \(t.utf8.count) bytes; at most \(maxAppendBytes) (the kernel's command line is 2048 on x86)")
         }
-        guard t.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f }) else {
-            throw UsageError("\(what): append must be printable ASCII kernel parameters separated by spaces")
+        // No quotes: the kernel strips one before a parameter's name, which would let a
+        // reserved one through.
+        guard t.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7f && $0 != UInt8(ascii: "\"") }) else {
+            throw UsageError("\(what): append must be printable ASCII kernel parameters separated by spaces, without quotes")
+        }
+        // append takes the rest of the text: a key of ours after it was meant for us.
+        for key in keys where t.contains(",\(key)=") {
+            throw UsageError("\(what): append must come last: it takes the rest of the text, and ',\(key)=' follows it")
         }
         for word in t.split(separator: " ") {
             let name = word.split(separator: "=", maxSplits: 1).first.map(String.init) ?? ""

@@ -91,7 +91,7 @@ public struct HTMLReport {
     }
 
     func hostTable(_ h: ResultDocument.Host, open: Bool) -> String {
-        let rows: [(String, String)] = [
+        var rows: [(String, String)] = [
             ("kernel", h.kernel), ("arch", h.arch), ("cpu", h.cpuModel), ("cpus", String(h.cpus)),
             ("memory", SVGChart.axisText(Double(h.memoryBytes), "bytes") + " (\(h.memoryBytes) bytes)"), ("numa nodes", String(h.numaNodes)),
             ("page size", "\(h.pageSize) bytes"), ("virtualized", h.virtualized ? "yes" : "no"),
@@ -99,11 +99,16 @@ public struct HTMLReport {
             ("hugetlb sizes", h.features.hugetlbSizes.map { formatBytes($0) }.joined(separator: ", ")),
             ("userfaultfd", h.features.userfaultfd ? "yes" : "no"), ("zswap", h.features.zswap ? "yes" : "no"),
             ("swap", SVGChart.axisText(Double(h.features.swapBytes), "bytes")),
-        ] + (h.guest.map { g in [
-            ("ran in", "a QEMU guest under \(g.accelerator.uppercased())\(g.accelerator == "tcg" ? " (emulated CPU: timings comparable only with TCG runs)" : "")"),
-            ("guest kernel file", g.kernelPath), ("guest topology", "\(g.cpus) CPUs, \(g.memoryMiB) MiB, \(g.numaNodes) node(s), cgroup \(g.cgroup)"),
-            ("guest boot", "\(formatNumber(g.bootS)) s"), ("machine under it", "Linux \(g.hypervisorKernel), \(g.qemu)"),
-        ] } ?? [])
+        ]
+        if let g = h.guest {
+            rows += [
+                ("ran in", "a QEMU guest under \(g.accelerator.uppercased())\(g.accelerator == "tcg" ? " (emulated CPU: timings comparable only with TCG runs)" : "")"),
+                ("guest kernel file", g.kernelPath), ("guest topology", "\(g.cpus) CPUs, \(g.memoryMiB) MiB, \(g.numaNodes) node(s), cgroup \(g.cgroup)"),
+                ("guest boot", "\(formatNumber(g.bootS)) s"), ("machine under it", "Linux \(g.hypervisorKernel), \(g.qemu)"),
+            ]
+            if let a = g.append { rows.append(("guest kernel parameters", a)) }
+            if let n = g.panickedBoots { rows.append(("boots that panicked", "\(n), before the guest's runner started (one is booted again; see the runs' notes)")) }
+        }
         return "<details class=\"host\"\(open ? " open" : "")><summary>host\(open ? "" : " (as above)")</summary><table class=\"host-table\">" + rows.map { "<tr><th>\(htmlEscape($0.0))</th><td>\(htmlEscape($0.1))</td></tr>" }.joined() + "</table></details>\n"
     }
 

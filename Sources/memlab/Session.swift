@@ -94,10 +94,18 @@ enum Session {
         if guests.isEmpty { return try execute(requests, options: options) }
         for g in guests where !g.isHost { try GuestRunner.check(g) }
         var statuses: [Int32] = []
-        for g in guests {
+        // One file per guest, named by its kernel; guests of one kernel (other parameters or
+        // topology) are numbered, else each document would replace the one before.
+        let releases = guests.map { g in g.isHost ? "host" : ((try? BzImage.release(of: g.kernel)) ?? "guest") }
+        var seen: [String: Int] = [:]
+        let tags = releases.map { r in
+            guard releases.filter({ $0 == r }).count > 1 else { return r }
+            seen[r, default: 0] += 1
+            return "\(r)-\(seen[r]!)"
+        }
+        for (g, tag) in zip(guests, tags) {
             var o = options
             if guests.count > 1 {
-                let tag = g.isHost ? "host" : ((try? BzImage.release(of: g.kernel)) ?? "guest")
                 o.label += "-" + tag
                 if let j = o.jsonPath { o.jsonPath = j.hasSuffix(".json") ? String(j.dropLast(5)) + "-\(tag).json" : j + "-\(tag)" }
                 if let c = o.csvPath { o.csvPath = c.hasSuffix(".csv") ? String(c.dropLast(4)) + "-\(tag).csv" : c + "-\(tag)" }

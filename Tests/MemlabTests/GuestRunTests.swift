@@ -31,7 +31,9 @@ import Testing
         ("kernel=/k,cgroup=v3", "v1 or v2"), ("kernel=/k,accel=xen", "auto, kvm or tcg"), ("kernel=host,mem=1G", "kernel=host runs on this machine"),
         ("kernel=/k,cpus=99999999999999999999", "must be an integer"),
         ("kernel=/k,append=console=ttyS1", "memlab sets itself"), ("kernel=/k,append=quiet panic=0", "'panic'"),
-        ("kernel=/k,append=a\tb", "printable ASCII"), ("kernel=/k,append=é", "printable ASCII"),
+        ("kernel=/k,append=a\tb", "printable ASCII"), ("kernel=/k,append=\"panic=0\"", "without quotes"),
+        ("kernel=/k,append=sysctl.kernel.panic=0", "memlab sets itself"), ("kernel=/k,append=a,mem=1G", "append must come last"),
+        ("append=a,kernel=/k", "kernel=PATH is required"), ("kernel=/k,append=é", "printable ASCII"),
         ("kernel=/k,append=" + String(repeating: "x", count: 1025), "at most 1024"), ("kernel=host,append=quiet", "kernel=host runs on this machine"),
     ])
     func refusesBadSpecs(_ text: String, _ message: String) {
@@ -48,11 +50,19 @@ import Testing
         let s = try GuestSpec.parse("kernel=/k,cpus=3,append= isolcpus=1,2 transparent_hugepage=never ")
         #expect(s.cpus == 3 && s.append == "isolcpus=1,2 transparent_hugepage=never")
         #expect(try GuestSpec.parse("kernel=/k").append.isEmpty)
-        // A key after append= is part of the parameters, not a key.
-        #expect(try GuestSpec.parse("kernel=/k,append=a,mem=1G").append == "a,mem=1G")
         let f = try ScenarioFile.parse("[guest]\nkernel = \"/k\"\nmem = \"512M\"\nappend = \"isolcpus=0,1\"\n[[runs]]\nscenario = \"selftest\"")
         #expect(f.guests.first?.append == "isolcpus=0,1" && f.guests.first?.memoryMiB == 512)
         #expect(throws: UsageError.self) { try ScenarioFile.parse("[guest]\nkernel = \"/k\"\nappend = 3\n[[runs]]\nscenario = \"selftest\"") }
+    }
+
+    /// A boot is repeated only when its kernel panicked before any run began, once in a row.
+    @Test func onlyAPanicBeforeAnyRunBootsAgain() {
+        let p = "Kernel panic - not syncing: Fatal exception in interrupt"
+        #expect(GuestRunner.bootsAgain(running: false, results: 0, panic: p, panickedInARow: 0))
+        #expect(!GuestRunner.bootsAgain(running: false, results: 0, panic: p, panickedInARow: 1), "a second panic in a row fails")
+        #expect(!GuestRunner.bootsAgain(running: true, results: 0, panic: p, panickedInARow: 0), "a panic during a run fails that run")
+        #expect(!GuestRunner.bootsAgain(running: false, results: 1, panic: p, panickedInARow: 0), "a run that finished is never repeated")
+        #expect(!GuestRunner.bootsAgain(running: false, results: 0, panic: nil, panickedInARow: 0), "a guest that did not boot without a panic fails")
     }
 
     /// The panic line as 6.12 printed it under TCG (captured 2026-12-03), and lines that are not one.
@@ -183,6 +193,9 @@ import Testing
         let params = Comparison.compare(baseline: ("a", guest), candidates: [("b", thpOff)]).comparisons[0]
         #expect(params.warnings.contains("different hosts: guest kernel parameters none vs transparent_hugepage=never"), "\(params.warnings)")
         #expect(Comparison.kernelLabel(thpOff.host) == "6.1.0 (guest, tcg, transparent_hugepage=never)")
+        thpOff.host.guest?.panickedBoots = 1
+        let page = HTMLReport.render([.init(name: "b.json", document: thpOff)])
+        #expect(page.contains("<th>guest kernel parameters</th><td>transparent_hugepage=never</td>") && page.contains("<th>boots that panicked</th><td>1,"))
         // The report: one column a kernel.
         let html = HTMLReport.render([.init(name: "a.json", document: host), .init(name: "b.json", document: guest)])
         #expect(html.contains("kernels side by side") && html.contains("<th>6.1.0 (guest, tcg)</th>") && html.contains("DISAGREES"))
@@ -343,13 +356,32 @@ extension KernelTests {
             #expect(out.status == 1, "\(out.why)")
             let doc = try loadJSON(dir.file("r.json"))
             let guest = (doc["host"] as? [String: Any])?["guest"] as? [String: Any] ?? [:]
-            #expect(guest["panicked_boots"] as? Int == 1 && guest["append"] as? String == "rdinit=/nonexistent", "\(guest)")
+            #expect(guest["panicked_boots"] as? Int == 2 && guest["append"] as? String == "rdinit=/nonexistent", "\(guest)")
             let rs = runs(doc)
             let reason = rs.first?["reason"] as? String ?? ""
             #expect(rs.count == 1 && rs.first?["status"] as? String == "failed")
-            #expect(reason.hasPrefix("the guest did not boot ('Kernel panic - not syncing: ") && reason.contains("in 2 boots"), "\(reason)")
+            #expect(reason.hasPrefix("the guest did not boot ('Kernel panic - not syncing: ") && reason.contains("in 2 boots in a row"), "\(reason)")
             #expect(qemuProcesses().isEmpty)
             #expect(memlabLitter().isEmpty, "\(memlabLitter())")
+        }
+
+        /// Kernel parameters reach the guest's kernel (its THP mode, as the guest's memlab read
+        /// it), and two guests of one kernel write two documents, numbered. (768 MiB: below
+        /// 512 MiB of RAM the kernel turns THP off whatever the command line says.)
+        @Test func kernelParametersReachTheGuest() throws {
+            let dir = TempDir()
+            let out = try Memlab.run(["run", "selftest:ok", "--repeat", "1", "--guest", "kernel=distro,mem=768M,accel=tcg",
+                                      "--guest", "kernel=distro,mem=768M,accel=tcg,append=transparent_hugepage=never",
+                                      "--json", dir.file("r.json"), "--quiet"], stateDir: dir.path)
+            #expect(out.status == 0, "\(out.why)")
+            let release = try #require(try? BzImage.release(of: GuestImage.distributionKernel!))
+            let plain = try loadJSON(dir.file("r-\(release)-1.json")), never = try loadJSON(dir.file("r-\(release)-2.json"))
+            func thp(_ d: [String: Any]) -> String { ((d["host"] as? [String: Any])?["features"] as? [String: Any])?["thp"] as? String ?? "" }
+            func guest(_ d: [String: Any]) -> [String: Any] { (d["host"] as? [String: Any])?["guest"] as? [String: Any] ?? [:] }
+            #expect(thp(plain) != "never" && thp(never) == "never", "\(thp(plain)) / \(thp(never))")
+            #expect(guest(never)["append"] as? String == "transparent_hugepage=never" && guest(plain)["append"] == nil)
+            #expect((runs(never).first?["notes"] as? [String] ?? []).contains { $0.contains("kernel parameters 'transparent_hugepage=never'") })
+            #expect(qemuProcesses().isEmpty)
         }
 
         /// QEMU killed while a run is in its guest: that run fails with the console's last lines,
