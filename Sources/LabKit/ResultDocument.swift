@@ -178,7 +178,8 @@ public struct GuestRecord: Sendable, Codable, Equatable {
     public var qemu: String
     /// The kernel parameters `append` added after memlab's own; nil: none.
     public var append: String?
-    /// Boots that panicked before the guest's runner started and were booted again (nil: none).
+    /// Boots whose kernel panicked before the guest's runner started, the one booted again
+    /// after a panic and a final one that panicked too alike (nil: none).
     public var panickedBoots: Int?
 
     public init(accelerator: String, kernelPath: String, kernelRelease: String, memoryMiB: Int, cpus: Int, numaNodes: Int,
